@@ -1,0 +1,303 @@
+"""The GPT onecard trains: nanochat's "classic" architecture, the one of the published d32.
+
+Rotary embeddings (half-split layout), QK-norm, parameter-free RMSNorm, ReLU² MLP, untied
+embedding and head, logits soft-capped at 15, no biases. Parameter names and shapes match
+nanochat's state dict so that its checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from onecard.errors import UsageError
+
+HEAD_DIM = 128  # the depth dial fixes head_dim at 128 (nanochat: num_heads = ceil(model_dim / 128))
+ASPECT_RATIO = 64  # n_embd = 64 * depth
+LOGIT_SOFTCAP = 15.0
+ROTARY_BASE = 10000
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+
+    def __post_init__(self) -> None:
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UsageError(f"model {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise UsageError(
+                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: "
+                "pick a head count that divides the width"
+            )
+        if self.n_head % self.n_kv_head:
+            raise UsageError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise UsageError(f"head_dim {self.n_embd // self.n_head} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048) -> GPTConfig:
+        """nanochat's depth dial: width 64·depth, heads of 128 channels."""
+        if not isinstance(depth, int) or depth <= 0:
+            raise UsageError(f"depth must be a positive integer, got {depth!r}")
+        n_embd = depth * ASPECT_RATIO
+        n_head = max(1, -(-n_embd // HEAD_DIM))
+        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                   n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_model_name(name: str) -> int:
+    """'d32' -> 32. Anything else is a usage error that says what is accepted."""
+    text = name.strip().lower()
+    if text.startswith("d") and text[1:].isdigit() and int(text[1:]) > 0:
+        return int(text[1:])
+    raise UsageError(f"unknown model {name!r}: use dN with N the depth, e.g. d20 or d32 (or --depth N)")
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, D) by position; half-split layout: first half pairs with second half."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], dim=-1).to(x.dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables shaped (1, seq_len, 1, head_dim/2), kept in bf16 as nanochat does."""
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+    inv_freq = 1.0 / (ROTARY_BASE ** (channels / head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+    return cos[None, :, None, :], sin[None, :, None, :]
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to max_len."""
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (config.n_layer, batch, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.size(2)
+        if self.pos + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos + t} > {self.max_len} positions")
+        self.k[layer, :, :, self.pos:self.pos + t] = k
+        self.v[layer, :, :, self.pos:self.pos + t] = v
+        end = self.pos + t
+        if layer == self.k.size(0) - 1:
+            self.pos = end
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q), norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+        gqa = self.n_head != self.n_kv_head
+        t_q, t_k = q.size(2), k.size(2)
+        if t_q == t_k:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif t_q == 1:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        else:  # a chunk after a cached prefix: all of the prefix, causal within the chunk
+            mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables for 10x the training context, so sampling may run past it.
+        self.rotary_len = config.sequence_len * 10
+        cos, sin = rotary_tables(self.rotary_len, config.head_dim, device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's init: scaled normal for linears, unit normal for wte, zero for the outputs."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, 1.0)
+        self.lm_head.weight.zero_()
+        for block in self.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        cos, sin = rotary_tables(self.rotary_len, self.config.head_dim, device=self.lm_head.weight.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The three groups the optimizers treat differently."""
+        return {
+            "matrix": list(self.transformer.h.parameters()),
+            "embedding": [self.transformer.wte.weight],
+            "lm_head": [self.lm_head.weight],
+        }
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> int:
+        """Training FLOPs per token, nanochat's formula: 6·N(non-embedding) + 12·L·H·Q·T."""
+        return flops_per_token(self.config)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+        hidden = self.trunk(idx, kv_cache)
+        logits = self.logits(hidden)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+
+    def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Everything before the head: embedding, blocks, final norm. Returns (B, T, n_embd)."""
+        T = idx.size(1)
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.rotary_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds the rotary table ({self.rotary_len})")
+        cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        return norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+
+    @torch.no_grad()
+    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int = 42):
+        """Yield sampled token ids one at a time, continuing `tokens`, using a KV cache."""
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token")
+        device = self.lm_head.weight.device
+        rng = torch.Generator(device=device).manual_seed(seed)
+        prompt = tokens[-max(1, self.rotary_len - max_tokens):]
+        steps = min(max_tokens, self.rotary_len - len(prompt))
+        cache = KVCache(self.config, 1, len(prompt) + steps, device, self.lm_head.weight.dtype)
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        for _ in range(steps):
+            logits = self.logits(self.trunk(ids, cache))[:, -1, :].float()
+            if temperature <= 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k > 0:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
+                    logits = logits.masked_fill(logits < kth, -float("inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=rng)
+            yield int(next_id.item())
+            ids = next_id
+
+
+def param_counts(config: GPTConfig) -> dict[str, int]:
+    """Parameters by group, from the shapes alone (no tensors made)."""
+    d, v, layers = config.n_embd, config.vocab_size, config.n_layer
+    kv = config.n_kv_head * config.head_dim
+    attn = d * d * 2 + d * kv * 2  # c_q and c_proj are d x d, c_k and c_v are d x kv
+    mlp = 2 * d * 4 * d
+    return {"wte": v * d, "blocks": layers * (attn + mlp), "lm_head": v * d}
+
+
+def flops_per_token(config: GPTConfig) -> int:
+    """nanochat's training FLOPs per token: 6·N(non-embedding, lm_head included) + 12·L·H·Q·T."""
+    counts = param_counts(config)
+    non_embedding = counts["blocks"] + counts["lm_head"]
+    attention = 12 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
+    return 6 * non_embedding + attention
+
+
+def build_model(config: GPTConfig, device: str | torch.device = "cpu", init: bool = True) -> GPT:
+    """Make the model on `device` with nanochat's init; meta device gives shapes only."""
+    with torch.device("meta"):
+        model = GPT(config)
+    if str(device) == "meta":
+        return model
+    model.to_empty(device=device)
+    if init:
+        model.init_weights()
+    return model
