@@ -300,4 +300,8 @@ def build_model(config: GPTConfig, device: str | torch.device = "cpu", init: boo
     model.to_empty(device=device)
     if init:
         model.init_weights()
+    else:  # weights come from a checkpoint; the rotary tables are not in it
+        cos, sin = rotary_tables(model.rotary_len, config.head_dim, device=device)
+        model.cos.copy_(cos)
+        model.sin.copy_(sin)
     return model
