@@ -1,0 +1,237 @@
+"""The BPE tokenizer: trained with rustbpe, run with tiktoken, stored the way nanochat stores it.
+
+Training and splitting follow nanochat: GPT-4's split pattern with numbers cut into groups of at
+most two digits, byte-level BPE, and nine special tokens whose ids come right after the merges.
+A tokenizer directory holds `tokenizer.json` (plain data, what onecard reads first) and
+`tokenizer.pkl` (a pickled tiktoken Encoding, what nanochat reads). Pickles are only ever opened
+through `load_tiktoken_pickle`, which refuses anything but a tiktoken Encoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+
+import rustbpe
+import tiktoken
+import torch
+
+from onecard.errors import UsageError
+
+# nanochat's split pattern: GPT-4's, except \p{N}{1,2} where GPT-4 has \p{N}{1,3}
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
+    r"""\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKENS = [
+    "<|bos|>",  # every document starts with it
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+]
+JSON_NAME = "tokenizer.json"
+PICKLE_NAME = "tokenizer.pkl"
+JSON_FORMAT = "onecard-tokenizer"
+ENCODING_NAME = "onecard"
+
+
+class Tokenizer:
+    """A tiktoken Encoding with nanochat's special tokens, plus training and storage."""
+
+    def __init__(self, enc: tiktoken.Encoding):
+        missing = [name for name in SPECIAL_TOKENS if name not in enc.special_tokens_set]
+        if missing:
+            raise UsageError(f"tokenizer {enc.name!r} lacks the special tokens {', '.join(missing)}")
+        self.enc = enc
+        self._special_ids = {name: enc.encode_single_token(name) for name in SPECIAL_TOKENS}
+
+    # ---- training
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Learn BPE merges from `texts` so that merges + specials make exactly `vocab_size` tokens."""
+        smallest = 256 + len(SPECIAL_TOKENS) + 1
+        if not isinstance(vocab_size, int) or vocab_size < smallest:
+            raise UsageError(
+                f"vocab size must be at least {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special "
+                f"tokens + 1 merge), got {vocab_size!r}"
+            )
+        n_ranks = vocab_size - len(SPECIAL_TOKENS)
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(iter(texts), n_ranks, pattern=SPLIT_PATTERN)
+        ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+        # rustbpe stops early when no pair occurs twice any more: the text is too small for the ask
+        if len(ranks) < n_ranks:
+            reachable = len(ranks) + len(SPECIAL_TOKENS)
+            raise UsageError(
+                f"the training text supports a vocabulary of only {reachable} tokens, not {vocab_size}: "
+                f"lower --vocab-size to at most {reachable} or give more text"
+            )
+        return cls(_make_encoding(ENCODING_NAME, SPLIT_PATTERN, ranks))
+
+    # ---- encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    @property
+    def bos_id(self) -> int:
+        return self._special_ids["<|bos|>"]
+
+    def special_id(self, name: str) -> int:
+        if name not in self._special_ids:
+            raise UsageError(f"unknown special token {name!r}: they are {', '.join(SPECIAL_TOKENS)}")
+        return self._special_ids[name]
+
+    def encode(self, text: str, prepend_bos: bool = False) -> list[int]:
+        """Ordinary text: a "<|bos|>" inside the text is spelled out, never turned into the token."""
+        ids = self.enc.encode_ordinary(text)
+        return [self.bos_id, *ids] if prepend_bos else ids
+
+    def encode_batch(self, texts: list[str], prepend_bos: bool = False) -> list[list[int]]:
+        """Like encode on each text, in tiktoken's threads."""
+        batch = self.enc.encode_ordinary_batch(list(texts))
+        if prepend_bos:
+            batch = [[self.bos_id, *ids] for ids in batch]
+        return batch
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def token_bytes(self) -> torch.Tensor:
+        """UTF-8 bytes each token stands for (0 for specials): turns nats per token into bits per byte."""
+        specials = set(self._special_ids.values())
+        counts = [
+            0 if i in specials else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)
+        ]
+        return torch.tensor(counts, dtype=torch.int64)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """bos, then each message's content between its role's start and end tokens."""
+        ids = [self.bos_id]
+        for i, message in enumerate(messages):
+            role = message.get("role")
+            if role not in ("user", "assistant"):
+                raise UsageError(f"message {i} has role {role!r}: a chat message's role is user or assistant")
+            ids.append(self.special_id(f"<|{role}_start|>"))
+            ids.extend(self.encode(message.get("content", "")))
+            ids.append(self.special_id(f"<|{role}_end|>"))
+        return ids
+
+    # ---- storage
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json (plain data) and tokenizer.pkl (nanochat's pickled Encoding)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        specials = set(self._special_ids.values())
+        ranks = [i for i in range(self.vocab_size) if i not in specials]
+        data = {
+            "format": JSON_FORMAT,
+            "version": 1,
+            "name": self.enc.name,
+            "pattern": self.enc._pat_str,
+            "special_tokens": dict(self._special_ids),
+            # [token bytes as base64, rank], in rank order
+            "mergeable_ranks": [
+                [base64.b64encode(self.enc.decode_single_token_bytes(i)).decode("ascii"), i] for i in ranks
+            ],
+        }
+        (directory / JSON_NAME).write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
+        with open(directory / PICKLE_NAME, "wb") as f:
+            pickle.dump(self.enc, f)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Read tokenizer.json if there is one, else a nanochat tokenizer.pkl through the safe loader."""
+        directory = Path(directory)
+        if (directory / JSON_NAME).is_file():
+            return cls(_read_json(directory / JSON_NAME))
+        if (directory / PICKLE_NAME).is_file():
+            return cls(load_tiktoken_pickle(directory / PICKLE_NAME))
+        raise UsageError(f"no tokenizer in {directory}: expected {JSON_NAME} or {PICKLE_NAME} there")
+
+
+def _make_encoding(name: str, pattern: str, ranks: dict[bytes, int]) -> tiktoken.Encoding:
+    specials = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def _read_json(path: Path) -> tiktoken.Encoding:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != JSON_FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}")
+        ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in data["mergeable_ranks"]}
+        specials = {str(name): int(i) for name, i in data["special_tokens"].items()}
+        return tiktoken.Encoding(name=str(data["name"]), pat_str=str(data["pattern"]),
+                                 mergeable_ranks=ranks, special_tokens=specials)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{path} is not a onecard tokenizer file ({e})") from None
+
+
+# ---- reading nanochat's tokenizer.pkl without running whatever a pickle may ask for
+
+
+class _EncodingState:
+    """Stands in for tiktoken.core.Encoding while unpickling: keeps the state, runs nothing."""
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+class _TiktokenUnpickler(pickle.Unpickler):
+    # A tiktoken Encoding pickled with protocol 3 or later (Python 3's default) names exactly one
+    # global, tiktoken.core.Encoding; its state is a dict of str, bytes and int (see pickletools.dis).
+    def __init__(self, file: io.BufferedIOBase, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _EncodingState
+        raise UsageError(
+            f"onecard refuses to load {self.path}: it asks for {module}.{name}, which a tokenizer never needs"
+        )
+
+
+def load_tiktoken_pickle(path: str | Path) -> tiktoken.Encoding:
+    """Load a pickled tiktoken Encoding (nanochat's tokenizer.pkl) and nothing else."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            obj = _TiktokenUnpickler(f, path).load()
+        except UsageError:
+            raise
+        except Exception as e:  # truncated or garbled files fail in many ways
+            raise UsageError(f"{path} is not a pickled tiktoken Encoding ({type(e).__name__}: {e})") from None
+    state = getattr(obj, "state", None) if isinstance(obj, _EncodingState) else None
+    if not _is_encoding_state(state):
+        raise UsageError(f"{path} is not a pickled tiktoken Encoding holding its merges and special tokens")
+    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
+                             mergeable_ranks=state["mergeable_ranks"], special_tokens=state["special_tokens"])
+
+
+def _is_encoding_state(state: object) -> bool:
+    # A bare name (a registered encoding pickled by reference) would need a download: refused too.
+    if not isinstance(state, dict) or set(state) != {"name", "pat_str", "mergeable_ranks", "special_tokens"}:
+        return False
+    ranks, specials = state["mergeable_ranks"], state["special_tokens"]
+    return (
+        isinstance(state["name"], str)
+        and isinstance(state["pat_str"], str)
+        and isinstance(ranks, dict)
+        and all(type(k) is bytes and type(v) is int for k, v in ranks.items())
+        and isinstance(specials, dict)
+        and all(type(k) is str and type(v) is int for k, v in specials.items())
+    )
