@@ -1,0 +1,377 @@
+"""Text corpora and the token stream the trainer eats.
+
+A corpus is a file or a folder (searched recursively, in sorted order) of
+  .txt      one file = one document,
+  .jsonl    one document per line, in its "text" field,
+  .parquet  one document per row of a "text" column (FineWeb-EDU's shard layout).
+Every document has a stable address (file, chunk, doc): the chunk is a parquet row group, a
+1 MiB byte range of a .jsonl file (the lines that start inside it), or 0 for a .txt file. Files are
+read one chunk at a time, so a parquet shard is never read whole and a run resumes at its chunk
+without rereading anything before it.
+
+Whether a document is held out for validation depends only on its address, so the split is the
+same on every machine and for every seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import sysconfig
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow.parquet as pq
+import torch
+
+from onecard.errors import UsageError
+from onecard.tokenizer import Tokenizer
+
+KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+ACCEPTED = (".txt files (one document each), .jsonl files (a 'text' field per line) "
+            "or .parquet files (a 'text' column)")
+JSONL_CHUNK_BYTES = 1 << 20
+DEFAULT_VAL_FRACTION = 0.02
+# Folders of the standard library that are not the standard library's own text, or are test data.
+EMBEDDED_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+class DocPosition(NamedTuple):
+    file: int  # index into Corpus.files
+    chunk: int  # parquet row group, jsonl byte block, 0 for txt
+    doc: int  # index within the chunk, counting every row or line (empty ones too)
+
+
+class Corpus:
+    """Documents in .txt, .jsonl and .parquet files, addressed by (file, chunk, doc)."""
+
+    def __init__(self, path: str | Path, val_fraction: float = DEFAULT_VAL_FRACTION):
+        given = Path(path).expanduser()
+        if not given.exists():
+            raise UsageError(f"corpus {path} does not exist: give a file or folder of {ACCEPTED}")
+        if given.is_file():
+            if given.suffix not in KINDS:
+                kind = given.suffix or "suffix-less"
+                raise UsageError(f"corpus {path} is a {kind} file: onecard reads {ACCEPTED}")
+            root, files = given.parent, [given]
+        else:
+            root = given
+            files = [
+                p for p in given.rglob("*")
+                if p.suffix in KINDS and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(given).parts)  # .git and the like
+            ]
+        kinds = [KINDS[p.suffix] for p in files]
+        self._setup(root, files, kinds, str(given), val_fraction)
+
+    @classmethod
+    def embedded(cls, val_fraction: float = DEFAULT_VAL_FRACTION) -> Corpus:
+        """The default corpus, present wherever Python is: the standard library's own .py sources.
+
+        Each file is one document. Left out: site-packages (third-party code), test folders (test data,
+        deliberately odd encodings), __pycache__, and the build-specific _sysconfigdata and config-* files.
+        """
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        files = []
+        for dirpath, dirnames, filenames in os.walk(stdlib):
+            # prune in place so os.walk never descends into site-packages and friends
+            dirnames[:] = [d for d in dirnames
+                           if d not in EMBEDDED_SKIP_DIRS and not d.startswith((".", "config-"))]
+            files += [Path(dirpath, f) for f in filenames
+                      if f.endswith(".py") and not f.startswith("_sysconfigdata")]
+        if not files:
+            raise UsageError(f"found no Python sources under {stdlib} for the embedded corpus: give --data")
+        label = f"embedded: Python {platform.python_version()} standard library .py sources in {stdlib}"
+        corpus = cls.__new__(cls)
+        corpus._setup(stdlib, files, ["txt"] * len(files), label, val_fraction)
+        return corpus
+
+    def _setup(self, root: Path, files: list[Path], kinds: list[str], label: str,
+               val_fraction: float) -> None:
+        if not files:
+            raise UsageError(f"corpus {label} holds no documents: onecard reads {ACCEPTED}")
+        if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
+            raise UsageError(f"validation fraction must be in [0, 1), got {val_fraction!r}")
+        order = sorted(range(len(files)), key=lambda i: files[i].relative_to(root).as_posix())
+        self.root = root
+        self.files = [files[i] for i in order]
+        self.kinds = [kinds[i] for i in order]
+        self.names = [p.relative_to(root).as_posix() for p in self.files]
+        self.label = label
+        self.val_fraction = float(val_fraction)
+        self.sizes = [p.stat().st_size for p in self.files]
+        if not any(self.sizes):
+            raise UsageError(f"corpus {label} holds only empty files: onecard reads {ACCEPTED}")
+        self._chunks: dict[int, int] = {}
+        # A .txt file is one document, so a hash threshold would often hold out none of a few files:
+        # hold out exactly round(fraction * n) of them (at least one, if there are two or more).
+        txt = [i for i, kind in enumerate(self.kinds) if kind == "txt"]
+        n_val = min(max(round(self.val_fraction * len(txt)), 1), len(txt) - 1) if self.val_fraction > 0 else 0
+        self._txt_val = set(sorted(txt, key=lambda i: _unit_hash(self.names[i], 0, 0))[:n_val])
+
+    def describe(self) -> str:
+        """One line that a run records: what was read, how much, and a fingerprint of the file list."""
+        digest = hashlib.blake2b(digest_size=4)
+        for name, size in zip(self.names, self.sizes, strict=True):
+            digest.update(f"{name}\0{size}\0".encode())
+        counts = {kind: self.kinds.count(kind) for kind in dict.fromkeys(self.kinds)}
+        what = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        return (f"{self.label}: {len(self.files)} files ({what}), {sum(self.sizes) / 1e6:.1f} MB, "
+                f"fingerprint {digest.hexdigest()}, validation fraction {self.val_fraction:g}")
+
+    def num_chunks(self, file: int) -> int:
+        if file not in self._chunks:
+            kind = self.kinds[file]
+            if kind == "parquet":
+                with pq.ParquetFile(self.files[file]) as parquet:
+                    self._chunks[file] = parquet.num_row_groups
+            elif kind == "jsonl":
+                self._chunks[file] = -(-self.sizes[file] // JSONL_CHUNK_BYTES)
+            else:
+                self._chunks[file] = 1
+        return self._chunks[file]
+
+    def read_chunk(self, file: int, chunk: int) -> list[str]:
+        """The documents of one chunk, in order, empty ones included (so doc indices stay stable)."""
+        path, kind = self.files[file], self.kinds[file]
+        if kind == "txt":
+            return [path.read_text(encoding="utf-8", errors="replace")]
+        if kind == "jsonl":
+            return _read_jsonl_block(path, chunk * JSONL_CHUNK_BYTES, (chunk + 1) * JSONL_CHUNK_BYTES)
+        with pq.ParquetFile(path) as parquet:
+            names = parquet.schema_arrow.names
+            if "text" not in names:
+                raise UsageError(f"{path} has no 'text' column (it has {', '.join(names)})")
+            column = parquet.read_row_group(chunk, columns=["text"]).column(0)
+        return [text or "" for text in column.to_pylist()]
+
+    def is_val(self, file: int, chunk: int, doc: int) -> bool:
+        if self.kinds[file] == "txt":
+            return file in self._txt_val
+        return _unit_hash(self.names[file], chunk, doc) < self.val_fraction
+
+    def documents(self, split: str = "train",
+                  start: DocPosition | None = None) -> Iterator[tuple[DocPosition, str]]:
+        """One pass over the split's non-empty documents in file order, from `start` if given."""
+        _check_split(split)
+        yield from self._walk(split, range(len(self.files)), lambda f: range(self.num_chunks(f)), start)
+
+    def _walk(self, split: str, file_order: Sequence[int], chunk_order: Callable[[int], Sequence[int]],
+              start: DocPosition | None) -> Iterator[tuple[DocPosition, str]]:
+        # Begins at `start` by index lookups: nothing before it is read.
+        first = file_order.index(start.file) if start else 0
+        for file in file_order[first:]:
+            chunks = chunk_order(file)
+            at_start = start is not None and file == start.file
+            for chunk in chunks[chunks.index(start.chunk) if at_start else 0:]:
+                texts = self.read_chunk(file, chunk)
+                skip = start.doc if at_start and chunk == start.chunk else 0
+                for doc in range(skip, len(texts)):
+                    if texts[doc].strip() and self.is_val(file, chunk, doc) == (split == "val"):
+                        yield DocPosition(file, chunk, doc), texts[doc]
+
+
+def _unit_hash(name: str, chunk: int, doc: int) -> float:
+    """A uniform number in [0, 1) fixed by a document's address."""
+    digest = hashlib.blake2b(f"{name}\0{chunk}\0{doc}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _read_jsonl_block(path: Path, begin: int, end: int) -> list[str]:
+    """Texts of the lines that start at a byte offset in [begin, end)."""
+    texts = []
+    with open(path, "rb") as f:
+        if begin > 0:
+            f.seek(begin - 1)
+            f.readline()  # finish the line that started before `begin` (or just eat the newline at begin - 1)
+        while f.tell() < end:
+            offset = f.tell()
+            line = f.readline()
+            if not line:
+                break
+            if not line.strip():
+                texts.append("")
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UsageError(f"{path}: the line at byte {offset} is not a JSON object with a 'text' "
+                                 "string")
+            texts.append(record["text"])
+    return texts
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "val"):
+        raise UsageError(f"split must be 'train' or 'val', got {split!r}")
+
+
+def _file_order(corpus: Corpus, split: str, seed: int, epoch: int) -> list[int]:
+    order = list(range(len(corpus.files)))
+    if split == "train":  # validation always reads in file order
+        random.Random(f"onecard-files:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def _chunk_order(corpus: Corpus, split: str, seed: int, epoch: int, file: int) -> list[int]:
+    order = list(range(corpus.num_chunks(file)))
+    if split == "train":
+        random.Random(f"onecard-chunks:{seed}:{epoch}:{file}").shuffle(order)
+    return order
+
+
+def iter_texts(corpus: Corpus, max_chars: int, seed: int = 0, doc_chars: int = 10_000) -> Iterator[str]:
+    """Training documents for the tokenizer, in the first epoch's shuffled order, `max_chars` in all.
+
+    Each document is cut to `doc_chars` characters (as nanochat does) so no single huge file
+    dominates what the tokenizer learns.
+    """
+    left = max_chars
+    docs = corpus._walk("train", _file_order(corpus, "train", seed, 0),
+                        partial(_chunk_order, corpus, "train", seed, 0), None)
+    found = False
+    for _, text in docs:
+        found = True
+        if left <= 0:
+            return
+        text = text[: min(doc_chars, left)]
+        left -= len(text)
+        yield text
+    if not found:
+        raise UsageError(f"corpus {corpus.label} has no non-empty training documents")
+
+
+@dataclass
+class _Pending:
+    epoch: int
+    pos: DocPosition
+    tokens: list[int]
+    offset: int  # tokens already handed out
+
+
+class TokenLoader:
+    """Packs bos-prefixed documents back to back into rows of seq_len + 1 tokens.
+
+    Rows do not overlap: each batch takes the next batch_size * (seq_len + 1) tokens of the stream,
+    and a document that does not fit goes on at the start of the next row. Training reads files,
+    and the chunks inside each file, in an order shuffled per epoch by (seed, epoch) and loops
+    forever; validation reads in file order and starts over when it runs out, so a fresh validation
+    loader always yields the same batches.
+    """
+
+    def __init__(self, corpus: Corpus, tokenizer: Tokenizer, batch_size: int, seq_len: int,
+                 split: str = "train", seed: int = 0):
+        _check_split(split)
+        for name, value in (("batch size", batch_size), ("sequence length", seq_len)):
+            if not isinstance(value, int) or value <= 0:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if split == "val" and corpus.val_fraction == 0:
+            raise UsageError("a validation loader needs a validation fraction above 0")
+        self.corpus, self.tokenizer = corpus, tokenizer
+        self.batch_size, self.seq_len, self.split, self.seed = batch_size, seq_len, split, seed
+        self._restart(0, None, 0)
+
+    def _restart(self, epoch: int, pos: DocPosition | None, offset: int) -> None:
+        self._pending: deque[_Pending] = deque()
+        self._buffered = 0  # tokens in _pending not yet handed out
+        self._cursor = (epoch, pos)  # where reading goes on: the document at pos, or the epoch's start
+        self._skip = offset  # tokens of that first document already handed out before a restore
+        self._stream = self._documents(epoch, pos)
+
+    def _documents(self, epoch: int, start: DocPosition | None) -> Iterator[tuple[int, DocPosition, str]]:
+        while True:
+            found = False
+            files = _file_order(self.corpus, self.split, self.seed, epoch)
+            chunks = partial(_chunk_order, self.corpus, self.split, self.seed, epoch)
+            for pos, text in self.corpus._walk(self.split, files, chunks, start):
+                found = True
+                yield epoch, pos, text
+            if not found and start is None:
+                which = "validation" if self.split == "val" else "training"
+                raise UsageError(
+                    f"corpus {self.corpus.label} has no non-empty {which} documents: give more documents "
+                    "(a .txt file is one document) or change the validation fraction"
+                )
+            epoch, start = epoch + 1, None
+
+    @property
+    def epoch(self) -> int:
+        return self._pending[0].epoch if self._pending else self._cursor[0]
+
+    def _fill(self, want: int) -> None:
+        """Tokenize whole documents, several at a time, until at least `want` more tokens are buffered."""
+        while self._buffered < want:
+            # ~4 characters a token is typical; read a little more so one call usually suffices
+            budget, metas, texts = 5 * (want - self._buffered) + 4096, [], []
+            while budget > 0 and len(texts) < 256:
+                epoch, pos, text = next(self._stream)
+                metas.append((epoch, pos))
+                texts.append(text)
+                budget -= len(text)
+            for (epoch, pos), tokens in zip(metas, self.tokenizer.encode_batch(texts, prepend_bos=True),
+                                            strict=True):
+                item = _Pending(epoch, pos, tokens, self._skip)
+                if self._skip >= len(tokens):
+                    raise UsageError("the saved data-loader position does not fit this corpus and tokenizer")
+                self._skip = 0
+                self._pending.append(item)
+                self._buffered += len(tokens) - item.offset
+            epoch, pos = metas[-1]
+            self._cursor = (epoch, DocPosition(pos.file, pos.chunk, pos.doc + 1))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), LongTensors (batch_size, seq_len); targets are the inputs shifted by one."""
+        n = self.batch_size * (self.seq_len + 1)
+        self._fill(n)
+        flat: list[int] = []
+        while len(flat) < n:
+            head = self._pending[0]
+            take = min(n - len(flat), len(head.tokens) - head.offset)
+            flat += head.tokens[head.offset:head.offset + take]
+            head.offset += take
+            self._buffered -= take
+            if head.offset == len(head.tokens):
+                self._pending.popleft()
+        rows = torch.tensor(flat, dtype=torch.long).view(self.batch_size, self.seq_len + 1)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        """Where the stream stands: the document being consumed and how many of its tokens are out."""
+        if self._pending:
+            head = self._pending[0]
+            epoch, pos, offset = head.epoch, head.pos, head.offset
+        else:
+            (epoch, pos), offset = self._cursor, self._skip
+        return {
+            "split": self.split,
+            "seed": self.seed,
+            "files": len(self.corpus.files),
+            "epoch": epoch,
+            "position": None if pos is None else list(pos),  # [file, chunk, doc]; None: start of the epoch
+            "offset": offset,  # tokens of that document (its bos included) already handed out
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on exactly where the loader that wrote `state` stood."""
+        for key, mine in (("split", self.split), ("seed", self.seed), ("files", len(self.corpus.files))):
+            if state.get(key) != mine:
+                raise UsageError(
+                    f"the saved data-loader state has {key} {state.get(key)!r} but this run has {mine!r}: "
+                    "resume with the same data, split and seed"
+                )
+        pos = state["position"]
+        self._restart(int(state["epoch"]), None if pos is None else DocPosition(*map(int, pos)),
+                      int(state["offset"]))
