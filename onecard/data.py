@@ -166,16 +166,22 @@ class Corpus:
     def _walk(self, split: str, file_order: Sequence[int], chunk_order: Callable[[int], Sequence[int]],
               start: DocPosition | None) -> Iterator[tuple[DocPosition, str]]:
         # Begins at `start` by index lookups: nothing before it is read.
-        first = file_order.index(start.file) if start else 0
+        first = _index(file_order, start.file) if start else 0
         for file in file_order[first:]:
             chunks = chunk_order(file)
             at_start = start is not None and file == start.file
-            for chunk in chunks[chunks.index(start.chunk) if at_start else 0:]:
+            for chunk in chunks[_index(chunks, start.chunk) if at_start else 0:]:
                 texts = self.read_chunk(file, chunk)
                 skip = start.doc if at_start and chunk == start.chunk else 0
                 for doc in range(skip, len(texts)):
                     if texts[doc].strip() and self.is_val(file, chunk, doc) == (split == "val"):
                         yield DocPosition(file, chunk, doc), texts[doc]
+
+
+def _index(order: Sequence[int], item: int) -> int:
+    if item not in order:
+        raise UsageError("a saved data position points past the corpus: resume with the same data")
+    return order.index(item)
 
 
 def _unit_hash(name: str, chunk: int, doc: int) -> float:
