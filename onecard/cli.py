@@ -8,13 +8,20 @@ import time
 from pathlib import Path
 
 from onecard.errors import UsageError
-from onecard.model import GPTConfig, param_counts, flops_per_token, parse_model_name
+from onecard.model import GPTConfig, flops_per_token, param_counts, parse_model_name
 
 DEFAULT_RATIO = 20  # Chinchilla: tokens per parameter (REFERENCE §1)
 
 # The embedded default: small enough to train in a few minutes on two CPU cores.
 DEMO = dict(n_layer=4, n_embd=128, n_head=2, seq_len=128, vocab_size=2048, micro_batch=8,
             total_batch=4096, steps=300, eval_every=50, tokenizer_chars=3_000_000)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what was wrong and where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -225,7 +232,7 @@ def run_sample(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from onecard.plan.cli import add_bench_arguments, add_plan_arguments, run_bench, run_plan
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="onecard",
         description="Train a nanochat-class chat model from scratch on one consumer GPU, and know "
                     "beforehand whether it fits, how long it takes and what it costs.")

@@ -126,7 +126,7 @@ def test_forward_matches_float64_reference(n_kv_head):
     config = GPTConfig(sequence_len=16, vocab_size=97, n_layer=2, n_head=2, n_kv_head=n_kv_head, n_embd=32)
     model = build_model(config).double()
     with torch.no_grad():  # the zero-initialized outputs would hide most of the network
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.3)
         model.lm_head.weight.normal_(0, 2.0)  # large enough that the soft-cap matters

@@ -28,7 +28,8 @@ def test_bits_per_byte_hand_computed():
     # counted: target 5 (loss 1.5, 3 bytes) and target 7 (loss 1.7, 2 bytes); the special token and
     # the ignored -1 count neither loss nor bytes: 3.2 nats over 5 bytes.
     expected = 3.2 / (math.log(2) * 5)
-    assert evaluate_bpb(FixedLoss(), batches, token_bytes, "cpu") == pytest.approx(expected, rel=1e-12)
+    # the losses are fp32
+    assert evaluate_bpb(FixedLoss(), batches, token_bytes, "cpu") == pytest.approx(expected, rel=1e-6)
 
 
 def test_total_batch_must_be_whole_micro_batches():

@@ -1,0 +1,66 @@
+"""Bad input gets one line saying what to do instead, exit code 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from onecard.cli import main
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(list(argv)))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_info_prints_published_counts(capsys):
+    code, out, _ = run_cli(capsys, "info", "--model", "d32")
+    assert code == 0
+    assert "1,879,048,192" in out and "1.20796e+10" in out
+    assert "37,580,963,840" in out  # 20 tokens per parameter, the published d32 horizon (REFERENCE §1)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["info", "--model", "x32"], "unknown model"),
+    (["info", "--depth", "0"], "positive whole number"),
+    (["info"], "needs --model"),
+    (["train", "--micro-batch", "-4"], "positive whole number"),
+    (["train", "--total-batch", "0"], "positive whole number"),
+    (["train", "--data", "/nonexistent/corpus"], "/nonexistent/corpus"),
+    (["train", "--recipe", "turbo"], "unknown recipe"),
+    (["sample", "--run-dir", "/nonexistent/run"], "not a directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert fragment in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(capsys):
+    code, _, err = run_cli(capsys, "train", "--device", "cuda")
+    assert code == 2 and "CUDA" in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_data_directory(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_vocabulary_larger_than_corpus_supports(capsys, tmp_path):
+    (tmp_path / "tiny.txt").write_text("a small corpus of a few words, a few words only\n" * 20)
+    code, _, err = run_cli(capsys, "tokenizer", "train", "--data", str(tmp_path), "--vocab-size", "5000",
+                           "--out", str(tmp_path / "tok"))
+    assert code == 2 and "vocab" in err.lower() and len(err.strip().splitlines()) == 1
+
+
+def test_console_script_has_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "onecard.cli", "info", "--model", "dd"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("onecard: error:") and "Traceback" not in result.stderr
