@@ -1,0 +1,277 @@
+"""Bytes a training step holds on the card, by component, for a model x recipe.
+
+Two numeric setups are modelled, because the tests and the planner see different ones:
+- "bf16": bf16 autocast with an fp32 residual stream, as the trainer runs on CUDA (nanochat's
+  way). Linear layers save bf16 copies of their inputs (one per layer: c_q, c_k and c_v each
+  cast the same normed input), rms_norm saves its fp32 input, attention saves bf16 q, k, v and
+  output. With fp32 parameters autocast also keeps a bf16 copy of every matrix it multiplies.
+  This is what `plan` uses; the CPU tests check it under CPU autocast, which saves the same.
+- "fp32": no autocast, everything fp32: what a plain CPU run saves, checked exactly in tests.
+
+Every count below is per micro-batch of n = micro_batch x seq_len tokens. Byte layouts of
+parameters, gradients and optimizer states follow onecard/recipe.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from onecard.model import GPTConfig
+from onecard.plan.assumptions import DEFAULT, Assumptions
+from onecard.recipe import INT8_BLOCK, LOSS_CHUNK_ROWS, Recipe
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+# ---------------------------------------------------------------- parameters, grads, states
+
+def parameter_shapes(config: GPTConfig) -> dict[str, list[tuple[int, int]]]:
+    """Every parameter's shape, by the group that decides its optimizer (see GPT.parameter_groups)."""
+    d, kv = config.n_embd, config.n_kv_head * config.head_dim
+    block = [(config.n_head * config.head_dim, d), (kv, d), (kv, d), (d, d), (4 * d, d), (d, 4 * d)]
+    return {"blocks": block * config.n_layer,
+            "wte": [(config.vocab_size, d)],
+            "lm_head": [(config.vocab_size, d)]}
+
+
+def state_bytes(numel: int, fmt: str) -> int:
+    """One optimizer state tensor of `numel` elements in format fp32 | bf16 | int8."""
+    if fmt == "int8":  # 1 byte each plus one fp32 scale per block, the last block short
+        return numel + 4 * -(-numel // INT8_BLOCK)
+    return numel * DTYPE_BYTES[fmt]
+
+
+def parameter_dtypes(recipe: Recipe, device: str) -> dict[str, str]:
+    """dtype of the parameters the model computes with, per group."""
+    if recipe.params == "fp32":
+        # nanochat keeps the embedding in bf16 on CUDA; on the CPU everything stays fp32
+        return {"blocks": "fp32", "lm_head": "fp32", "wte": "bf16" if device == "cuda" else "fp32"}
+    return dict.fromkeys(("blocks", "wte", "lm_head"), "bf16")  # bf16_sr, cpu_master
+
+
+@dataclass(frozen=True)
+class Persistent:
+    """Bytes that live for the whole run, on the model's device and in host RAM (the recipe's
+    split, as onecard.optim.Optimizers.state_bytes reports it)."""
+    weights: int
+    grads: int
+    optimizer: int
+    host_weights: int = 0
+    host_grads: int = 0
+    host_optimizer: int = 0
+    grad_transient: int = 0  # a .grad on its way into a buffer of another dtype or place
+
+
+def persistent_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda") -> Persistent:
+    """Parameters, gradients and optimizer states, exactly as onecard.optim lays them out.
+
+    Weights: each parameter in its dtype, plus an fp32 master copy in host RAM for cpu_master.
+    Gradients: autograd's .grad where the recipe's gradient dtype is the weight's; otherwise a
+    buffer in the recipe's dtype (fp32 in host RAM for grads=cpu) that a hook folds each .grad
+    into as soon as it exists, so only one parameter's .grad is ever in flight.
+    States: Muon's momentum per block matrix, AdamW's two moments per wte and lm_head, in the
+    recipe's format, where optim_place says.
+    """
+    shapes = parameter_shapes(config)
+    pdt = parameter_dtypes(recipe, device)
+    weights = grads = host_grads = transient = 0
+    for group, group_shapes in shapes.items():
+        pbytes = DTYPE_BYTES[pdt[group]]
+        for r, c in group_shapes:
+            weights += r * c * pbytes
+            if recipe.grads == pdt[group]:
+                grads += r * c * pbytes
+                continue
+            transient = max(transient, r * c * pbytes)
+            if recipe.grads == "cpu":
+                host_grads += 4 * r * c
+            else:
+                grads += r * c * DTYPE_BYTES[recipe.grads]
+    host_weights = 4 * sum(r * c for s in shapes.values() for r, c in s) if recipe.params == "cpu_master" else 0
+    fmt = recipe.optim_states
+    states = sum(state_bytes(r * c, fmt) for r, c in shapes["blocks"])  # Muon momentum
+    states += sum(2 * state_bytes(r * c, fmt) for g in ("wte", "lm_head") for r, c in shapes[g])
+    on_cpu = recipe.optim_place == "cpu"
+    return Persistent(weights, grads, 0 if on_cpu else states, host_weights, host_grads,
+                      states if on_cpu else 0, transient)
+
+
+# ---------------------------------------------------------------- activations
+#
+# Per block, what autograd saves (n tokens, width d, kv = n_kv_head*head_dim, f = 4d, H heads):
+#   rms_norm    its input and rsqrt (the input twice and rsqrt twice per save call: pow and mul)
+#   linears     their input: c_q, c_k and c_v share one fp32 normed x, or, under autocast, each
+#               saves its own bf16 cast of it
+#   rotary      nothing large (mul by the tables saves the tables); two bf16 -sin tables per block
+#   attention   q, k, v, output and the log-sum-exp; c_proj saves the output again (a view)
+#   MLP         normed input, relu output (saved by relu and by square), square output
+# "unique" counts each storage once (the memory it holds); "per save" counts every save call,
+# which is what an offloading hook copies out (it copies each call separately).
+
+def _block_bytes(config: GPTConfig, numerics: str) -> tuple[float, float, float]:
+    """Per-token bytes of one block: (unique, per save call, of which the MLP part (unique))."""
+    d, kv, f = config.n_embd, config.n_kv_head * config.head_dim, 4 * config.n_embd
+    H, Hkv = config.n_head, config.n_kv_head
+    rsqrt, lse = 4 * (2 + H + Hkv), 4 * H  # one fp32 rsqrt per row of each of the 4 norms
+    if numerics == "fp32":
+        # x, normed x, q and k after rotary, normed q and k, v, attention out, x after attention,
+        # its normed copy, relu out, square out
+        unique = 4 * (7 * d + 3 * kv + 2 * f) + rsqrt + lse
+        per_save = 8 * (3 * d + kv) + 4 * (3 * d + d + 2 * kv + 2 * d + d + 3 * f) + 2 * rsqrt + lse
+        mlp = 4 * (d + 2 * f) + 4
+    else:
+        # fp32: x, q and k after rotary (rms_norm upcasts), x after attention;
+        # bf16: three casts of normed x, q, k, v, out, the MLP's normed-x cast, relu and square out
+        unique = 4 * (3 * d + kv) + 2 * (6 * d + 2 * kv + 2 * f) + rsqrt + lse
+        per_save = 8 * (3 * d + kv) + 2 * (3 * d + d + 2 * kv + 2 * d + d + 3 * f) + 2 * rsqrt + lse
+        mlp = 2 * (d + 2 * f) + 4
+    return unique, per_save, mlp
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What one micro-batch's forward leaves for backward, and the transients around it."""
+    saved: int  # held by autograd at the end of forward (loss excluded): what the hooks measure
+    weight_copies: int  # bf16 copies of fp32 matrices made by autocast (held through forward)
+    recompute: int  # transient: a block re-run in backward, or the offload window
+    working: int  # transient: gradient temporaries of one block's backward (an estimate)
+    logits_saved: int  # saved by the loss: soft-capped logits, log-softmax, targets
+    logits_peak: int  # the loss at its peak, gradients included
+    host: int = 0  # bytes parked in host memory (offload)
+    pcie_bytes: int = 0  # host<->device traffic per micro-batch (offload)
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def on_device(self) -> int:
+        return self.saved + self.weight_copies + self.recompute + self.working
+
+
+def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
+                     params_fp32: bool | None = None) -> Activations:
+    """Bytes autograd saves for one micro-batch under the recipe's activation policy and loss.
+
+    keep      every block keeps all it saves
+    selective each block keeps attention and the MLP's input; norm+MLP re-run in backward
+    full      each block keeps only its input; the whole block re-runs in backward
+    offload   everything the trunk saves (blocks and norms; not parameters) is copied to host
+              memory at each save call and comes back in backward; the device holds about two
+              blocks' worth at a time (one coming back, one in use)
+    loss full: fp32 logits (bf16 soft-capped ones too under autocast); chunked: LOSS_CHUNK_ROWS
+    rows at a time, re-run in backward; fused: Liger's kernel (logits chunks plus fp32 grads).
+    """
+    n, T, L, V, d = (recipe.micro_batch * recipe.seq_len, recipe.seq_len, config.n_layer,
+                     config.vocab_size, config.n_embd)
+    if params_fp32 is None:
+        params_fp32 = recipe.params == "fp32"
+    unique, per_save, mlp_part = _block_bytes(config, numerics)
+    sin = 2 * T * config.head_dim  # -sin is made (bf16) for q and for k in every block
+    keep_block = int(n * unique) + sin
+    save_block = int(n * per_save) + sin
+    mlp = int(n * mlp_part)
+    b = 4 if numerics == "fp32" else 2
+    matrices = sum(r * c for r, c in parameter_shapes(config)["blocks"])
+    copies = 2 * (matrices + V * d) if numerics == "bf16" and params_fp32 else 0
+
+    trunk = 8 * n + 4 * n * (d + 1)  # token ids; the fp32 embedding output and its rsqrt
+    final = 4 * n * (d + 1)  # the final norm's input and rsqrt
+    targets = 8 * n + 4  # int64 targets and nll_loss's total_weight
+    cap = 16 if numerics == "fp32" else 14  # bytes per logit at the loss's peak
+    if recipe.loss == "full":
+        head = b * n * d  # lm_head's input (a bf16 cast under autocast)
+        logits_saved = (8 if numerics == "fp32" else 6) * n * V + targets  # soft-capped, log-softmax
+        logits_peak = cap * n * V + targets  # + the log-softmax's and the logits' gradients
+    else:
+        head = 4 * n * d  # the chunks' input, re-run chunk by chunk in backward
+        rows = min(LOSS_CHUNK_ROWS, n)
+        logits_saved = targets
+        logits_peak = cap * rows * V + targets
+        if recipe.loss == "fused":  # the fused kernel also holds fp32 grads of hidden and lm_head
+            logits_peak += 4 * n * d + 4 * V * d
+
+    policy = recipe.activations
+    recompute, host, pcie = 0, 0, 0
+    if policy == "keep":
+        blocks = L * keep_block
+    elif policy == "selective":
+        blocks = L * (keep_block - mlp)
+        recompute = mlp
+    elif policy == "full":
+        blocks = L * 4 * n * d  # each block's fp32 input
+        recompute = keep_block
+    else:  # offload: the trunk's saves go out, per save call, weight copies included
+        host = (L * save_block + (copies - 2 * V * d if copies else 0)
+                + 8 * n + 2 * 4 * n * (d + 1) + 2 * final)
+        blocks, trunk, final = 0, 0, 0
+        recompute = 2 * save_block
+        pcie = 2 * host  # out during forward, back during backward
+    f = 4 * d
+    working = n * (2 * b * f + 2 * 4 * d)  # two MLP-sized grads and two fp32 residual grads alive
+    return Activations(saved=blocks + trunk + final + head, weight_copies=copies, recompute=recompute,
+                       working=working, logits_saved=logits_saved, logits_peak=logits_peak,
+                       host=host, pcie_bytes=pcie,
+                       detail={"blocks": blocks, "trunk": trunk, "final_norm": final, "head": head,
+                               "per_block_keep": keep_block, "per_block_saves": save_block})
+
+
+# ---------------------------------------------------------------- the whole step
+
+@dataclass(frozen=True)
+class Memory:
+    """Peak device memory of a training step, by component, plus what lives in host RAM."""
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    buffers: int
+    context: int
+    workspace: int
+    fragmentation: int
+    ddp_buckets: int
+    host: int
+    activation_detail: Activations
+
+    @property
+    def allocated(self) -> int:
+        """What torch.cuda.max_memory_allocated should report at the step's peak."""
+        return (self.weights + self.grads + self.optimizer + self.activations + self.logits
+                + self.buffers + self.ddp_buckets)
+
+    @property
+    def other(self) -> int:
+        return self.buffers + self.ddp_buckets + self.context + self.workspace + self.fragmentation
+
+    @property
+    def total(self) -> int:
+        return self.allocated + self.context + self.workspace + self.fragmentation
+
+    def components(self) -> dict[str, int]:
+        """The JSON contract's memory object."""
+        return {"weights": self.weights, "grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, "logits": self.logits, "other": self.other,
+                "total": self.total}
+
+
+def predict_memory(config: GPTConfig, recipe: Recipe, gpus: int = 1,
+                   assume: Assumptions = DEFAULT) -> Memory:
+    """Peak CUDA memory of one data-parallel rank training `config` with `recipe`.
+
+    The peak is at the start of backward: parameters, gradients (accumulated from the previous
+    micro-batch) and optimizer states, everything the forward saved, the loss at its peak, plus
+    the transients of one block's backward. Summing them is exact for the persistent part and
+    slightly high for the transients, which do not all peak at the same instant.
+    """
+    p = persistent_bytes(config, recipe, "cuda")
+    a = activation_bytes(config, recipe, "bf16")
+    grads = p.grads + p.grad_transient
+    buffers = 2 * 2 * (10 * recipe.seq_len) * (config.head_dim // 2)  # rotary cos/sin tables, bf16
+    # DDP's default gradient buckets are a second copy of the gradients (PyTorch DDP docs,
+    # gradient_as_bucket_view: "the saved memory size will be equal to the total gradients size")
+    ddp = p.grads if gpus > 1 else 0
+    allocated = p.weights + grads + p.optimizer + a.on_device + a.logits_peak + buffers + ddp
+    return Memory(weights=p.weights, grads=grads, optimizer=p.optimizer, activations=a.on_device,
+                  logits=a.logits_peak, buffers=buffers, context=assume.cuda_context_bytes,
+                  workspace=assume.workspace_bytes,
+                  fragmentation=int(assume.fragmentation * allocated), ddp_buckets=ddp,
+                  host=p.host_weights + p.host_grads + p.host_optimizer + a.host,
+                  activation_detail=a)

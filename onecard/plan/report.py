@@ -1,0 +1,260 @@
+"""Turn a plan into words (the table and the arithmetic behind it), JSON, and a picture."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from onecard.model import GPTConfig, flops_per_token
+from onecard.plan.catalog import GPU
+from onecard.plan.search import Candidate, Settings, config_params
+
+GiB = 2**30
+
+
+def duration(seconds: float) -> str:
+    days, rest = divmod(seconds, 86400)
+    if days >= 1:
+        return f"{int(days):,} d {int(rest // 3600):02d} h"
+    return f"{int(rest // 3600)} h {int(rest % 3600 // 60):02d} min"
+
+
+def describe(c: Candidate) -> str:
+    """A recipe's choices in one short line: weights/grads/states, activations, loss, matmul."""
+    r = c.recipe
+    states = r.optim_states + ("@cpu" if r.optim_place == "cpu" else "")
+    return f"{r.params}/{r.grads}/{states} {r.activations} {r.loss}" + (" fp8" if r.matmul == "fp8" else "")
+
+
+def gpu_line(gpu: GPU, gpus: int) -> str:
+    fp8 = f"{gpu.peak_fp8 / 1e12:.1f} TFLOP/s fp8" if gpu.peak_fp8 else "no fp8"
+    count = f"{gpus} x " if gpus > 1 else ""
+    return (f"{count}{gpu.name}: {gpu.vram_gib:.2f} GiB, {gpu.peak_bf16 / 1e12:.1f} TFLOP/s bf16 dense, "
+            f"{fp8}, {gpu.power_watts:g} W, PCIe {gpu.pcie[0]}.0 x{gpu.pcie[1]}, {gpu.sm}")
+
+
+def table(cands: list[Candidate], s: Settings) -> list[str]:
+    head = (f"  {'recipe':<12} {'weights/grads/states act loss':<40} {'micro':>5} {'peak VRAM':>10} {'fits':>4} "
+            f"{'MFU':>6} {'tokens/s':>9} {'time':>12} {'energy':>11} {'cost':>13}")
+    lines = [head]
+    for c in cands:
+        fits = "yes" if c.fits else ("n/a" if c.note else "no")
+        lines.append(f"  {c.recipe.name:<12} {describe(c):<40} {c.recipe.micro_batch:>5} "
+                     f"{c.memory.total / GiB:>6.2f} GiB {fits:>4} {c.timing.mfu:>6.1%} {c.timing.tokens_per_s:>9,.0f} "
+                     f"{duration(c.time_s):>12} {c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
+        if c.note:
+            lines.append(f"  {'':<12} ({c.note})")
+    return lines
+
+
+def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
+    m, a, r, assume = c.memory, c.memory.activation_detail, c.recipe, s.assume
+    where = "on the CPU" if r.optim_place == "cpu" else f"{r.optim_states}"
+    act = (f"saved {a.saved / GiB:.2f} + autocast bf16 weight copies {a.weight_copies / GiB:.2f} + "
+           f"re-run block {a.recompute / GiB:.2f} + backward temporaries {a.working / GiB:.2f}")
+    rows = [("weights", m.weights, f"{r.params} ({params:,} parameters)"),
+            ("gradients", m.grads, "window in flight to CPU RAM" if r.grads == "cpu" else r.grads),
+            ("optimizer states", m.optimizer, f"Muon momentum + AdamW moments, {where}"),
+            ("activations", m.activations, act),
+            ("logits / loss", m.logits, f"loss={r.loss} at its peak, gradients included"),
+            ("rotary tables", m.buffers, "cos/sin for 10x the sequence, bf16"),
+            ("DDP buckets", m.ddp_buckets, "a second copy of the gradients (DDP default)"),
+            ("CUDA context", m.context, "assumed: cuda_context_bytes"),
+            ("workspace", m.workspace, "assumed: workspace_bytes (cuBLAS, attention, NCCL)"),
+            ("fragmentation", m.fragmentation, f"assumed: {assume.fragmentation:.0%} of the allocated peak")]
+    lines = [f"Memory at the peak (start of backward), micro-batch {r.micro_batch} x {r.seq_len} tokens:"]
+    lines += [f"  {name:<18} {value / GiB:>7.2f} GiB   {why}" for name, value, why in rows
+              if value or name == "weights"]
+    free = s.gpu.vram_bytes - m.total
+    lines.append(f"  {'total':<18} {m.total / GiB:>7.2f} GiB   of {s.gpu.vram_gib:.2f} GiB "
+                 f"({'%.2f GiB free' % (free / GiB) if free >= 0 else '%.2f GiB over' % (-free / GiB)}); "
+                 f"torch.cuda.max_memory_allocated should read {m.allocated / GiB:.2f} GiB")
+    if m.host >= 2**20:  # below a MiB it is only AdamW's step counters
+        lines.append(f"  {'CPU RAM':<18} {m.host / GiB:>7.2f} GiB   master weights, gradients, optimizer states "
+                     f"or activations kept in host memory")
+    return lines
+
+
+def time_lines(c: Candidate, config: GPTConfig, s: Settings) -> list[str]:
+    t, gpu = c.timing, s.gpu
+    model_flops = t.model_flops_per_token * c.tokens
+    hw_flops = t.hardware_flops_per_token * c.tokens
+    steps = c.tokens / s.total_batch
+    extra = []
+    if c.recipe.activations == "full":
+        extra.append("every block's forward again")
+    if c.recipe.activations == "selective":
+        extra.append("every MLP's forward again")
+    if c.recipe.loss == "chunked":
+        extra.append("the head's forward again, chunk by chunk")
+    pcie_bw = gpu.pcie_bytes_per_s * s.assume.pcie_efficiency
+    lines = ["Time:",
+             f"  model FLOPs        {model_flops:.3e} = {t.model_flops_per_token:.4e} FLOPs/token"
+             f" x {c.tokens:.4e} tokens",
+             f"  hardware FLOPs     {hw_flops:.3e} = {t.hardware_flops_per_token / t.model_flops_per_token:.3f} x model"
+             + (f" (recompute: {', '.join(extra)})" if extra else " (nothing recomputed)")]
+    if t.fp8_flops_per_token:
+        share = t.fp8_flops_per_token / t.hardware_flops_per_token
+        lines.append(f"  of which fp8       {share:.0%} (block linears) at "
+                     f"{gpu.peak_fp8 / 1e12:.1f} TFLOP/s x {s.assume.fp8_efficiency:.0%} (fp8_efficiency)")
+    lines += [f"  peak               {gpu.peak_bf16 / 1e12:.1f} TFLOP/s bf16 dense per card (source above)",
+              f"  utilization        {t.utilization:.0%} of peak assumed: {t.utilization_source}",
+              f"  per step           {t.compute_s:,.1f} s GPU compute + {t.optimizer_s:,.1f} s optimizer "
+              f"(Newton-Schulz {t.optimizer_flops_per_step:.2e} FLOPs + update) + {t.pcie_s:,.1f} s PCIe"
+              + (f" + {t.comm_s:,.1f} s all-reduce" if s.gpus > 1 else "")
+              + f" = {t.step_s:,.1f} s for {s.total_batch:,} tokens"]
+    if t.pcie_bytes:
+        lines.append(f"  PCIe               {t.pcie_bytes / 1e9:,.1f} GB per step at {pcie_bw / 1e9:.1f} GB/s "
+                     f"({s.assume.pcie_efficiency:.0%} of PCIe {gpu.pcie[0]}.0 x{gpu.pcie[1]}), "
+                     f"{s.assume.pcie_overlap:.0%} hidden behind compute")
+    lines += [f"  throughput         {t.tokens_per_s:,.0f} tokens/s = MFU {t.mfu:.1%} (model FLOPs / peak)",
+              f"  wall time          {duration(c.time_s)} ({steps:,.0f} steps)"]
+    watts = (s.power_watts or gpu.power_watts) * s.assume.power_fraction * s.gpus + s.assume.overhead_watts
+    lines.append(f"Energy and cost: {watts:,.0f} W x {c.time_s / 3600:,.0f} h = {c.energy_kwh:,.0f} kWh -> "
+                 f"{c.cost:,.2f} {s.currency} at {s.price:g} {s.currency}/kWh")
+    return lines
+
+
+def header(config: GPTConfig, s: Settings, tokens_line: str, notes: list[str]) -> list[str]:
+    params = config_params(config)
+    lines = [f"model   d{config.n_layer}: {params:,} parameters, {flops_per_token(config):.4e} training FLOPs/token "
+             f"(nanochat's 6N + 12LHQT), width {config.n_embd}, {config.n_head} heads, vocab {config.vocab_size:,}",
+             f"card    {gpu_line(s.gpu, s.gpus)}",
+             f"        source: {s.gpu.source}",
+             f"tokens  {tokens_line}"]
+    return lines + [f"note    {n}" for n in notes if n]
+
+
+def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Candidate | None,
+              tokens_line: str, notes: list[str], why_none: str = "", nearest=None) -> str:
+    lines = header(config, s, tokens_line, notes) + [""] + table(cands, s) + [""]
+    if best is None:
+        lines.append(f"Nothing fits: {why_none}")
+        if nearest:
+            cfg, c = nearest
+            lines.append(f"Nearest plan that fits: d{cfg.n_layer} ({config_params(cfg):,} parameters) "
+                         f"with {c.recipe.name}, "
+                         f"micro-batch {c.recipe.micro_batch}: {c.memory.total / GiB:.2f} GiB, "
+                         f"{c.tokens:,} tokens in {duration(c.time_s)}, {c.energy_kwh:,.0f} kWh, "
+                         f"{c.cost:,.2f} {s.currency}")
+        return "\n".join(lines)
+    lines.append(f"Recommended: {best.recipe.name} ({describe(best)}), the fastest recipe that fits")
+    for c in cands:
+        if not c.fits and not c.note and c.time_s < best.time_s:
+            over, margin = c.memory.total - s.gpu.vram_bytes, c.memory.fragmentation
+            hint = (" (less than the assumed fragmentation margin: with PYTORCH_CUDA_ALLOC_CONF="
+                    "expandable_segments:True it may fit; check with `onecard bench`)" if over < margin else "")
+            lines.append(f"  faster but over the card: {c.recipe.name} ({duration(c.time_s)}) needs "
+                         f"{c.memory.total / GiB:.2f} GiB, {over / GiB:.2f} GiB too much{hint}")
+    lines += memory_lines(best, s, config_params(config)) + time_lines(best, config, s)
+    return "\n".join(lines)
+
+
+def budget_text(s: Settings, days: float, ratio: float, found: list, notes: list[str]) -> str:
+    lines = [f"card    {gpu_line(s.gpu, s.gpus)}", f"        source: {s.gpu.source}"]
+    lines += [f"note    {n}" for n in notes if n]
+    lines.append(f"budget  {days:g} days, {ratio:g} tokens per parameter, sequence {s.seq_len}")
+    if not found:
+        lines.append("No model of depth 1 or more finishes in that time with a recipe that fits.")
+        return "\n".join(lines)
+    lines += ["", f"  {'model':<6} {'params':>14} {'tokens':>17} {'recipe':<12} {'micro':>5} {'peak VRAM':>10} "
+                  f"{'time':>12} {'energy':>11} {'cost':>13}"]
+    for config, c in found:
+        lines.append(f"  d{config.n_layer:<5} {config_params(config):>14,} {c.tokens:>17,} {c.recipe.name:<12} "
+                     f"{c.recipe.micro_batch:>5} {c.memory.total / GiB:>6.2f} GiB {duration(c.time_s):>12} "
+                     f"{c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
+    config, best = found[0]
+    lines += ["", f"Best: d{config.n_layer} with {best.recipe.name} ({describe(best)})"]
+    lines += memory_lines(best, s, config_params(config)) + time_lines(best, config, s)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- JSON
+
+def candidate_json(c: Candidate, s: Settings) -> dict:
+    a = c.memory.activation_detail
+    memory = c.memory.components() | {
+        "allocated": c.memory.allocated, "host": c.memory.host,
+        "detail": {"buffers": c.memory.buffers, "ddp_buckets": c.memory.ddp_buckets,
+                   "cuda_context": c.memory.context, "workspace": c.memory.workspace,
+                   "fragmentation": c.memory.fragmentation, "activations_saved": a.saved,
+                   "autocast_weight_copies": a.weight_copies, "recompute": a.recompute,
+                   "backward_temporaries": a.working}}
+    t = c.timing
+    return {"recipe": c.recipe.to_dict(), "fits": c.fits, "note": c.note or None, "memory": memory,
+            "mfu": t.mfu, "utilization": t.utilization, "tokens_per_s": t.tokens_per_s, "tokens": c.tokens,
+            "time_s": c.time_s, "step_s": t.step_s, "energy_kwh": c.energy_kwh,
+            "cost": {"amount": c.cost, "currency": s.currency}}
+
+
+def gpu_json(gpu: GPU) -> dict:
+    return {"name": gpu.name, "key": gpu.key, "vram_bytes": gpu.vram_bytes, "peak_bf16_flops": gpu.peak_bf16,
+            "peak_fp8_flops": gpu.peak_fp8, "power_watts": gpu.power_watts,
+            "memory_bandwidth": gpu.memory_bandwidth, "compute_capability": list(gpu.compute_capability),
+            "pcie": {"generation": gpu.pcie[0], "lanes": gpu.pcie[1]}, "source": gpu.source,
+            "note": gpu.note or None}
+
+
+def model_json(config: GPTConfig) -> dict:
+    return {"depth": config.n_layer, "params": config_params(config), "flops_per_token": flops_per_token(config),
+            "config": config.to_dict()}
+
+
+def plan_json(config: GPTConfig, s: Settings, cands: list[Candidate], best: Candidate | None,
+              tokens: int, notes: list[str], why_none: str = "", nearest=None) -> dict:
+    out = {"model": model_json(config), "gpu": gpu_json(s.gpu), "gpus": s.gpus, "tokens": tokens,
+           "seq_len": s.seq_len, "total_batch": s.total_batch,
+           "utilization_source": cands[0].timing.utilization_source if cands else "",
+           "assumptions": asdict(s.assume), "notes": [n for n in notes if n],
+           "candidates": [candidate_json(c, s) for c in cands],
+           "best": candidate_json(best, s) if best else None}
+    if best is None:
+        out["reason"] = why_none
+        if nearest:
+            cfg, c = nearest
+            out["nearest"] = {"model": model_json(cfg), "best": candidate_json(c, s)}
+    return out
+
+
+def budget_json(s: Settings, days: float, ratio: float, found: list, notes: list[str]) -> dict:
+    entries = [{"model": model_json(cfg), "tokens": c.tokens, "best": candidate_json(c, s)} for cfg, c in found]
+    top = entries[0] if entries else {"model": None, "tokens": 0, "best": None}
+    out = {"model": top["model"], "gpu": gpu_json(s.gpu), "gpus": s.gpus, "tokens": top["tokens"],
+           "days": days, "ratio": ratio, "seq_len": s.seq_len, "total_batch": s.total_batch,
+           "assumptions": asdict(s.assume), "notes": [n for n in notes if n],
+           "best": top["best"], "alternatives": entries[1:]}
+    if not entries:
+        out["reason"] = f"no model finishes in {days:g} days with a recipe that fits"
+    return out
+
+
+# ---------------------------------------------------------------- picture
+
+def plot(cands: list[Candidate], s: Settings, path: str, title: str) -> None:
+    """Memory by component per recipe (against the card's VRAM) and time per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c.recipe.name for c in cands]
+    parts = ["weights", "grads", "optimizer", "activations", "logits", "other"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    bottom = [0.0] * len(cands)
+    for part in parts:
+        values = [c.memory.components()[part] / GiB for c in cands]
+        left.bar(names, values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    left.axhline(s.gpu.vram_gib, color="black", linestyle="--", label=f"VRAM {s.gpu.vram_gib:g} GiB")
+    left.set_ylabel("GiB at the peak")
+    left.set_title("memory by component")
+    left.legend(fontsize=8)
+    days = [c.time_s / 86400 for c in cands]
+    right.bar(names, days, color=["tab:green" if c.fits else "tab:gray" for c in cands])
+    right.set_ylabel("days")
+    right.set_title("wall time (green: fits)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

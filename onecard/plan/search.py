@@ -1,0 +1,158 @@
+"""Candidate recipes for a model on a card: which fit, how fast, and the best one; and the best
+model for a time budget.
+
+A candidate is a named recipe from onecard/recipe.py at the largest micro-batch that fits
+(powers of two up to MAX_MICRO_BATCH, so that gradient accumulation divides the total batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from onecard.errors import UsageError
+from onecard.model import GPTConfig
+from onecard.plan.assumptions import DEFAULT, Assumptions
+from onecard.plan.catalog import GPU
+from onecard.plan.memory import Memory, predict_memory
+from onecard.plan.timing import Timing, energy_kwh, predict_time
+from onecard.recipe import NAMED, Recipe
+
+MAX_MICRO_BATCH = 32  # nanochat's default device batch; larger rarely runs faster
+MAX_DEPTH = 64  # budget mode searches d1..d64
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything about the run except the model and the token budget."""
+    gpu: GPU
+    gpus: int = 1
+    seq_len: int = 2048
+    total_batch: int = 524288
+    micro_batch: int | None = None  # None: the largest that fits
+    vocab_size: int = 65536
+    utilization: float | None = None  # None: the card kind's default (see timing.py)
+    utilization_source: str = ""
+    power_watts: float | None = None  # None: the card's board power
+    price: float = 0.15  # per kWh (REFERENCE.md section 3's example tariff)
+    currency: str = "USD"
+    assume: Assumptions = DEFAULT
+
+    def config(self, depth: int) -> GPTConfig:
+        return GPTConfig.from_depth(depth, vocab_size=self.vocab_size, sequence_len=self.seq_len)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    recipe: Recipe
+    fits: bool
+    memory: Memory
+    timing: Timing
+    tokens: int
+    time_s: float
+    energy_kwh: float
+    cost: float
+    note: str = ""
+
+
+def micro_batches(s: Settings) -> list[int]:
+    """Micro-batch sizes to try, largest first; each must divide one GPU's share of the batch."""
+    rows = s.total_batch // (s.seq_len * s.gpus)
+    if s.micro_batch is not None:
+        return [s.micro_batch]
+    return [b for b in (2 ** k for k in range(5, -1, -1)) if b <= min(rows, MAX_MICRO_BATCH) and rows % b == 0]
+
+
+def check_batch(s: Settings) -> None:
+    step = s.seq_len * s.gpus * (s.micro_batch or 1)
+    if s.total_batch % step:
+        raise UsageError(f"--total-batch {s.total_batch} is not a multiple of sequence x GPUs x micro-batch "
+                         f"= {step}: gradient accumulation needs a whole number of micro-batches")
+
+
+def evaluate(config: GPTConfig, recipe: Recipe, s: Settings, tokens: int | None = None,
+             seconds: float | None = None) -> Candidate:
+    """One recipe at the largest micro-batch that fits; tokens given, or as many as fit in `seconds`."""
+    note = ""
+    if recipe.matmul == "fp8" and not s.gpu.peak_fp8:
+        note = f"no FP8 tensor cores on {s.gpu.sm}"
+    chosen, memory = None, None
+    for b in micro_batches(s):
+        r = recipe.with_(micro_batch=b, seq_len=s.seq_len)
+        m = predict_memory(config, r, s.gpus, s.assume)
+        chosen, memory = r, m
+        if m.total <= s.gpu.vram_bytes:
+            break
+    fits = memory.total <= s.gpu.vram_bytes and not note
+    timing = predict_time(config, chosen, s.gpu, s.gpus, s.total_batch, s.utilization,
+                          s.utilization_source, s.assume)
+    if tokens is None:
+        tokens = int(seconds * timing.tokens_per_s)
+    time_s = tokens / timing.tokens_per_s
+    kwh = energy_kwh(time_s, s.power_watts or s.gpu.power_watts, s.gpus, s.assume)
+    return Candidate(chosen, fits, memory, timing, tokens, time_s, kwh, kwh * s.price, note)
+
+
+def candidates(config: GPTConfig, s: Settings, tokens: int | None = None, seconds: float | None = None,
+               names: list[str] | None = None) -> list[Candidate]:
+    """Every named recipe (or just `names`), from the plain nanochat way to the leanest."""
+    return [evaluate(config, NAMED[n], s, tokens, seconds) for n in (names or list(NAMED))]
+
+
+def fastest_fit(cands: list[Candidate]) -> Candidate | None:
+    fitting = [c for c in cands if c.fits]
+    return min(fitting, key=lambda c: c.time_s) if fitting else None
+
+
+def overflow(cands: list[Candidate], vram: int) -> str:
+    """When nothing fits: the leanest candidate, by how much it overflows, and what is largest."""
+    lean = min(cands, key=lambda c: c.memory.total)
+    parts = lean.memory.components()
+    parts.pop("total")
+    big = sorted(parts.items(), key=lambda kv: -kv[1])
+    state = parts["weights"] + parts["grads"] + parts["optimizer"]
+    gib = 2 ** 30
+    why = (f"weights + gradients + optimizer states alone are {state / gib:.2f} GiB"
+           if state > vram else
+           f"{big[0][0]} {big[0][1] / gib:.2f} GiB and {big[1][0]} {big[1][1] / gib:.2f} GiB are the largest parts")
+    return (f"even the leanest recipe ({lean.recipe.name}, micro-batch {lean.recipe.micro_batch}) needs "
+            f"{lean.memory.total / gib:.2f} GiB of {vram / gib:.2f} GiB: "
+            f"{(lean.memory.total - vram) / gib:.2f} GiB over; {why}")
+
+
+def nearest_fit(depth: int, s: Settings, ratio: float, tokens: int | None) -> tuple[GPTConfig, Candidate] | None:
+    """The deepest smaller model with a recipe that fits (same tokens, or ratio x its params)."""
+    for d in range(depth - 1, 0, -1):
+        try:
+            config = s.config(d)
+        except UsageError:
+            continue
+        n = tokens if tokens is not None else int(ratio * config_params(config))
+        best = fastest_fit(candidates(config, s, n))
+        if best:
+            return config, best
+    return None
+
+
+def config_params(config: GPTConfig) -> int:
+    from onecard.model import param_counts
+    return sum(param_counts(config).values())
+
+
+def budget(s: Settings, days: float, ratio: float, keep: int = 5) -> list[tuple[GPTConfig, Candidate]]:
+    """The largest models trainable in `days` at `ratio` tokens per parameter, largest first."""
+    found = []
+    for depth in range(1, MAX_DEPTH + 1):
+        try:
+            config = s.config(depth)
+        except UsageError:  # heads do not divide the width at this depth
+            continue
+        best = fastest_fit(candidates(config, s, int(ratio * config_params(config))))
+        if best is None:
+            break  # deeper models will not fit either
+        if best.time_s <= days * 86400:
+            found.append((config, best))
+    return sorted(found, key=lambda cb: -cb[0].n_layer)[:keep]
+
+
+def with_settings(s: Settings, **changes) -> Settings:
+    return replace(s, **changes)

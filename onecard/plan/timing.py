@@ -1,0 +1,148 @@
+"""How long a recipe takes: FLOPs the step really executes, at an assumed utilization, plus
+the time of bytes that cross PCIe and of the optimizer, then energy and cost.
+
+time per optimizer step = GPU compute (model FLOPs + recompute, bf16 and fp8 parts at their own
+peaks) + optimizer (Newton-Schulz FLOPs, the elementwise update's memory traffic) + PCIe
+transfers not hidden behind compute + the data-parallel all-reduce not hidden behind backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onecard.model import GPTConfig, flops_per_token, param_counts
+from onecard.plan.assumptions import DEFAULT, Assumptions
+from onecard.plan.catalog import GPU
+from onecard.plan.memory import DTYPE_BYTES, parameter_dtypes, parameter_shapes, persistent_bytes
+from onecard.recipe import Recipe
+
+NS_STEPS = 5  # Newton-Schulz iterations per Muon update (nanochat)
+
+
+def default_utilization(gpu: GPU, assume: Assumptions = DEFAULT) -> tuple[float, str]:
+    """The assumed share of the bf16 peak a step achieves on this kind of card, and why."""
+    if gpu.kind == "datacenter":
+        return assume.mfu_datacenter, "nanochat's d32 run reached ~51% MFU on H100 (REFERENCE.md section 1)"
+    if gpu.kind == "laptop":
+        return assume.mfu_laptop, "laptop default: 3/4 of the desktop 40%, clocks are power-limited"
+    return assume.mfu_consumer, ("consumer-card default: low end of the realistic 40-50% "
+                                 "(REFERENCE.md section 3); run `onecard bench` to measure yours")
+
+
+def recompute_flops_per_token(config: GPTConfig, recipe: Recipe) -> int:
+    """Forward FLOPs re-run in backward per token: the price of not keeping activations."""
+    d, L = config.n_embd, config.n_layer
+    extra = 0
+    if recipe.activations == "full":  # every block's forward again, attention included
+        extra += 2 * param_counts(config)["blocks"] + 4 * L * config.n_head * config.head_dim * config.sequence_len
+    elif recipe.activations == "selective":  # every MLP's forward again
+        extra += 2 * L * 8 * d * d
+    if recipe.loss == "chunked":  # the head's forward again, chunk by chunk
+        extra += 2 * config.vocab_size * d
+    return extra
+
+
+def fp8_flops_per_token(config: GPTConfig, recipe: Recipe) -> int:
+    """FLOPs of the block linears (forward, both backward GEMMs, and their recompute) run in fp8."""
+    if recipe.matmul != "fp8":
+        return 0
+    d, L, blocks = config.n_embd, config.n_layer, param_counts(config)["blocks"]
+    fp8 = 6 * blocks
+    if recipe.activations == "full":
+        fp8 += 2 * blocks
+    elif recipe.activations == "selective":
+        fp8 += 2 * L * 8 * d * d
+    return fp8
+
+
+def newton_schulz_flops(config: GPTConfig) -> int:
+    """Muon's orthogonalization per step: 5 x (X X^T, A A, B X) on every block matrix."""
+    total = 0
+    for r, c in parameter_shapes(config)["blocks"]:
+        m, n = min(r, c), max(r, c)
+        total += NS_STEPS * (4 * m * m * n + 2 * m ** 3)
+    return total
+
+
+@dataclass(frozen=True)
+class Timing:
+    utilization: float
+    utilization_source: str
+    model_flops_per_token: int
+    hardware_flops_per_token: int  # model + recompute
+    fp8_flops_per_token: int  # part of hardware FLOPs run in fp8
+    optimizer_flops_per_step: int
+    micro_steps: int  # micro-batches per optimizer step on each GPU
+    compute_s: float  # per optimizer step
+    optimizer_s: float
+    pcie_bytes: float  # per optimizer step
+    pcie_s: float  # exposed part
+    comm_s: float  # exposed part of the all-reduce
+    step_s: float
+    tokens_per_s: float
+    mfu: float  # model FLOPs per second / (bf16 peak x GPUs)
+
+
+def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, total_batch: int = 524288,
+                 utilization: float | None = None, source: str = "", assume: Assumptions = DEFAULT) -> Timing:
+    """Seconds per optimizer step of `total_batch` tokens, and what follows from it."""
+    if utilization is None:
+        utilization, source = default_utilization(gpu, assume)
+    u = utilization
+    per_gpu_tokens = total_batch // gpus
+    micro_steps = max(1, per_gpu_tokens // (recipe.micro_batch * recipe.seq_len))
+    model = flops_per_token(config)
+    hardware = model + recompute_flops_per_token(config, recipe)
+    fp8 = fp8_flops_per_token(config, recipe) if gpu.peak_fp8 else 0
+    compute = per_gpu_tokens * (hardware - fp8) / (gpu.peak_bf16 * u)
+    if fp8:
+        compute += per_gpu_tokens * fp8 / (gpu.peak_fp8 * u * assume.fp8_efficiency)
+
+    # The optimizer: Newton-Schulz runs on the GPU in bf16 wherever the states live (with
+    # optim_place=cpu each matrix travels to the GPU and back in bf16 for it); the elementwise
+    # update streams weights, gradients and states once through the memory they live in.
+    numel = sum(param_counts(config).values())
+    matrices = param_counts(config)["blocks"]
+    ns = newton_schulz_flops(config)
+    optimizer = ns / (gpu.peak_bf16 * u)
+    persistent = persistent_bytes(config, recipe, "cuda")
+    pbytes = DTYPE_BYTES[parameter_dtypes(recipe, "cuda")["blocks"]]
+    pcie = 0.0
+    if recipe.optim_place == "gpu":
+        optimizer += 2 * (persistent.weights + persistent.grads + persistent.optimizer) / gpu.memory_bandwidth
+    else:
+        host = persistent.host_weights + persistent.host_grads + persistent.host_optimizer
+        if recipe.params != "cpu_master":
+            host += persistent.weights
+        if recipe.grads != "cpu":
+            host += persistent.grads
+            pcie += persistent.grads  # gradients go to the CPU once per step
+        optimizer += 2 * host / assume.cpu_memory_bandwidth
+        pcie += numel * pbytes + 2 * 2 * matrices  # updated weights back; matrices to/from NS
+    if recipe.grads == "cpu":
+        pcie += micro_steps * numel * pbytes  # every micro-batch's gradients go out
+    if recipe.activations == "offload":
+        from onecard.plan.memory import activation_bytes
+        pcie += micro_steps * activation_bytes(config, recipe, "bf16").pcie_bytes
+    pcie_bw = gpu.pcie_bytes_per_s * assume.pcie_efficiency
+    pcie_s = pcie / pcie_bw * (1 - assume.pcie_overlap)
+
+    comm = 0.0
+    if gpus > 1:  # ring all-reduce of the gradients once per optimizer step
+        link = gpu.nvlink or pcie_bw
+        grad_bytes = persistent.grads + persistent.host_grads
+        comm = 2 * (gpus - 1) / gpus * grad_bytes / link * (1 - assume.dp_overlap)
+
+    step = compute + optimizer + pcie_s + comm
+    tokens_per_s = total_batch / step
+    return Timing(utilization=u, utilization_source=source, model_flops_per_token=model,
+                  hardware_flops_per_token=hardware, fp8_flops_per_token=fp8,
+                  optimizer_flops_per_step=ns, micro_steps=micro_steps, compute_s=compute,
+                  optimizer_s=optimizer, pcie_bytes=pcie, pcie_s=pcie_s, comm_s=comm, step_s=step,
+                  tokens_per_s=tokens_per_s, mfu=model * tokens_per_s / (gpu.peak_bf16 * gpus))
+
+
+def energy_kwh(seconds: float, gpu_watts: float, gpus: int = 1, assume: Assumptions = DEFAULT) -> float:
+    """Board power x power fraction x cards, plus the rest of the system, over the run."""
+    watts = gpu_watts * assume.power_fraction * gpus + assume.overhead_watts
+    return watts * seconds / 3.6e6

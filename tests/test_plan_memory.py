@@ -1,0 +1,183 @@
+"""The planner's memory model against what the trainer really allocates and autograd really saves.
+
+Parameters, gradients and optimizer states: exact, measured from onecard.optim's own tensors.
+Activations: bytes autograd saves during a forward of the real model (unique storages seen by
+saved_tensors_hooks, parameters and buffers excluded), within 5 %, for several tiny shapes, in
+fp32 and under bf16 autocast, for each activation policy and loss the model supports.
+"""
+
+import pytest
+import torch
+
+from onecard.model import GPTConfig, build_model
+from onecard.optim import build_optimizer
+from onecard.plan.memory import activation_bytes, persistent_bytes, predict_memory, state_bytes
+from onecard.recipe import INT8_BLOCK, Recipe
+
+SHAPES = [  # (n_layer, n_embd, n_head, vocab, T, B)
+    (2, 64, 1, 256, 32, 1),
+    (3, 128, 2, 512, 64, 2),
+    (2, 128, 1, 1024, 128, 4),
+    (3, 64, 1, 320, 48, 3),
+]
+
+
+def make(n_layer, n_embd, n_head, vocab, T):
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=T, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                       n_kv_head=n_head, n_embd=n_embd)
+    return config, build_model(config)
+
+
+def saved_bytes(model, idx, targets, autocast=False) -> int:
+    """Unique storage bytes autograd saves in one forward, parameters and buffers excluded."""
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(idx, targets)
+    return sum(seen.values())
+
+
+def batch(config, B, T):
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, config.vocab_size, (B, T), generator=g)
+    return idx, torch.randint(0, config.vocab_size, (B, T), generator=g)
+
+
+# ------------------------------------------------------------ parameters, gradients, states
+
+RECIPES = [
+    Recipe(),
+    Recipe(optim_states="bf16"),
+    Recipe(optim_states="int8"),
+    Recipe(params="bf16_sr", grads="bf16", optim_states="int8"),
+    Recipe(params="bf16_sr", grads="fp32", optim_states="bf16"),
+    Recipe(params="fp32", grads="bf16", optim_states="fp32"),
+    Recipe(params="cpu_master", grads="cpu", optim_states="fp32", optim_place="cpu"),
+    Recipe(params="cpu_master", grads="cpu", optim_states="int8", optim_place="cpu"),
+    Recipe(params="bf16_sr", grads="bf16", optim_states="bf16", optim_place="cpu"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r.params}-{r.grads}-{r.optim_states}-{r.optim_place}")
+def test_weights_grads_states_equal_what_the_optimizer_allocates(shape, recipe):
+    *dims, T, B = shape
+    config, model = make(*dims, T)
+    opt = build_optimizer(model, recipe)
+    model(*batch(config, B, T)).backward()
+    opt.accumulate()
+    real = opt.state_bytes()
+    p = persistent_bytes(config, recipe, device="cpu")
+    assert (p.weights, p.host_weights) == (real["weights"]["device"], real["weights"]["cpu"])
+    assert (p.grads, p.host_grads) == (real["grads"]["device"], real["grads"]["cpu"])
+    assert (p.optimizer, p.host_optimizer) == (real["optimizer"]["device"], real["optimizer"]["cpu"])
+
+
+def test_int8_layout_one_byte_each_plus_a_scale_per_block():
+    assert state_bytes(INT8_BLOCK, "int8") == INT8_BLOCK + 4
+    assert state_bytes(INT8_BLOCK + 1, "int8") == INT8_BLOCK + 1 + 8  # the last block is short
+    assert state_bytes(10, "bf16") == 20 and state_bytes(10, "fp32") == 40
+
+
+def test_on_cuda_the_embedding_is_bf16_and_its_gradient_buffered_in_fp32():
+    config = GPTConfig.from_depth(4, vocab_size=1024, sequence_len=64)
+    p = persistent_bytes(config, Recipe(), device="cuda")
+    cpu = persistent_bytes(config, Recipe(), device="cpu")
+    vd = config.vocab_size * config.n_embd
+    assert p.weights == cpu.weights - 2 * vd  # wte: 2 bytes instead of 4
+    assert p.grads == cpu.grads  # grads=fp32: wte's folds into an fp32 buffer...
+    assert p.grad_transient == 2 * vd  # ...through one bf16 .grad in flight
+
+
+def test_d32_figures_of_the_reference():
+    """REFERENCE.md section 2 (rounded there): d32 weights ~7 GB as nanochat keeps them (fp32, wte
+    bf16), Muon momentum 6.4 GB and AdamW moments 2.1 GB in fp32, 3.76 GB of bf16 weights."""
+    config = GPTConfig.from_depth(32)
+    p = persistent_bytes(config, Recipe(), device="cuda")
+    blocks, vd = 1_610_612_736, 65536 * 2048
+    assert p.weights == 4 * (blocks + vd) + 2 * vd == 7_247_757_312
+    assert p.optimizer == 4 * blocks + 8 * 2 * vd
+    assert round(4 * blocks / 1e9, 1) == 6.4 and round(8 * 2 * vd / 1e9, 1) == 2.1
+    bf16 = persistent_bytes(config, Recipe(params="bf16_sr", grads="bf16"), device="cuda")
+    assert round(bf16.weights / 1e9, 2) == 3.76
+
+
+# ------------------------------------------------------------ activations
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_keep_full_loss_fp32_matches_saved_tensors(shape):
+    *dims, T, B = shape
+    config, model = make(*dims, T)
+    recipe = Recipe(activations="keep", loss="full", micro_batch=B, seq_len=T)
+    a = activation_bytes(config, recipe, numerics="fp32")
+    measured = saved_bytes(model, *batch(config, B, T))
+    assert a.saved + a.logits_saved == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_keep_full_loss_bf16_autocast_matches_saved_tensors(shape):
+    """The variant `plan` uses (bf16 autocast, fp32 residual); CPU autocast saves the same tensors
+    as CUDA autocast here, and fp32 parameters get their bf16 copies kept."""
+    *dims, T, B = shape
+    config, model = make(*dims, T)
+    recipe = Recipe(activations="keep", loss="full", micro_batch=B, seq_len=T)
+    a = activation_bytes(config, recipe, numerics="bf16", params_fp32=True)
+    measured = saved_bytes(model, *batch(config, B, T), autocast=True)
+    assert a.saved + a.weight_copies + a.logits_saved == pytest.approx(measured, rel=0.05)
+
+
+POLICIES = [(act, loss) for act in ("keep", "selective", "full") for loss in ("full", "chunked")]
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3])
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
+def test_each_policy_fp32_matches_saved_tensors(shape, policy):
+    *dims, T, B = shape
+    config, model = make(*dims, T)
+    model.set_policies(*policy)
+    recipe = Recipe(activations=policy[0], loss=policy[1], micro_batch=B, seq_len=T)
+    a = activation_bytes(config, recipe, numerics="fp32")
+    measured = saved_bytes(model, *batch(config, B, T))
+    assert a.saved + a.logits_saved == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3])
+@pytest.mark.parametrize("numerics", ["fp32", "bf16"])
+def test_offload_predicts_the_bytes_sent_to_host_memory(shape, numerics):
+    *dims, T, B = shape
+    config, model = make(*dims, T)
+    model.set_policies("offload", "full")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=numerics == "bf16"):
+        model(*batch(config, B, T))
+    recipe = Recipe(activations="offload", loss="full", micro_batch=B, seq_len=T)
+    a = activation_bytes(config, recipe, numerics=numerics, params_fp32=True)
+    assert a.host == pytest.approx(model.offloaded_bytes, rel=0.05)
+
+
+def test_recompute_and_chunking_shrink_the_peak_in_order():
+    config = GPTConfig.from_depth(20)
+    totals = [predict_memory(config, Recipe(activations=act, loss=loss, micro_batch=4)).total
+              for act, loss in [("keep", "full"), ("selective", "full"), ("full", "full"), ("full", "chunked")]]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_full_logits_peak_is_fp32_logits_and_their_gradient():
+    """loss=full under autocast: bf16 soft-capped logits + fp32 log-softmax saved (6 B/logit), and at
+    the start of backward two fp32 gradients of the same size (14 B/logit in all)."""
+    config = GPTConfig.from_depth(4, vocab_size=1000, sequence_len=256)
+    r = Recipe(micro_batch=2, seq_len=256)
+    a = activation_bytes(config, r)
+    logits = 2 * 256 * 1000
+    assert a.logits_saved - (8 * 512 + 4) == 6 * logits
+    assert a.logits_peak - (8 * 512 + 4) == 14 * logits
+    chunked = activation_bytes(config, r.with_(loss="chunked"))
+    assert chunked.logits_peak - (8 * 512 + 4) == 14 * 512 * 1000  # 512 rows < LOSS_CHUNK_ROWS: one chunk
