@@ -8,13 +8,17 @@ nanochat's state dict so that its checkpoints load as they are.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from onecard.errors import UsageError
+from onecard.loss import chunked_cross_entropy, fused_cross_entropy, fused_loss_function
+from onecard.recipe import CHOICES, LOSS_CHUNK_ROWS
 
 HEAD_DIM = 128  # the depth dial fixes head_dim at 128 (nanochat: num_heads = ceil(model_dim / 128))
 ASPECT_RATIO = 64  # n_embd = 64 * depth
@@ -168,10 +172,49 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, recompute_mlp: bool = False):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
-        x = x + self.mlp(norm(x))
-        return x
+        if recompute_mlp:  # keep only the MLP's input; its norm, c_fc, ReLU² and c_proj rerun in backward
+            return x + recompute(self.mlp_branch, x)
+        return x + self.mlp_branch(x)
+
+    def mlp_branch(self, x):
+        return self.mlp(norm(x))
+
+
+def recompute(fn, *args):
+    """Run fn keeping only its inputs; backward reruns it. No RNG state: the model has no randomness."""
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
+    """Tensors autograd saves go to CPU memory (pinned on CUDA machines) and come back for backward.
+
+    Like torch.autograd.graph.save_on_cpu, except that saved parameters (and views of them) stay
+    where they are: they are alive anyway, and copying every weight to the CPU each micro-batch
+    would double the PCIe traffic for nothing. `offloaded_bytes` counts what went to the CPU.
+    """
+
+    def __init__(self, params) -> None:
+        param_storages = {p.untyped_storage().data_ptr() for p in params}
+        pin = torch.cuda.is_available()
+        self.offloaded_bytes = 0
+
+        def pack(t: torch.Tensor):
+            if t.untyped_storage().data_ptr() in param_storages:
+                return t
+            host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
+            host.copy_(t, non_blocking=pin)
+            self.offloaded_bytes += host.numel() * host.element_size()
+            return t.device, host
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, host = packed
+            return host.to(device, non_blocking=pin)
+
+        super().__init__(pack, unpack)
 
 
 class GPT(nn.Module):
@@ -188,6 +231,29 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(self.rotary_len, config.head_dim, device=self.lm_head.weight.device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # Memory policies (recipe.activations, recipe.loss); set_policies changes them.
+        self.activations = "keep"
+        self.loss = "full"
+        self.loss_chunk_rows = LOSS_CHUNK_ROWS
+        self.offloaded_bytes = 0  # bytes the latest offloading forward sent to the CPU
+
+    def set_policies(self, activations: str = "keep", loss: str = "full",
+                     loss_chunk_rows: int = LOSS_CHUNK_ROWS) -> None:
+        """Choose how training spends activation and logits memory (see recipe.py).
+
+        activations: keep | selective (each block's MLP and its pre-norm recomputed in backward) |
+        full (each block recomputed; only block inputs kept) | offload (saved tensors to CPU).
+        loss: full | chunked (loss_chunk_rows rows at a time) | fused (Liger, CUDA only).
+        Recompute and offload apply only when autograd records (training); sampling is unchanged.
+        """
+        for key, value in (("activations", activations), ("loss", loss)):
+            if value not in CHOICES[key]:
+                raise UsageError(f"{key} policy {value!r} is not one of {', '.join(CHOICES[key])}")
+        if loss_chunk_rows <= 0:
+            raise UsageError(f"loss_chunk_rows must be positive, got {loss_chunk_rows}")
+        if loss == "fused":
+            fused_loss_function(self.lm_head.weight.device)  # fail now, not at the first step
+        self.activations, self.loss, self.loss_chunk_rows = activations, loss, loss_chunk_rows
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -225,9 +291,13 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
         hidden = self.trunk(idx, kv_cache)
-        logits = self.logits(hidden)
         if targets is None:
-            return logits
+            return self.logits(hidden)
+        if self.loss == "chunked":
+            return chunked_cross_entropy(self.logits, hidden, targets, loss_reduction, self.loss_chunk_rows)
+        if self.loss == "fused":
+            return fused_cross_entropy(hidden, self.lm_head.weight, targets, LOGIT_SOFTCAP, loss_reduction)
+        logits = self.logits(hidden)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
 
@@ -236,12 +306,23 @@ class GPT(nn.Module):
         T = idx.size(1)
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.rotary_len:
-            raise ValueError(f"sequence of {start + T} positions exceeds the rotary table ({self.rotary_len})")
+            raise ValueError(f"sequence of {start + T} positions exceeds the rotary table "
+                             f"({self.rotary_len})")
         cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
-        x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
-        return norm(x)
+        training = torch.is_grad_enabled() and kv_cache is None
+        policy = self.activations if training else "keep"
+        offload = OffloadActivations(self.parameters()) if policy == "offload" else None
+        with offload or nullcontext():
+            x = norm(self.transformer.wte(idx))
+            for block in self.transformer.h:
+                if policy == "full":
+                    x = recompute(block, x, cos, sin)
+                else:
+                    x = block(x, cos, sin, kv_cache, recompute_mlp=policy == "selective")
+            x = norm(x)
+        if offload is not None:
+            self.offloaded_bytes = offload.offloaded_bytes
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

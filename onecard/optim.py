@@ -2,19 +2,41 @@
 
 Muon here follows nanochat's rule exactly (momentum as an exponential average, Nesterov by a
 second lerp, Newton-Schulz orthogonalization in bf16, step scaled by sqrt(max(1, rows/cols))),
-which differs slightly from torch.optim.Muon's momentum rule, so it is written out.
+which differs slightly from torch.optim.Muon's momentum rule, so it is written out. AdamW is
+torch.optim.AdamW's math (bias correction, decoupled weight decay), written out so that its
+moments can be stored in bf16 or 8 bits.
+
+Each parameter has a Slot saying where the recipe keeps its pieces (recipe.py has the layouts):
+
+  weight     fp32, or bf16 written back with stochastic rounding (params=bf16_sr), or bf16 on
+             the device with an fp32 master copy on the CPU (params=cpu_master)
+  gradient   .grad as autograd leaves it, or an accumulation buffer when the recipe's gradient
+             dtype or place differs from the weight's (bf16 weights with grads=fp32; grads=cpu).
+             A buffer is filled by a hook as soon as autograd has each parameter's gradient, and
+             the device's .grad is freed at once, so a full set of device gradients never exists.
+  states     StateTensors (fp32 | bf16 | 8-bit, lowbit.py) on the device or on the CPU
+             (optim_place); the elementwise update runs where the states are.
+
+Every update is computed in fp32. With optim_place=cpu, Muon's Newton-Schulz iterations still
+run on the model's device: they are matrix products a GPU does in milliseconds and a CPU in
+minutes at d32 (one matrix at a time goes down and up in bf16).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from onecard.lowbit import StateTensor, stochastic_round_bf16
 from onecard.model import GPT
 from onecard.recipe import Recipe
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (REFERENCE §1)
 ADAM_BETAS = (0.8, 0.95)
 ADAM_EPS = 1e-10
+UPDATE_CHUNK = 1 << 22  # AdamW updates this many elements at a time: bounded fp32 temporaries
+GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -32,61 +54,279 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.mT if tall else x
 
 
-class Muon(torch.optim.Optimizer):
+def nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@dataclass(eq=False)
+class Slot:
+    """One parameter and where the recipe keeps its weight, master copy, gradient and states."""
+
+    param: torch.nn.Parameter
+    place: torch.device                     # where its optimizer states live and its update runs
+    master: torch.Tensor | None = None      # fp32 copy on the CPU (params=cpu_master)
+    grad_buf: torch.Tensor | None = None    # accumulation buffer when it differs from .grad
+    stochastic: bool = False                # bf16 weight written back with stochastic rounding
+    grad_empty: bool = True                 # grad_buf holds nothing yet this step
+
+    def grad(self) -> torch.Tensor | None:
+        """The gradient accumulated so far this step (None when there is none)."""
+        if self.grad_buf is None:
+            return self.param.grad
+        return None if self.grad_empty else self.grad_buf
+
+    @torch.no_grad()
+    def fold_grad(self) -> None:
+        """Move .grad into the accumulation buffer (if this slot has one) and free it."""
+        g = self.param.grad
+        if self.grad_buf is None or g is None:
+            return
+        if self.grad_empty:
+            self.grad_buf.copy_(g)
+        else:
+            self.grad_buf.add_(g.to(self.grad_buf.device))
+        self.grad_empty = False
+        self.param.grad = None
+
+    def zero_grad(self) -> None:
+        self.param.grad = None
+        self.grad_empty = True
+
+    @torch.no_grad()
+    def apply(self, lo: int, hi: int, update: torch.Tensor, decay: float, alpha: float) -> None:
+        """weight[lo:hi] <- weight·decay − alpha·update (flat elements), in fp32, then stored."""
+        flat = self.param.detach().view(-1)
+        if self.master is not None:  # the fp32 master is the weight; the device gets a bf16 copy
+            w = self.master.view(-1)[lo:hi]
+            if decay != 1.0:
+                w.mul_(decay)
+            w.add_(update.to(w.device), alpha=-alpha)
+            flat[lo:hi].copy_(w.to(flat.dtype))  # round on the CPU: half the bytes cross the bus
+            return
+        if flat.dtype == torch.float32:
+            w = flat[lo:hi]
+            if decay != 1.0:
+                w.mul_(decay)
+            w.add_(update.to(w.device), alpha=-alpha)
+            return
+        w = flat[lo:hi].float()
+        if decay != 1.0:
+            w.mul_(decay)
+        w.add_(update.to(w.device), alpha=-alpha)
+        flat[lo:hi].copy_(stochastic_round_bf16(w) if self.stochastic else w)
+
+    @torch.no_grad()
+    def load_master(self, master: torch.Tensor) -> None:
+        """Restore the fp32 weight from a checkpoint (and the device copy from it)."""
+        if self.master is not None:
+            self.master.copy_(master)
+        self.param.detach().copy_(master)
+
+
+def _param_groups(params, defaults: dict) -> list[dict]:
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    return [{**defaults, **group, "params": list(group["params"])} for group in groups]
+
+
+class StatefulOptimizer:
+    """What Muon and AdamW share: groups, slots, states in a recipe's format, state dicts."""
+
+    def __init__(self, params, defaults: dict, slots: dict | None) -> None:
+        self.defaults = defaults
+        self.param_groups = _param_groups(params, defaults)
+        slots = slots or {}
+        self.slots: dict[torch.nn.Parameter, Slot] = {
+            p: slots.get(p) or Slot(p, p.device) for p in self.params()}
+        self.stored: dict[torch.nn.Parameter, dict] = {}  # per parameter: StateTensors and counters
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def state(self) -> dict[torch.nn.Parameter, dict]:
+        """Each parameter's states decoded to fp32 in its shape (for fp32, views of the storage)."""
+        return {p: {k: v.read().view(v.shape) if isinstance(v, StateTensor) else v for k, v in s.items()}
+                for p, s in self.stored.items()}
+
+    def state_tensors(self) -> list[StateTensor]:
+        return [v for s in self.stored.values() for v in s.values() if isinstance(v, StateTensor)]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for slot in self.slots.values():
+            slot.zero_grad()
+
+    def state_dict(self) -> dict:
+        """Only tensors, numbers and strings: loads with torch.load(weights_only=True)."""
+        state = []
+        for p in self.params():
+            saved = {k: v.state_dict() if isinstance(v, StateTensor) else v
+                     for k, v in self.stored[p].items()}
+            if self.slots[p].master is not None:
+                saved["master"] = self.slots[p].master
+            state.append(saved)
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        return {"param_groups": groups, "state": state}
+
+    def load_state_dict(self, saved: dict) -> None:
+        params = self.params()
+        if len(saved["param_groups"]) != len(self.param_groups) or len(saved["state"]) != len(params):
+            raise ValueError(f"optimizer state has {len(saved['state'])} parameters in "
+                             f"{len(saved['param_groups'])} groups, this optimizer {len(params)} in "
+                             f"{len(self.param_groups)}")
+        for group, saved_group in zip(self.param_groups, saved["param_groups"], strict=True):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for p, saved_state in zip(params, saved["state"], strict=True):
+            stored = self.stored[p]
+            for key, value in saved_state.items():
+                if key == "master":
+                    self.slots[p].load_master(value)
+                elif isinstance(stored.get(key), StateTensor):
+                    stored[key].load_state_dict(value)
+                else:
+                    stored[key] = value
+
+
+class Muon(StatefulOptimizer):
     """Momentum, then orthogonalize the update of each 2-D matrix (nanochat's form)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+                 ns_steps: int = 5, states: str = "fp32", slots: dict | None = None) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps), slots)
+        for p in self.params():
+            if p.ndim != 2:
+                raise ValueError(f"Muon updates matrices; got a parameter of shape {tuple(p.shape)}")
+            self.stored[p] = {"momentum_buffer": StateTensor(p.shape, states, self.slots[p].place)}
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self) -> None:
         for group in self.param_groups:
+            momentum = group["momentum"]
             for p in group["params"]:
-                if p.grad is None:
+                slot = self.slots[p]
+                grad = slot.grad()
+                if grad is None:
                     continue
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - group["momentum"])
-                update = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_steps"])
+                g = grad.to(slot.place).float()
+                stored = self.stored[p]["momentum_buffer"]
+                buf = stored.read().view(g.shape)
+                buf.lerp_(g, 1 - momentum)
+                stored.write(buf)
+                update = g.lerp(buf, momentum) if group["nesterov"] else buf
+                # Newton-Schulz runs where the model is (bf16 either way: convert before moving)
+                update = orthogonalize(update.bfloat16().to(p.device), group["ns_steps"])
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+                slot.apply(0, p.numel(), update.reshape(-1), 1.0, group["lr"] * scale)
+
+
+class AdamW(StatefulOptimizer):
+    """torch.optim.AdamW's update with the moments stored as fp32, bf16 or 8-bit blocks.
+
+    The update of a step uses the moments before they are rounded to their storage format;
+    rounding shows from the next step on. 8-bit: signed log code for m, log code for v
+    (lowbit.py); Muon's momentum uses the linear code.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, states: str = "fp32", slots: dict | None = None) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), slots)
+        for p in self.params():
+            place = self.slots[p].place
+            self.stored[p] = {"step": 0,
+                              "exp_avg": StateTensor(p.shape, states, place, code="signed_log"),
+                              "exp_avg_sq": StateTensor(p.shape, states, place, code="log")}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                slot = self.slots[p]
+                grad = slot.grad()
+                if grad is None:
+                    continue
+                stored = self.stored[p]
+                stored["step"] += 1
+                t = stored["step"]
+                bias_correction2_sqrt = (1 - beta2 ** t) ** 0.5
+                step_size = group["lr"] / (1 - beta1 ** t)
+                decay = 1 - group["lr"] * group["weight_decay"]
+                m_state, v_state = stored["exp_avg"], stored["exp_avg_sq"]
+                flat = grad.reshape(-1)
+                for lo in range(0, flat.numel(), UPDATE_CHUNK):
+                    hi = min(lo + UPDATE_CHUNK, flat.numel())
+                    g = flat[lo:hi].to(slot.place).float()
+                    m = m_state.read(lo, hi).lerp_(g, 1 - beta1)
+                    v = v_state.read(lo, hi).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    m_state.write(m, lo)
+                    v_state.write(v, lo)
+                    denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+                    slot.apply(lo, hi, m / denom, decay, step_size)
+
+
+def _hook_grad(slot: Slot) -> None:
+    """Fold each gradient into the slot's buffer as soon as autograd has it (or stop doing so)."""
+    param = slot.param
+    old = getattr(param, "_onecard_grad_hook", None)
+    if old is not None:  # a previous build_optimizer on this model: its buffers are no longer used
+        old.remove()
+        param._onecard_grad_hook = None
+    if slot.grad_buf is not None:
+        param._onecard_grad_hook = param.register_post_accumulate_grad_hook(lambda _p: slot.fold_grad())
 
 
 class Optimizers:
     """The run's optimizers stepped together, with the schedule knobs the trainer turns."""
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+    def __init__(self, optimizers: list[StatefulOptimizer], recipe: Recipe | None = None) -> None:
         self.optimizers = optimizers
+        self.recipe = recipe or Recipe()
+        self.slots = [opt.slots[p] for opt in optimizers for p in opt.params()]
         for opt in optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
+        for slot in self.slots:
+            _hook_grad(slot)
 
     @property
     def muon(self) -> Muon:
         return next(o for o in self.optimizers if isinstance(o, Muon))
 
     def params(self) -> list[torch.nn.Parameter]:
-        return [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
+        return [slot.param for slot in self.slots]
 
     def accumulate(self) -> None:
-        """Called after each micro-batch's backward; the plain recipe accumulates in .grad itself."""
+        """Called after each micro-batch's backward. Gradients in the weights' dtype accumulate in
+        .grad by autograd; buffered ones were already folded by their hooks: this folds any that
+        reached .grad some other way."""
+        for slot in self.slots:
+            slot.fold_grad()
 
+    @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the accumulated gradients to max_norm; returns the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(self.params(), max_norm)
+        """Clip the accumulated gradients to max_norm (as torch's clip_grad_norm_); returns the norm
+        before clipping, on the CPU."""
+        grads = [g for slot in self.slots if (g := slot.grad()) is not None]
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                       for g in gs])).cpu() for gs in by_device.values()]
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for device, gs in by_device.items():
+            device_coef = coef.to(device)
+            for g in gs:
+                g.mul_(device_coef)
+        return total
 
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
 
     def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+        for slot in self.slots:
+            slot.zero_grad()
 
     def set_lr_multiplier(self, multiplier: float) -> None:
         for opt in self.optimizers:
@@ -104,21 +344,72 @@ class Optimizers:
         for opt, state in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(state)
 
+    def state_bytes(self) -> dict[str, dict[str, int]]:
+        """Bytes held right now by weights, gradients and optimizer states, measured from the tensors.
+
+        'device' is the model's device and 'cpu' what the recipe moved to CPU memory (on a CPU-only
+        machine both are host memory; the split is the recipe's). weights: parameters, and fp32
+        master copies on the CPU. grads: accumulation buffers (allocated for the whole run) plus
+        any .grad autograd holds now. optimizer: states with their 8-bit scales. Buffers such as
+        the rotary tables are not parameters and are not counted.
+        """
+        out = {kind: {"device": 0, "cpu": 0} for kind in ("weights", "grads", "optimizer")}
+        grads_place = "cpu" if self.recipe.grads == "cpu" else "device"
+        for slot in self.slots:
+            out["weights"]["device"] += nbytes(slot.param)
+            out["weights"]["cpu"] += nbytes(slot.master)
+            out["grads"]["device"] += nbytes(slot.param.grad)
+            out["grads"][grads_place] += nbytes(slot.grad_buf)
+        states_place = "cpu" if self.recipe.optim_place == "cpu" else "device"
+        states = [s for opt in self.optimizers for s in opt.state_tensors()]
+        out["optimizer"][states_place] = sum(s.nbytes() for s in states)
+        return out
+
+
+def make_slots(model: GPT, recipe: Recipe) -> dict[torch.nn.Parameter, Slot]:
+    """Lay the model's parameters out as the recipe says, casting the weights in place."""
+    device = model.lm_head.weight.device
+    place = torch.device("cpu") if recipe.optim_place == "cpu" else device
+    pin = device.type == "cuda"  # pinned host memory: faster, asynchronous copies to and from the GPU
+    slots = {}
+    for p in model.parameters():
+        master = None
+        if recipe.params == "cpu_master":  # taken before the cast, so it keeps all of fp32
+            master = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
+            master.copy_(p.detach())
+        slots[p] = Slot(p, place, master=master, stochastic=recipe.params == "bf16_sr")
+    for p in model.parameters():
+        # bf16 weights for bf16_sr and cpu_master; nanochat keeps wte in bf16 on CUDA (recipe.py)
+        if recipe.params != "fp32" or (device.type == "cuda" and p is model.transformer.wte.weight):
+            p.data = p.data.to(torch.bfloat16)
+    for p, slot in slots.items():
+        if recipe.grads == "cpu":
+            slot.grad_buf = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
+        elif GRAD_DTYPES[recipe.grads] != p.dtype:
+            slot.grad_buf = torch.empty(p.shape, dtype=GRAD_DTYPES[recipe.grads], device=p.device)
+    return slots
+
 
 def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float = 0.02,
                     embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
                     weight_decay: float = 0.0) -> Optimizers:
-    """nanochat's optimizer setup; AdamW rates scale with (n_embd/768)^-0.5, Muon's does not."""
+    """nanochat's optimizer setup, laid out as the recipe says; AdamW rates scale with
+    (n_embd/768)^-0.5, Muon's does not.
+
+    Casts the model's weights to the recipe's dtype. Load weights into the model before this:
+    a cpu_master recipe copies them into its fp32 master here.
+    """
     recipe = recipe or Recipe()
+    slots = make_slots(model, recipe)
     groups = model.parameter_groups()
     scale = (model.config.n_embd / 768) ** -0.5
-    adam = torch.optim.AdamW(
+    adam = AdamW(
         [dict(params=groups["lm_head"], lr=unembedding_lr * scale),
          dict(params=groups["embedding"], lr=embedding_lr * scale)],
-        betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay,
+        betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay, states=recipe.optim_states, slots=slots,
     )
-    muon = Muon(groups["matrix"], lr=matrix_lr, momentum=0.95)
-    return Optimizers([adam, muon])
+    muon = Muon(groups["matrix"], lr=matrix_lr, momentum=0.95, states=recipe.optim_states, slots=slots)
+    return Optimizers([adam, muon], recipe)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2,
