@@ -8,6 +8,7 @@ nanochat's state dict so that its checkpoints load as they are.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -178,11 +179,11 @@ class Block(nn.Module):
             return x + recompute(self.mlp_branch, x)
         return x + self.mlp_branch(x)
 
-    def mlp_branch(self, x):
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(norm(x))
 
 
-def recompute(fn, *args):
+def recompute(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """Run fn keeping only its inputs; backward reruns it. No RNG state: the model has no randomness."""
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
@@ -195,7 +196,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     would double the PCIe traffic for nothing. `offloaded_bytes` counts what went to the CPU.
     """
 
-    def __init__(self, params) -> None:
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
         param_storages = {p.untyped_storage().data_ptr() for p in params}
         pin = torch.cuda.is_available()
         self.offloaded_bytes = 0

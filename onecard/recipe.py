@@ -11,12 +11,15 @@ grads         fp32 | bf16   accumulated across micro-batches on the GPU in that 
               cpu       each micro-batch's gradient is added into an fp32 buffer on the CPU
 optim_states  fp32 | bf16   Muon momentum and AdamW moments in that dtype
               int8      block-wise quantized: 1 byte per element plus one fp32 scale per block
-                        of INT8_BLOCK elements (the last block may be short)
-optim_place   gpu | cpu     where the optimizer states live (cpu: the update runs on the CPU)
+                        of INT8_BLOCK elements (the last block may be short); blocks are cut per
+                        tensor; codes (linear for Muon, log for AdamW's moments) in lowbit.py
+optim_place   gpu | cpu     where the optimizer states live (cpu: the update runs on the CPU;
+                            Muon's Newton-Schulz still runs on the GPU, one matrix at a time)
 activations   keep      autograd keeps everything it saves
               selective each block's MLP (with its norm) is recomputed in backward; attention kept
               full      each block is recomputed in backward; only block inputs are kept
-              offload   saved tensors go to pinned CPU memory and come back for backward
+              offload   the trunk's saved tensors (not parameters, which stay) go to pinned CPU
+                        memory and come back for backward
 loss          full      logits (B·T, V) materialized in fp32
               chunked   head + soft-cap + cross-entropy over LOSS_CHUNK_ROWS rows at a time,
                         each chunk recomputed in backward: full logits never exist
