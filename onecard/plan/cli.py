@@ -27,15 +27,15 @@ SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 
 def number(text: str) -> float:
-    """'38e9', '38B', '1.5T', '524288' -> float; anything else is a usage error."""
+    """'38e9', '38B', '1.5T', '524288' -> float (argparse turns a bad one into a one-line error)."""
     t = str(text).strip().lower().replace(",", "").replace("_", "")
     scale = SUFFIX.get(t[-1:], 1)
     try:
         value = float(t[:-1] if scale != 1 else t) * scale
     except ValueError:
-        raise UsageError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
-        raise UsageError(f"{text!r} is not a finite number")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
@@ -156,7 +156,10 @@ def run_plan(args) -> int:
             report.plot(cands, s, args.plot, f"d{config.n_layer} on {s.gpu.name}, {best.tokens:,} tokens")
         return 0
 
-    config = s.config(depth)
+    try:
+        config = s.config(depth)
+    except UsageError as error:
+        raise UsageError(f"d{depth} has no valid shape: {error}") from None
     names = [args.recipe.strip().lower()] if args.recipe else None
     if args.days is not None:
         tokens, seconds = None, args.days * 86400

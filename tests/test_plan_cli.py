@@ -1,0 +1,164 @@
+"""`onecard plan` and `onecard bench` from the command line: output, JSON contract, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from onecard.cli import main
+from onecard.recipe import NAMED
+
+CONTRACT_MEMORY = {"weights", "grads", "optimizer", "activations", "logits", "other", "total"}
+
+
+@pytest.fixture(autouse=True)
+def no_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONECARD_HOME", str(tmp_path / "home"))
+
+
+def run_json(capsys, *args):
+    assert main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_text_plan_for_d32_on_a_4070(capsys):
+    assert main(["plan", "--model", "d32", "--gpu", "rtx4070"]) == 0
+    out = capsys.readouterr().out
+    for name in NAMED:
+        assert f"  {name} " in out
+    assert "Recommended:" in out and "Memory at the peak" in out and "utilization" in out
+    assert "37,580,963,840" in out  # 20 tokens per parameter
+    assert "kWh" in out and "USD" in out
+
+
+def test_json_contract(capsys):
+    plan = run_json(capsys, "--model", "d20", "--gpu", "rtx4090", "--tokens", "11e9", "--price", "3.5",
+                    "--currency", "TWD")
+    assert set(plan["model"]) >= {"depth", "params", "flops_per_token"} and plan["model"]["depth"] == 20
+    assert plan["model"]["params"] == 560_988_160
+    gpu = plan["gpu"]
+    assert set(gpu) >= {"name", "vram_bytes", "peak_bf16_flops", "peak_fp8_flops", "power_watts", "source"}
+    assert gpu["peak_fp8_flops"] == 330.3e12 and plan["gpus"] == 1 and plan["tokens"] == 11_000_000_000
+    assert [c["recipe"]["name"] for c in plan["candidates"]] == list(NAMED)
+    for c in plan["candidates"]:
+        assert set(c) >= {"recipe", "fits", "memory", "mfu", "tokens_per_s", "time_s", "energy_kwh", "cost"}
+        assert set(c["memory"]) >= CONTRACT_MEMORY
+        parts = sum(c["memory"][k] for k in CONTRACT_MEMORY - {"total"})
+        assert parts == c["memory"]["total"]
+        assert c["cost"]["currency"] == "TWD"
+        assert c["cost"]["amount"] == pytest.approx(c["energy_kwh"] * 3.5)
+        assert c["fits"] == (c["memory"]["total"] <= gpu["vram_bytes"])
+    fitting = [c for c in plan["candidates"] if c["fits"]]
+    assert plan["best"] == min(fitting, key=lambda c: c["time_s"])
+
+
+def test_one_named_recipe_that_does_not_fit_says_what_overflows_and_what_fits(capsys):
+    plan = run_json(capsys, "--model", "d32", "--gpu", "rtx4070", "--recipe", "baseline")
+    assert plan["best"] is None and "over" in plan["reason"]
+    assert len(plan["candidates"]) == 1 and plan["candidates"][0]["recipe"]["name"] == "baseline"
+    assert plan["nearest"]["model"]["depth"] < 32 and plan["nearest"]["best"]["fits"]
+    assert main(["plan", "--model", "d32", "--gpu", "rtx4070", "--recipe", "baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "Nothing fits" in out and "Nearest plan that fits: d" in out
+
+
+def test_days_with_a_model_gives_the_tokens_that_fit(capsys):
+    plan = run_json(capsys, "--model", "d12", "--gpu", "rtx4070", "--days", "2")
+    assert plan["best"]["time_s"] == pytest.approx(2 * 86400, rel=1e-3)
+    assert plan["tokens"] == plan["best"]["tokens"] > 0
+
+
+def test_budget_mode_lists_the_best_models_for_the_time(capsys):
+    plan = run_json(capsys, "--gpu", "rtx4070", "--days", "30")
+    assert set(plan) >= {"model", "tokens", "best", "alternatives", "gpu"}
+    assert plan["best"]["time_s"] <= 30 * 86400 and plan["best"]["fits"]
+    depths = [plan["model"]["depth"]] + [a["model"]["depth"] for a in plan["alternatives"]]
+    assert depths == sorted(depths, reverse=True) and len(depths) > 1
+    assert plan["tokens"] == 20 * plan["model"]["params"]
+    assert main(["plan", "--gpu", "rtx4070", "--days", "30"]) == 0
+    assert "Best: d" in capsys.readouterr().out
+
+
+def test_several_gpus_and_overrides(capsys):
+    one = run_json(capsys, "--model", "d26", "--gpu", "h100", "--mfu", "0.4")
+    eight = run_json(capsys, "--model", "d26", "--gpu", "h100", "--mfu", "0.4", "--gpus", "8")
+    assert eight["gpus"] == 8
+    speedup = eight["best"]["tokens_per_s"] / one["best"]["tokens_per_s"]
+    assert 6 < speedup <= 8
+    assert any("SXM" in n for n in one["notes"])  # the short name picked a part and said so
+    lean = run_json(capsys, "--model", "d26", "--gpu", "h100", "--assume", "fragmentation=0",
+                    "--vram", "20", "--power", "300")
+    assert lean["gpu"]["vram_bytes"] == 20 * 2**30
+    assert lean["best"]["memory"]["detail"]["fragmentation"] == 0
+
+
+def test_calibration_is_used_and_said(capsys, tmp_path, monkeypatch):
+    home = tmp_path / "cal"
+    home.mkdir()
+    (home / "calibration.json").write_text(json.dumps({"rtx4070": {
+        "mfu": 0.3, "power_watts": 180.0, "date": "2025-06-01T00:00:00", "train": {"depth": 12, "micro_batch": 8}}}))
+    monkeypatch.setenv("ONECARD_HOME", str(home))
+    plan = run_json(capsys, "--model", "d12", "--gpu", "rtx4070")
+    assert all(c["utilization"] == 0.3 for c in plan["candidates"])
+    assert any("calibration" in n for n in plan["notes"])
+    assert "bench" in plan["utilization_source"]
+    best = plan["best"]
+    assert best["energy_kwh"] == pytest.approx(180 * best["time_s"] / 3.6e6)
+
+
+def test_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "plan.png"
+    assert main(["plan", "--model", "d20", "--gpu", "rtx3060", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+BAD = [
+    ["--model", "d32", "--gpu", "rtx4070", "--tokens", "-5"],
+    ["--model", "d32", "--gpu", "rtx4070", "--tokens", "0"],
+    ["--model", "d32", "--gpu", "rtx4070", "--days", "0"],
+    ["--model", "d32", "--gpu", "rtx4070", "--days", "-1"],
+    ["--model", "d32", "--gpu", "rtx4070", "--vram", "0"],
+    ["--model", "d32", "--gpu", "rtx4070", "--vram", "0.5"],  # below the CUDA context
+    ["--model", "d32", "--gpu", "rtx 9999"],
+    ["--model", "d5", "--gpu", "rtx4070"],  # 320 wide, 3 heads: they do not divide
+    ["--depth", "9", "--gpu", "rtx4070"],  # 576 wide, 5 heads
+    ["--model", "d32", "--gpu", "rtx4070", "--tokens", "1e9", "--days", "3"],
+    ["--model", "d32", "--gpu", "rtx4070", "--mfu", "1.5"],
+    ["--model", "d32", "--gpu", "rtx4070", "--total-batch", "1000"],
+    ["--model", "d32", "--gpu", "rtx4070", "--recipe", "magic"],
+    ["--model", "x32", "--gpu", "rtx4070"],
+    ["--model", "d32", "--gpu", "rtx4070", "--tokens", "many"],
+    ["--model", "d32", "--gpu", "rtx4070", "--assume", "nonsense=1"],
+    ["--gpu", "rtx4070"],
+]
+
+
+def exit_code(argv):
+    """main's return code, or argparse's exit code for errors it catches itself."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("args", BAD, ids=lambda a: " ".join(a[2:]) or "no-model")
+def test_bad_input_is_one_line_and_exit_2(args, capsys):
+    assert exit_code(["plan", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_no_gpu_named_and_none_here(capsys):
+    assert main(["plan", "--model", "d20"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of bench")
+def test_bench_on_cpu_measures_the_matmul_and_stores_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ONECARD_HOME", str(tmp_path))
+    assert main(["bench", "--size", "128"]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out
+    stored = json.loads((tmp_path / "calibration.json").read_text())
+    assert stored["cpu"]["matmul_flops_fp32"] > 0

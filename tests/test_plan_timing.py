@@ -1,0 +1,137 @@
+"""The time model against hand-computed cases, and energy/cost arithmetic."""
+
+import pytest
+
+from onecard.model import GPTConfig, flops_per_token, param_counts
+from onecard.plan.assumptions import DEFAULT, Assumptions
+from onecard.plan.catalog import CATALOG
+from onecard.plan.memory import activation_bytes
+from onecard.plan.timing import (
+    default_utilization,
+    energy_kwh,
+    fp8_flops_per_token,
+    newton_schulz_flops,
+    predict_time,
+    recompute_flops_per_token,
+)
+from onecard.recipe import Recipe, named_recipe
+
+D32 = GPTConfig.from_depth(32)
+TOKENS_D32 = 37_580_963_840  # 20 x 1,879,048,192 (REFERENCE section 1)
+BATCH = 524_288
+
+
+def test_d32_flops_per_token_is_nanochats():
+    assert flops_per_token(D32) == pytest.approx(1.20796e10, rel=1e-5)
+    assert flops_per_token(D32) * TOKENS_D32 == pytest.approx(4.54e20, rel=2e-3)
+
+
+def test_reference_worked_example_d32_on_a_4070_at_full_utilization_is_90_days():
+    """REFERENCE section 3: 4.54e20 / 58.3e12 = 7.8e6 s = 90 days of pure compute at 100 % MFU."""
+    t = predict_time(D32, Recipe(micro_batch=1), CATALOG["rtx4070"], utilization=1.0)
+    compute_days = TOKENS_D32 / BATCH * t.compute_s / 86400
+    assert compute_days == pytest.approx(4.5396e20 / 58.3e12 / 86400, rel=1e-3)
+    assert 89 < compute_days < 91
+
+
+def test_compute_time_is_flops_over_peak_times_utilization():
+    gpu = CATALOG["h100-sxm"]
+    t = predict_time(D32, Recipe(micro_batch=8), gpu, utilization=0.51)
+    assert t.compute_s == pytest.approx(BATCH * flops_per_token(D32) / (989.4e12 * 0.51))
+    assert t.step_s == pytest.approx(t.compute_s + t.optimizer_s + t.pcie_s + t.comm_s)
+    assert t.tokens_per_s == pytest.approx(BATCH / t.step_s)
+    assert t.mfu == pytest.approx(flops_per_token(D32) * t.tokens_per_s / 989.4e12)
+    assert t.mfu < 0.51  # the optimizer's time is not model FLOPs
+
+
+def test_recompute_flops_by_hand():
+    c = GPTConfig.from_depth(4, vocab_size=1000, sequence_len=256)
+    d, L, blocks = 256, 4, param_counts(c)["blocks"]
+    attention_fwd = 4 * L * c.n_head * c.head_dim * 256
+    assert recompute_flops_per_token(c, Recipe(activations="keep")) == 0
+    assert recompute_flops_per_token(c, Recipe(activations="full")) == 2 * blocks + attention_fwd
+    assert recompute_flops_per_token(c, Recipe(activations="selective")) == 2 * L * 8 * d * d
+    assert recompute_flops_per_token(c, Recipe(loss="chunked")) == 2 * 1000 * d
+    # full recompute costs about a third more than the model's FLOPs: the 8/6 of REFERENCE section 3
+    ratio = 1 + recompute_flops_per_token(D32, Recipe(activations="full")) / flops_per_token(D32)
+    assert 1.30 < ratio < 8 / 6
+
+
+def test_newton_schulz_flops_by_hand():
+    c = GPTConfig(sequence_len=64, vocab_size=100, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    square = 5 * (4 * 64**3 + 2 * 64**3)  # c_q, c_k, c_v, c_proj: 64 x 64
+    wide = 5 * (4 * 64 * 64 * 256 + 2 * 64**3)  # c_fc and mlp.c_proj: 64 x 256 either way round
+    assert newton_schulz_flops(c) == 4 * square + 2 * wide
+
+
+def test_fp8_runs_block_linears_at_the_fp8_peak_with_its_efficiency():
+    gpu = CATALOG["rtx4090"]
+    r = Recipe(activations="full", loss="chunked", matmul="fp8", micro_batch=1)
+    t = predict_time(D32, r, gpu, utilization=0.4)
+    fp8 = fp8_flops_per_token(D32, r)
+    assert fp8 == 8 * param_counts(D32)["blocks"]  # forward, two backward GEMMs, recompute
+    bf16 = flops_per_token(D32) + recompute_flops_per_token(D32, r) - fp8
+    expected = BATCH * (bf16 / (165.2e12 * 0.4) + fp8 / (330.3e12 * 0.4 * DEFAULT.fp8_efficiency))
+    assert t.compute_s == pytest.approx(expected)
+    slower = predict_time(D32, r.with_(matmul="bf16"), gpu, utilization=0.4)
+    assert 1.15 < slower.compute_s / t.compute_s < 1.5  # torchao-like end-to-end gains, not 2x
+
+
+def test_fp8_on_a_card_without_fp8_runs_in_bf16():
+    r = Recipe(matmul="fp8", micro_batch=1)
+    t = predict_time(D32, r, CATALOG["rtx3090"], utilization=0.4)
+    assert t.fp8_flops_per_token == 0
+
+
+def test_pcie_bytes_of_cpu_gradients_and_cpu_optimizer_by_hand():
+    gpu = CATALOG["rtx4070"]
+    r = named_recipe("offload", micro_batch=4)  # cpu_master, grads=cpu, states on the CPU, full, chunked
+    t = predict_time(D32, r, gpu, utilization=0.4)
+    n = sum(param_counts(D32).values())
+    micro = BATCH // (4 * 2048)
+    expected = micro * 2 * n + 2 * n + 4 * param_counts(D32)["blocks"]  # bf16 grads out; weights in; NS
+    assert t.pcie_bytes == expected
+    assert t.pcie_s == pytest.approx(expected / (16e9 * 16 * 128 / 130 / 8 * 0.8))
+
+
+def test_activation_offload_adds_its_traffic():
+    gpu = CATALOG["rtx4070"]
+    r = named_recipe("offload-max", micro_batch=2)
+    with_offload = predict_time(D32, r, gpu, utilization=0.4)
+    without = predict_time(D32, r.with_(activations="keep"), gpu, utilization=0.4)
+    traffic = with_offload.micro_steps * activation_bytes(D32, r).pcie_bytes
+    assert with_offload.pcie_bytes - without.pcie_bytes == traffic
+
+
+def test_pcie_overlap_assumption_hides_transfers():
+    gpu = CATALOG["rtx4070"]
+    r = named_recipe("offload", micro_batch=4)
+    hidden = predict_time(D32, r, gpu, utilization=0.4, assume=Assumptions(pcie_overlap=1.0))
+    assert hidden.pcie_s == 0
+
+
+def test_data_parallel_scales_tokens_per_second_less_the_all_reduce():
+    gpu = CATALOG["rtx4090"]
+    r = Recipe(params="bf16_sr", grads="bf16", optim_states="int8", activations="full", loss="chunked",
+               micro_batch=2)
+    one = predict_time(D32, r, gpu, gpus=1, utilization=0.4)
+    two = predict_time(D32, r, gpu, gpus=2, utilization=0.4)
+    grad_bytes = 2 * sum(param_counts(D32).values())
+    pcie = 16e9 * 16 * 128 / 130 / 8 * DEFAULT.pcie_efficiency
+    assert two.comm_s == pytest.approx(2 * (1 / 2) * grad_bytes / pcie * (1 - DEFAULT.dp_overlap))
+    assert two.compute_s == pytest.approx(one.compute_s / 2)
+    assert 1.9 < two.tokens_per_s / one.tokens_per_s < 2.0
+
+
+def test_energy_and_cost():
+    assert energy_kwh(3600, 200) == pytest.approx(0.2)
+    assert energy_kwh(3600, 200, gpus=2, assume=Assumptions(overhead_watts=100)) == pytest.approx(0.5)
+    assert energy_kwh(3600, 200, assume=Assumptions(power_fraction=0.9)) == pytest.approx(0.18)
+
+
+def test_default_utilization_is_named_and_sourced():
+    u, why = default_utilization(CATALOG["h100-sxm"])
+    assert u == 0.51 and "nanochat" in why
+    u, why = default_utilization(CATALOG["rtx4070"])
+    assert u == 0.40 and "bench" in why
+    assert default_utilization(CATALOG["rtx4070-laptop"])[0] < 0.40
