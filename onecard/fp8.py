@@ -4,8 +4,8 @@ torchao's Float8Linear casts input, weight and output gradient to float8 with dy
 tensor-wise scales and multiplies them on the FP8 tensor cores of Ada (sm_89) and Hopper
 (sm_90) GPUs; weights, gradients and optimizer states keep their own dtypes. Only the linears
 inside the blocks are converted: the head stays in bf16 (its logits feed the loss directly).
-Float8Linear keeps the `weight` parameter, so state-dict keys are unchanged. Convert before
-build_optimizer and before torch.compile.
+Float8Linear keeps the `weight` parameter, so state-dict keys are unchanged. build_optimizer
+converts for matmul=fp8 before it lays out the parameters; compile the model after that.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def fp8_unavailable_reason(device: torch.device | str) -> str | None:
 
 def _fp8_friendly(module: torch.nn.Module, fqn: str) -> bool:
     # FP8 GEMMs need both dimensions divisible by 16; nanochat widths (64·depth) always are.
-    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+    # Exactly nn.Linear: a Float8Linear (a subclass) is converted already.
+    return type(module) is torch.nn.Linear and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def convert_to_fp8(model: GPT) -> None:

@@ -24,10 +24,12 @@ minutes at d32 (one matrix at a time goes down and up in bf16).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from onecard.fp8 import convert_to_fp8
 from onecard.lowbit import StateTensor, stochastic_round_bf16
 from onecard.model import GPT
 from onecard.recipe import Recipe
@@ -123,6 +125,22 @@ class Slot:
         self.param.detach().copy_(master)
 
 
+class DecodedStates(Mapping):
+    """param -> {name: fp32 tensor}, decoded when asked for, one parameter at a time."""
+
+    def __init__(self, stored: dict) -> None:
+        self.stored = stored
+
+    def __getitem__(self, p: torch.nn.Parameter) -> dict:
+        return {k: v.read().view(v.shape) if isinstance(v, StateTensor) else v for k, v in self.stored[p].items()}
+
+    def __iter__(self):
+        return iter(self.stored)
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+
 def _param_groups(params, defaults: dict) -> list[dict]:
     params = list(params)
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
@@ -144,10 +162,9 @@ class StatefulOptimizer:
         return [p for group in self.param_groups for p in group["params"]]
 
     @property
-    def state(self) -> dict[torch.nn.Parameter, dict]:
+    def state(self) -> DecodedStates:
         """Each parameter's states decoded to fp32 in its shape (for fp32, views of the storage)."""
-        return {p: {k: v.read().view(v.shape) if isinstance(v, StateTensor) else v for k, v in s.items()}
-                for p, s in self.stored.items()}
+        return DecodedStates(self.stored)
 
     def state_tensors(self) -> list[StateTensor]:
         return [v for s in self.stored.values() for v in s.values() if isinstance(v, StateTensor)]
@@ -396,10 +413,13 @@ def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float =
     """nanochat's optimizer setup, laid out as the recipe says; AdamW rates scale with
     (n_embd/768)^-0.5, Muon's does not.
 
-    Casts the model's weights to the recipe's dtype. Load weights into the model before this:
-    a cpu_master recipe copies them into its fp32 master here.
+    Casts the model's weights to the recipe's dtype and, for matmul=fp8, swaps the block linears
+    for FP8 ones (or refuses with the reason). Load weights into the model before this: a
+    cpu_master recipe copies them into its fp32 master here.
     """
     recipe = recipe or Recipe()
+    if recipe.matmul == "fp8":
+        convert_to_fp8(model)
     slots = make_slots(model, recipe)
     groups = model.parameter_groups()
     scale = (model.config.n_embd / 768) ** -0.5

@@ -64,6 +64,8 @@ def test_fp8_is_refused_with_its_reason_on_this_machine():
     assert reason is not None and "sm_89" in reason
     with pytest.raises(UsageError, match="FP8"):
         convert_to_fp8(model)
+    with pytest.raises(UsageError, match="FP8"):  # the recipe is executed or refused, never ignored
+        build_optimizer(model, NAMED["lean-fp8"])
 
 
 def test_fused_loss_is_refused_with_its_reason_on_this_machine():
