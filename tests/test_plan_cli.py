@@ -56,10 +56,12 @@ def test_one_named_recipe_that_does_not_fit_says_what_overflows_and_what_fits(ca
     plan = run_json(capsys, "--model", "d32", "--gpu", "rtx4070", "--recipe", "baseline")
     assert plan["best"] is None and "over" in plan["reason"]
     assert len(plan["candidates"]) == 1 and plan["candidates"][0]["recipe"]["name"] == "baseline"
-    assert plan["nearest"]["model"]["depth"] < 32 and plan["nearest"]["best"]["fits"]
-    assert main(["plan", "--model", "d32", "--gpu", "rtx4070", "--recipe", "baseline"]) == 0
+    nearest = plan["nearest"]["best"]
+    assert plan["nearest"]["model"]["depth"] == 32 and nearest["fits"]  # d32 fits with another recipe
+    assert nearest["recipe"]["name"] != "baseline"
+    assert main(["plan", "--model", "d32", "--gpu", "rtx4060", "--vram", "4"]) == 0  # nothing at d32
     out = capsys.readouterr().out
-    assert "Nothing fits" in out and "Nearest plan that fits: d" in out
+    assert "Nothing fits" in out and "Nearest plan that fits: d" in out and "d32 " not in out.split("Nearest")[1]
 
 
 def test_days_with_a_model_gives_the_tokens_that_fit(capsys):

@@ -171,7 +171,9 @@ def run_plan(args) -> int:
     why, nearest = "", None
     if best is None:
         why = overflow(cands, s.gpu.vram_bytes)
-        nearest = nearest_fit(depth, s, ratio, tokens)
+        given = int(args.tokens) if args.tokens is not None else None
+        nearest = nearest_fit(depth, s, ratio, given, args.days * 86400 if args.days else None,
+                              tried_all=names is None)
     shown_tokens = best.tokens if best else cands[0].tokens
     if args.days is not None:
         line = (f"as many as fit in {args.days:g} days: {shown_tokens:,} with the best recipe "

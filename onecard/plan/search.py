@@ -7,10 +7,10 @@ A candidate is a named recipe from onecard/recipe.py at the largest micro-batch 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from onecard.errors import UsageError
-from onecard.model import GPTConfig
+from onecard.model import GPTConfig, param_counts
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import GPU
 from onecard.plan.memory import Memory, predict_memory
@@ -99,8 +99,10 @@ def candidates(config: GPTConfig, s: Settings, tokens: int | None = None, second
 
 
 def fastest_fit(cands: list[Candidate]) -> Candidate | None:
+    """The fitting candidate with the most tokens per second (the shortest time for given tokens,
+    the most tokens in a given time)."""
     fitting = [c for c in cands if c.fits]
-    return min(fitting, key=lambda c: c.time_s) if fitting else None
+    return max(fitting, key=lambda c: c.timing.tokens_per_s) if fitting else None
 
 
 def overflow(cands: list[Candidate], vram: int) -> str:
@@ -119,22 +121,25 @@ def overflow(cands: list[Candidate], vram: int) -> str:
             f"{(lean.memory.total - vram) / gib:.2f} GiB over; {why}")
 
 
-def nearest_fit(depth: int, s: Settings, ratio: float, tokens: int | None) -> tuple[GPTConfig, Candidate] | None:
-    """The deepest smaller model with a recipe that fits (same tokens, or ratio x its params)."""
-    for d in range(depth - 1, 0, -1):
+def nearest_fit(depth: int, s: Settings, ratio: float, tokens: int | None = None, seconds: float | None = None,
+                tried_all: bool = True) -> tuple[GPTConfig, Candidate] | None:
+    """The nearest plan that fits: the same model with another recipe (when only some were tried),
+    else the deepest smaller model with a recipe that fits. Its tokens: `tokens` when given, as many
+    as fit in `seconds`, or else ratio x its parameters."""
+    for d in range(depth if not tried_all else depth - 1, 0, -1):
         try:
             config = s.config(d)
         except UsageError:
             continue
-        n = tokens if tokens is not None else int(ratio * config_params(config))
-        best = fastest_fit(candidates(config, s, n))
+        n = tokens if tokens is not None or seconds is not None else int(ratio * config_params(config))
+        best = fastest_fit(candidates(config, s, n, seconds))
         if best:
             return config, best
     return None
 
 
 def config_params(config: GPTConfig) -> int:
-    from onecard.model import param_counts
+    """All parameters, embeddings included: what tokens-per-parameter ratios count (nanochat)."""
     return sum(param_counts(config).values())
 
 
@@ -152,7 +157,3 @@ def budget(s: Settings, days: float, ratio: float, keep: int = 5) -> list[tuple[
         if best.time_s <= days * 86400:
             found.append((config, best))
     return sorted(found, key=lambda cb: -cb[0].n_layer)[:keep]
-
-
-def with_settings(s: Settings, **changes) -> Settings:
-    return replace(s, **changes)
