@@ -49,8 +49,10 @@ def table(cands: list[Candidate], s: Settings) -> list[str]:
 def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
     m, a, r, assume = c.memory, c.memory.activation_detail, c.recipe, s.assume
     where = "on the CPU" if r.optim_place == "cpu" else f"{r.optim_states}"
-    act = (f"saved {a.saved / GiB:.2f} + autocast bf16 weight copies {a.weight_copies / GiB:.2f} + "
-           f"re-run block {a.recompute / GiB:.2f} + backward temporaries {a.working / GiB:.2f}")
+    pieces = [("saved", a.saved), ("autocast's bf16 weight copies", a.weight_copies),
+              ("offload window" if r.activations == "offload" else "re-run part", a.recompute),
+              ("backward temporaries", a.working)]
+    act = " + ".join(f"{what} {value / GiB:.2f}" for what, value in pieces if value)
     rows = [("weights", m.weights, f"{r.params} ({params:,} parameters)"),
             ("gradients", m.grads, "window in flight to CPU RAM" if r.grads == "cpu" else r.grads),
             ("optimizer states", m.optimizer, f"Muon momentum + AdamW moments, {where}"),
@@ -63,18 +65,18 @@ def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
             ("fragmentation", m.fragmentation, f"assumed: {assume.fragmentation:.0%} of the allocated peak")]
     lines = [f"Memory at the peak (start of backward), micro-batch {r.micro_batch} x {r.seq_len} tokens:"]
     lines += [f"  {name:<18} {value / GiB:>7.2f} GiB   {why}" for name, value, why in rows
-              if value or name == "weights"]
+              if round(value / GiB, 2) or name == "weights"]
     free = s.gpu.vram_bytes - m.total
     lines.append(f"  {'total':<18} {m.total / GiB:>7.2f} GiB   of {s.gpu.vram_gib:.2f} GiB "
                  f"({'%.2f GiB free' % (free / GiB) if free >= 0 else '%.2f GiB over' % (-free / GiB)}); "
                  f"torch.cuda.max_memory_allocated should read {m.allocated / GiB:.2f} GiB")
-    if m.host >= 2**20:  # below a MiB it is only AdamW's step counters
+    if m.host:
         lines.append(f"  {'CPU RAM':<18} {m.host / GiB:>7.2f} GiB   master weights, gradients, optimizer states "
                      f"or activations kept in host memory")
     return lines
 
 
-def time_lines(c: Candidate, config: GPTConfig, s: Settings) -> list[str]:
+def time_lines(c: Candidate, s: Settings) -> list[str]:
     t, gpu = c.timing, s.gpu
     model_flops = t.model_flops_per_token * c.tokens
     hw_flops = t.hardware_flops_per_token * c.tokens
@@ -138,14 +140,15 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
                          f"{c.cost:,.2f} {s.currency}")
         return "\n".join(lines)
     lines.append(f"Recommended: {best.recipe.name} ({describe(best)}), the fastest recipe that fits")
-    for c in cands:
-        if not c.fits and not c.note and c.time_s < best.time_s:
+    for c in cands:  # near misses: faster recipes less than a quarter of the card over
+        if (not c.fits and not c.note and c.time_s < best.time_s
+                and c.memory.total - s.gpu.vram_bytes < s.gpu.vram_bytes / 4):
             over, margin = c.memory.total - s.gpu.vram_bytes, c.memory.fragmentation
             hint = (" (less than the assumed fragmentation margin: with PYTORCH_CUDA_ALLOC_CONF="
                     "expandable_segments:True it may fit; check with `onecard bench`)" if over < margin else "")
             lines.append(f"  faster but over the card: {c.recipe.name} ({duration(c.time_s)}) needs "
                          f"{c.memory.total / GiB:.2f} GiB, {over / GiB:.2f} GiB too much{hint}")
-    lines += memory_lines(best, s, config_params(config)) + time_lines(best, config, s)
+    lines += memory_lines(best, s, config_params(config)) + time_lines(best, s)
     return "\n".join(lines)
 
 
@@ -164,7 +167,7 @@ def budget_text(s: Settings, days: float, ratio: float, found: list, notes: list
                      f"{c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
     config, best = found[0]
     lines += ["", f"Best: d{config.n_layer} with {best.recipe.name} ({describe(best)})"]
-    lines += memory_lines(best, s, config_params(config)) + time_lines(best, config, s)
+    lines += memory_lines(best, s, config_params(config)) + time_lines(best, s)
     return "\n".join(lines)
 
 
