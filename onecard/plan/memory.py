@@ -9,7 +9,13 @@ Two numeric setups are modelled, because the tests and the planner see different
 - "fp32": no autocast, everything fp32: what a plain CPU run saves, checked exactly in tests.
 
 Every count below is per micro-batch of n = micro_batch x seq_len tokens. Byte layouts of
-parameters, gradients and optimizer states follow onecard/recipe.py.
+parameters, gradients and optimizer states follow onecard/recipe.py and onecard/optim.py.
+
+Where CUDA may differ from what the CPU tests can check, the model takes the larger figure:
+fp8 recipes are counted with bf16 activations (torchao may keep smaller fp8 casts); a fused CUDA
+rms_norm saves its input once per call where the CPU composite saves it twice, which only changes
+what offload copies out; torch.compile (recipe.compile) usually saves less than eager and is not
+modelled.
 """
 
 from __future__ import annotations
@@ -265,8 +271,8 @@ def predict_memory(config: GPTConfig, recipe: Recipe, gpus: int = 1,
     a = activation_bytes(config, recipe, "bf16")
     grads = p.grads + p.grad_transient
     buffers = 2 * 2 * (10 * recipe.seq_len) * (config.head_dim // 2)  # rotary cos/sin tables, bf16
-    # DDP's default gradient buckets are a second copy of the gradients (PyTorch DDP docs,
-    # gradient_as_bucket_view: "the saved memory size will be equal to the total gradients size")
+    # DDP's default gradient buckets hold a second copy of the gradients (PyTorch's DDP docs, at
+    # gradient_as_bucket_view, which removes it)
     ddp = p.grads if gpus > 1 else 0
     allocated = p.weights + grads + p.optimizer + a.on_device + a.logits_peak + buffers + ddp
     return Memory(weights=p.weights, grads=grads, optimizer=p.optimizer, activations=a.on_device,
