@@ -80,6 +80,19 @@ def test_weights_grads_states_equal_what_the_optimizer_allocates(shape, recipe):
     assert (p.weights, p.host_weights) == (real["weights"]["device"], real["weights"]["cpu"])
     assert (p.grads, p.host_grads) == (real["grads"]["device"], real["grads"]["cpu"])
     assert (p.optimizer, p.host_optimizer) == (real["optimizer"]["device"], real["optimizer"]["cpu"])
+    # and what a checkpoint of the states holds (master copies aside) is the same bytes
+    assert p.optimizer + p.host_optimizer == sum(tensor_bytes(s["state"]) for s in opt.state_dict())
+
+
+def tensor_bytes(tree) -> int:
+    """Bytes of every tensor in a nested state dict, fp32 master weights left out."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for k, v in tree.items() if k != "master")
+    if isinstance(tree, list | tuple):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
 
 
 def test_int8_layout_one_byte_each_plus_a_scale_per_block():
