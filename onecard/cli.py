@@ -1,8 +1,9 @@
-"""`onecard` on the command line: train, sample, tokenizer train, info, plan, bench."""
+"""`onecard` on the command line: train, report, sample, tokenizer train, info, plan, bench."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -121,12 +122,27 @@ def run_tokenizer(args) -> int:
 
 # ---------------------------------------------------------------- train
 
+def non_negative_float(text: str) -> float:
+    value = parse_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = parse_number(text)
+    if value != int(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
+    return int(value)
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="dN, e.g. d20 or d32 (default: a small demo model for the CPU)")
     p.add_argument("--depth", type=positive_int, help="depth N instead of --model dN")
     p.add_argument("--data", help="corpus: .txt/.jsonl/.parquet file or directory (default: embedded corpus, "
                                   "the Python standard library's own source)")
-    p.add_argument("--run-dir", help="where the run is written (default runs/<date-time>)")
+    p.add_argument("--run-dir", help="where the run is written (default runs/<date-time>); a directory that "
+                                     "holds a checkpoint is resumed")
     p.add_argument("--init-from", help="start from the weights and tokenizer of an onecard run directory or a "
                                        "nanochat checkpoint directory")
     p.add_argument("--seq-len", type=positive_int, help="tokens per row (default 2048; demo 128)")
@@ -139,46 +155,116 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     horizon.add_argument("--ratio", type=positive_float, help="training tokens per parameter (default 20)")
     p.add_argument("--vocab-size", type=positive_int, help="tokenizer size when training one (default 65536)")
     p.add_argument("--tokenizer-chars", type=positive_int, help="characters to train the tokenizer on")
-    p.add_argument("--recipe", default="baseline", help="memory/time recipe (see onecard plan); default baseline")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", help="memory/time recipe (see onecard plan); default baseline")
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--eval-every", type=int, help="validation bits per byte every N steps (0: only at the end)")
-    p.add_argument("--eval-batches", type=positive_int, default=8, help="validation micro-batches per evaluation")
-    p.add_argument("--sample-prompt", default="", help="prompt for the sample printed at the end")
+    p.add_argument("--eval-batches", type=positive_int, help="validation micro-batches per evaluation (default 8)")
+    p.add_argument("--sample-prompt", help="prompt for the sample printed at the end")
+    saving = p.add_argument_group("checkpoints and resuming")
+    saving.add_argument("--save-every-min", type=non_negative_float,
+                        help="write a checkpoint every M minutes (default 30; 0: off)")
+    saving.add_argument("--save-every-steps", type=non_negative_int,
+                        help="write a checkpoint every K steps (default 0: off); always one at the end")
+    saving.add_argument("--keep", type=positive_int, help="checkpoints kept (default 3)")
+    saving.add_argument("--force-new", action="store_true",
+                        help="start a new run although --run-dir holds one (its files move to previous-<time>/)")
+    energy = p.add_argument_group("energy and cost")
+    energy.add_argument("--price", type=non_negative_float, help="electricity price per kWh, for the cost")
+    energy.add_argument("--currency", help="currency of --price (default USD)")
+    energy.add_argument("--power", type=positive_float,
+                        help="power draw in watts, for an energy estimate where NVML cannot measure it")
+
+
+def saved_run_config(run_dir: Path) -> dict | None:
+    """The config of the run a directory holds, if it has a checkpoint to resume from."""
+    from onecard import checkpoint
+    if not checkpoint.has_checkpoint(run_dir):
+        return None
+    path = run_dir / "config.json"
+    if not path.exists():  # written at each session's start; each checkpoint keeps a copy too
+        path = checkpoint.step_dirs(run_dir)[-1][1] / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read {path} ({error}): start over with --force-new") from None
+
+
+def planner_prediction(config: GPTConfig, recipe, total_batch: int, device: str) -> dict | None:
+    """The planner's peak memory and step time for this run on the detected card (CUDA only)."""
+    if device != "cuda":
+        return None
+    try:
+        from onecard.plan.catalog import detect_gpu
+        from onecard.plan.memory import predict_memory
+        from onecard.plan.timing import predict_time
+        detected = detect_gpu()
+    except (ImportError, UsageError):  # planner not installed, or a card it does not know
+        return None
+    if detected is None:
+        return None
+    gpu = detected[0]
+    memory = predict_memory(config, recipe)
+    timing = predict_time(config, recipe, gpu, total_batch=total_batch)
+    return {"gpu": gpu.name, "peak_bytes": memory.total, "peak_allocated_bytes": memory.allocated,
+            "memory": memory.components(), "step_time_s": timing.step_s, "tokens_per_s": timing.tokens_per_s,
+            "mfu": timing.mfu, "source": "onecard plan (predict_memory, predict_time)"}
 
 
 def run_train(args) -> int:
-    from onecard.recipe import named_recipe
+    from onecard.recipe import Recipe, named_recipe
     from onecard.tokenizer import Tokenizer
     from onecard.train import TrainSettings, resolve_device, train
     from onecard.weights import load_weights
 
     device = resolve_device(args.device)
-    demo = not (args.model or args.depth or args.init_from)
-    corpus = load_corpus(args.data)
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    seq_len = args.seq_len or (DEMO["seq_len"] if demo else 2048)
-    micro_batch = args.micro_batch or (DEMO["micro_batch"] if demo else 8)
-    total_batch = args.total_batch or (DEMO["total_batch"] if demo else 524288)
+    saved = None if args.force_new else saved_run_config(run_dir)
+    if saved and args.init_from:
+        raise UsageError(f"{run_dir} holds a run to resume; --init-from starts a new one: drop it, or add "
+                         "--force-new")
+    before = saved["train"] if saved else {}
 
+    def pick(given, key: str, default):
+        """What was given, else what the resumed run used, else the default."""
+        return given if given is not None else before.get(key, default)
+
+    demo = not (args.model or args.depth or args.init_from or saved)
+    data = pick(args.data, "data", None)
+    corpus = load_corpus(data)
     model = None
-    if args.init_from:
-        model, tokenizer, info = load_weights(args.init_from, device)
-        config = model.config
-        print(f"starting from {info['layout']} weights in {info['path']}")
-    else:
-        vocab = args.vocab_size or (DEMO["vocab_size"] if demo else 65536)
-        chars = args.tokenizer_chars or (DEMO["tokenizer_chars"] if demo else 2_000_000_000)
+    if saved:
+        tokenizer = Tokenizer.load(run_dir / "tokenizer")
+        seq_len = args.seq_len or saved["recipe"]["seq_len"]
+        micro_batch = args.micro_batch or saved["recipe"]["micro_batch"]
+        vocab = args.vocab_size or saved["model_config"]["vocab_size"]
         config = model_config_from_args(args, vocab, seq_len) or GPTConfig(
-            sequence_len=seq_len, vocab_size=vocab, n_layer=DEMO["n_layer"], n_head=DEMO["n_head"],
-            n_kv_head=DEMO["n_head"], n_embd=DEMO["n_embd"])
-        from onecard.data import iter_texts
-        print(f"training a {vocab:,}-token tokenizer on {corpus.describe()} ...", flush=True)
-        started = time.perf_counter()
-        tokenizer = Tokenizer.train(iter_texts(corpus, chars), vocab)
-        print(f"  done in {time.perf_counter() - started:.1f} s")
+            **{**saved["model_config"], "vocab_size": vocab,
+               "sequence_len": args.seq_len or saved["model_config"]["sequence_len"]})
+        recipe = (named_recipe(args.recipe, micro_batch=micro_batch, seq_len=seq_len) if args.recipe
+                  else Recipe.from_dict({**saved["recipe"], "micro_batch": micro_batch, "seq_len": seq_len}))
+        print(f"{run_dir} holds a run: resuming it")
+    else:
+        seq_len = args.seq_len or (DEMO["seq_len"] if demo else 2048)
+        micro_batch = args.micro_batch or (DEMO["micro_batch"] if demo else 8)
+        if args.init_from:
+            model, tokenizer, info = load_weights(args.init_from, device)
+            config = model.config
+            print(f"starting from {info['layout']} weights in {info['path']}")
+        else:
+            vocab = args.vocab_size or (DEMO["vocab_size"] if demo else 65536)
+            chars = args.tokenizer_chars or (DEMO["tokenizer_chars"] if demo else 2_000_000_000)
+            config = model_config_from_args(args, vocab, seq_len) or GPTConfig(
+                sequence_len=seq_len, vocab_size=vocab, n_layer=DEMO["n_layer"], n_head=DEMO["n_head"],
+                n_kv_head=DEMO["n_head"], n_embd=DEMO["n_embd"])
+            from onecard.data import iter_texts
+            print(f"training a {vocab:,}-token tokenizer on {corpus.describe()} ...", flush=True)
+            started = time.perf_counter()
+            tokenizer = Tokenizer.train(iter_texts(corpus, chars), vocab)
+            print(f"  done in {time.perf_counter() - started:.1f} s")
+        recipe = named_recipe(args.recipe or "baseline", micro_batch=micro_batch, seq_len=seq_len)
 
-    recipe = named_recipe(args.recipe, micro_batch=micro_batch, seq_len=seq_len)
+    total_batch = pick(args.total_batch, "total_batch", DEMO["total_batch"] if demo else 524288)
     params = sum(param_counts(config).values())
     if args.steps:
         steps = args.steps
@@ -186,22 +272,53 @@ def run_train(args) -> int:
         tokens = args.tokens or args.ratio * params
         steps = max(1, round(tokens / total_batch))
     else:
-        steps = DEMO["steps"] if demo else max(1, round(DEFAULT_RATIO * params / total_batch))
-    eval_every = args.eval_every if args.eval_every is not None else (DEMO["eval_every"] if demo else 250)
+        steps = before.get("steps") or (DEMO["steps"] if demo else max(1, round(DEFAULT_RATIO * params / total_batch)))
+    eval_every = pick(args.eval_every, "eval_every", DEMO["eval_every"] if demo else 250)
 
     what = "demo model" if demo else f"d{config.n_layer}"
     print(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
           f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}, recipe {recipe.name}")
     print(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
-    settings = TrainSettings(run_dir=run_dir, steps=steps, total_batch=total_batch, seed=args.seed,
-                             device=device, eval_every=eval_every, eval_batches=args.eval_batches,
-                             sample_prompt=args.sample_prompt)
-    result = train(config, tokenizer, corpus, recipe, settings, model=model)
+    settings = TrainSettings(
+        run_dir=run_dir, steps=steps, total_batch=total_batch, seed=pick(args.seed, "seed", 0), device=device,
+        eval_every=eval_every, eval_batches=pick(args.eval_batches, "eval_batches", 8),
+        sample_prompt=pick(args.sample_prompt, "sample_prompt", ""), data=data,
+        save_every_min=pick(args.save_every_min, "save_every_min", 30.0),
+        save_every_steps=pick(args.save_every_steps, "save_every_steps", 0), keep=pick(args.keep, "keep", 3),
+        force_new=args.force_new, price=pick(args.price, "price", None),
+        currency=pick(args.currency, "currency", "USD"), power_watts=pick(args.power, "power_watts", None))
+    prediction = planner_prediction(config, recipe, total_batch, device)
+    result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction)
+    resume = f"onecard train --run-dir {run_dir}"
+    if result["stopped"] == "nonfinite":
+        print(f"onecard: {result['message']}; checkpoint of step {result['last_checkpoint']} in {run_dir}/ "
+              f"(resume: {resume})", file=sys.stderr)
+        return 1
+    if result["stopped"]:
+        where = ("no checkpoint could be written" if result["last_checkpoint"] is None
+                 else f"checkpoint of step {result['last_checkpoint']} saved")
+        print(f"stopped at step {result['step']} of {steps}, {where}; resume with: {resume}")
+        return 0
     print(f"validation bits per byte: {result['val_bpb_start']:.4f} at step 0 -> {result['val_bpb_end']:.4f} "
           f"at step {steps}")
     print("sample:")
     print(result["sample"])
-    print(f"\nrun saved in {run_dir}/ — continue a prompt with: onecard sample --run-dir {run_dir} --prompt '...'")
+    print(f"\nrun saved in {run_dir}/ — continue a prompt with: onecard sample --run-dir {run_dir} --prompt '...'; "
+          f"charts: onecard report {run_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="an onecard run directory (with log.jsonl)")
+    p.add_argument("--out", help="where the PNG files and report.html go (default RUN_DIR/report)")
+
+
+def run_report(args) -> int:
+    from onecard.report import write_report
+    page = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"report written: {page} (and the PNG files beside it)")
     return 0
 
 
@@ -240,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = [
         ("train", "train a model (no arguments: a small demo on the embedded corpus)",
          add_train_arguments, run_train),
+        ("report", "draw a run's loss, throughput, memory, power and energy as PNG files and one HTML page",
+         add_report_arguments, run_report),
         ("sample", "continue a prompt with a trained model", add_sample_arguments, run_sample),
         ("tokenizer", "tokenizer tools", add_tokenizer_arguments, run_tokenizer),
         ("info", "a model's dimensions, parameters and FLOPs", add_info_arguments, run_info),

@@ -1,0 +1,235 @@
+"""A run that is stopped, crashes or meets bad numbers goes on exactly where it was."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onecard import checkpoint
+from onecard.data import Corpus, iter_texts
+from onecard.errors import UsageError
+from onecard.model import GPTConfig, build_model
+from onecard.recipe import NAMED
+from onecard.tokenizer import Tokenizer
+from onecard.train import TrainSettings, train
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    corpus = Corpus.embedded()
+    tokenizer = Tokenizer.train(iter_texts(corpus, 100_000), 300)
+    config = GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=64)
+    return corpus, tokenizer, config
+
+
+def run(setup, run_dir, recipe="baseline", model=None, messages=None, **changes):
+    corpus, tokenizer, config = setup
+    settings = TrainSettings(run_dir=run_dir, steps=STEPS, total_batch=256, seed=5, eval_every=0, eval_batches=1,
+                             sample_tokens=2)
+    for key, value in changes.items():
+        setattr(settings, key, value)
+    log = (lambda *_: None) if messages is None else messages.append
+    return train(config, tokenizer, corpus, NAMED[recipe].with_(micro_batch=4, seq_len=32), settings, model=model,
+                 log=log)
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def on_training_forward(setup, calls, action):
+    """A model that runs `action(n)` before its n-th training forward (1-based; evaluation not counted),
+    initialized as train() would."""
+    torch.manual_seed(5)
+    model = build_model(setup[2])
+    count = [0]
+
+    def hook(module, args):
+        if module.training:
+            count[0] += 1
+            if count[0] in calls:
+                return action(count[0], args)
+    model.register_forward_pre_hook(hook)
+    return model
+
+
+# bf16: bf16 weights written back with stochastic rounding (torch RNG) and bf16 optimizer states;
+# lean: the same with 8-bit states; both need every RNG and state restored to match bitwise.
+@pytest.mark.parametrize("recipe", ["baseline", "bf16", "lean"])
+def test_stopped_and_resumed_equals_uninterrupted(setup, tmp_path, recipe):
+    straight = run(setup, tmp_path / "straight", recipe)
+    first = run(setup, tmp_path / "resumed", recipe, stop_after=2)
+    assert first["stopped"] == "limit" and first["step"] == 2
+    messages = []
+    second = run(setup, tmp_path / "resumed", recipe, messages=messages)
+    assert second["stopped"] is None and any("resuming from step 2" in m for m in messages)
+    assert_bitwise_equal(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    assert second["val_bpb_end"] == straight["val_bpb_end"]
+    # one line per step in the log, though two sessions wrote it
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "resumed" / "log.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_signal_mid_step_abandons_it_and_resume_redoes_it(setup, tmp_path):
+    straight = weights(run(setup, tmp_path / "straight")["run_dir"])
+    # 256 tokens a step = 2 micro-batches: SIGINT during the first micro-batch of step 4
+    model = on_training_forward(setup, {7}, lambda n, args: os.kill(os.getpid(), signal.SIGINT))
+    messages = []
+    handler = signal.getsignal(signal.SIGINT)
+    first = run(setup, tmp_path / "resumed", model=model, messages=messages)
+    assert first["stopped"] == "signal" and first["step"] == 3 and first["last_checkpoint"] == 3
+    assert any("step 4 abandoned" in m for m in messages)
+    assert signal.getsignal(signal.SIGINT) is handler  # given back
+    run(setup, tmp_path / "resumed")
+    assert_bitwise_equal(straight, weights(tmp_path / "resumed"))
+
+
+def test_second_sigint_during_a_save_quits_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
+    # the first Ctrl-C in step 4's last micro-batch: the step ends, then the stop's checkpoint
+    model = on_training_forward(setup, {8}, lambda n, args: os.kill(os.getpid(), signal.SIGINT))
+    real_save = torch.save
+
+    def save_then_sigint(obj, path):  # the second Ctrl-C lands while the checkpoint is written
+        real_save(obj, path)
+        if "step_000004" in str(path):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path, model=model, save_every_steps=2)
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [2]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert checkpoint.find_latest(tmp_path).step == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    assert run(setup, tmp_path)["step"] == STEPS
+
+
+def test_conflicting_config_is_refused_unless_force_new(setup, tmp_path):
+    corpus, tokenizer, config = setup
+    run(setup, tmp_path, stop_after=1)
+    deeper = GPTConfig(**{**config.to_dict(), "n_layer": 3})
+    settings = TrainSettings(run_dir=tmp_path, steps=STEPS, total_batch=256, seed=5, eval_every=0, eval_batches=1)
+    recipe = NAMED["baseline"].with_(micro_batch=4, seq_len=32)
+    with pytest.raises(UsageError, match="n_layer 2 -> 3.*--force-new"):
+        train(deeper, tokenizer, corpus, recipe, settings, log=lambda *_: None)
+    with pytest.raises(UsageError, match="seed 5 -> 6"):
+        run(setup, tmp_path, seed=6)
+    settings.force_new = True
+    settings.steps = 1
+    result = train(deeper, tokenizer, corpus, recipe, settings, log=lambda *_: None)
+    assert result["step"] == 1
+    aside = list(tmp_path.glob("previous-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_000001").is_dir()  # nothing deleted
+
+
+def test_a_finished_run_asks_for_more_steps(setup, tmp_path):
+    run(setup, tmp_path)
+    with pytest.raises(UsageError, match="at step 6 of 6: give --steps"):
+        run(setup, tmp_path)
+    assert run(setup, tmp_path, steps=STEPS + 1)["step"] == STEPS + 1
+
+
+def test_non_finite_loss_skips_the_step(setup, tmp_path):
+    model = build_model(setup[2])
+    count = [0]
+
+    def poison(module, inputs, out):  # step 3 = training forwards 5 and 6 (two micro-batches a step)
+        if module.training:
+            count[0] += 1
+            if count[0] in (5, 6):
+                return out * float("nan")
+    model.transformer.wte.register_forward_hook(poison)
+    result = run(setup, tmp_path, model=model)
+    assert result["stopped"] is None and result["summary"]["skipped_steps"] == 1
+    third = result["history"][2]
+    assert third["skipped"] and third["loss"] is None and third["grad_norm"] is None
+    assert not any(r["skipped"] for r in result["history"][3:])
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
+
+
+def test_non_finite_in_a_row_stops_with_a_checkpoint(setup, tmp_path):
+    model = build_model(setup[2])
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    model.transformer.wte.register_forward_hook(lambda m, i, out: out * float("inf") if m.training else out)
+    result = run(setup, tmp_path, model=model, max_bad_steps=3)
+    assert result["stopped"] == "nonfinite" and result["step"] == 3 and result["last_checkpoint"] == 3
+    assert "3 steps in a row" in result["message"]
+    found = checkpoint.find_latest(tmp_path)
+    state = load_file(str(found.path / "model.safetensors"))
+    assert_bitwise_equal(initial, state)  # nothing was applied
+
+
+def test_out_of_memory_says_what_to_try_and_keeps_the_work(setup, tmp_path):
+    def oom(n, args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = on_training_forward(setup, {7}, oom)  # step 4
+    with pytest.raises(UsageError) as error:
+        run(setup, tmp_path, model=model)
+    text = str(error.value)
+    assert "ran out of memory" in text and "--recipe recompute" in text and "--micro-batch 2" in text
+    assert "planner's prediction" in text and "step 3 is saved" in text
+    assert checkpoint.find_latest(tmp_path).step == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_full_disk_during_training_keeps_the_previous_checkpoint_and_goes_on(setup, tmp_path, monkeypatch):
+    Usage = namedtuple("Usage", "total used free")
+    real = checkpoint.shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda p: real(p) if not checkpoint.step_dirs(tmp_path) else Usage(1, 1, 1000))
+    messages = []
+    result = run(setup, tmp_path, save_every_steps=2, messages=messages)
+    assert result["stopped"] is None and result["last_checkpoint"] == 2
+    failed = [m for m in messages if "not enough disk space" in m]
+    assert len(failed) == 2 and "step 2, is intact" in failed[0]  # at step 4 and at the end
+    assert (tmp_path / "model.safetensors").exists()
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "checkpoint_failed"] == [4, 6]
+    monkeypatch.undo()
+    assert checkpoint.find_latest(tmp_path).step == 2
+
+
+def test_sigterm_to_the_command_line_then_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "onecard.cli", "train", "--run-dir", str(run_dir), "--device", "cpu",
+            "--depth", "1", "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len", "16",
+            "--micro-batch", "2", "--total-batch", "32", "--eval-every", "0", "--eval-batches", "1"]
+    process = subprocess.Popen(argv + ["--steps", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    log = run_dir / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and '"loss"' in log.read_text()):  # training has begun
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("stopped at step") and f"resume with: onecard train --run-dir {run_dir}" in last
+    step = checkpoint.find_latest(run_dir).step
+    assert f"checkpoint of step {step} saved" in last
+
+    resumed = subprocess.run(argv + ["--steps", str(step + 2)], capture_output=True, text=True, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {step} of {step + 2}" in resumed.stdout
+    assert "training a" not in resumed.stdout  # the tokenizer comes from the run directory
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
