@@ -1,10 +1,13 @@
-"""Bits per byte by hand, and a short real training run on the embedded corpus."""
+"""Bits per byte by hand, a short real training run on the embedded corpus, and its log's schema."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
 
+import onecard.train
 from onecard.data import Corpus
 from onecard.errors import UsageError
 from onecard.model import GPTConfig
@@ -66,3 +69,45 @@ def test_run_directory_reloads_to_the_same_model(tiny_run):
     idx = torch.randint(0, tokenizer.vocab_size, (1, 16))
     trained = tiny_run["model"].eval()
     torch.testing.assert_close(model(idx), trained(idx))
+
+
+# The documented schema of a log.jsonl step line (train.py's docstring): field -> allowed types.
+NUMBER, NULL = (int, float), type(None)
+STEP_FIELDS = {
+    "step": int, "loss": (float, NULL), "grad_norm": (float, NULL), "lr_multiplier": NUMBER, "skipped": bool,
+    "step_time_s": float, "tokens": int, "tokens_per_s": (float, NULL), "mfu": (float, NULL),
+    "vram_bytes": (int, NULL), "vram_peak_bytes": (int, NULL), "host_peak_bytes": int,
+    "power_w": (float, NULL), "energy_kwh": (float, NULL), "energy_estimated": bool, "cost": (float, NULL),
+    "wall_s": float, "eta_s": (float, NULL), "time": float,
+}
+EVENTS = {"start", "resume", "checkpoint", "checkpoint_failed", "stop", "end"}
+
+
+def test_log_lines_follow_the_documented_schema(tiny_run):
+    lines = [json.loads(line) for line in (tiny_run["run_dir"] / "log.jsonl").read_text().splitlines()]
+    assert lines[0].keys() == {"step", "val_bpb", "time"} and lines[0]["step"] == 0
+    steps = [r for r in lines[1:] if "event" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    for record in steps:
+        extra = {"val_bpb"} if record["step"] == 40 else set()  # eval_every=0: only at the end
+        assert record.keys() == STEP_FIELDS.keys() | extra, record["step"]
+        for key, types in STEP_FIELDS.items():
+            assert isinstance(record[key], types), (key, record[key])
+    # on the CPU nothing that needs a GPU is reported, and nothing is invented
+    assert all(r["mfu"] is None and r["vram_bytes"] is None and r["power_w"] is None and r["energy_kwh"] is None
+               for r in steps)
+    assert [r["tokens"] for r in steps[:2]] == [1024, 2048] and steps[-1]["eta_s"] == 0
+    events = [r for r in lines if "event" in r]
+    assert {e["event"] for e in events} <= EVENTS and [e["event"] for e in events] == ["start", "checkpoint", "end"]
+    for key in [*STEP_FIELDS, "val_bpb"]:  # every field is documented
+        assert re.search(rf"^  {key} ", onecard.train.__doc__, re.M), key
+
+
+def test_summary_and_final_checkpoint(tiny_run):
+    run_dir = tiny_run["run_dir"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == summary["steps"] == 40
+    assert summary["val_bpb_end"] == tiny_run["val_bpb_end"] and summary["tokens"] == 40 * 1024
+    assert summary["energy_kwh"] is None and summary["energy_sources"] == [] and summary["cost"] is None
+    assert summary["last_checkpoint"] == "checkpoints/step_000040"
+    assert (run_dir / "latest").read_text().strip() == "checkpoints/step_000040"

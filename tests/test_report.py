@@ -1,0 +1,73 @@
+"""`onecard report`: the PNG files and the HTML page exist, the images decode, predictions show."""
+
+import base64
+import io
+import json
+import re
+
+import matplotlib.image as mpimg
+import pytest
+
+from onecard.cli import main
+from onecard.report import write_report
+
+CHARTS = ["loss.png", "val_bpb.png", "tokens_per_s.png", "memory.png", "power.png", "energy.png"]
+
+
+def write_run(run_dir, cuda: bool, prediction: dict | None = None):
+    """A run directory as train() leaves it: log.jsonl, config.json, summary.json."""
+    run_dir.mkdir()
+    lines = [{"step": 0, "val_bpb": 3.0, "time": 0.0}, {"event": "start", "step": 0, "time": 0.0}]
+    for step in range(1, 21):
+        lines.append({
+            "step": step, "loss": 5.0 / step, "grad_norm": 1.0, "lr_multiplier": 1.0, "skipped": False,
+            "step_time_s": 2.0, "tokens": 1000 * step, "tokens_per_s": 500.0 + step, "mfu": 0.3 if cuda else None,
+            "vram_bytes": 2**30 if cuda else None, "vram_peak_bytes": 2 * 2**30 if cuda else None,
+            "host_peak_bytes": 2**29, "power_w": 200.0 if cuda else None,
+            "energy_kwh": 200 * 2 * step / 3.6e6 if cuda else None, "energy_estimated": False, "cost": None,
+            "wall_s": 2.0 * step, "eta_s": 2.0 * (20 - step), "time": 2.0 * step,
+            **({"val_bpb": 3.0 - step / 10} if step % 10 == 0 else {})})
+        if step == 10:
+            lines += [{"event": "checkpoint", "step": 10, "time": 20.0}, {"event": "stop", "step": 10, "time": 20.0},
+                      {"event": "resume", "step": 10, "time": 30.0}]
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 21, "lo')
+    config = {"model_config": {"n_layer": 2}, "recipe": {"name": "baseline"}, "train": {"total_batch": 1000},
+              "prediction": prediction}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    summary = {"status": "finished", "step": 20, "steps": 20, "device": "cuda" if cuda else "cpu",
+               "vram_peak_bytes": 2 * 2**30 if cuda else None, "energy_kwh": 0.0022 if cuda else None,
+               "energy_sources": ["nvml"] if cuda else [], "tokens": 20000, "wall_s": 40.0,
+               "prediction": prediction}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_report_files_exist_and_images_decode(tmp_path, cuda):
+    prediction = {"peak_bytes": int(2.5 * 2**30), "peak_allocated_bytes": int(2.2 * 2**30), "step_time_s": 1.8}
+    write_run(tmp_path / "run", cuda, prediction if cuda else None)
+    page = write_report(tmp_path / "run")
+    assert page == tmp_path / "run" / "report" / "report.html"
+    for name in CHARTS:
+        image = mpimg.imread(page.parent / name)
+        assert image.shape[0] > 100 and image.shape[1] > 300
+    text = page.read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(embedded) == len(CHARTS)
+    for data in embedded:
+        assert mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png").ndim == 3
+    assert "<th>sessions</th><td>2</td>" in text
+    if cuda:  # the planner's figures beside the measured ones
+        assert "Planner's prediction and measurement" in text
+        assert "<td>peak memory allocated (GiB)</td><td>2.20</td><td>2.00</td>" in text
+        assert "<td>step time (s, median)</td><td>1.800</td><td>2.000</td>" in text
+    else:
+        assert "predicted" not in text
+
+
+def test_report_command(tmp_path, capsys):
+    write_run(tmp_path / "run", cuda=False)
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(CHARTS + ["report.html"])
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onecard: error:") and len(err.strip().splitlines()) == 1
