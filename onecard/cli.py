@@ -10,6 +10,8 @@ from pathlib import Path
 
 from onecard.errors import UsageError
 from onecard.model import GPTConfig, flops_per_token, param_counts, parse_model_name
+from onecard.plan.cli import gigabytes
+from onecard.recipe import CHOICES, NAMED
 
 DEFAULT_RATIO = 20  # Chinchilla: tokens per parameter (REFERENCE §1)
 
@@ -155,12 +157,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     horizon.add_argument("--ratio", type=positive_float, help="training tokens per parameter (default 20)")
     p.add_argument("--vocab-size", type=positive_int, help="tokenizer size when training one (default 65536)")
     p.add_argument("--tokenizer-chars", type=positive_int, help="characters to train the tokenizer on")
-    p.add_argument("--recipe", help="memory/time recipe (see onecard plan); default baseline")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--eval-every", type=int, help="validation bits per byte every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=positive_int, help="validation micro-batches per evaluation (default 8)")
     p.add_argument("--sample-prompt", help="prompt for the sample printed at the end")
+    lean = p.add_argument_group(
+        "recipe: how the run spends memory and time (onecard/recipe.py; onecard plan predicts each)")
+    lean.add_argument("--recipe", help=f"a named recipe: {', '.join(NAMED)} (default: the fastest that fits "
+                                       "--gpu/--vram or this machine's CUDA card; on the CPU baseline)")
+    lean.add_argument("--gpu", help="card to fit the recipe to, e.g. rtx4070 (default: this machine's CUDA card)")
+    lean.add_argument("--vram", type=gigabytes, help="memory to fit in, e.g. 12GB or 8GB (default: the card's)")
+    for key, allowed in CHOICES.items():
+        lean.add_argument("--" + key.replace("_", "-"), choices=allowed, help=f"override the recipe's {key}")
+    lean.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model "
+                                                                                "(default off)")
+    lean.add_argument("--dry-run", action="store_true", help="print the chosen recipe with its predicted memory "
+                                                             "and step time, and exit")
     saving = p.add_argument_group("checkpoints and resuming")
     saving.add_argument("--save-every-min", type=non_negative_float,
                         help="write a checkpoint every M minutes (default 30; 0: off)")
@@ -190,29 +203,9 @@ def saved_run_config(run_dir: Path) -> dict | None:
         raise UsageError(f"cannot read {path} ({error}): start over with --force-new") from None
 
 
-def planner_prediction(config: GPTConfig, recipe, total_batch: int, device: str) -> dict | None:
-    """The planner's peak memory and step time for this run on the detected card (CUDA only)."""
-    if device != "cuda":
-        return None
-    try:
-        from onecard.plan.catalog import detect_gpu
-        from onecard.plan.memory import predict_memory
-        from onecard.plan.timing import predict_time
-        detected = detect_gpu()
-    except (ImportError, UsageError):  # planner not installed, or a card it does not know
-        return None
-    if detected is None:
-        return None
-    gpu = detected[0]
-    memory = predict_memory(config, recipe)
-    timing = predict_time(config, recipe, gpu, total_batch=total_batch)
-    return {"gpu": gpu.name, "peak_bytes": memory.total, "peak_allocated_bytes": memory.allocated,
-            "memory": memory.components(), "step_time_s": timing.step_s, "tokens_per_s": timing.tokens_per_s,
-            "mfu": timing.mfu, "source": "onecard plan (predict_memory, predict_time)"}
-
-
 def run_train(args) -> int:
-    from onecard.recipe import Recipe, named_recipe
+    from onecard.fit import choose_recipe, compare_text, dry_run_text, prediction_record
+    from onecard.recipe import Recipe
     from onecard.tokenizer import Tokenizer
     from onecard.train import TrainSettings, resolve_device, train
     from onecard.weights import load_weights
@@ -232,37 +225,25 @@ def run_train(args) -> int:
     demo = not (args.model or args.depth or args.init_from or saved)
     data = pick(args.data, "data", None)
     corpus = load_corpus(data)
-    model = None
+    model = tokenizer = None
     if saved:
-        tokenizer = Tokenizer.load(run_dir / "tokenizer")
         seq_len = args.seq_len or saved["recipe"]["seq_len"]
         micro_batch = args.micro_batch or saved["recipe"]["micro_batch"]
         vocab = args.vocab_size or saved["model_config"]["vocab_size"]
         config = model_config_from_args(args, vocab, seq_len) or GPTConfig(
             **{**saved["model_config"], "vocab_size": vocab,
                "sequence_len": args.seq_len or saved["model_config"]["sequence_len"]})
-        recipe = (named_recipe(args.recipe, micro_batch=micro_batch, seq_len=seq_len) if args.recipe
-                  else Recipe.from_dict({**saved["recipe"], "micro_batch": micro_batch, "seq_len": seq_len}))
-        print(f"{run_dir} holds a run: resuming it")
+    elif args.init_from:
+        model, tokenizer, info = load_weights(args.init_from, device)
+        config = model.config
+        seq_len, micro_batch = args.seq_len or config.sequence_len, args.micro_batch
+        print(f"starting from {info['layout']} weights in {info['path']}")
     else:
-        seq_len = args.seq_len or (DEMO["seq_len"] if demo else 2048)
-        micro_batch = args.micro_batch or (DEMO["micro_batch"] if demo else 8)
-        if args.init_from:
-            model, tokenizer, info = load_weights(args.init_from, device)
-            config = model.config
-            print(f"starting from {info['layout']} weights in {info['path']}")
-        else:
-            vocab = args.vocab_size or (DEMO["vocab_size"] if demo else 65536)
-            chars = args.tokenizer_chars or (DEMO["tokenizer_chars"] if demo else 2_000_000_000)
-            config = model_config_from_args(args, vocab, seq_len) or GPTConfig(
-                sequence_len=seq_len, vocab_size=vocab, n_layer=DEMO["n_layer"], n_head=DEMO["n_head"],
-                n_kv_head=DEMO["n_head"], n_embd=DEMO["n_embd"])
-            from onecard.data import iter_texts
-            print(f"training a {vocab:,}-token tokenizer on {corpus.describe()} ...", flush=True)
-            started = time.perf_counter()
-            tokenizer = Tokenizer.train(iter_texts(corpus, chars), vocab)
-            print(f"  done in {time.perf_counter() - started:.1f} s")
-        recipe = named_recipe(args.recipe or "baseline", micro_batch=micro_batch, seq_len=seq_len)
+        seq_len, micro_batch = args.seq_len or (DEMO["seq_len"] if demo else 2048), args.micro_batch
+        vocab = args.vocab_size or (DEMO["vocab_size"] if demo else 65536)
+        config = model_config_from_args(args, vocab, seq_len) or GPTConfig(
+            sequence_len=seq_len, vocab_size=vocab, n_layer=DEMO["n_layer"], n_head=DEMO["n_head"],
+            n_kv_head=DEMO["n_head"], n_embd=DEMO["n_embd"])
 
     total_batch = pick(args.total_batch, "total_batch", DEMO["total_batch"] if demo else 524288)
     params = sum(param_counts(config).values())
@@ -275,10 +256,28 @@ def run_train(args) -> int:
         steps = before.get("steps") or (DEMO["steps"] if demo else max(1, round(DEFAULT_RATIO * params / total_batch)))
     eval_every = pick(args.eval_every, "eval_every", DEMO["eval_every"] if demo else 250)
 
+    choice = choose_recipe(args, config, device, seq_len=seq_len, micro_batch=micro_batch, total_batch=total_batch,
+                           tokens=steps * total_batch, resumed=Recipe.from_dict(saved["recipe"]) if saved else None)
+    recipe = choice.recipe
     what = "demo model" if demo else f"d{config.n_layer}"
     print(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
           f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}, recipe {recipe.name}")
     print(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
+    if args.dry_run:
+        print(dry_run_text(choice, config))
+        return 0
+    for note in choice.notes:
+        print(f"note: {note}")
+    if saved:
+        tokenizer = Tokenizer.load(run_dir / "tokenizer")
+        print(f"{run_dir} holds a run: resuming it")
+    elif tokenizer is None:
+        from onecard.data import iter_texts
+        chars = args.tokenizer_chars or (DEMO["tokenizer_chars"] if demo else 2_000_000_000)
+        print(f"training a {config.vocab_size:,}-token tokenizer on {corpus.describe()} ...", flush=True)
+        started = time.perf_counter()
+        tokenizer = Tokenizer.train(iter_texts(corpus, chars), config.vocab_size)
+        print(f"  done in {time.perf_counter() - started:.1f} s")
     settings = TrainSettings(
         run_dir=run_dir, steps=steps, total_batch=total_batch, seed=pick(args.seed, "seed", 0), device=device,
         eval_every=eval_every, eval_batches=pick(args.eval_batches, "eval_batches", 8),
@@ -287,7 +286,11 @@ def run_train(args) -> int:
         save_every_steps=pick(args.save_every_steps, "save_every_steps", 0), keep=pick(args.keep, "keep", 3),
         force_new=args.force_new, price=pick(args.price, "price", None),
         currency=pick(args.currency, "currency", "USD"), power_watts=pick(args.power, "power_watts", None))
-    prediction = planner_prediction(config, recipe, total_batch, device)
+    prediction = prediction_record(choice, device)
+    if prediction:
+        print(f"planner predicts on {prediction['gpu']}: peak {prediction['peak_bytes'] / 2**30:.2f} GiB "
+              f"({prediction['peak_allocated_bytes'] / 2**30:.2f} GiB allocated), "
+              f"{prediction['step_time_s']:.2f} s per step, {prediction['tokens_per_s']:,.0f} tokens/s")
     result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction)
     resume = f"onecard train --run-dir {run_dir}"
     if result["stopped"] == "nonfinite":
@@ -299,6 +302,8 @@ def run_train(args) -> int:
                  else f"checkpoint of step {result['last_checkpoint']} saved")
         print(f"stopped at step {result['step']} of {steps}, {where}; resume with: {resume}")
         return 0
+    if prediction:
+        print(compare_text(prediction, result["summary"], result["history"], total_batch))
     print(f"validation bits per byte: {result['val_bpb_start']:.4f} at step 0 -> {result['val_bpb_end']:.4f} "
           f"at step {steps}")
     print("sample:")

@@ -88,6 +88,12 @@ class Recipe:
     def with_(self, **changes) -> Recipe:
         return replace(self, **changes)
 
+    def overridden(self, **changes) -> Recipe:
+        """The recipe with some memory/time choices changed, named for them: lean+loss=full."""
+        if not changes:
+            return self
+        return replace(self, **changes, name="+".join([self.name, *(f"{k}={v}" for k, v in changes.items())]))
+
 
 # Named recipes, from the plain nanochat way to the leanest. micro_batch and seq_len are the
 # run's to set; these name the memory/time choices.

@@ -323,7 +323,7 @@ def out_of_memory_message(model_config: GPTConfig, recipe: Recipe, device: str, 
     return "\n".join(lines)
 
 
-def forward_backward(model: GPT, opt: Optimizers, loader: TokenLoader, accum: int, device: str,
+def forward_backward(model: torch.nn.Module, opt: Optimizers, loader: TokenLoader, accum: int, device: str,
                      stop: StopRequest) -> float | None:
     """The step's micro-batches; the mean loss, or None when a stop request came in between."""
     loss_sum = 0.0
@@ -376,8 +376,6 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
         model = build_model(model_config, device=device)
     else:
         model.to(device)
-    if device == "cuda":
-        model.transformer.wte.to(dtype=torch.bfloat16)  # nanochat keeps the embedding in bf16
     model.set_policies(recipe.activations, recipe.loss)
     config = run_config(model_config, recipe, settings, corpus, model, prediction)
     if found:
@@ -393,6 +391,8 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
                           unembedding_lr=settings.unembedding_lr)
     loader = TokenLoader(corpus, tokenizer, recipe.micro_batch, recipe.seq_len, split="train",
                          seed=settings.seed)
+    # the compiled module shares the model's parameters; evaluation, sampling and saving use the model
+    step_model = torch.compile(model) if recipe.compile else model
     token_bytes = tokenizer.token_bytes()
 
     def validation_bpb() -> float:
@@ -491,7 +491,7 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
                 opt.set_muon_momentum(muon_momentum(step))
                 started = time.perf_counter()
                 try:
-                    loss = forward_backward(model, opt, loader, accum, device, stop)
+                    loss = forward_backward(step_model, opt, loader, accum, device, stop)
                 except torch.OutOfMemoryError:
                     # the weights are untouched: go back to the step's start and keep what was done
                     opt.zero_grad()

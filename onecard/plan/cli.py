@@ -26,6 +26,16 @@ from onecard.recipe import NAMED
 SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 
+def gigabytes(text: str) -> float:
+    """'12', '12GB', '12 GiB', '8g' -> 12.0: card memory in GiB (what card makers call GB)."""
+    t = str(text).strip().lower().replace(" ", "")
+    for unit in ("gib", "gb", "g"):
+        if t.endswith(unit):
+            t = t[: -len(unit)]
+            break
+    return number(t)
+
+
 def number(text: str) -> float:
     """'38e9', '38B', '1.5T', '524288' -> float (argparse turns a bad one into a one-line error)."""
     t = str(text).strip().lower().replace(",", "").replace("_", "")
@@ -44,7 +54,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", help="model as dN, e.g. d32 (nanochat's depth dial)")
     what.add_argument("--depth", type=int, help="model depth N (same as --model dN)")
     parser.add_argument("--gpu", help="card name, e.g. rtx4070, '4090', h100 (default: this machine's card)")
-    parser.add_argument("--vram", type=number, help="override the card's memory, in GiB")
+    parser.add_argument("--vram", type=gigabytes, help="override the card's memory, e.g. 12GB (GiB)")
     parser.add_argument("--gpus", type=int, default=1, help="N identical cards, data-parallel (default 1)")
     budget_group = parser.add_mutually_exclusive_group()
     budget_group.add_argument("--tokens", type=number, help="training tokens, e.g. 38e9 or 38B")
@@ -105,31 +115,38 @@ def settings_from(args) -> tuple[Settings, list[str]]:
         _positive("--" + name.replace("_", "-"), getattr(args, name, None))
     if args.mfu is not None and args.mfu > 1:
         raise UsageError(f"--mfu is a fraction of the peak between 0 and 1, got {args.mfu:g}")
-    assume = DEFAULT.with_overrides(args.assume)
     gpu, notes = choose_gpu(args)
+    s = build_settings(gpu, notes, gpus=args.gpus, seq_len=args.seq_len, total_batch=int(args.total_batch),
+                       micro_batch=args.micro_batch, vocab_size=args.vocab_size, mfu=args.mfu, power=args.power,
+                       price=args.price, currency=args.currency, assume=DEFAULT.with_overrides(args.assume))
+    return s, notes
+
+
+def build_settings(gpu: GPU, notes: list[str], *, gpus: int = 1, seq_len: int, total_batch: int,
+                   micro_batch: int | None, vocab_size: int, mfu: float | None = None, power: float | None = None,
+                   price: float = 0.15, currency: str = "USD", assume=DEFAULT) -> Settings:
+    """Planner settings for a card, using its `onecard bench` calibration unless --mfu/--power say
+    otherwise (appends what it used to `notes`)."""
     floor = assume.cuda_context_bytes + assume.workspace_bytes
     if gpu.vram_bytes <= floor:
         raise UsageError(f"--vram {gpu.vram_gib:g} GiB is below what the CUDA context and workspace take "
                          f"({floor / GiB:.2f} GiB): nothing can train there")
-    utilization, source = args.mfu, "given with --mfu" if args.mfu is not None else ""
-    power = args.power
+    utilization, source = mfu, "given with --mfu" if mfu is not None else ""
     cal = calibrate.load(gpu.key)
-    if cal and args.mfu is None and cal.get("mfu"):
+    if cal and mfu is None and cal.get("mfu"):
         utilization = cal["mfu"]
         train = cal.get("train", {})
         source = (f"measured by `onecard bench` on {cal.get('date', '?')[:10]} (d{train.get('depth', '?')}, "
                   f"micro-batch {train.get('micro_batch', '?')})")
         notes.append(f"using calibration from {calibrate.calibration_path()}: MFU {utilization:.1%}")
-    if cal and args.power is None and cal.get("power_watts"):
+    if cal and power is None and cal.get("power_watts"):
         power = cal["power_watts"]
         notes.append(f"board power {power:.0f} W as measured by `onecard bench`")
-    total_batch = int(args.total_batch)
-    s = Settings(gpu=gpu, gpus=args.gpus, seq_len=args.seq_len, total_batch=total_batch,
-                 micro_batch=args.micro_batch, vocab_size=args.vocab_size, utilization=utilization,
-                 utilization_source=source, power_watts=power, price=args.price, currency=args.currency,
-                 assume=assume)
+    s = Settings(gpu=gpu, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
+                 vocab_size=vocab_size, utilization=utilization, utilization_source=source, power_watts=power,
+                 price=price, currency=currency, assume=assume)
     check_batch(s)
-    return s, notes
+    return s
 
 
 def run_plan(args) -> int:

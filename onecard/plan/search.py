@@ -7,7 +7,7 @@ A candidate is a named recipe from onecard/recipe.py at the largest micro-batch 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from onecard.errors import UsageError
 from onecard.model import GPTConfig, param_counts
@@ -157,3 +157,62 @@ def budget(s: Settings, days: float, ratio: float, keep: int = 5) -> list[tuple[
         if best.time_s <= days * 86400:
             found.append((config, best))
     return sorted(found, key=lambda cb: -cb[0].n_layer)[:keep]
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host RAM free for a new run (Linux MemAvailable), or None where it cannot be read."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def breakdown(memory: Memory) -> str:
+    """'weights 2.10, grads 1.05, ... total 9.48 GiB, host 15.2 GiB': one line of a recipe's memory."""
+    gib = 2 ** 30
+    parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in memory.components().items())
+    return f"{parts} GiB on the card; {memory.host / gib:.2f} GiB of host RAM"
+
+
+def pick_recipe(config: GPTConfig, s: Settings, tokens: int, name: str | None = None,
+                overrides: dict | None = None, host_bytes: int | None = None) -> Candidate:
+    """The recipe a training run executes on the card of `s`: the named one, or else the fastest
+    named recipe that fits; each with the fields of `overrides` set. Raises UsageError with the
+    planner's breakdown where it cannot run: too little VRAM, no FP8, too little host RAM."""
+    overrides = overrides or {}
+    bases = [NAMED[name]] if name else list(NAMED.values())
+    cands = []
+    for base in bases:
+        try:
+            recipe = base.overridden(**overrides)
+        except UsageError:
+            if name:
+                raise
+            continue  # this override does not combine with this recipe (e.g. grads=cpu on the GPU)
+        cand = evaluate(config, recipe, s, tokens)
+        if host_bytes is not None and cand.memory.host > host_bytes:
+            cand = replace(cand, fits=False, note=f"needs {cand.memory.host / 2**30:.1f} GiB of host RAM, "
+                                                  f"{host_bytes / 2**30:.1f} GiB is free")
+        cands.append(cand)
+    best = fastest_fit(cands)
+    if best:
+        return best
+    where = f"{s.gpu.name} ({s.gpu.vram_gib:g} GiB)"
+    if name:
+        cand = cands[0]
+        why = cand.note or (f"it needs {cand.memory.total / 2**30:.2f} GiB at micro-batch "
+                            f"{cand.recipe.micro_batch}")
+        others = fastest_fit(candidates(config, s, tokens))
+        hint = (f"recipe {others.recipe.name} fits (micro-batch {others.recipe.micro_batch})" if others
+                else "no named recipe fits: a smaller model, a shorter --seq-len or a card with more memory")
+        raise UsageError(f"recipe {cand.recipe.name} cannot run on {where}: {why}\n"
+                         f"  planner's breakdown: {breakdown(cand.memory)}\n  {hint}")
+    notes = "; ".join(f"{c.recipe.name}: {c.note}" for c in cands if c.note)
+    raise UsageError(f"no recipe fits d{config.n_layer} on {where}: {overflow(cands, s.gpu.vram_bytes)}\n"
+                     f"  leanest recipe's breakdown: {breakdown(min(cands, key=lambda c: c.memory.total).memory)}"
+                     + (f"\n  also: {notes}" if notes else "")
+                     + "\n  try a smaller model (onecard plan --days D shows the best that fits), a shorter "
+                       "--seq-len, or a card with more memory")

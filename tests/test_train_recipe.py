@@ -1,0 +1,145 @@
+"""`onecard train` picks and executes a recipe: --gpu/--vram ask the planner, --recipe and the
+per-field flags override, --dry-run predicts and exits, bad fits are refused with the breakdown."""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from onecard.cli import main
+from onecard.data import Corpus, iter_texts
+from onecard.fit import compare_text
+from onecard.model import GPTConfig
+from onecard.plan.catalog import find_gpu, with_vram
+from onecard.plan.cli import build_settings, gigabytes
+from onecard.plan.memory import predict_memory
+from onecard.plan.search import pick_recipe
+from onecard.recipe import NAMED
+from onecard.tokenizer import Tokenizer
+from onecard.train import TrainSettings, train
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(list(argv)))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_vram_accepts_units():
+    assert gigabytes("12GB") == gigabytes("12 GiB") == gigabytes("12g") == gigabytes("12") == 12.0
+
+
+def test_dry_run_names_the_fastest_recipe_that_fits_and_writes_nothing(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "--model", "d32", "--gpu", "rtx4070", "--vram", "12GB", "--dry-run",
+                           "--run-dir", str(run_dir))
+    assert code == 0 and not run_dir.exists()
+    chosen = out.split("recipe ")[2].split(":")[0]  # 'recipe NAME: params ...' after the header line
+    # every named recipe the planner says is faster must be predicted not to fit in 12 GiB
+    config = GPTConfig.from_depth(32)
+    recipe = NAMED[chosen].with_(micro_batch=int(out.split("micro-batch ")[1].split()[0]))
+    assert predict_memory(config, recipe).total <= 12 * 2**30
+    assert "baseline" != chosen and "Memory at the peak" in out and "Time:" in out and "wall time" in out
+
+
+def test_leaner_cap_picks_leaner_or_smaller_micro_batch():
+    config = GPTConfig.from_depth(20)
+    picked = {}
+    for cap in (24, 12, 8):
+        s = build_settings(with_vram(find_gpu("rtx4090")[0], cap), [], seq_len=2048, total_batch=524288,
+                           micro_batch=None, vocab_size=65536)
+        picked[cap] = pick_recipe(config, s, tokens=10**9)
+        assert picked[cap].memory.total <= cap * 2**30
+    assert picked[8].memory.total < picked[12].memory.total <= picked[24].memory.total
+
+
+def test_overrides_are_applied_and_named(capsys):
+    code, out, _ = run_cli(capsys, "train", "--model", "d20", "--gpu", "rtx4090", "--recipe", "lean",
+                           "--activations", "selective", "--compile", "--dry-run")
+    assert code == 0
+    assert "recipe lean+activations=selective+compile=True:" in out
+    assert "activations selective" in out and "compile on" in out and "optim_states int8" in out
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--model", "d32", "--gpu", "rtx3090", "--recipe", "lean-fp8"], ["no FP8", "sm_86", "breakdown"]),
+    (["--model", "d32", "--gpu", "rtx4070", "--vram", "4GB"], ["no recipe fits", "over", "leanest recipe's"]),
+    (["--model", "d32", "--gpu", "rtx4070", "--recipe", "baseline"], ["cannot run", "breakdown", "fits"]),
+    (["--model", "d32", "--gpu", "rtx4070", "--grads", "cpu", "--recipe", "lean"], ["grads=cpu needs"]),
+])
+def test_recipes_the_card_cannot_run_are_refused(capsys, argv, fragments):
+    code, out, err = run_cli(capsys, "train", *argv, "--dry-run")
+    assert code == 2 and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_vram_without_a_card_to_plan_for(capsys):
+    code, _, err = run_cli(capsys, "train", "--vram", "12GB", "--dry-run")
+    assert code == 2 and "--gpu" in err and len(err.strip().splitlines()) == 1
+
+
+def test_host_memory_too_small_rules_out_offload():
+    config = GPTConfig.from_depth(32)
+    s = build_settings(find_gpu("rtx4070")[0], [], seq_len=2048, total_batch=524288, micro_batch=None,
+                       vocab_size=65536)
+    assert pick_recipe(config, s, 10**9).recipe.optim_place == "cpu"  # only offloading fits 12 GiB
+    with pytest.raises(Exception, match="host RAM"):
+        pick_recipe(config, s, 10**9, host_bytes=2**30)
+
+
+def test_prediction_beside_measurement_by_hand():
+    prediction = {"gpu": "card", "recipe": "lean", "peak_bytes": 10 * 2**30, "peak_allocated_bytes": 8 * 2**30,
+                  "step_time_s": 2.0, "tokens_per_s": 1000.0}
+    history = [{"step_time_s": t, "skipped": False} for t in (9.0, 1.0, 3.0, 2.0)]  # first: warm-up, left out
+    text = compare_text(prediction, {"vram_peak_bytes": 7 * 2**30}, history, total_batch=4000)
+    assert "8.00 GiB" in text and "7.00 GiB" in text
+    assert "2.000 s (median of 3 steps)" in text and "2,000" in text  # 4000 tokens / 2 s
+
+
+def test_cli_runs_the_chosen_recipe(capsys, tmp_path):
+    """A real (tiny) CPU run with a lean recipe and overrides: config.json holds what ran."""
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"document {i}: the quick brown fox jumps over the lazy dog "
+                                                   f"{i % 7} " * 5}) for i in range(400)))
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--depth", "1", "--vocab-size", "300", "--seq-len", "32",
+                             "--micro-batch", "2", "--total-batch", "128", "--steps", "3", "--data", str(data),
+                             "--run-dir", str(run_dir), "--recipe", "lean", "--loss", "full", "--eval-batches", "1")
+    assert code == 0, err
+    recipe = json.loads((run_dir / "config.json").read_text())["recipe"]
+    assert recipe["name"] == "lean+loss=full" and recipe["loss"] == "full" and recipe["optim_states"] == "int8"
+    assert recipe["micro_batch"] == 2 and recipe["seq_len"] == 32
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """recipe.compile runs the step through torch.compile; the weights after two steps match eager."""
+    corpus = Corpus.embedded()
+    tokenizer = Tokenizer.train(iter_texts(corpus, 100_000), 300)
+    config = GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2,
+                       n_embd=64)
+    weights = {}
+    for compiled in (False, True):
+        recipe = NAMED["recompute"].with_(micro_batch=2, seq_len=32, compile=compiled)
+        settings = TrainSettings(run_dir=Path(tmp_path / str(compiled)), steps=2, total_batch=128, eval_every=0,
+                                 eval_batches=1, sample_tokens=1)
+        result = train(config, tokenizer, corpus, recipe, settings, log=lambda *_: None)
+        weights[compiled] = {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
+    for key, eager in weights[False].items():
+        torch.testing.assert_close(weights[True][key], eager, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_resumed_run_keeps_its_recipe():
+    from onecard.fit import choose_recipe
+    args = SimpleNamespace(recipe=None, gpu=None, vram=None, compile=None, **{k: None for k in
+                           ("params", "grads", "optim_states", "optim_place", "activations", "loss", "matmul")})
+    resumed = NAMED["bf16"].with_(micro_batch=4, seq_len=64)
+    config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+    choice = choose_recipe(args, config, "cpu", seq_len=64, micro_batch=4, total_batch=256, tokens=1000,
+                           resumed=resumed)
+    assert choice.recipe == resumed
