@@ -10,7 +10,8 @@ A run survives months of interruptions:
   (checkpoint.py: atomic, checksummed, the last `keep` kept);
 - a run directory that holds a checkpoint resumes from it, bitwise exactly on the CPU (weights,
   optimizer states, data position and every RNG state are restored); a different model,
-  recipe, batch, seed or corpus is refused unless `force_new`;
+  sequence length, batch, seed or corpus is refused unless `force_new` (another recipe is
+  allowed: weights and optimizer states convert);
 - SIGINT or SIGTERM stops at the next micro-batch boundary (an unfinished step is abandoned
   and redone on resume) and writes a checkpoint; a second one quits at once;
 - a non-finite loss or gradient norm skips the step's update; `max_bad_steps` in a row stop

@@ -1,0 +1,203 @@
+"""The lean recipes on a real CUDA card: memory and speed measured, next to the planner's prediction.
+
+For each depth (default d20 and d32, vocabulary 65,536, context 2048), each memory cap (default:
+the whole card, 12 GiB and 8 GiB, set with torch.cuda.set_per_process_memory_fraction so that a
+large GPU stands in for a smaller one) and each named recipe, at the micro-batch the planner
+picks for a card of that size, it trains a few optimizer steps exactly as onecard.train does
+(build_model, set_policies, build_optimizer, bf16 autocast, accumulate, clip, step) and records:
+
+- torch.cuda.max_memory_allocated over the last full step, against the planner's `allocated`
+  (its total less the CUDA context, workspace and fragmentation margin, which
+  max_memory_allocated does not see);
+- tokens/s of that step, MFU by model FLOPs (nanochat's 6N + 12LHQT per token) and by hardware
+  FLOPs (recompute included) against this card's dense bf16 peak from the catalog, and the
+  planner's predicted tokens/s and MFU for this card.
+
+Recipes the planner says do not fit are run too: they should run out of memory. Results go to
+benchmarks/results/recipes_gpu_<date>_<card>.json (device, date, command, commit) and a markdown
+table is printed for benchmarks/README.md.
+
+    python benchmarks/recipes_gpu.py                                  # d20, d32 x whole/12/8 GiB
+    python benchmarks/recipes_gpu.py --depths 32 --caps 12 --recipes lean offload
+    python benchmarks/recipes_gpu.py --device cpu --depths 2 --seq-len 64 --vocab-size 512 --caps 0
+                                                                      # a smoke run of the loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from onecard.model import GPTConfig, build_model
+from onecard.optim import build_optimizer
+from onecard.plan.catalog import CATALOG, GiB, detect_gpu, with_vram
+from onecard.plan.search import Settings, evaluate
+from onecard.plan.timing import predict_time
+from onecard.recipe import NAMED
+from onecard.train import autocast_for
+
+HERE = Path(__file__).resolve().parent
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_steps(config: GPTConfig, recipe, accum: int, steps: int, device: str) -> dict:
+    """`steps` optimizer steps of `accum` micro-batches; the peak memory and time of the last one."""
+    cuda = device == "cuda"
+    model = opt = None
+    try:
+        torch.manual_seed(0)
+        model = build_model(config, device=device)
+        model.set_policies(recipe.activations, recipe.loss)
+        opt = build_optimizer(model, recipe)  # casts weights as the recipe says (wte bf16 on CUDA)
+        step_model = torch.compile(model) if recipe.compile else model
+        idx = torch.randint(0, config.vocab_size, (recipe.micro_batch, recipe.seq_len + 1), device=device)
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+        for step in range(steps):
+            if step == steps - 1:  # the optimizer states exist now: measure one whole step from here
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+            for _ in range(accum):
+                with autocast_for(device):
+                    loss = step_model(inputs, targets)
+                (loss / accum).backward()
+                opt.accumulate()
+            opt.clip_grad_norm(1.0)
+            opt.step()
+            opt.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - start
+        row = {"outcome": "ran", "step_s": step_s, "loss": float(loss),
+               "tokens_per_s": accum * recipe.micro_batch * recipe.seq_len / step_s}
+        if cuda:
+            row |= {"max_memory_allocated": torch.cuda.max_memory_allocated(),
+                    "max_memory_reserved": torch.cuda.max_memory_reserved()}
+        return row
+    except torch.OutOfMemoryError as error:
+        return {"outcome": "out of memory", "max_memory_allocated": torch.cuda.max_memory_allocated(),
+                "error": str(error).splitlines()[0]}
+    finally:
+        del model, opt
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def this_card(device: str, as_gpu: str | None):
+    """The catalog entry whose peak the MFU is measured against and whose speed the plan assumes."""
+    if as_gpu:
+        return CATALOG[as_gpu]
+    if device == "cuda":
+        found = detect_gpu()
+        if found:
+            return found[0]
+    return CATALOG["rtx4070"]  # the CPU smoke run: any card, its figures are not reported as measured
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| depth | cap GiB | recipe | micro | predicted fits | predicted alloc GiB | measured alloc GiB "
+             "| ratio | tokens/s (pred.) | MFU model | MFU hardware | MFU pred. |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ran = r["outcome"] == "ran"
+        alloc = f"{r['max_memory_allocated'] / GiB:.2f}" if "max_memory_allocated" in r and ran else r["outcome"]
+        lines.append(
+            f"| d{r['depth']} | {r['cap_gib'] or 'whole'} | {r['recipe']['name']} | {r['recipe']['micro_batch']} "
+            f"| {'yes' if r['predicted_fits'] else 'no'} | {r['predicted_allocated'] / GiB:.2f} | {alloc} "
+            f"| {r.get('allocated_ratio', float('nan')):.3f} "
+            f"| {r.get('tokens_per_s', 0):,.0f} ({r['predicted_tokens_per_s']:,.0f}) "
+            f"| {r.get('mfu_model', 0):.1%} | {r.get('mfu_hardware', 0):.1%} | {r['predicted_mfu']:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", type=int, nargs="+", default=[20, 32])
+    parser.add_argument("--caps", type=float, nargs="+", default=[0, 12, 8],
+                        help="memory caps in GiB standing in for smaller cards (0: the whole card)")
+    parser.add_argument("--recipes", nargs="+", default=list(NAMED), choices=list(NAMED))
+    parser.add_argument("--as-gpu", choices=list(CATALOG), help="catalog card for peak and plan (default: detected)")
+    parser.add_argument("--accum", type=int, default=2, help="micro-batches per measured step")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps (the last one is measured)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=65536)
+    parser.add_argument("--compile", action="store_true", help="run every recipe with torch.compile")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
+        return 2
+
+    card = this_card(args.device, args.as_gpu)
+    total = torch.cuda.get_device_properties(0).total_memory if cuda else int(card.vram_bytes)
+    rows = []
+    for cap_gib in args.caps:
+        cap = cap_gib * GiB if cap_gib else total
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+        settings = Settings(gpu=with_vram(card, cap / GiB), seq_len=args.seq_len, vocab_size=args.vocab_size,
+                            total_batch=args.accum * 32 * args.seq_len)
+        for depth in args.depths:
+            config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
+            for name in args.recipes:
+                recipe = NAMED[name].with_(compile=args.compile)
+                planned = evaluate(config, recipe, settings, tokens=1)
+                recipe = planned.recipe
+                # the time of exactly the measured step: accum micro-batches, then the update
+                timing = predict_time(config, recipe, settings.gpu, 1, args.accum * recipe.micro_batch * args.seq_len)
+                if recipe.matmul == "fp8" and (not cuda or torch.cuda.get_device_capability() < (8, 9)):
+                    continue
+                measured = run_steps(config, recipe, args.accum, args.steps, args.device)
+                row = {"depth": depth, "cap_gib": cap_gib, "recipe": recipe.to_dict(),
+                       "predicted_fits": planned.fits, "predicted_allocated": planned.memory.allocated,
+                       "predicted_total": planned.memory.total, "predicted_components": planned.memory.components(),
+                       "predicted_tokens_per_s": timing.tokens_per_s, "predicted_mfu": timing.mfu,
+                       **measured}
+                if measured["outcome"] == "ran":
+                    rate = measured["tokens_per_s"]
+                    row["mfu_model"] = timing.model_flops_per_token * rate / card.peak_bf16
+                    row["mfu_hardware"] = timing.hardware_flops_per_token * rate / card.peak_bf16
+                    if "max_memory_allocated" in measured:
+                        row["allocated_ratio"] = measured["max_memory_allocated"] / planned.memory.allocated
+                rows.append(row)
+                got = (f"{measured['max_memory_allocated'] / GiB:.2f} GiB, {measured['tokens_per_s']:,.0f} tok/s"
+                       if "max_memory_allocated" in measured and measured["outcome"] == "ran"
+                       else f"{measured['outcome']}, {measured.get('tokens_per_s', 0):,.0f} tok/s")
+                print(f"cap {cap_gib or 'whole'} d{depth} {name:<12} micro-batch {recipe.micro_batch:>2}: predicted "
+                      f"{planned.memory.allocated / GiB:.2f} GiB ({'fits' if planned.fits else 'does not fit'}), "
+                      f"measured {got}", flush=True)
+
+    stamp = datetime.now(timezone.utc)
+    device = torch.cuda.get_device_name(0) if cuda else "cpu (smoke run)"
+    result = {"device": device, "device_memory_bytes": total, "peak_bf16_flops": card.peak_bf16,
+              "peak_source": card.source, "date": stamp.isoformat(), "commit": commit(), "torch": torch.__version__,
+              "command": " ".join(sys.argv), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"recipes_gpu_{stamp:%Y%m%d}_{device.replace(' ', '_').replace('(', '').replace(')', '')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(table(rows))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
