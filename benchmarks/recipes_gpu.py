@@ -93,6 +93,8 @@ def run_steps(config: GPTConfig, recipe, accum: int, steps: int, device: str) ->
     except torch.OutOfMemoryError as error:
         return {"outcome": "out of memory", "max_memory_allocated": torch.cuda.max_memory_allocated(),
                 "error": str(error).splitlines()[0]}
+    except Exception as error:  # a recipe that fails on this card is a result too; the others still run
+        return {"outcome": "error", "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
     finally:
         del model, opt
         gc.collect()
@@ -141,7 +143,9 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="run every recipe with torch.compile")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: none)")
     args = parser.parse_args()
+    began = time.monotonic()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
@@ -149,7 +153,15 @@ def main() -> int:
 
     card = this_card(args.device, args.as_gpu)
     total = torch.cuda.get_device_properties(0).total_memory if cuda else int(card.vram_bytes)
-    rows = []
+    stamp = datetime.now(timezone.utc)
+    device = torch.cuda.get_device_name(0) if cuda else "cpu (smoke run)"
+    result = {"device": device, "device_memory_bytes": total, "peak_bf16_flops": card.peak_bf16,
+              "peak_source": card.source, "date": stamp.isoformat(), "commit": commit(), "torch": torch.__version__,
+              "command": " ".join(sys.argv), "rows": []}
+    rows = result["rows"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    card_name = device.replace(" ", "_").replace("(", "").replace(")", "")
+    path = args.out / f"recipes_gpu_{stamp:%Y%m%d-%H%M%S}_{card_name}.json"
     for cap_gib in args.caps:
         cap = cap_gib * GiB if cap_gib else total
         if cuda:
@@ -166,6 +178,9 @@ def main() -> int:
                 timing = predict_time(config, recipe, settings.gpu, 1, args.accum * recipe.micro_batch * args.seq_len)
                 if recipe.matmul == "fp8" and (not cuda or torch.cuda.get_device_capability() < (8, 9)):
                     continue
+                if args.budget_s and time.monotonic() - began > args.budget_s:
+                    print(f"time budget spent: cap {cap_gib} d{depth} {name} not run", flush=True)
+                    continue
                 measured = run_steps(config, recipe, args.accum, args.steps, args.device)
                 row = {"depth": depth, "cap_gib": cap_gib, "recipe": recipe.to_dict(),
                        "predicted_fits": planned.fits, "predicted_allocated": planned.memory.allocated,
@@ -179,20 +194,15 @@ def main() -> int:
                     if "max_memory_allocated" in measured:
                         row["allocated_ratio"] = measured["max_memory_allocated"] / planned.memory.allocated
                 rows.append(row)
+                path.write_text(json.dumps(result, indent=2))  # after every row: a killed run keeps what it did
                 got = (f"{measured['max_memory_allocated'] / GiB:.2f} GiB, {measured['tokens_per_s']:,.0f} tok/s"
                        if "max_memory_allocated" in measured and measured["outcome"] == "ran"
-                       else f"{measured['outcome']}, {measured.get('tokens_per_s', 0):,.0f} tok/s")
+                       else f"{measured['outcome']}, {measured.get('tokens_per_s', 0):,.0f} tok/s "
+                            f"{measured.get('error', '')}")
                 print(f"cap {cap_gib or 'whole'} d{depth} {name:<12} micro-batch {recipe.micro_batch:>2}: predicted "
                       f"{planned.memory.allocated / GiB:.2f} GiB ({'fits' if planned.fits else 'does not fit'}), "
                       f"measured {got}", flush=True)
 
-    stamp = datetime.now(timezone.utc)
-    device = torch.cuda.get_device_name(0) if cuda else "cpu (smoke run)"
-    result = {"device": device, "device_memory_bytes": total, "peak_bf16_flops": card.peak_bf16,
-              "peak_source": card.source, "date": stamp.isoformat(), "commit": commit(), "torch": torch.__version__,
-              "command": " ".join(sys.argv), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"recipes_gpu_{stamp:%Y%m%d}_{device.replace(' ', '_').replace('(', '').replace(')', '')}.json"
     path.write_text(json.dumps(result, indent=2))
     print(table(rows))
     print(f"wrote {path}")
