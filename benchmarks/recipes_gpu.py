@@ -9,9 +9,11 @@ picks for a card of that size, it trains a few optimizer steps exactly as onecar
 - torch.cuda.max_memory_allocated over the last full step, against the planner's `allocated`
   (its total less the CUDA context, workspace and fragmentation margin, which
   max_memory_allocated does not see);
-- tokens/s of that step, MFU by model FLOPs (nanochat's 6N + 12LHQT per token) and by hardware
-  FLOPs (recompute included) against this card's dense bf16 peak from the catalog, and the
-  planner's predicted tokens/s and MFU for this card.
+- the forward-backward and update times of that step, and from them tokens/s at a real step of
+  --total-batch tokens (forward-backward per token x total batch + one update: measuring 256
+  micro-batches of d32 would not fit a short lease); MFU by model FLOPs (nanochat's 6N + 12LHQT
+  per token) and by hardware FLOPs (recompute included) at that rate, against this card's dense
+  bf16 peak from the catalog; and the planner's predicted tokens/s and MFU for this card.
 
 Recipes the planner says do not fit are run too: they should run out of memory. Results go to
 benchmarks/results/recipes_gpu_<date>_<card>.json (device, date, command, commit) and a markdown
@@ -55,8 +57,9 @@ def commit() -> str:
         return "unknown"
 
 
-def run_steps(config: GPTConfig, recipe, accum: int, steps: int, device: str) -> dict:
-    """`steps` optimizer steps of `accum` micro-batches; the peak memory and time of the last one."""
+def run_steps(config: GPTConfig, recipe, accum: int, steps: int, device: str, total_batch: int) -> dict:
+    """`steps` optimizer steps of `accum` micro-batches; the peak memory and time of the last one, and
+    its tokens/s scaled to a step of `total_batch` tokens (forward-backward per token x total_batch + update)."""
     cuda = device == "cuda"
     model = opt = None
     try:
@@ -67,25 +70,32 @@ def run_steps(config: GPTConfig, recipe, accum: int, steps: int, device: str) ->
         step_model = torch.compile(model) if recipe.compile else model
         idx = torch.randint(0, config.vocab_size, (recipe.micro_batch, recipe.seq_len + 1), device=device)
         inputs, targets = idx[:, :-1], idx[:, 1:]
+        def sync() -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
         for step in range(steps):
             if step == steps - 1:  # the optimizer states exist now: measure one whole step from here
                 if cuda:
-                    torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
+                start = sync()
             for _ in range(accum):
                 with autocast_for(device):
                     loss = step_model(inputs, targets)
                 (loss / accum).backward()
                 opt.accumulate()
+            middle = sync()
             opt.clip_grad_norm(1.0)
             opt.step()
             opt.zero_grad()
-        if cuda:
-            torch.cuda.synchronize()
-        step_s = time.perf_counter() - start
-        row = {"outcome": "ran", "step_s": step_s, "loss": float(loss),
-               "tokens_per_s": accum * recipe.micro_batch * recipe.seq_len / step_s}
+        end = sync()
+        tokens = accum * recipe.micro_batch * recipe.seq_len
+        # A real step has total_batch tokens: forward-backward time scales with them, the update does not
+        at_batch_s = (middle - start) / tokens * total_batch + (end - middle)
+        row = {"outcome": "ran", "step_s": end - start, "forward_backward_s": middle - start,
+               "update_s": end - middle, "loss": float(loss.detach()), "tokens_per_s": tokens / (end - start),
+               "total_batch": total_batch, "tokens_per_s_at_batch": total_batch / at_batch_s}
         if cuda:
             row |= {"max_memory_allocated": torch.cuda.max_memory_allocated(),
                     "max_memory_reserved": torch.cuda.max_memory_reserved()}
@@ -115,7 +125,7 @@ def this_card(device: str, as_gpu: str | None):
 
 def table(rows: list[dict]) -> str:
     lines = ["| depth | cap GiB | recipe | micro | predicted fits | predicted alloc GiB | measured alloc GiB "
-             "| ratio | tokens/s (pred.) | MFU model | MFU hardware | MFU pred. |",
+             "| ratio | tokens/s at batch (pred.) | MFU model | MFU hardware | MFU pred. |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ran = r["outcome"] == "ran"
@@ -124,7 +134,7 @@ def table(rows: list[dict]) -> str:
             f"| d{r['depth']} | {r['cap_gib'] or 'whole'} | {r['recipe']['name']} | {r['recipe']['micro_batch']} "
             f"| {'yes' if r['predicted_fits'] else 'no'} | {r['predicted_allocated'] / GiB:.2f} | {alloc} "
             f"| {r.get('allocated_ratio', float('nan')):.3f} "
-            f"| {r.get('tokens_per_s', 0):,.0f} ({r['predicted_tokens_per_s']:,.0f}) "
+            f"| {r.get('tokens_per_s_at_batch', 0):,.0f} ({r['predicted_tokens_per_s']:,.0f}) "
             f"| {r.get('mfu_model', 0):.1%} | {r.get('mfu_hardware', 0):.1%} | {r['predicted_mfu']:.1%} |")
     return "\n".join(lines)
 
@@ -139,6 +149,8 @@ def main() -> int:
     parser.add_argument("--accum", type=int, default=2, help="micro-batches per measured step")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (the last one is measured)")
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--total-batch", type=int, default=524288,
+                        help="tokens per optimizer step that tokens/s and MFU are scaled to (nanochat's 524288)")
     parser.add_argument("--vocab-size", type=int, default=65536)
     parser.add_argument("--compile", action="store_true", help="run every recipe with torch.compile")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -167,35 +179,35 @@ def main() -> int:
         if cuda:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
         settings = Settings(gpu=with_vram(card, cap / GiB), seq_len=args.seq_len, vocab_size=args.vocab_size,
-                            total_batch=args.accum * 32 * args.seq_len)
+                            total_batch=args.total_batch)
         for depth in args.depths:
             config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
             for name in args.recipes:
                 recipe = NAMED[name].with_(compile=args.compile)
                 planned = evaluate(config, recipe, settings, tokens=1)
                 recipe = planned.recipe
-                # the time of exactly the measured step: accum micro-batches, then the update
-                timing = predict_time(config, recipe, settings.gpu, 1, args.accum * recipe.micro_batch * args.seq_len)
+                timing = predict_time(config, recipe, settings.gpu, 1, args.total_batch)
                 if recipe.matmul == "fp8" and (not cuda or torch.cuda.get_device_capability() < (8, 9)):
                     continue
                 if args.budget_s and time.monotonic() - began > args.budget_s:
                     print(f"time budget spent: cap {cap_gib} d{depth} {name} not run", flush=True)
                     continue
-                measured = run_steps(config, recipe, args.accum, args.steps, args.device)
+                measured = run_steps(config, recipe, args.accum, args.steps, args.device, args.total_batch)
                 row = {"depth": depth, "cap_gib": cap_gib, "recipe": recipe.to_dict(),
                        "predicted_fits": planned.fits, "predicted_allocated": planned.memory.allocated,
                        "predicted_total": planned.memory.total, "predicted_components": planned.memory.components(),
                        "predicted_tokens_per_s": timing.tokens_per_s, "predicted_mfu": timing.mfu,
                        **measured}
                 if measured["outcome"] == "ran":
-                    rate = measured["tokens_per_s"]
+                    rate = measured["tokens_per_s_at_batch"]
                     row["mfu_model"] = timing.model_flops_per_token * rate / card.peak_bf16
                     row["mfu_hardware"] = timing.hardware_flops_per_token * rate / card.peak_bf16
                     if "max_memory_allocated" in measured:
                         row["allocated_ratio"] = measured["max_memory_allocated"] / planned.memory.allocated
                 rows.append(row)
                 path.write_text(json.dumps(result, indent=2))  # after every row: a killed run keeps what it did
-                got = (f"{measured['max_memory_allocated'] / GiB:.2f} GiB, {measured['tokens_per_s']:,.0f} tok/s"
+                got = (f"{measured['max_memory_allocated'] / GiB:.2f} GiB, "
+                       f"{measured['tokens_per_s_at_batch']:,.0f} tok/s at batch"
                        if "max_memory_allocated" in measured and measured["outcome"] == "ran"
                        else f"{measured['outcome']}, {measured.get('tokens_per_s', 0):,.0f} tok/s "
                             f"{measured.get('error', '')}")

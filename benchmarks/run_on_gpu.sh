@@ -17,21 +17,21 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
   python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$log"
 
-echo "== 1. d32 under 12 and 8 GiB caps" | tee -a "$log"
-timeout 180 python3 benchmarks/recipes_gpu.py --depths 32 --caps 12 8 --budget-s 150 --out "$out" \
-  --recipes lean-fp8 lean offload offload-max bf16 baseline 2>&1 | tee -a "$log"
-
-echo "== 2. onecard train on CUDA: the planner's pick for 12 GiB, checkpoint, meters, predicted vs measured" | tee -a "$log"
-timeout 120 python3 -m onecard.cli train --model d20 --vram 12GB --vocab-size 8192 --tokenizer-chars 5000000 \
+echo "== 1. onecard train on CUDA: the planner's pick for 12 GiB, checkpoint, meters, predicted vs measured" | tee -a "$log"
+timeout 60 python3 -m onecard.cli train --model d20 --vram 12GB --vocab-size 8192 --tokenizer-chars 5000000 \
   --steps 4 --total-batch 65536 --eval-every 0 --eval-batches 2 --run-dir /tmp/run --price 0.15 2>&1 | tee -a "$log"
 cp /tmp/run/summary.json "$out/train_d20_summary.json" 2>/dev/null
 cp /tmp/run/log.jsonl "$out/train_d20_log.jsonl" 2>/dev/null
 
-echo "== 3. d20 at every cap, d32 on the whole card" | tee -a "$log"
-timeout 130 python3 benchmarks/recipes_gpu.py --depths 20 --caps 0 12 8 --budget-s 110 --out "$out" 2>&1 | tee -a "$log"
-timeout 60 python3 benchmarks/recipes_gpu.py --depths 32 --caps 0 --recipes lean-fp8 lean bf16 --budget-s 40 \
-  --out "$out" 2>&1 | tee -a "$log"
+echo "== 2. d32 under 8 and 12 GiB caps" | tee -a "$log"
+timeout 160 python3 benchmarks/recipes_gpu.py --depths 32 --caps 8 12 --steps 2 --budget-s 130 --out "$out" \
+  --recipes offload offload-max lean lean-fp8 2>&1 | tee -a "$log"
 
-echo "== 4. onecard bench" | tee -a "$log"
-timeout 45 python3 -m onecard.cli bench --steps 5 --no-save 2>&1 | tee -a "$log"
+echo "== 3. d20 under 12 and 8 GiB caps" | tee -a "$log"
+timeout 100 python3 benchmarks/recipes_gpu.py --depths 20 --caps 12 8 --steps 2 --budget-s 80 --out "$out" \
+  --recipes lean offload offload-max bf16 recompute baseline 2>&1 | tee -a "$log"
+
+echo "== 4. torch.compile: d20 under 12 GiB" | tee -a "$log"
+timeout 60 python3 benchmarks/recipes_gpu.py --depths 20 --caps 12 --steps 2 --budget-s 30 --compile --out "$out" \
+  --recipes lean-fp8 lean 2>&1 | tee -a "$log"
 date -u | tee -a "$log"

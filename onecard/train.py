@@ -172,10 +172,12 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_tokens: int, 
     model.eval()
     ids = tokenizer.encode(prompt, prepend_bos=True)
     out = []
-    for token in model.generate(ids, max_tokens, temperature=temperature, top_k=top_k, seed=seed):
-        if token == tokenizer.bos_id:
-            break
-        out.append(token)
+    # under the same autocast as training: on CUDA the embedding is bf16 and the other weights may be fp32
+    with autocast_for(model.lm_head.weight.device.type):
+        for token in model.generate(ids, max_tokens, temperature=temperature, top_k=top_k, seed=seed):
+            if token == tokenizer.bos_id:
+                break
+            out.append(token)
     model.train(was_training)
     return prompt + tokenizer.decode(out)
 
