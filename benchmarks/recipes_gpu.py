@@ -129,6 +129,10 @@ def table(rows: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ran = r["outcome"] == "ran"
+        if "predicted_allocated" not in r:  # the measuring process itself failed
+            lines.append(f"| d{r['depth']} | {r['cap_gib'] or 'whole'} | {r['recipe']['name']} | | | | {r['outcome']} "
+                         "| | | | | |")
+            continue
         alloc = f"{r['max_memory_allocated'] / GiB:.2f}" if "max_memory_allocated" in r and ran else r["outcome"]
         lines.append(
             f"| d{r['depth']} | {r['cap_gib'] or 'whole'} | {r['recipe']['name']} | {r['recipe']['micro_batch']} "
@@ -137,6 +141,45 @@ def table(rows: list[dict]) -> str:
             f"| {r.get('tokens_per_s_at_batch', 0):,.0f} ({r['predicted_tokens_per_s']:,.0f}) "
             f"| {r.get('mfu_model', 0):.1%} | {r.get('mfu_hardware', 0):.1%} | {r['predicted_mfu']:.1%} |")
     return "\n".join(lines)
+
+
+def measure_row(args, card, total: int, depth: int, cap_gib: float, name: str) -> dict | None:
+    """One recipe x depth x cap: the planner's prediction and the measurement side by side."""
+    cuda = args.device == "cuda"
+    cap = cap_gib * GiB if cap_gib else total
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+    settings = Settings(gpu=with_vram(card, cap / GiB), seq_len=args.seq_len, vocab_size=args.vocab_size,
+                        total_batch=args.total_batch)
+    config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
+    planned = evaluate(config, NAMED[name].with_(compile=args.compile), settings, tokens=1)
+    recipe = planned.recipe
+    if recipe.matmul == "fp8" and (not cuda or torch.cuda.get_device_capability() < (8, 9)):
+        return None
+    timing = predict_time(config, recipe, settings.gpu, 1, args.total_batch)
+    measured = run_steps(config, recipe, args.accum, args.steps, args.device, args.total_batch)
+    row = {"depth": depth, "cap_gib": cap_gib, "recipe": recipe.to_dict(),
+           "predicted_fits": planned.fits, "predicted_allocated": planned.memory.allocated,
+           "predicted_total": planned.memory.total, "predicted_components": planned.memory.components(),
+           "predicted_tokens_per_s": timing.tokens_per_s, "predicted_mfu": timing.mfu, **measured}
+    if measured["outcome"] == "ran":
+        rate = measured["tokens_per_s_at_batch"]
+        row["mfu_model"] = timing.model_flops_per_token * rate / card.peak_bf16
+        row["mfu_hardware"] = timing.hardware_flops_per_token * rate / card.peak_bf16
+        if "max_memory_allocated" in measured:
+            row["allocated_ratio"] = measured["max_memory_allocated"] / planned.memory.allocated
+    return row
+
+
+def row_line(row: dict) -> str:
+    ran = row["outcome"] == "ran"
+    got = (f"{row['max_memory_allocated'] / GiB:.2f} GiB" if ran and "max_memory_allocated" in row
+           else row["outcome"] + (f" ({row['error']})" if "error" in row else ""))
+    speed = f", {row['tokens_per_s_at_batch']:,.0f} tok/s at batch" if ran else ""
+    predicted = (f"predicted {row['predicted_allocated'] / GiB:.2f} GiB "
+                 f"({'fits' if row['predicted_fits'] else 'does not fit'}), " if "predicted_allocated" in row else "")
+    return (f"cap {row['cap_gib'] or 'whole'} d{row['depth']} {row['recipe']['name']:<12} micro-batch "
+            f"{row['recipe'].get('micro_batch', '?'):>2}: {predicted}measured {got}{speed}")
 
 
 def main() -> int:
@@ -156,6 +199,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: none)")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # DEPTH:CAP:RECIPE, run by main in a process of its own
     args = parser.parse_args()
     began = time.monotonic()
     cuda = args.device == "cuda"
@@ -165,6 +209,11 @@ def main() -> int:
 
     card = this_card(args.device, args.as_gpu)
     total = torch.cuda.get_device_properties(0).total_memory if cuda else int(card.vram_bytes)
+    if args.row:  # one measurement, in a process of its own (see below); its row is the last line printed
+        depth, cap_gib, name = args.row.split(":")
+        print(json.dumps(measure_row(args, card, total, int(depth), float(cap_gib), name)))
+        return 0
+
     stamp = datetime.now(timezone.utc)
     device = torch.cuda.get_device_name(0) if cuda else "cpu (smoke run)"
     result = {"device": device, "device_memory_bytes": total, "peak_bf16_flops": card.peak_bf16,
@@ -175,45 +224,25 @@ def main() -> int:
     card_name = device.replace(" ", "_").replace("(", "").replace(")", "")
     path = args.out / f"recipes_gpu_{stamp:%Y%m%d-%H%M%S}_{card_name}.json"
     for cap_gib in args.caps:
-        cap = cap_gib * GiB if cap_gib else total
-        if cuda:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
-        settings = Settings(gpu=with_vram(card, cap / GiB), seq_len=args.seq_len, vocab_size=args.vocab_size,
-                            total_batch=args.total_batch)
         for depth in args.depths:
-            config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
             for name in args.recipes:
-                recipe = NAMED[name].with_(compile=args.compile)
-                planned = evaluate(config, recipe, settings, tokens=1)
-                recipe = planned.recipe
-                timing = predict_time(config, recipe, settings.gpu, 1, args.total_batch)
-                if recipe.matmul == "fp8" and (not cuda or torch.cuda.get_device_capability() < (8, 9)):
-                    continue
                 if args.budget_s and time.monotonic() - began > args.budget_s:
                     print(f"time budget spent: cap {cap_gib} d{depth} {name} not run", flush=True)
                     continue
-                measured = run_steps(config, recipe, args.accum, args.steps, args.device, args.total_batch)
-                row = {"depth": depth, "cap_gib": cap_gib, "recipe": recipe.to_dict(),
-                       "predicted_fits": planned.fits, "predicted_allocated": planned.memory.allocated,
-                       "predicted_total": planned.memory.total, "predicted_components": planned.memory.components(),
-                       "predicted_tokens_per_s": timing.tokens_per_s, "predicted_mfu": timing.mfu,
-                       **measured}
-                if measured["outcome"] == "ran":
-                    rate = measured["tokens_per_s_at_batch"]
-                    row["mfu_model"] = timing.model_flops_per_token * rate / card.peak_bf16
-                    row["mfu_hardware"] = timing.hardware_flops_per_token * rate / card.peak_bf16
-                    if "max_memory_allocated" in measured:
-                        row["allocated_ratio"] = measured["max_memory_allocated"] / planned.memory.allocated
+                # Each measurement runs in a fresh process: memory a run that ran out of it still holds
+                # (tracebacks, the allocator's cache) must not count against the next one.
+                done = subprocess.run([sys.executable, *sys.argv, "--row", f"{depth}:{cap_gib}:{name}"],
+                                      capture_output=True, text=True)
+                try:
+                    row = json.loads(done.stdout.strip().splitlines()[-1])
+                except (IndexError, ValueError):
+                    row = {"depth": depth, "cap_gib": cap_gib, "recipe": {"name": name}, "outcome": "error",
+                           "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+                if row is None:
+                    continue  # fp8 where the card has none
                 rows.append(row)
                 path.write_text(json.dumps(result, indent=2))  # after every row: a killed run keeps what it did
-                got = (f"{measured['max_memory_allocated'] / GiB:.2f} GiB, "
-                       f"{measured['tokens_per_s_at_batch']:,.0f} tok/s at batch"
-                       if "max_memory_allocated" in measured and measured["outcome"] == "ran"
-                       else f"{measured['outcome']}, {measured.get('tokens_per_s', 0):,.0f} tok/s "
-                            f"{measured.get('error', '')}")
-                print(f"cap {cap_gib or 'whole'} d{depth} {name:<12} micro-batch {recipe.micro_batch:>2}: predicted "
-                      f"{planned.memory.allocated / GiB:.2f} GiB ({'fits' if planned.fits else 'does not fit'}), "
-                      f"measured {got}", flush=True)
+                print(row_line(row), flush=True)
 
     path.write_text(json.dumps(result, indent=2))
     print(table(rows))

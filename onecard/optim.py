@@ -24,6 +24,7 @@ minutes at d32 (one matrix at a time goes down and up in bf16).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -289,7 +290,16 @@ def _hook_grad(slot: Slot) -> None:
         old.remove()
         param._onecard_grad_hook = None
     if slot.grad_buf is not None:
-        param._onecard_grad_hook = param.register_post_accumulate_grad_hook(lambda _p: slot.fold_grad())
+        # a weak reference: the hook lives inside the tensor, where the garbage collector cannot see
+        # it, so a strong one would keep the slot, and through it the parameter, alive forever
+        slot_ref = weakref.ref(slot)
+
+        def fold(_param: torch.Tensor) -> None:
+            live = slot_ref()
+            if live is not None:
+                live.fold_grad()
+
+        param._onecard_grad_hook = param.register_post_accumulate_grad_hook(fold)
 
 
 class Optimizers:

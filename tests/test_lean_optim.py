@@ -273,3 +273,24 @@ def test_rebuilding_the_optimizer_detaches_the_old_gradient_hooks():
     assert all(p.grad is not None for p in model.parameters())  # not folded into the first's buffers
     assert all(slot.grad() is None for slot in first.slots)
     assert all(slot.grad() is slot.param.grad for slot in second.slots)
+
+
+@pytest.mark.parametrize("name", [n for n, r in NAMED.items() if r.matmul != "fp8"])
+def test_dropping_model_and_optimizer_frees_the_weights(name):
+    """Gradient hooks live inside the tensors, out of the garbage collector's sight: they must not
+    keep a finished run's weights (on a card: its memory) alive."""
+    import gc
+    import weakref
+
+    recipe = NAMED[name].with_(micro_batch=2, seq_len=16)
+    model = build_model(CONFIG)
+    model.set_policies(recipe.activations, recipe.loss)
+    opt = build_optimizer(model, recipe)
+    x = torch.randint(0, CONFIG.vocab_size, (2, 17))
+    model(x[:, :-1], x[:, 1:]).backward()
+    opt.accumulate()
+    opt.step()
+    weights = [weakref.ref(p) for p in model.parameters()]
+    del model, opt
+    gc.collect()
+    assert all(w() is None for w in weights)
