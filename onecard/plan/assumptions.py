@@ -41,6 +41,13 @@ class Assumptions:
     # (optim_place=cpu). A dual-channel DDR4/DDR5 desktop sustains 20-40 GB/s in STREAM-like
     # loops; we take the low end because the update also converts dtypes.
     cpu_memory_bandwidth: float = 20e9
+    # CPU time per parameter to fold one micro-batch's gradient into the fp32 buffer in CPU RAM
+    # (grads=cpu): the copy off the card and the add, done in backward's gradient hooks.
+    # Measured, not guessed: on an H200 machine with 16 CPU cores, d32 with the offload recipe
+    # spent 2.7-3.8 s per micro-batch beyond its GPU compute for 1.88e9 parameters, 1.45-2.0 ns
+    # each (benchmarks/results/gpu_session2, benchmarks/README.md); we take the middle, 1.7 ns.
+    # It does not shrink with a faster card: it is what makes grads=cpu slow.
+    grad_fold_s_per_param: float = 1.7e-9
     # Share of the data-parallel gradient all-reduce hidden behind backward (DDP overlaps
     # bucketed all-reduces with the remaining backward; half is a middle-of-the-road guess).
     dp_overlap: float = 0.5
@@ -60,6 +67,12 @@ class Assumptions:
     # torchao's float8 training reports 1.2-1.5x end-to-end speedups on H100 rather than 2x;
     # 0.7 on the block linears (~80 % of the FLOPs) gives about 1.3x.
     fp8_efficiency: float = 0.70
+    # Without torch.compile, torchao's fp8 casts and scalings run as separate kernels and fp8 is
+    # slower than bf16 (pytorch/ao issue 685; torchtitan calls compile required for float8).
+    # Measured here: lean-fp8 in eager mode ran at 0.47-0.54x the tokens/s of lean on an H200
+    # (benchmarks/results/gpu_session1). 0.45 of the bf16 rate on the fp8 FLOPs (~80 % of them)
+    # reproduces that ~0.5x. Used for recipes with matmul=fp8 and compile off.
+    fp8_eager_efficiency: float = 0.45
     # Average board power as a fraction of the rated board power while training: sustained
     # tensor-core work keeps a card at its power limit.
     power_fraction: float = 1.0

@@ -96,13 +96,17 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
              + (f" (recompute: {', '.join(extra)})" if extra else " (nothing recomputed)")]
     if t.fp8_flops_per_token:
         share = t.fp8_flops_per_token / t.hardware_flops_per_token
-        lines.append(f"  of which fp8       {share:.0%} (block linears) at "
-                     f"{gpu.peak_fp8 / 1e12:.1f} TFLOP/s x {s.assume.fp8_efficiency:.0%} (fp8_efficiency)")
+        rate = (f"{gpu.peak_fp8 / 1e12:.1f} TFLOP/s x {s.assume.fp8_efficiency:.0%} (fp8_efficiency, compiled)"
+                if c.recipe.compile else
+                f"{gpu.peak_bf16 / 1e12:.1f} TFLOP/s x {s.assume.fp8_eager_efficiency:.0%} "
+                "(fp8_eager_efficiency: without compile fp8 is slower than bf16)")
+        lines.append(f"  of which fp8       {share:.0%} (block linears) at {rate}")
     lines += [f"  peak               {gpu.peak_bf16 / 1e12:.1f} TFLOP/s bf16 dense per card (source above)",
               f"  utilization        {t.utilization:.0%} of peak assumed: {t.utilization_source}",
               f"  per step           {t.compute_s:,.1f} s GPU compute + {t.optimizer_s:,.1f} s optimizer "
               f"(Newton-Schulz {t.optimizer_flops_per_step:.2e} FLOPs + update) + {t.pcie_s:,.1f} s PCIe"
               + (f" + {t.comm_s:,.1f} s all-reduce" if s.gpus > 1 else "")
+              + (f" + {t.grad_fold_s:,.1f} s CPU gradient folding" if t.grad_fold_s else "")
               + f" = {t.step_s:,.1f} s for {s.total_batch:,} tokens"]
     if t.pcie_bytes:
         lines.append(f"  PCIe               {t.pcie_bytes / 1e9:,.1f} GB per step at {pcie_bw / 1e9:.1f} GB/s "

@@ -79,6 +79,7 @@ class Timing:
     pcie_s: float  # exposed part
     comm_s: float  # exposed part of the all-reduce
     step_s: float
+    grad_fold_s: float  # CPU time folding gradients into CPU RAM (grads=cpu), per optimizer step
     tokens_per_s: float
     mfu: float  # model FLOPs per second / (bf16 peak x GPUs)
 
@@ -95,8 +96,10 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
     hardware = model + recompute_flops_per_token(config, recipe)
     fp8 = fp8_flops_per_token(config, recipe) if gpu.peak_fp8 else 0
     compute = per_gpu_tokens * (hardware - fp8) / (gpu.peak_bf16 * u)
-    if fp8:
+    if fp8 and recipe.compile:
         compute += per_gpu_tokens * fp8 / (gpu.peak_fp8 * u * assume.fp8_efficiency)
+    elif fp8:  # eager fp8: slower than bf16 (see the assumption)
+        compute += per_gpu_tokens * fp8 / (gpu.peak_bf16 * u * assume.fp8_eager_efficiency)
 
     # The optimizer: Newton-Schulz runs on the GPU in bf16 wherever the states live (with
     # optim_place=cpu each matrix travels to the GPU and back in bf16 for it), shared out among
@@ -120,8 +123,10 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
             pcie += persistent.grads  # gradients go to the CPU once per step
         optimizer += 2 * host / assume.cpu_memory_bandwidth
         pcie += numel * pbytes + 2 * 2 * matrices  # updated weights back; matrices to/from NS
+    grad_fold = 0.0
     if recipe.grads == "cpu":
-        pcie += micro_steps * numel * pbytes  # every micro-batch's gradients go out
+        pcie += micro_steps * numel * pbytes  # every micro-batch's gradients go out ...
+        grad_fold = micro_steps * numel * assume.grad_fold_s_per_param  # ... and are added up on the CPU
     if recipe.activations == "offload":
         from onecard.plan.memory import activation_bytes
         pcie += micro_steps * activation_bytes(config, recipe, "bf16").pcie_bytes
@@ -134,13 +139,13 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
         grad_bytes = persistent.grads + persistent.host_grads
         comm = 2 * (gpus - 1) / gpus * grad_bytes / link * (1 - assume.dp_overlap)
 
-    step = compute + optimizer + pcie_s + comm
+    step = compute + optimizer + pcie_s + comm + grad_fold
     tokens_per_s = total_batch / step
     return Timing(utilization=u, utilization_source=source, model_flops_per_token=model,
                   hardware_flops_per_token=hardware, fp8_flops_per_token=fp8,
                   optimizer_flops_per_step=ns, micro_steps=micro_steps, compute_s=compute,
                   optimizer_s=optimizer, pcie_bytes=pcie, pcie_s=pcie_s, comm_s=comm, step_s=step,
-                  tokens_per_s=tokens_per_s, mfu=model * tokens_per_s / (gpu.peak_bf16 * gpus))
+                  grad_fold_s=grad_fold, tokens_per_s=tokens_per_s, mfu=model * tokens_per_s / (gpu.peak_bf16 * gpus))
 
 
 def energy_kwh(seconds: float, gpu_watts: float, gpus: int = 1, assume: Assumptions = DEFAULT) -> float:
