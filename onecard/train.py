@@ -329,7 +329,9 @@ def out_of_memory_message(model_config: GPTConfig, recipe: Recipe, device: str, 
 def forward_backward(model: torch.nn.Module, opt: Optimizers, loader: TokenLoader, accum: int, device: str,
                      stop: StopRequest) -> float | None:
     """The step's micro-batches; the mean loss, or None when a stop request came in between."""
-    loss_sum = 0.0
+    # summed on the device and read once per step: reading each micro-batch's loss would make the
+    # CPU wait for the GPU every micro-batch instead of queueing the next one's work
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(accum):
         if micro and stop.reason:
             return None
@@ -339,8 +341,8 @@ def forward_backward(model: torch.nn.Module, opt: Optimizers, loader: TokenLoade
             loss = model(inputs, targets)
         (loss / accum).backward()
         opt.accumulate()
-        loss_sum += loss.item()
-    return loss_sum / accum
+        loss_sum += loss.detach()
+    return loss_sum.item() / accum
 
 
 def finite(x: float) -> float | None:
