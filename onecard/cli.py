@@ -148,7 +148,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", help="start from the weights and tokenizer of an onecard run directory or a "
                                        "nanochat checkpoint directory")
     p.add_argument("--seq-len", type=positive_int, help="tokens per row (default 2048; demo 128)")
-    p.add_argument("--micro-batch", type=positive_int, help="rows per forward/backward (default 8)")
+    p.add_argument("--micro-batch", type=positive_int,
+                   help="rows per forward/backward (default: the largest that fits the card; 8 on the CPU)")
     p.add_argument("--total-batch", type=positive_int,
                    help="tokens per optimizer step, reached by gradient accumulation (default 524288)")
     horizon = p.add_mutually_exclusive_group()
