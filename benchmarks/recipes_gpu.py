@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -50,11 +51,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def commit() -> str:
+    """The commit measured: git's HEAD, or ONECARD_COMMIT where the copy has no git (a lent machine)."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("ONECARD_COMMIT", "unknown")
 
 
 def run_steps(config: GPTConfig, recipe, accum: int, steps: int, device: str, total_batch: int) -> dict:

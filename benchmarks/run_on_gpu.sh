@@ -3,6 +3,7 @@
 # the whole fits a short lease. Results and logs go to $OUT (default benchmarks/results).
 #
 #   OUT=benchmarks/results bash benchmarks/run_on_gpu.sh
+#   ONECARD_COMMIT=<hash> ...   where the copy has no git, to record what was measured
 #
 # Needs PyTorch with CUDA; rustbpe and torchao may come as wheels in .whl/ (installed to /tmp/site).
 set -u
@@ -14,7 +15,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-{ date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+{ date -u; git rev-parse HEAD 2>/dev/null || echo "commit ${ONECARD_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
   python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$log"
 
 echo "== 1. onecard train on CUDA: the planner's pick for 12 GiB, checkpoint, meters, predicted vs measured" | tee -a "$log"
