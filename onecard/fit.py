@@ -11,6 +11,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from onecard.errors import UsageError
 from onecard.model import GPTConfig, param_counts
 from onecard.plan.catalog import GPU, detect_gpu, find_gpu, with_vram
@@ -33,6 +35,22 @@ def recipe_overrides(args) -> dict:
     if getattr(args, "compile", None) is not None:
         changes["compile"] = args.compile
     return changes
+
+
+def unrunnable_reason(recipe: Recipe, device: str) -> str | None:
+    """Why this machine cannot execute `recipe` on `device` (a library missing, no CUDA), or None."""
+    if recipe.matmul == "fp8":
+        from onecard.fp8 import fp8_unavailable_reason
+        reason = fp8_unavailable_reason(device)
+        if reason:
+            return reason
+    if recipe.loss == "fused":
+        from onecard.loss import fused_loss_function
+        try:
+            fused_loss_function(torch.device(device))
+        except UsageError as error:
+            return str(error)
+    return None
 
 
 def card_for(args, device: str) -> tuple[GPU | None, list[str]]:
@@ -73,7 +91,11 @@ def choose_recipe(args, config: GPTConfig, device: str, *, seq_len: int, micro_b
         if resumed and not asked:
             return Choice(resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch), notes=notes)
         recipe = named_recipe(args.recipe or "baseline", seq_len=seq_len, micro_batch=micro_batch or 8)
-        return Choice(recipe.overridden(**overrides), notes=notes)
+        recipe = recipe.overridden(**overrides)
+        reason = unrunnable_reason(recipe, device)
+        if reason:
+            raise UsageError(f"recipe {recipe.name} cannot run here: {reason}")
+        return Choice(recipe, notes=notes)
 
     s = build_settings(gpu, notes, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
                        vocab_size=config.vocab_size, power=getattr(args, "power", None))
@@ -81,10 +103,16 @@ def choose_recipe(args, config: GPTConfig, device: str, *, seq_len: int, micro_b
         recipe = resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch)
         return Choice(recipe, evaluate(config, recipe, replace(s, micro_batch=recipe.micro_batch), tokens), s, notes)
     host = host_memory_available() if device == "cuda" else None  # on the CPU the trainer's RAM is the GPU's
-    candidate = pick_recipe(config, s, tokens, args.recipe, overrides, host)
+    # a dry run plans for the card named, whatever this machine can run; a real run must run here
+    dry_run = getattr(args, "dry_run", False)
+    candidate = pick_recipe(config, s, tokens, args.recipe, overrides, host,
+                            why_not=None if dry_run else (lambda recipe: unrunnable_reason(recipe, device)))
     how = f"recipe {args.recipe}" if args.recipe else "the fastest recipe that fits"
     notes.append(f"{how} on {gpu.name} ({gpu.vram_gib:g} GiB): {candidate.recipe.name}, micro-batch "
                  f"{candidate.recipe.micro_batch}")
+    reason = unrunnable_reason(candidate.recipe, device) if dry_run else None
+    if reason:
+        notes.append(f"this machine cannot run it ({reason}); a real run here would pick another")
     if device != "cuda":
         notes.append(f"this run is on the {device}: it executes the recipe chosen for {gpu.name}, but the "
                      "prediction is for that card and is not compared with this run")

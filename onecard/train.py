@@ -45,7 +45,7 @@ log.jsonl holds one JSON object a line. Step lines (one per optimizer step):
   val_bpb           float       on evaluation steps only: validation bits per byte
 
 Event lines carry "event" instead of "loss": start, resume, checkpoint, checkpoint_failed,
-stop, end; each with step and time, and path or message where there is one. On resume, lines
+compile_failed, stop, end; each with step and time, and path or message where there is one. On resume, lines
 after the checkpoint's step are dropped, so each step appears once.
 
 summary.json (rewritten at every checkpoint and at the end): status (running | stopped |
@@ -489,6 +489,7 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
                 log_file.write(json.dumps({"step": 0, "val_bpb": first_bpb, "time": time.time()}) + "\n")
                 event(log_file, "start")
             bad_in_row = 0
+            compiled_ok = False  # a compiled model that ran one step is trusted from then on
             while step < settings.steps and not stop.reason:
                 at_start = checkpoint.rng_state(), loader.state_dict()
                 multiplier = lr_multiplier(step, settings.steps)
@@ -506,6 +507,20 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
                     if step != last_saved and step > 0:
                         save_checkpoint(log_file)
                     raise UsageError(out_of_memory_message(model_config, recipe, device, last_saved)) from None
+                except Exception as error:
+                    if step_model is model or compiled_ok:
+                        raise
+                    # torch.compile failed on its first step: back to the step's start, go on uncompiled
+                    opt.zero_grad()
+                    checkpoint.set_rng_state(*at_start[0])
+                    loader.load_state_dict(at_start[1])
+                    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+                    log(f"warning: torch.compile failed ({type(error).__name__}: {first_line}); "
+                        "training goes on uncompiled (slower, the same math)")
+                    event(log_file, "compile_failed", message=f"{type(error).__name__}: {first_line}")
+                    step_model = model
+                    continue
+                compiled_ok = True
                 if loss is None:  # stopped between micro-batches: abandon the step, redo it on resume
                     opt.zero_grad()
                     checkpoint.set_rng_state(*at_start[0])

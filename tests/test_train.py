@@ -80,7 +80,7 @@ STEP_FIELDS = {
     "power_w": (float, NULL), "energy_kwh": (float, NULL), "energy_estimated": bool, "cost": (float, NULL),
     "wall_s": float, "eta_s": (float, NULL), "time": float,
 }
-EVENTS = {"start", "resume", "checkpoint", "checkpoint_failed", "stop", "end"}
+EVENTS = {"start", "resume", "checkpoint", "checkpoint_failed", "compile_failed", "stop", "end"}
 
 
 def test_log_lines_follow_the_documented_schema(tiny_run):
@@ -101,6 +101,8 @@ def test_log_lines_follow_the_documented_schema(tiny_run):
     assert {e["event"] for e in events} <= EVENTS and [e["event"] for e in events] == ["start", "checkpoint", "end"]
     for key in [*STEP_FIELDS, "val_bpb"]:  # every field is documented
         assert re.search(rf"^  {key} ", onecard.train.__doc__, re.M), key
+    for kind in EVENTS:
+        assert kind in onecard.train.__doc__, kind
 
 
 def test_summary_and_final_checkpoint(tiny_run):

@@ -143,3 +143,49 @@ def test_resumed_run_keeps_its_recipe():
     choice = choose_recipe(args, config, "cpu", seq_len=64, micro_batch=4, total_batch=256, tokens=1000,
                            resumed=resumed)
     assert choice.recipe == resumed
+
+
+def test_a_failing_compile_falls_back_to_eager_with_the_same_result(tmp_path, monkeypatch):
+    """torch.compile can fail on a user's setup; the run then goes on uncompiled, redoing the step."""
+    import onecard.train
+
+    corpus = Corpus.embedded()
+    tokenizer = Tokenizer.train(iter_texts(corpus, 100_000), 300)
+    config = GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2,
+                       n_embd=64)
+
+    def broken_compile(model):
+        def compiled(*args, **kwargs):
+            model(*args, **kwargs)  # draws randomness and uses a batch before failing, as a real one may
+            raise RuntimeError("backend compiler failed\nmore detail")
+        return compiled
+
+    results, logs = {}, []
+    for compiled in (False, True):
+        if compiled:
+            monkeypatch.setattr(onecard.train.torch, "compile", broken_compile)
+        recipe = NAMED["baseline"].with_(micro_batch=2, seq_len=32, compile=compiled)
+        settings = TrainSettings(run_dir=Path(tmp_path / str(compiled)), steps=2, total_batch=128, eval_every=0,
+                                 eval_batches=1, sample_tokens=1)
+        results[compiled] = train(config, tokenizer, corpus, recipe, settings, log=logs.append)
+    assert any("torch.compile failed (RuntimeError: backend compiler failed)" in line for line in logs)
+    for key, value in results[False]["model"].state_dict().items():
+        assert torch.equal(results[True]["model"].state_dict()[key], value), key
+    events = [json.loads(line).get("event") for line in (tmp_path / "True" / "log.jsonl").read_text().splitlines()]
+    assert "compile_failed" in events
+
+
+def test_a_real_run_skips_recipes_this_machine_cannot_execute():
+    """Planning for an RTX 4070 on a machine without CUDA: a dry run may show fp8, a real run may not."""
+    from onecard.fit import choose_recipe
+    fields = ("params", "grads", "optim_states", "optim_place", "activations", "loss", "matmul")
+    config = GPTConfig.from_depth(20)
+    picked = {}
+    for dry_run in (True, False):
+        args = SimpleNamespace(recipe=None, gpu="rtx4070", vram=None, compile=None, dry_run=dry_run,
+                               **dict.fromkeys(fields))
+        picked[dry_run] = choose_recipe(args, config, "cpu", seq_len=2048, micro_batch=None, total_batch=524288,
+                                        tokens=10**9)
+    assert picked[True].recipe.matmul == "fp8"  # the fastest for that card (see the planner)
+    assert any("cannot run it" in note for note in picked[True].notes)
+    assert picked[False].recipe.matmul == "bf16" and picked[False].candidate.fits

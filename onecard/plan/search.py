@@ -7,6 +7,7 @@ A candidate is a named recipe from onecard/recipe.py at the largest micro-batch 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from onecard.errors import UsageError
@@ -178,9 +179,11 @@ def breakdown(memory: Memory) -> str:
 
 
 def pick_recipe(config: GPTConfig, s: Settings, tokens: int, name: str | None = None,
-                overrides: dict | None = None, host_bytes: int | None = None) -> Candidate:
+                overrides: dict | None = None, host_bytes: int | None = None,
+                why_not: Callable[[Recipe], str | None] | None = None) -> Candidate:
     """The recipe a training run executes on the card of `s`: the named one, or else the fastest
-    named recipe that fits; each with the fields of `overrides` set. Raises UsageError with the
+    named recipe that fits; each with the fields of `overrides` set. `why_not` says why this
+    machine cannot run a recipe (a library missing, no CUDA), or None. Raises UsageError with the
     planner's breakdown where it cannot run: too little VRAM, no FP8, too little host RAM."""
     overrides = overrides or {}
     bases = [NAMED[name]] if name else list(NAMED.values())
@@ -193,6 +196,9 @@ def pick_recipe(config: GPTConfig, s: Settings, tokens: int, name: str | None = 
                 raise
             continue  # this override does not combine with this recipe (e.g. grads=cpu on the GPU)
         cand = evaluate(config, recipe, s, tokens)
+        missing = why_not(recipe) if why_not else None
+        if missing and not cand.note:
+            cand = replace(cand, fits=False, note=missing)
         if host_bytes is not None and cand.memory.host > host_bytes:
             cand = replace(cand, fits=False, note=f"needs {cand.memory.host / 2**30:.1f} GiB of host RAM, "
                                                   f"{host_bytes / 2**30:.1f} GiB is free")
@@ -205,7 +211,7 @@ def pick_recipe(config: GPTConfig, s: Settings, tokens: int, name: str | None = 
         cand = cands[0]
         why = cand.note or (f"it needs {cand.memory.total / 2**30:.2f} GiB at micro-batch "
                             f"{cand.recipe.micro_batch}")
-        others = fastest_fit(candidates(config, s, tokens))
+        others = fastest_fit([c for c in candidates(config, s, tokens) if not (why_not and why_not(c.recipe))])
         hint = (f"recipe {others.recipe.name} fits (micro-batch {others.recipe.micro_batch})" if others
                 else "no named recipe fits: a smaller model, a shorter --seq-len or a card with more memory")
         raise UsageError(f"recipe {cand.recipe.name} cannot run on {where}: {why}\n"
