@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from onecard import distributed
 from onecard.errors import UsageError
 from onecard.model import GPTConfig, flops_per_token, param_counts, parse_model_name
 from onecard.plan.cli import gigabytes
@@ -205,14 +207,26 @@ def saved_run_config(run_dir: Path) -> dict | None:
 
 
 def run_train(args) -> int:
+    from onecard.train import resolve_device
+
+    device = resolve_device(args.device)
+    world = distributed.init(device)  # several ranks when started by torchrun
+    try:
+        return train_command(args, device, world)
+    finally:
+        distributed.finish(world)
+
+
+def train_command(args, device: str, world) -> int:
+    """`onecard train` on this rank (rank 0 alone prints)."""
     from onecard.fit import choose_recipe, compare_text, dry_run_text, prediction_record
     from onecard.recipe import Recipe
     from onecard.tokenizer import Tokenizer
-    from onecard.train import TrainSettings, resolve_device, train
+    from onecard.train import TrainSettings, train
     from onecard.weights import load_weights
 
-    device = resolve_device(args.device)
-    run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    say = print if world.main else (lambda *_args, **_kwargs: None)
+    run_dir = Path(distributed.from_rank0(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}", world))
     saved = None if args.force_new else saved_run_config(run_dir)
     if saved and args.init_from:
         raise UsageError(f"{run_dir} holds a run to resume; --init-from starts a new one: drop it, or add "
@@ -238,7 +252,7 @@ def run_train(args) -> int:
         model, tokenizer, info = load_weights(args.init_from, device)
         config = model.config
         seq_len, micro_batch = args.seq_len or config.sequence_len, args.micro_batch
-        print(f"starting from {info['layout']} weights in {info['path']}")
+        say(f"starting from {info['layout']} weights in {info['path']}")
     else:
         seq_len, micro_batch = args.seq_len or (DEMO["seq_len"] if demo else 2048), args.micro_batch
         vocab = args.vocab_size or (DEMO["vocab_size"] if demo else 65536)
@@ -258,27 +272,23 @@ def run_train(args) -> int:
     eval_every = pick(args.eval_every, "eval_every", DEMO["eval_every"] if demo else 250)
 
     choice = choose_recipe(args, config, device, seq_len=seq_len, micro_batch=micro_batch, total_batch=total_batch,
-                           tokens=steps * total_batch, resumed=Recipe.from_dict(saved["recipe"]) if saved else None)
+                           tokens=steps * total_batch, resumed=Recipe.from_dict(saved["recipe"]) if saved else None,
+                           gpus=world.size)
     recipe = choice.recipe
     what = "demo model" if demo else f"d{config.n_layer}"
-    print(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
+    say(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
           f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}, recipe {recipe.name}")
-    print(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
+    say(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
     if args.dry_run:
-        print(dry_run_text(choice, config))
+        say(dry_run_text(choice, config))
         return 0
     for note in choice.notes:
-        print(f"note: {note}")
+        say(f"note: {note}")
     if saved:
         tokenizer = Tokenizer.load(run_dir / "tokenizer")
-        print(f"{run_dir} holds a run: resuming it")
+        say(f"{run_dir} holds a run: resuming it")
     elif tokenizer is None:
-        from onecard.data import iter_texts
-        chars = args.tokenizer_chars or (DEMO["tokenizer_chars"] if demo else 2_000_000_000)
-        print(f"training a {config.vocab_size:,}-token tokenizer on {corpus.describe()} ...", flush=True)
-        started = time.perf_counter()
-        tokenizer = Tokenizer.train(iter_texts(corpus, chars), config.vocab_size)
-        print(f"  done in {time.perf_counter() - started:.1f} s")
+        tokenizer = shared_tokenizer(args, corpus, config.vocab_size, demo, run_dir, world, say)
     settings = TrainSettings(
         run_dir=run_dir, steps=steps, total_batch=total_batch, seed=pick(args.seed, "seed", 0), device=device,
         eval_every=eval_every, eval_batches=pick(args.eval_batches, "eval_batches", 8),
@@ -289,10 +299,10 @@ def run_train(args) -> int:
         currency=pick(args.currency, "currency", "USD"), power_watts=pick(args.power, "power_watts", None))
     prediction = prediction_record(choice, device)
     if prediction:
-        print(f"planner predicts on {prediction['gpu']}: peak {prediction['peak_bytes'] / 2**30:.2f} GiB "
+        say(f"planner predicts on {prediction['gpu']}: peak {prediction['peak_bytes'] / 2**30:.2f} GiB "
               f"({prediction['peak_allocated_bytes'] / 2**30:.2f} GiB allocated), "
               f"{prediction['step_time_s']:.2f} s per step, {prediction['tokens_per_s']:,.0f} tokens/s")
-    result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction)
+    result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction, world=world)
     resume = f"onecard train --run-dir {run_dir}"
     if result["stopped"] == "nonfinite":
         print(f"onecard: {result['message']}; checkpoint of step {result['last_checkpoint']} in {run_dir}/ "
@@ -301,17 +311,39 @@ def run_train(args) -> int:
     if result["stopped"]:
         where = ("no checkpoint could be written" if result["last_checkpoint"] is None
                  else f"checkpoint of step {result['last_checkpoint']} saved")
-        print(f"stopped at step {result['step']} of {steps}, {where}; resume with: {resume}")
+        say(f"stopped at step {result['step']} of {steps}, {where}; resume with: {resume}")
         return 0
     if prediction:
-        print(compare_text(prediction, result["summary"], result["history"], total_batch))
-    print(f"validation bits per byte: {result['val_bpb_start']:.4f} at step 0 -> {result['val_bpb_end']:.4f} "
+        say(compare_text(prediction, result["summary"], result["history"], total_batch))
+    say(f"validation bits per byte: {result['val_bpb_start']:.4f} at step 0 -> {result['val_bpb_end']:.4f} "
           f"at step {steps}")
-    print("sample:")
-    print(result["sample"])
-    print(f"\nrun saved in {run_dir}/ — continue a prompt with: onecard sample --run-dir {run_dir} --prompt '...'; "
+    say("sample:")
+    say(result["sample"])
+    say(f"\nrun saved in {run_dir}/ — continue a prompt with: onecard sample --run-dir {run_dir} --prompt '...'; "
           f"charts: onecard report {run_dir}")
     return 0
+
+
+def shared_tokenizer(args, corpus, vocab_size: int, demo: bool, run_dir: Path, world, say):
+    """Train the run's tokenizer; with several ranks, rank 0 trains it and the others read it."""
+    from onecard.data import iter_texts
+    from onecard.tokenizer import Tokenizer
+    handoff = run_dir / ".tokenizer-for-ranks"
+    if world.main:
+        chars = args.tokenizer_chars or (DEMO["tokenizer_chars"] if demo else 2_000_000_000)
+        say(f"training a {vocab_size:,}-token tokenizer on {corpus.describe()} ...", flush=True)
+        started = time.perf_counter()
+        tokenizer = Tokenizer.train(iter_texts(corpus, chars), vocab_size)
+        say(f"  done in {time.perf_counter() - started:.1f} s")
+        if world.size > 1:
+            tokenizer.save(handoff)
+    distributed.barrier(world)
+    if not world.main:
+        tokenizer = Tokenizer.load(handoff)
+    distributed.barrier(world)
+    if world.main and world.size > 1:
+        shutil.rmtree(handoff, ignore_errors=True)
+    return tokenizer
 
 
 # ---------------------------------------------------------------- report

@@ -79,7 +79,7 @@ def card_for(args, device: str) -> tuple[GPU | None, list[str]]:
 
 
 def choose_recipe(args, config: GPTConfig, device: str, *, seq_len: int, micro_batch: int | None,
-                  total_batch: int, tokens: int, resumed: Recipe | None = None) -> Choice:
+                  total_batch: int, tokens: int, resumed: Recipe | None = None, gpus: int = 1) -> Choice:
     """The recipe this run executes. micro_batch None lets the planner pick the largest that fits
     (without a card: 8). A resumed run keeps its recipe unless the command line asks otherwise."""
     from onecard.plan.cli import build_settings  # the planner's settings, calibration included
@@ -97,7 +97,7 @@ def choose_recipe(args, config: GPTConfig, device: str, *, seq_len: int, micro_b
             raise UsageError(f"recipe {recipe.name} cannot run here: {reason}")
         return Choice(recipe, notes=notes)
 
-    s = build_settings(gpu, notes, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
+    s = build_settings(gpu, notes, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
                        vocab_size=config.vocab_size, power=getattr(args, "power", None))
     if resumed and not asked:
         recipe = resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch)

@@ -139,9 +139,15 @@ class Meters:
 
     def __init__(self, device: str, flops_per_token: int, total_steps: int, power: PowerMeter,
                  price: float | None = None, currency: str = "USD", totals: dict | None = None,
-                 window: int = 50) -> None:
+                 window: int = 50, cards: int = 1, sum_over_cards: Callable[[float | None], float | None] | None = None
+                 ) -> None:
+        """cards > 1: a data-parallel run; tokens are the whole step's, the peak is all the cards', and
+        sum_over_cards adds up every card's energy at each step (a collective: every rank calls step)."""
         self.device = device
-        self.card, self.peak_flops = card_peak_flops(device)
+        self.card, one_card_peak = card_peak_flops(device)
+        self.peak_flops = one_card_peak * cards if one_card_peak else None
+        self.sum_over_cards = sum_over_cards
+        self.session_j = None
         self.flops_per_token = flops_per_token
         self.total_steps = total_steps
         self.power = power
@@ -164,7 +170,7 @@ class Meters:
         return self.prior_wall_s + time.monotonic() - self.session_start
 
     def energy_j(self) -> float | None:
-        session = self.power.joules()
+        session = self.session_j if self.sum_over_cards else self.power.joules()
         if session is None and not self.energy_sources:
             return None
         return self.prior_energy_j + (session or 0.0)
@@ -191,6 +197,8 @@ class Meters:
         self.tokens += tokens
         self.skipped_steps += int(skipped)
         self.recent.append((time.monotonic(), step))
+        if self.sum_over_cards:
+            self.session_j = self.sum_over_cards(self.power.joules())
         tokens_per_s = tokens / step_time_s if step_time_s > 0 else None
         mfu = None
         if self.peak_flops and tokens_per_s:

@@ -329,11 +329,15 @@ class Optimizers:
         for slot in self.slots:
             slot.fold_grad()
 
+    def gradients(self) -> list[torch.Tensor]:
+        """The step's accumulated gradients, wherever the recipe keeps them (to average across ranks)."""
+        return [g for slot in self.slots if (g := slot.grad()) is not None]
+
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the accumulated gradients to max_norm (as torch's clip_grad_norm_); returns the norm
         before clipping, on the CPU."""
-        grads = [g for slot in self.slots if (g := slot.grad()) is not None]
+        grads = self.gradients()
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)

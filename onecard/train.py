@@ -73,8 +73,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from onecard import checkpoint
+from onecard import checkpoint, distributed
 from onecard.data import Corpus, TokenLoader
+from onecard.distributed import SINGLE, World
 from onecard.errors import UsageError
 from onecard.meters import Meters, PowerMeter, Progress, nvml_power_reader
 from onecard.model import GPT, GPTConfig, build_model
@@ -113,15 +114,17 @@ class TrainSettings:
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this session
 
 
-def grad_accum_steps(total_batch: int, micro_batch: int, seq_len: int) -> int:
-    """Micro-batches per step; total_batch must be a whole number of micro-batches."""
-    per_micro = micro_batch * seq_len
+def grad_accum_steps(total_batch: int, micro_batch: int, seq_len: int, ranks: int = 1) -> int:
+    """Micro-batches per step on each rank; total_batch must be a whole number of them on every rank."""
+    per_micro = micro_batch * seq_len * ranks
     if total_batch <= 0:
         raise UsageError(f"--total-batch must be positive, got {total_batch}")
     if total_batch % per_micro:
         lower = max(per_micro, total_batch // per_micro * per_micro)
-        raise UsageError(f"--total-batch {total_batch} is not a multiple of micro-batch × seq-len = "
-                         f"{micro_batch} × {seq_len} = {per_micro}: use {lower} or {lower + per_micro}")
+        cards = f" × {ranks} ranks" if ranks > 1 else ""
+        raise UsageError(f"--total-batch {total_batch} is not a multiple of micro-batch × seq-len{cards} = "
+                         f"{micro_batch} × {seq_len}{' × ' + str(ranks) if ranks > 1 else ''} = {per_micro}: "
+                         f"use {lower} or {lower + per_micro}")
     return total_batch // per_micro
 
 
@@ -327,22 +330,28 @@ def out_of_memory_message(model_config: GPTConfig, recipe: Recipe, device: str, 
 
 
 def forward_backward(model: torch.nn.Module, opt: Optimizers, loader: TokenLoader, accum: int, device: str,
-                     stop: StopRequest) -> float | None:
-    """The step's micro-batches; the mean loss, or None when a stop request came in between."""
+                     stop: StopRequest, world: World = SINGLE) -> float | None:
+    """This rank's micro-batches of the step; the mean loss, or None when a stop request came in
+    between (on one card: with several, ranks stop together at step boundaries)."""
     # summed on the device and read once per step: reading each micro-batch's loss would make the
     # CPU wait for the GPU every micro-batch instead of queueing the next one's work
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(accum):
-        if micro and stop.reason:
+        if micro and stop.reason and world.size == 1:
             return None
-        inputs, targets = loader.next_batch()
-        inputs, targets = inputs.to(device), targets.to(device)
+        # the ranks take turns through one stream, so every rank's loader stays at the same place
+        batches = [loader.next_batch() for _ in range(world.size)]
+        inputs, targets = (t.to(device) for t in batches[world.rank])
         with autocast_for(device):
             loss = model(inputs, targets)
         (loss / accum).backward()
         opt.accumulate()
         loss_sum += loss.detach()
     return loss_sum.item() / accum
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 def finite(x: float) -> float | None:
@@ -352,29 +361,36 @@ def finite(x: float) -> float | None:
 # ---------------------------------------------------------------- the loop
 
 def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe: Recipe,
-          settings: TrainSettings, model: GPT | None = None, log=print, prediction: dict | None = None) -> dict:
+          settings: TrainSettings, model: GPT | None = None, log=print, prediction: dict | None = None,
+          world: World = SINGLE) -> dict:
     """Train, or resume from the run directory's checkpoint, and save.
 
     prediction: the planner's forecast for this run ({"peak_bytes": ..., "step_time_s": ...}),
     stored in config.json and summary.json so that the report sets it beside the measurement.
     Returns the model, val_bpb_start/val_bpb_end, the sample, this session's history, and
     `stopped` (None when the run finished; "signal", "nonfinite" or "limit") with a message.
+    With several ranks (onecard/distributed.py) every rank trains and rank 0 alone writes and logs.
     """
     device = settings.device
-    accum = grad_accum_steps(settings.total_batch, recipe.micro_batch, recipe.seq_len)
+    main = world.main
+    if not main:
+        log = _quiet
+    accum = grad_accum_steps(settings.total_batch, recipe.micro_batch, recipe.seq_len, world.size)
     if recipe.seq_len > model_config.sequence_len:
         raise UsageError(f"seq-len {recipe.seq_len} exceeds the model's context {model_config.sequence_len}")
     run_dir = settings.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    found = None
-    if settings.force_new:
-        if any(p for p in run_dir.iterdir() if not p.name.startswith("previous-")):
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if settings.force_new and any(p for p in run_dir.iterdir() if not p.name.startswith("previous-")):
             log(f"--force-new: the earlier run's files are moved to {set_aside(run_dir)}")
-    else:
-        try:
-            found = checkpoint.find_latest(run_dir, warn=log)
-        except checkpoint.CheckpointError as error:
-            raise UsageError(str(error)) from None
+    found = None
+    for finding in (True, False):  # rank 0 first: finding may set a damaged checkpoint aside
+        if finding == main and not settings.force_new:
+            try:
+                found = checkpoint.find_latest(run_dir, warn=log)
+            except checkpoint.CheckpointError as error:
+                raise UsageError(str(error)) from None
+        distributed.barrier(world)
 
     torch.manual_seed(settings.seed)
     if model is None:
@@ -412,7 +428,8 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
         opt.load_state_dict(checkpoint.read_optimizer(found))
         loader.load_state_dict(found.state["loader"])
         step, first_bpb, last_bpb = found.step, found.state["val_bpb_start"], found.state["val_bpb_last"]
-        truncate_log(log_path, step)
+        if main:
+            truncate_log(log_path, step)
         log(f"resuming from step {step} of {settings.steps} ({found.path.relative_to(run_dir)})")
         if found.config["train"]["steps"] != settings.steps:
             log(f"note: the run was planned for {found.config['train']['steps']} steps, now {settings.steps}: "
@@ -421,16 +438,19 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
             log(f"note: the recipe changed from {found.config['recipe']} to {config['recipe']}: weights and "
                 "optimizer states are converted; the run goes on, not bitwise as it would have")
     else:
-        tokenizer.save(run_dir / "tokenizer")
-        log_path.write_text("")
+        if main:
+            tokenizer.save(run_dir / "tokenizer")
+            log_path.write_text("")
         step = 0
         first_bpb = last_bpb = validation_bpb()
         log(f"step 0: validation {first_bpb:.4f} bits per byte")
-    write_json(run_dir / "config.json", config)
+    if main:
+        write_json(run_dir / "config.json", config)
 
     power = PowerMeter(nvml_power_reader(device), settings.power_watts)
     meters = Meters(device, model.estimate_flops(), settings.steps, power, settings.price, settings.currency,
-                    totals=found.state["totals"] if found else None)
+                    totals=found.state["totals"] if found else None, cards=world.size,
+                    sum_over_cards=None if world.size == 1 else lambda j: distributed.total(j, world, device))
     if power.source is None:
         log("energy: no power reading (NVML) here; give --power WATTS for an estimate, else it is not reported")
     elif power.source == "estimate":
@@ -448,7 +468,8 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
                    "val_bpb_start": first_bpb, "val_bpb_end": last_bpb,
                    "last_checkpoint": None if last_saved is None else f"checkpoints/step_{last_saved:06d}",
                    "prediction": prediction, **meters.summary()}
-        write_json(run_dir / "summary.json", summary)
+        if main:
+            write_json(run_dir / "summary.json", summary)
         return summary
 
     def event(log_file, kind: str, **extra) -> None:
@@ -457,6 +478,9 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
 
     def save_checkpoint(log_file) -> None:
         nonlocal last_saved, last_save_time
+        if not main:  # rank 0 writes; the others hold the same weights and states
+            last_saved, last_save_time = step, time.monotonic()
+            return
         state = {"loader": loader.state_dict(), "val_bpb_start": first_bpb, "val_bpb_last": last_bpb,
                  "lr_multiplier": lr_multiplier(step, settings.steps), "muon_momentum": muon_momentum(step),
                  "totals": meters.totals()}
@@ -480,8 +504,9 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
 
     power.start()
     try:
-        with stop, log_path.open("a") as log_file, \
-                Progress(settings.steps, currency=settings.currency, start_step=step) as progress:
+        with stop, (log_path if main else Path(os.devnull)).open("a") as log_file, \
+                Progress(settings.steps, currency=settings.currency, start_step=step,
+                         stream=None if main else log_file) as progress:
             if found:
                 event(log_file, "resume", path=str(found.path.relative_to(run_dir)))
                 checkpoint.set_rng_state(*checkpoint.read_rng(found))
@@ -497,7 +522,7 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
                 opt.set_muon_momentum(muon_momentum(step))
                 started = time.perf_counter()
                 try:
-                    loss = forward_backward(step_model, opt, loader, accum, device, stop)
+                    loss = forward_backward(step_model, opt, loader, accum, device, stop, world)
                 except torch.OutOfMemoryError:
                     # the weights are untouched: go back to the step's start and keep what was done
                     opt.zero_grad()
@@ -527,6 +552,9 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
                     loader.load_state_dict(at_start[1])
                     log(f"step {step + 1} abandoned; it is redone on resume")
                     break
+                if world.size > 1:  # every rank applies the update of the whole step's gradients
+                    distributed.average(opt.gradients(), world)
+                    loss = distributed.mean(loss, world, device)
                 grad_norm = float(opt.clip_grad_norm(settings.grad_clip))
                 skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
                 if not skipped:
@@ -551,6 +579,8 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
                                               "norm: stopped. Lower the learning rates or check the data")
                 if settings.stop_after and step - first_step >= settings.stop_after:
                     stop.request("limit", f"stopped after {settings.stop_after} steps of this session")
+                if distributed.any_rank(bool(stop.reason), world, device) and not stop.reason:
+                    stop.request("signal", "another rank was asked to stop: stopping with it")
                 if step < settings.steps and not stop.reason and save_due():
                     save_checkpoint(log_file)
             if step != last_saved:
@@ -569,7 +599,7 @@ def train(model_config: GPTConfig, tokenizer: Tokenizer, corpus: Corpus, recipe:
         write_summary()
 
     sample = None
-    if finished:
+    if finished and main:
         sample = sample_text(model, tokenizer, settings.sample_prompt, settings.sample_tokens, seed=settings.seed)
         config["results"] = {"val_bpb_start": first_bpb, "val_bpb_end": last_bpb, "steps": step,
                              "tokens": meters.tokens, "sample": sample}

@@ -1,0 +1,107 @@
+"""Data-parallel training on several cards, started by torchrun.
+
+    torchrun --nproc_per_node 2 -m onecard.cli train --model d20 ...
+
+Every rank holds the whole model and the whole optimizer (any recipe). Each optimizer step, the
+ranks take turns through the one token stream (rank r trains micro-batches r, r+N, r+2N, ...),
+so the step sees the same --total-batch tokens it would on one card and the loader's position
+is the same on every rank; then the accumulated gradients are averaged across ranks and every
+rank applies the same update. Rank 0 alone writes the run directory and prints.
+
+No torch DistributedDataParallel wrapper: the recipes keep gradients in their own buffers
+(bf16, or fp32 in CPU RAM), which are averaged in place once per step, so there is no second
+copy of the gradients in buckets. Tensors in CPU RAM go through a gloo group when the main
+backend is NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    cpu_group: object | None = None  # gloo, for tensors in CPU RAM when the main backend is NCCL
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def init(device: str) -> World:
+    """Join the torchrun job this process belongs to, or return SINGLE when there is none."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return SINGLE
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
+    return World(dist.get_rank(), dist.get_world_size(), cpu_group)
+
+
+def _group(world: World, tensor: torch.Tensor):
+    return world.cpu_group if tensor.device.type == "cpu" and world.cpu_group is not None else None
+
+
+def average(tensors: list[torch.Tensor], world: World) -> None:
+    """Replace each tensor by its mean over the ranks, in place."""
+    if world.size == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, group=_group(world, t))
+        t.div_(world.size)
+
+
+def mean(value: float, world: World, device: str) -> float:
+    """The mean of a number over the ranks (a loss, for the log)."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world.size
+
+
+def total(value: float | None, world: World, device: str) -> float | None:
+    """The sum of a number over the ranks (each card's energy); None when a rank has none."""
+    t = torch.tensor([float("nan") if value is None else value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return None if t.isnan().item() else t.item()
+
+
+def any_rank(flag: bool, world: World, device: str) -> bool:
+    """True on every rank when it is true on one (a stop request reaches one rank first)."""
+    if world.size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def from_rank0(value, world: World):
+    """Rank 0's value of something each rank computed on its own (a time-stamped path, say)."""
+    if world.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def finish(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
