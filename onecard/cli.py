@@ -212,7 +212,9 @@ def run_train(args) -> int:
     device = resolve_device(args.device)
     world = distributed.init(device)  # several ranks when started by torchrun
     try:
-        return train_command(args, device, world)
+        code = train_command(args, device, world)
+        distributed.barrier(world)  # rank 0 writes last: no rank leaves the group before it is done
+        return code
     finally:
         distributed.finish(world)
 
