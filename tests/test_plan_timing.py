@@ -149,5 +149,9 @@ def test_nanochat_d32_run_on_8_h100s_is_reproduced():
     The utilization default comes from that run; this checks the rest of the arithmetic around it."""
     t = predict_time(D32, Recipe(micro_batch=8), CATALOG["h100-sxm"], gpus=8)
     assert t.compute_s == pytest.approx(1.57, rel=0.02)
+    # onecard's ranks each run the whole Newton-Schulz (nanochat's DistMuon shares it out), which
+    # costs its FLOPs at the same utilization on every step: onecard's run is that much longer
+    newton_schulz_s = newton_schulz_flops(D32) / (989.4e12 * 0.51)
+    assert newton_schulz_s < t.optimizer_s < newton_schulz_s + 0.03  # + streaming ~30 GB of fp32 state
     hours = 71_680 * t.step_s / 3600
-    assert 29 < hours < 35
+    assert 31 < hours < 37

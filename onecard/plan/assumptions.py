@@ -48,9 +48,10 @@ class Assumptions:
     # each (benchmarks/results/gpu_session2, benchmarks/README.md); we take the middle, 1.7 ns.
     # It does not shrink with a faster card: it is what makes grads=cpu slow.
     grad_fold_s_per_param: float = 1.7e-9
-    # Share of the data-parallel gradient all-reduce hidden behind backward (DDP overlaps
-    # bucketed all-reduces with the remaining backward; half is a middle-of-the-road guess).
-    dp_overlap: float = 0.5
+    # Share of the data-parallel gradient all-reduce hidden behind backward. onecard averages the
+    # gradients once per optimizer step, after the last micro-batch's backward
+    # (onecard/distributed.py): nothing overlaps.
+    dp_overlap: float = 0.0
     # Utilization of the bf16 peak on the FLOPs a step really executes (recompute included).
     # Datacenter default: nanochat's published d32 run reached ~51 % MFU on H100s at 8 x 2048
     # tokens per micro-batch with nothing recomputed (REFERENCE.md section 1).

@@ -271,9 +271,9 @@ def predict_memory(config: GPTConfig, recipe: Recipe, gpus: int = 1,
     a = activation_bytes(config, recipe, "bf16")
     grads = p.grads + p.grad_transient
     buffers = 2 * 2 * (10 * recipe.seq_len) * (config.head_dim // 2)  # rotary cos/sin tables, bf16
-    # DDP's default gradient buckets hold a second copy of the gradients (PyTorch's DDP docs, at
-    # gradient_as_bucket_view, which removes it)
-    ddp = p.grads if gpus > 1 else 0
+    # Several cards: onecard averages the recipe's own gradient buffers in place
+    # (onecard/distributed.py), so there is no DDP bucket copy of the gradients.
+    ddp = 0
     allocated = p.weights + grads + p.optimizer + a.on_device + a.logits_peak + buffers + ddp
     return Memory(weights=p.weights, grads=grads, optimizer=p.optimizer, activations=a.on_device,
                   logits=a.logits_peak, buffers=buffers, context=assume.cuda_context_bytes,

@@ -102,13 +102,14 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
         compute += per_gpu_tokens * fp8 / (gpu.peak_bf16 * u * assume.fp8_eager_efficiency)
 
     # The optimizer: Newton-Schulz runs on the GPU in bf16 wherever the states live (with
-    # optim_place=cpu each matrix travels to the GPU and back in bf16 for it), shared out among
-    # data-parallel ranks as nanochat's DistMuon does; the elementwise update streams weights,
-    # gradients and states once through the memory they live in.
+    # optim_place=cpu each matrix travels to the GPU and back in bf16 for it); with several cards
+    # every rank runs the whole update on the averaged gradients (onecard/distributed.py), not a
+    # share of it as nanochat's DistMuon does. The elementwise update streams weights, gradients
+    # and states once through the memory they live in.
     numel = sum(param_counts(config).values())
     matrices = param_counts(config)["blocks"]
     ns = newton_schulz_flops(config)
-    optimizer = ns / gpus / (gpu.peak_bf16 * u)
+    optimizer = ns / (gpu.peak_bf16 * u)
     persistent = persistent_bytes(config, recipe, "cuda")
     pbytes = DTYPE_BYTES[parameter_dtypes(recipe, "cuda")["blocks"]]
     pcie = 0.0
