@@ -8,6 +8,10 @@ so the step sees the same --total-batch tokens it would on one card and the load
 is the same on every rank; then the accumulated gradients are averaged across ranks and every
 rank applies the same update. Rank 0 alone writes the run directory and prints.
 
+Each rank tokenizes the whole stream and keeps its share: simple, and the loader state stays one
+state, but the CPU work grows with the number of ranks. At the few thousand tokens per second a
+consumer card trains, that is negligible; at datacenter speeds a sharded loader would be needed.
+
 No torch DistributedDataParallel wrapper: the recipes keep gradients in their own buffers
 (bf16, or fp32 in CPU RAM), which are averaged in place once per step, so there is no second
 copy of the gradients in buckets. Tensors in CPU RAM go through a gloo group when the main
