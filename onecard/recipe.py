@@ -107,6 +107,10 @@ NAMED: dict[str, Recipe] = {r.name: r for r in [
     # torch.compile fuses fp8's casts and scalings; eager fp8 measured slower than bf16 (assumptions.py)
     Recipe(name="lean-fp8", params="bf16_sr", grads="bf16", optim_states="int8",
            activations="full", loss="chunked", matmul="fp8", compile=True),
+    # bf16 weights and gradients stay on the card, summed there across micro-batches; the fp32
+    # master and the optimizer states live in CPU RAM: one transfer per step each way
+    Recipe(name="offload-states", params="cpu_master", grads="bf16", optim_states="fp32", optim_place="cpu",
+           activations="full", loss="chunked"),
     Recipe(name="offload", params="cpu_master", grads="cpu", optim_states="fp32", optim_place="cpu",
            activations="full", loss="chunked"),
     Recipe(name="offload-max", params="cpu_master", grads="cpu", optim_states="int8", optim_place="cpu",

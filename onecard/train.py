@@ -84,7 +84,7 @@ from onecard.recipe import Recipe
 from onecard.tokenizer import Tokenizer
 
 # From the plain nanochat way towards the leanest in memory: what to try after running out.
-LEANER = ("baseline", "recompute", "bf16", "lean", "offload", "offload-max")
+LEANER = ("baseline", "recompute", "bf16", "lean", "offload-states", "offload", "offload-max")
 
 
 @dataclass

@@ -33,16 +33,16 @@ def gpu_line(gpu: GPU, gpus: int) -> str:
 
 
 def table(cands: list[Candidate], s: Settings) -> list[str]:
-    head = (f"  {'recipe':<12} {'weights/grads/states act loss':<40} {'micro':>5} {'peak VRAM':>10} {'fits':>4} "
+    head = (f"  {'recipe':<14} {'weights/grads/states act loss':<40} {'micro':>5} {'peak VRAM':>10} {'fits':>4} "
             f"{'MFU':>6} {'tokens/s':>9} {'time':>12} {'energy':>11} {'cost':>13}")
     lines = [head]
     for c in cands:
         fits = "yes" if c.fits else ("n/a" if c.note else "no")
-        lines.append(f"  {c.recipe.name:<12} {describe(c):<40} {c.recipe.micro_batch:>5} "
+        lines.append(f"  {c.recipe.name:<14} {describe(c):<40} {c.recipe.micro_batch:>5} "
                      f"{c.memory.total / GiB:>6.2f} GiB {fits:>4} {c.timing.mfu:>6.1%} {c.timing.tokens_per_s:>9,.0f} "
                      f"{duration(c.time_s):>12} {c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
         if c.note:
-            lines.append(f"  {'':<12} ({c.note})")
+            lines.append(f"  {'':<14} ({c.note})")
     return lines
 
 
@@ -163,10 +163,10 @@ def budget_text(s: Settings, days: float, ratio: float, found: list, notes: list
     if not found:
         lines.append("No model of depth 1 or more finishes in that time with a recipe that fits.")
         return "\n".join(lines)
-    lines += ["", f"  {'model':<6} {'params':>14} {'tokens':>17} {'recipe':<12} {'micro':>5} {'peak VRAM':>10} "
+    lines += ["", f"  {'model':<6} {'params':>14} {'tokens':>17} {'recipe':<14} {'micro':>5} {'peak VRAM':>10} "
                   f"{'time':>12} {'energy':>11} {'cost':>13}"]
     for config, c in found:
-        lines.append(f"  d{config.n_layer:<5} {config_params(config):>14,} {c.tokens:>17,} {c.recipe.name:<12} "
+        lines.append(f"  d{config.n_layer:<5} {config_params(config):>14,} {c.tokens:>17,} {c.recipe.name:<14} "
                      f"{c.recipe.micro_batch:>5} {c.memory.total / GiB:>6.2f} GiB {duration(c.time_s):>12} "
                      f"{c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
     config, best = found[0]
