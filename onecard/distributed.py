@@ -69,11 +69,7 @@ def average(tensors: list[torch.Tensor], world: World) -> None:
 
 def mean(value: float, world: World, device: str) -> float:
     """The mean of a number over the ranks (a loss, for the log)."""
-    if world.size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / world.size
+    return value if world.size == 1 else total(value, world, device) / world.size
 
 
 def total(value: float | None, world: World, device: str) -> float | None:

@@ -15,7 +15,8 @@ import torch
 
 from onecard.errors import UsageError
 from onecard.model import GPTConfig, param_counts
-from onecard.plan.catalog import GPU, detect_gpu, find_gpu, with_vram
+from onecard.plan.catalog import GPU
+from onecard.plan.cli import build_settings, choose_gpu
 from onecard.plan.report import GiB, gpu_line, memory_lines, time_lines
 from onecard.plan.search import Candidate, Settings, evaluate, host_memory_available, pick_recipe
 from onecard.recipe import CHOICES, Recipe, named_recipe
@@ -54,35 +55,24 @@ def unrunnable_reason(recipe: Recipe, device: str) -> str | None:
 
 
 def card_for(args, device: str) -> tuple[GPU | None, list[str]]:
-    """The card to fit the recipe to: --gpu, else the detected CUDA card; --vram resizes it."""
-    if args.gpu:
-        gpu, note = find_gpu(args.gpu)
-        notes = [note] if note else []
-    elif device == "cuda":
-        try:
-            detected = detect_gpu()
-        except UsageError as error:
-            if args.vram is not None:
-                raise
-            return None, [f"{error}; without it there is no prediction and the recipe is not fitted"]
-        if detected is None:
-            return None, []
-        gpu, notes = detected[0], [detected[1]]
-    elif args.vram is not None:
-        raise UsageError("--vram needs a card to predict speed with: there is no CUDA card here, so name one with "
-                         "--gpu (e.g. --gpu rtx4070 --vram 12GB)")
-    else:
+    """The card to fit the recipe to, as `onecard plan` chooses it (--gpu, else the detected card;
+    --vram resizes it), or None where none was asked for and this run has no card the catalog knows."""
+    asked = args.gpu or args.vram is not None
+    if not asked and device != "cuda":
         return None, []
-    if args.vram is not None:
-        gpu = with_vram(gpu, args.vram)
-    return gpu, notes
+    try:
+        gpu, notes = choose_gpu(args)
+    except UsageError as error:
+        if asked:
+            raise
+        return None, [f"{error}; without it there is no prediction and the recipe is not fitted"]
+    return gpu, [n for n in notes if n]
 
 
 def choose_recipe(args, config: GPTConfig, device: str, *, seq_len: int, micro_batch: int | None,
                   total_batch: int, tokens: int, resumed: Recipe | None = None, gpus: int = 1) -> Choice:
     """The recipe this run executes. micro_batch None lets the planner pick the largest that fits
     (without a card: 8). A resumed run keeps its recipe unless the command line asks otherwise."""
-    from onecard.plan.cli import build_settings  # the planner's settings, calibration included
 
     overrides = recipe_overrides(args)
     asked = bool(args.recipe or overrides or args.gpu or args.vram is not None)

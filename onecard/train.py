@@ -80,6 +80,8 @@ from onecard.errors import UsageError
 from onecard.meters import Meters, PowerMeter, Progress, nvml_power_reader
 from onecard.model import GPT, GPTConfig, build_model
 from onecard.optim import Optimizers, build_optimizer, lr_multiplier, muon_momentum
+from onecard.plan.memory import predict_memory
+from onecard.plan.search import breakdown
 from onecard.recipe import Recipe
 from onecard.tokenizer import Tokenizer
 
@@ -121,10 +123,9 @@ def grad_accum_steps(total_batch: int, micro_batch: int, seq_len: int, ranks: in
         raise UsageError(f"--total-batch must be positive, got {total_batch}")
     if total_batch % per_micro:
         lower = max(per_micro, total_batch // per_micro * per_micro)
-        cards = f" × {ranks} ranks" if ranks > 1 else ""
-        raise UsageError(f"--total-batch {total_batch} is not a multiple of micro-batch × seq-len{cards} = "
-                         f"{micro_batch} × {seq_len}{' × ' + str(ranks) if ranks > 1 else ''} = {per_micro}: "
-                         f"use {lower} or {lower + per_micro}")
+        ranks_part = (" × ranks", f" × {ranks}") if ranks > 1 else ("", "")
+        raise UsageError(f"--total-batch {total_batch} is not a multiple of micro-batch × seq-len{ranks_part[0]} = "
+                         f"{micro_batch} × {seq_len}{ranks_part[1]} = {per_micro}: use {lower} or {lower + per_micro}")
     return total_batch // per_micro
 
 
@@ -316,13 +317,7 @@ def out_of_memory_message(model_config: GPTConfig, recipe: Recipe, device: str, 
         total = torch.cuda.get_device_properties(0).total_memory
         lines.append(f"  measured: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated of the "
                      f"card's {total / 2**30:.2f} GiB")
-    try:
-        from onecard.plan.memory import predict_memory
-        memory = predict_memory(model_config, recipe)
-        parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in memory.components().items())
-        lines.append(f"  planner's prediction (GiB): {parts}")
-    except ImportError:
-        pass
+    lines.append(f"  planner's prediction: {breakdown(predict_memory(model_config, recipe))}")
     smaller = f" or --micro-batch {recipe.micro_batch // 2}" if recipe.micro_batch > 1 else ""
     lines.append(f"  try --recipe {leaner_recipe(recipe)}{smaller} (the same total batch, more accumulation); "
                  f"`onecard plan --model d{model_config.n_layer} --gpu <your card>` shows what fits")

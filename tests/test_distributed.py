@@ -54,25 +54,15 @@ def test_rank_zero_alone_writes_and_speaks(runs):
     assert (root / "two" / "latest").read_text().strip() == "checkpoints/step_000003"
 
 
-def test_sigterm_stops_every_rank_with_a_checkpoint_and_two_ranks_resume(tmp_path):
+def test_sigterm_stops_every_rank_with_a_checkpoint_and_two_ranks_resume(tmp_path, sigterm_once_training):
     """torchrun passes SIGTERM to the ranks; they agree to stop at a step boundary, rank 0 saves."""
-    import signal
-    import time
-
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
             "onecard.cli", "train", "--run-dir", str(run_dir), "--device", "cpu", "--depth", "1", "--vocab-size",
             "300", "--tokenizer-chars", "20000", "--seq-len", "16", "--micro-batch", "2", "--total-batch", "64",
             "--eval-every", "0", "--eval-batches", "1"]
-    process = subprocess.Popen(argv + ["--steps", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    log = run_dir / "log.jsonl"
-    deadline = time.monotonic() + 120
-    while not (log.exists() and '"loss"' in log.read_text()):  # training has begun
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)  # torchrun itself exits 1 after a signal: the ranks' work is what counts
+    # torchrun itself exits 1 after a signal: the ranks' work is what counts
+    sigterm_once_training(argv + ["--steps", "1000000"], run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["last_checkpoint"]
     step = summary["step"]

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import namedtuple
 
 import pytest
@@ -208,21 +207,14 @@ def test_full_disk_during_training_keeps_the_previous_checkpoint_and_goes_on(set
     assert checkpoint.find_latest(tmp_path).step == 2
 
 
-def test_sigterm_to_the_command_line_then_resume(tmp_path):
+def test_sigterm_to_the_command_line_then_resume(tmp_path, sigterm_once_training):
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "onecard.cli", "train", "--run-dir", str(run_dir), "--device", "cpu",
             "--depth", "1", "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len", "16",
             "--micro-batch", "2", "--total-batch", "32", "--eval-every", "0", "--eval-batches", "1"]
-    process = subprocess.Popen(argv + ["--steps", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    log = run_dir / "log.jsonl"
-    deadline = time.monotonic() + 60
-    while not (log.exists() and '"loss"' in log.read_text()):  # training has begun
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, out
+    stopped = sigterm_once_training(argv + ["--steps", "1000000"], run_dir, timeout=60)
+    out = stopped.stdout
+    assert stopped.returncode == 0, out
     last = out.strip().splitlines()[-1]
     assert last.startswith("stopped at step") and f"resume with: onecard train --run-dir {run_dir}" in last
     step = checkpoint.find_latest(run_dir).step

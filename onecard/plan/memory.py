@@ -233,7 +233,6 @@ class Memory:
     context: int
     workspace: int
     fragmentation: int
-    ddp_buckets: int
     host: int
     activation_detail: Activations
 
@@ -241,11 +240,11 @@ class Memory:
     def allocated(self) -> int:
         """What torch.cuda.max_memory_allocated should report at the step's peak."""
         return (self.weights + self.grads + self.optimizer + self.activations + self.logits
-                + self.buffers + self.ddp_buckets)
+                + self.buffers)
 
     @property
     def other(self) -> int:
-        return self.buffers + self.ddp_buckets + self.context + self.workspace + self.fragmentation
+        return self.buffers + self.context + self.workspace + self.fragmentation
 
     @property
     def total(self) -> int:
@@ -258,9 +257,10 @@ class Memory:
                 "total": self.total}
 
 
-def predict_memory(config: GPTConfig, recipe: Recipe, gpus: int = 1,
-                   assume: Assumptions = DEFAULT) -> Memory:
-    """Peak CUDA memory of one data-parallel rank training `config` with `recipe`.
+def predict_memory(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFAULT) -> Memory:
+    """Peak CUDA memory of one card (one data-parallel rank) training `config` with `recipe`.
+    With several cards each holds the same: onecard averages the recipe's own gradient buffers
+    in place (onecard/distributed.py), with no bucketed second copy as DDP keeps.
 
     The peak is at the start of backward: parameters, gradients (accumulated from the previous
     micro-batch) and optimizer states, everything the forward saved, the loss at its peak, plus
@@ -271,13 +271,10 @@ def predict_memory(config: GPTConfig, recipe: Recipe, gpus: int = 1,
     a = activation_bytes(config, recipe, "bf16")
     grads = p.grads + p.grad_transient
     buffers = 2 * 2 * (10 * recipe.seq_len) * (config.head_dim // 2)  # rotary cos/sin tables, bf16
-    # Several cards: onecard averages the recipe's own gradient buffers in place
-    # (onecard/distributed.py), so there is no DDP bucket copy of the gradients.
-    ddp = 0
-    allocated = p.weights + grads + p.optimizer + a.on_device + a.logits_peak + buffers + ddp
+    allocated = p.weights + grads + p.optimizer + a.on_device + a.logits_peak + buffers
     return Memory(weights=p.weights, grads=grads, optimizer=p.optimizer, activations=a.on_device,
                   logits=a.logits_peak, buffers=buffers, context=assume.cuda_context_bytes,
                   workspace=assume.workspace_bytes,
-                  fragmentation=int(assume.fragmentation * allocated), ddp_buckets=ddp,
+                  fragmentation=int(assume.fragmentation * allocated),
                   host=p.host_weights + p.host_grads + p.host_optimizer + a.host,
                   activation_detail=a)

@@ -59,7 +59,6 @@ def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
             ("activations", m.activations, act),
             ("logits / loss", m.logits, f"loss={r.loss} at its peak, gradients included"),
             ("rotary tables", m.buffers, "cos/sin for 10x the sequence, bf16"),
-            ("DDP buckets", m.ddp_buckets, "a second copy of the gradients (DDP default)"),
             ("CUDA context", m.context, "assumed: cuda_context_bytes"),
             ("workspace", m.workspace, "assumed: workspace_bytes (cuBLAS, attention, NCCL)"),
             ("fragmentation", m.fragmentation, f"assumed: {assume.fragmentation:.0%} of the allocated peak")]
@@ -181,7 +180,7 @@ def candidate_json(c: Candidate, s: Settings) -> dict:
     a = c.memory.activation_detail
     memory = c.memory.components() | {
         "allocated": c.memory.allocated, "host": c.memory.host,
-        "detail": {"buffers": c.memory.buffers, "ddp_buckets": c.memory.ddp_buckets,
+        "detail": {"buffers": c.memory.buffers,
                    "cuda_context": c.memory.context, "workspace": c.memory.workspace,
                    "fragmentation": c.memory.fragmentation, "activations_saved": a.saved,
                    "autocast_weight_copies": a.weight_copies, "recompute": a.recompute,

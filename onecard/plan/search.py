@@ -79,7 +79,7 @@ def evaluate(config: GPTConfig, recipe: Recipe, s: Settings, tokens: int | None 
     chosen, memory = None, None
     for b in micro_batches(s):
         r = recipe.with_(micro_batch=b, seq_len=s.seq_len)
-        m = predict_memory(config, r, s.gpus, s.assume)
+        m = predict_memory(config, r, s.assume)
         chosen, memory = r, m
         if m.total <= s.gpu.vram_bytes:
             break
