@@ -21,9 +21,10 @@ import torch
 
 from onecard.data import Corpus, iter_texts
 from onecard.model import GPTConfig
+from onecard.pretrain import train
 from onecard.recipe import NAMED
+from onecard.run import TrainSettings
 from onecard.tokenizer import Tokenizer
-from onecard.train import TrainSettings, train
 
 CPU_RECIPES = [name for name, r in NAMED.items() if r.matmul != "fp8" and r.loss != "fused"]
 

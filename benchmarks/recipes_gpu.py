@@ -3,7 +3,7 @@
 For each depth (default d20 and d32, vocabulary 65,536, context 2048), each memory cap (default:
 the whole card, 12 GiB and 8 GiB, set with torch.cuda.set_per_process_memory_fraction so that a
 large GPU stands in for a smaller one) and each named recipe, at the micro-batch the planner
-picks for a card of that size, it trains a few optimizer steps exactly as onecard.train does
+picks for a card of that size, it trains a few optimizer steps exactly as `onecard train` does (onecard.step)
 (build_model, set_policies, build_optimizer, bf16 autocast, accumulate, clip, step) and records:
 
 - torch.cuda.max_memory_allocated over the last full step, against the planner's `allocated`
@@ -28,7 +28,6 @@ table is printed for benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -39,13 +38,14 @@ from pathlib import Path
 
 import torch
 
-from onecard.model import GPTConfig, build_model
-from onecard.optim import build_optimizer
-from onecard.plan.catalog import CATALOG, GiB, detect_gpu, with_vram
+from onecard.device import local_card
+from onecard.measure import time_recipe_steps
+from onecard.model import GPTConfig
+from onecard.plan.catalog import CATALOG, GiB, with_vram
+from onecard.plan.choose import choose_gpu
 from onecard.plan.search import Settings, evaluate
 from onecard.plan.timing import predict_time
 from onecard.recipe import NAMED
-from onecard.train import autocast_for
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,58 +60,12 @@ def commit() -> str:
 
 
 def run_steps(config: GPTConfig, recipe, accum: int, steps: int, device: str, total_batch: int) -> dict:
-    """`steps` optimizer steps of `accum` micro-batches; the peak memory and time of the last one, and
-    its tokens/s scaled to a step of `total_batch` tokens (forward-backward per token x total_batch + update)."""
-    cuda = device == "cuda"
-    model = opt = None
+    """The recipe's own step (onecard.measure, as `onecard train` and `onecard bench` run it); a recipe
+    that fails on this card is a result too, and the other rows still run."""
     try:
-        torch.manual_seed(0)
-        model = build_model(config, device=device)
-        model.set_policies(recipe.activations, recipe.loss)
-        opt = build_optimizer(model, recipe)  # casts weights as the recipe says (wte bf16 on CUDA)
-        step_model = torch.compile(model) if recipe.compile else model
-        idx = torch.randint(0, config.vocab_size, (recipe.micro_batch, recipe.seq_len + 1), device=device)
-        inputs, targets = idx[:, :-1], idx[:, 1:]
-        def sync() -> float:
-            if cuda:
-                torch.cuda.synchronize()
-            return time.perf_counter()
-
-        for step in range(steps):
-            if step == steps - 1:  # the optimizer states exist now: measure one whole step from here
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                start = sync()
-            for _ in range(accum):
-                with autocast_for(device):
-                    loss = step_model(inputs, targets)
-                (loss / accum).backward()
-                opt.accumulate()
-            middle = sync()
-            opt.clip_grad_norm(1.0)
-            opt.step()
-            opt.zero_grad()
-        end = sync()
-        tokens = accum * recipe.micro_batch * recipe.seq_len
-        # A real step has total_batch tokens: forward-backward time scales with them, the update does not
-        at_batch_s = (middle - start) / tokens * total_batch + (end - middle)
-        row = {"outcome": "ran", "step_s": end - start, "forward_backward_s": middle - start,
-               "update_s": end - middle, "loss": float(loss.detach()), "tokens_per_s": tokens / (end - start),
-               "total_batch": total_batch, "tokens_per_s_at_batch": total_batch / at_batch_s}
-        if cuda:
-            row |= {"max_memory_allocated": torch.cuda.max_memory_allocated(),
-                    "max_memory_reserved": torch.cuda.max_memory_reserved()}
-        return row
-    except torch.OutOfMemoryError as error:
-        return {"outcome": "out of memory", "max_memory_allocated": torch.cuda.max_memory_allocated(),
-                "error": str(error).splitlines()[0]}
-    except Exception as error:  # a recipe that fails on this card is a result too; the others still run
+        return time_recipe_steps(config, recipe, accum, steps, device, total_batch)
+    except Exception as error:
         return {"outcome": "error", "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-    finally:
-        del model, opt
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
 
 
 def this_card(device: str, as_gpu: str | None):
@@ -119,9 +73,9 @@ def this_card(device: str, as_gpu: str | None):
     if as_gpu:
         return CATALOG[as_gpu]
     if device == "cuda":
-        found = detect_gpu()
+        found = local_card()
         if found:
-            return found[0]
+            return choose_gpu(None, None, found)[0]
     return CATALOG["rtx4070"]  # the CPU smoke run: any card, its figures are not reported as measured
 
 

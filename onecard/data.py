@@ -10,7 +10,9 @@ read one chunk at a time, so a parquet shard is never read whole and a run resum
 without rereading anything before it.
 
 Whether a document is held out for validation depends only on its address, so the split is the
-same on every machine and for every seed.
+same on every machine and for every seed. A corpus whose only text is one .txt file (a book, say)
+has no second document to hold out, so its text is cut: read in 1 MiB blocks of whole lines like a
+.jsonl file, each block cut at line ends into pieces (the documents), some of each block held out.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import random
 import sysconfig
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -37,7 +41,9 @@ from onecard.tokenizer import Tokenizer
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 ACCEPTED = (".txt files (one document each), .jsonl files (a 'text' field per line) "
             "or .parquet files (a 'text' column)")
-JSONL_CHUNK_BYTES = 1 << 20
+BLOCK_BYTES = 1 << 20  # a chunk of a .jsonl file, or of a lone .txt file that is cut into pieces
+PIECE_CHARS = 4000  # the longest piece of a cut text: about a web page, as in FineWeb
+MIN_PIECE_CHARS = 100  # shorter pieces only when a text has less than two of these
 DEFAULT_VAL_FRACTION = 0.02
 # Folders of the standard library that are not the standard library's own text, or are test data.
 EMBEDDED_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -45,7 +51,7 @@ EMBEDDED_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "
 
 class DocPosition(NamedTuple):
     file: int  # index into Corpus.files
-    chunk: int  # parquet row group, jsonl byte block, 0 for txt
+    chunk: int  # parquet row group, jsonl (or cut text) byte block, 0 for txt
     doc: int  # index within the chunk, counting every row or line (empty ones too)
 
 
@@ -106,56 +112,78 @@ class Corpus:
         self.names = [p.relative_to(root).as_posix() for p in self.files]
         self.label = label
         self.val_fraction = float(val_fraction)
-        self.sizes = [p.stat().st_size for p in self.files]
+        try:
+            self.sizes = [p.stat().st_size for p in self.files]
+        except OSError as e:
+            raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
+        # pyarrow opens each shard's footer here (not its data): a bad file is named before any work
+        self._chunks = {i: _row_groups(p) for i, (p, kind) in enumerate(zip(self.files, self.kinds, strict=True))
+                        if kind == "parquet"}
         if not any(self.sizes):
             raise UsageError(f"corpus {label} holds only empty files: onecard reads {ACCEPTED}")
-        self._chunks: dict[int, int] = {}
         # A .txt file is one document, so a hash threshold would often hold out none of a few files:
         # hold out exactly round(fraction * n) of them (at least one, if there are two or more).
         txt = [i for i, kind in enumerate(self.kinds) if kind == "txt"]
         n_val = min(max(round(self.val_fraction * len(txt)), 1), len(txt) - 1) if self.val_fraction > 0 else 0
         self._txt_val = set(sorted(txt, key=lambda i: _unit_hash(self.names[i], 0, 0))[:n_val])
+        # ... and one .txt file alone cannot be split that way: its text is cut into pieces instead
+        holding = [i for i, size in enumerate(self.sizes) if size]
+        lone_txt = len(holding) == 1 and self.kinds[holding[0]] == "txt" and self.val_fraction > 0
+        self.cut_file = holding[0] if lone_txt else None
 
     def describe(self) -> str:
         """One line that a run records: what was read, how much, and a fingerprint of the file list."""
         digest = hashlib.blake2b(digest_size=4)
         for name, size in zip(self.names, self.sizes, strict=True):
             digest.update(f"{name}\0{size}\0".encode())
+        cut = ""
+        if self.cut_file is not None:  # other documents than the whole file: a resume must see the change
+            digest.update(b"text cut into pieces v1\0")
+            cut = f", its text cut into pieces of at most {PIECE_CHARS:,} characters"
         counts = {kind: self.kinds.count(kind) for kind in dict.fromkeys(self.kinds)}
         what = ", ".join(f"{n} {kind}" for kind, n in counts.items())
-        return (f"{self.label}: {len(self.files)} files ({what}), {sum(self.sizes) / 1e6:.1f} MB, "
+        return (f"{self.label}: {len(self.files)} files ({what}), {sum(self.sizes) / 1e6:.1f} MB{cut}, "
                 f"fingerprint {digest.hexdigest()}, validation fraction {self.val_fraction:g}")
 
     def num_chunks(self, file: int) -> int:
         if file not in self._chunks:
-            kind = self.kinds[file]
-            if kind == "parquet":
-                with pq.ParquetFile(self.files[file]) as parquet:
-                    self._chunks[file] = parquet.num_row_groups
-            elif kind == "jsonl":
-                self._chunks[file] = -(-self.sizes[file] // JSONL_CHUNK_BYTES)
-            else:
-                self._chunks[file] = 1
+            blocks = self.kinds[file] == "jsonl" or file == self.cut_file
+            self._chunks[file] = -(-self.sizes[file] // BLOCK_BYTES) if blocks else 1
         return self._chunks[file]
 
     def read_chunk(self, file: int, chunk: int) -> list[str]:
         """The documents of one chunk, in order, empty ones included (so doc indices stay stable)."""
         path, kind = self.files[file], self.kinds[file]
-        if kind == "txt":
-            return [path.read_text(encoding="utf-8", errors="replace")]
-        if kind == "jsonl":
-            return _read_jsonl_block(path, chunk * JSONL_CHUNK_BYTES, (chunk + 1) * JSONL_CHUNK_BYTES)
-        with pq.ParquetFile(path) as parquet:
-            names = parquet.schema_arrow.names
-            if "text" not in names:
-                raise UsageError(f"{path} has no 'text' column (it has {', '.join(names)})")
-            column = parquet.read_row_group(chunk, columns=["text"]).column(0)
-        return [text or "" for text in column.to_pylist()]
+        if kind == "parquet":
+            return _read_row_group(path, chunk)
+        try:
+            if file == self.cut_file:
+                lines = _lines(path, chunk * BLOCK_BYTES, (chunk + 1) * BLOCK_BYTES)  # b"\n" never cuts a character
+                text = b"".join(line for _, line in lines).decode("utf-8", errors="replace")
+                return _cut(text, self.val_fraction)
+            if kind == "txt":  # an empty file is not opened: /proc's files say they are empty, and some hang
+                return [path.read_text(encoding="utf-8", errors="replace") if self.sizes[file] else ""]
+            return _read_jsonl_block(path, chunk * BLOCK_BYTES, (chunk + 1) * BLOCK_BYTES)
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
 
-    def is_val(self, file: int, chunk: int, doc: int) -> bool:
-        if self.kinds[file] == "txt":
-            return file in self._txt_val
-        return _unit_hash(self.names[file], chunk, doc) < self.val_fraction
+    def held_out(self, file: int, chunk: int, texts: Sequence[str]) -> list[bool]:
+        """Which documents of a chunk are validation documents."""
+        if self.kinds[file] == "txt" and file != self.cut_file:
+            return [file in self._txt_val] * len(texts)
+        if file != self.cut_file:
+            return [_unit_hash(self.names[file], chunk, doc) < self.val_fraction for doc in range(len(texts))]
+        # The pieces of a cut text, like .txt files: exactly round(fraction * n) of a block's non-blank
+        # pieces, picked by address; one at least in the first block; one left to train on if it is the only one.
+        kept = [doc for doc, text in enumerate(texts) if text.strip()]
+        n_val = max(round(self.val_fraction * len(kept)), 1 if chunk == 0 else 0)
+        if self.num_chunks(file) == 1:
+            if len(kept) < 2:
+                raise UsageError(f"{self.files[file]} holds too little text ({self.sizes[file]} bytes) to set some "
+                                 "aside for validation: give more text")
+            n_val = min(n_val, len(kept) - 1)
+        val = set(sorted(kept, key=lambda doc: _unit_hash(self.names[file], chunk, doc))[:n_val])
+        return [doc in val for doc in range(len(texts))]
 
     def documents(self, split: str = "train",
                   start: DocPosition | None = None) -> Iterator[tuple[DocPosition, str]]:
@@ -172,9 +200,10 @@ class Corpus:
             at_start = start is not None and file == start.file
             for chunk in chunks[_index(chunks, start.chunk) if at_start else 0:]:
                 texts = self.read_chunk(file, chunk)
+                held = self.held_out(file, chunk, texts)
                 skip = start.doc if at_start and chunk == start.chunk else 0
                 for doc in range(skip, len(texts)):
-                    if texts[doc].strip() and self.is_val(file, chunk, doc) == (split == "val"):
+                    if texts[doc].strip() and held[doc] == (split == "val"):
                         yield DocPosition(file, chunk, doc), texts[doc]
 
 
@@ -190,9 +219,36 @@ def _unit_hash(name: str, chunk: int, doc: int) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def _read_jsonl_block(path: Path, begin: int, end: int) -> list[str]:
-    """Texts of the lines that start at a byte offset in [begin, end)."""
-    texts = []
+@contextmanager
+def _parquet(path: Path) -> Iterator[pq.ParquetFile]:
+    """An open parquet file; pyarrow's errors (which name no file) become one line that does."""
+    try:
+        with pq.ParquetFile(path) as parquet:
+            yield parquet
+    except (OSError, ValueError, pa.ArrowException) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # the CLI prints one line
+        raise UsageError(f"{path} is not a readable parquet file ({reason})") from None
+
+
+def _row_groups(path: Path) -> int:
+    with _parquet(path) as parquet:
+        names = parquet.schema_arrow.names
+        if "text" not in names:
+            raise UsageError(f"{path} has no 'text' column (it has {', '.join(names)})")
+        return parquet.num_row_groups
+
+
+def _read_row_group(path: Path, group: int) -> list[str]:
+    with _parquet(path) as parquet:
+        column = parquet.read_row_group(group, columns=["text"]).column(0)
+    texts = column.to_pylist()
+    if any(text is not None and not isinstance(text, str) for text in texts):
+        raise UsageError(f"{path}: the 'text' column holds {column.type}, not strings")
+    return [text or "" for text in texts]
+
+
+def _lines(path: Path, begin: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) of the lines of a file that start at an offset in [begin, end)."""
     with open(path, "rb") as f:
         if begin > 0:
             f.seek(begin - 1)
@@ -202,18 +258,52 @@ def _read_jsonl_block(path: Path, begin: int, end: int) -> list[str]:
             line = f.readline()
             if not line:
                 break
-            if not line.strip():
-                texts.append("")
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UsageError(f"{path}: the line at byte {offset} is not a JSON object with a 'text' "
-                                 "string")
-            texts.append(record["text"])
+            yield offset, line
+
+
+def _read_jsonl_block(path: Path, begin: int, end: int) -> list[str]:
+    """Texts of the lines that start at a byte offset in [begin, end)."""
+    texts = []
+    for offset, line in _lines(path, begin, end):
+        if not line.strip():
+            texts.append("")
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON, or not UTF-8
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UsageError(f"{path}, line {_line_number(path, offset)}: not a JSON object with a 'text' string")
+        texts.append(record["text"])
     return texts
+
+
+def _line_number(path: Path, offset: int) -> int:
+    """The number (from 1) of the line that starts at byte `offset`: counted only for an error message."""
+    newlines = 0
+    with open(path, "rb") as f:
+        while offset > 0 and (block := f.read(min(offset, 1 << 24))):
+            newlines += block.count(b"\n")
+            offset -= len(block)
+    return newlines + 1
+
+
+def _cut(text: str, val_fraction: float) -> list[str]:
+    """`text` in pieces, each ending at a line end unless a line is longer than a piece.
+
+    Pieces are short enough that the held-out ones come near the fraction, at most PIECE_CHARS,
+    and under MIN_PIECE_CHARS only to make at least two.
+    """
+    size = max(-(-len(text) // max(round(1 / val_fraction), 1)), MIN_PIECE_CHARS)
+    size = max(min(size, PIECE_CHARS, -(-len(text) // 2)), 1)
+    pieces, start = [], 0
+    while start < len(text):
+        end = start + size
+        if end < len(text):
+            end = text.rfind("\n", start, end) + 1 or end  # no line end in reach: a fixed-size block
+        pieces.append(text[start:end])
+        start = end
+    return pieces
 
 
 def _check_split(split: str) -> None:

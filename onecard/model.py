@@ -2,7 +2,8 @@
 
 Rotary embeddings (half-split layout), QK-norm, parameter-free RMSNorm, ReLU² MLP, untied
 embedding and head, logits soft-capped at 15, no biases. Parameter names and shapes match
-nanochat's state dict so that its checkpoints load as they are.
+nanochat's state dict so that its checkpoints load as they are. The facts this relies on (shapes,
+counts, FLOPs per token) and their public sources: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -19,62 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from onecard.errors import UsageError
 from onecard.loss import chunked_cross_entropy, fused_cross_entropy, fused_loss_function
+from onecard.model_config import GPTConfig, flops_per_token, param_counts, parse_model_name  # noqa: F401
 from onecard.recipe import CHOICES, LOSS_CHUNK_ROWS
 
-HEAD_DIM = 128  # the depth dial fixes head_dim at 128 (nanochat: num_heads = ceil(model_dim / 128))
-ASPECT_RATIO = 64  # n_embd = 64 * depth
 LOGIT_SOFTCAP = 15.0
 ROTARY_BASE = 10000
-
-
-@dataclass
-class GPTConfig:
-    sequence_len: int = 2048
-    vocab_size: int = 65536
-    n_layer: int = 12
-    n_head: int = 6
-    n_kv_head: int = 6
-    n_embd: int = 768
-
-    def __post_init__(self) -> None:
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise UsageError(f"model {name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise UsageError(
-                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: "
-                "pick a head count that divides the width"
-            )
-        if self.n_head % self.n_kv_head:
-            raise UsageError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
-        if (self.n_embd // self.n_head) % 2:
-            raise UsageError(f"head_dim {self.n_embd // self.n_head} must be even for rotary embeddings")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @classmethod
-    def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048) -> GPTConfig:
-        """nanochat's depth dial: width 64·depth, heads of 128 channels."""
-        if not isinstance(depth, int) or depth <= 0:
-            raise UsageError(f"depth must be a positive integer, got {depth!r}")
-        n_embd = depth * ASPECT_RATIO
-        n_head = max(1, -(-n_embd // HEAD_DIM))
-        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                   n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def parse_model_name(name: str) -> int:
-    """'d32' -> 32. Anything else is a usage error that says what is accepted."""
-    text = name.strip().lower()
-    if text.startswith("d") and text[1:].isdigit() and int(text[1:]) > 0:
-        return int(text[1:])
-    raise UsageError(f"unknown model {name!r}: use dN with N the depth, e.g. d20 or d32 (or --depth N)")
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -354,23 +303,6 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(probs, 1, generator=rng)
             yield int(next_id.item())
             ids = next_id
-
-
-def param_counts(config: GPTConfig) -> dict[str, int]:
-    """Parameters by group, from the shapes alone (no tensors made)."""
-    d, v, layers = config.n_embd, config.vocab_size, config.n_layer
-    kv = config.n_kv_head * config.head_dim
-    attn = d * d * 2 + d * kv * 2  # c_q and c_proj are d x d, c_k and c_v are d x kv
-    mlp = 2 * d * 4 * d
-    return {"wte": v * d, "blocks": layers * (attn + mlp), "lm_head": v * d}
-
-
-def flops_per_token(config: GPTConfig) -> int:
-    """nanochat's training FLOPs per token: 6·N(non-embedding, lm_head included) + 12·L·H·Q·T."""
-    counts = param_counts(config)
-    non_embedding = counts["blocks"] + counts["lm_head"]
-    attention = 12 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
-    return 6 * non_embedding + attention
 
 
 def build_model(config: GPTConfig, device: str | torch.device = "cpu", init: bool = True) -> GPT:

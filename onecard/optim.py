@@ -35,7 +35,7 @@ from onecard.lowbit import StateTensor, stochastic_round_bf16
 from onecard.model import GPT
 from onecard.recipe import Recipe
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (REFERENCE §1)
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (docs/architecture.md#muon)
 ADAM_BETAS = (0.8, 0.95)
 ADAM_EPS = 1e-10
 UPDATE_CHUNK = 1 << 22  # AdamW updates this many elements at a time: bounded fp32 temporaries

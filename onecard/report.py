@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 from onecard.errors import UsageError
 from onecard.meters import format_duration
@@ -21,43 +23,94 @@ from onecard.meters import format_duration
 GiB = 2**30
 
 
-def read_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(step lines, event lines) of log.jsonl; a line cut short by a crash is skipped."""
+class Log(NamedTuple):
+    records: list[dict]  # step and evaluation lines
+    events: list[dict]  # lines with an "event" (start, stop, resume, checkpoint)
+    skipped: int  # lines that are not a JSON object: cut short by a crash, or damaged
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display), imported only when a report is drawn."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("onecard report draws with matplotlib, which is not installed here: "
+                         "pip install matplotlib") from None
+    return plt
+
+
+def read_log(run_dir: Path) -> Log:
+    """The lines of log.jsonl; a line that is not a JSON object (cut short, damaged) is counted and skipped."""
     path = run_dir / "log.jsonl"
-    if not path.exists():
-        raise UsageError(f"{path} does not exist: give an onecard run directory")
-    steps, events = [], []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
+    if not run_dir.is_dir():
+        what = "is not a folder" if run_dir.exists() else "does not exist"
+        raise UsageError(f"{run_dir} {what}: give an onecard run directory")
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist: give an onecard run directory (one with a log.jsonl)")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    records, events, skipped = [], [], 0
+    for line in raw.splitlines():
+        if not line.strip():
             continue
-        (events if "event" in record else steps).append(record)
-    return steps, events
+        try:  # undecodable bytes become U+FFFD, so such a line fails here as bad JSON
+            record = json.loads(line.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict):
+            skipped += 1
+            continue
+        (events if "event" in record else records).append(record)
+    return Log(records, events, skipped)
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from a file, or {} when it is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+    except (OSError, ValueError, RecursionError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def number(value: object) -> float | None:
+    """A finite number, else None: a damaged log or summary must not break a chart or the page."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        return None
+    return value if math.isfinite(value) else None
+
+
+def as_dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 # Each chart: file name, title, y label, and how to get (y, x) points and predicted y from the data.
-def series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], list[float], list[float]]:
-    """Steps, hours and values of the records that have `key` (non-null)."""
-    kept = [r for r in records if r.get(key) is not None]
-    return ([r["step"] for r in kept], [r.get("wall_s", 0.0) / 3600 for r in kept],
-            [r[key] / scale for r in kept])
+def series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list[float], list[float], list[float]]:
+    """Steps, hours and values of the records where step and `key` are numbers."""
+    steps, hours, values = [], [], []
+    for record in records:
+        step, value = number(record.get("step")), number(record.get(key))
+        if step is None or value is None:
+            continue
+        wall = number(record.get("wall_s", 0.0))
+        steps.append(step)
+        hours.append(math.nan if wall is None else wall / 3600)
+        values.append(value / scale)
+    return steps, hours, values
 
 
 def draw(path: Path, title: str, ylabel: str, lines: list[tuple[str, tuple]], predicted: float | None,
          missing: str) -> None:
     """One figure, two panels (against steps, against hours), PNG."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
     for ax, xlabel, which in ((axes[0], "step", 0), (axes[1], "hours of run time", 1)):
         drawn = False
@@ -81,68 +134,92 @@ def draw(path: Path, title: str, ylabel: str, lines: list[tuple[str, tuple]], pr
     plt.close(fig)
 
 
+def predicted_peak(prediction: dict) -> float | None:
+    return number(prediction.get("peak_allocated_bytes")) or number(prediction.get("peak_bytes"))
+
+
 def measured_vs_predicted(records: list[dict], summary: dict, prediction: dict) -> list[tuple[str, str, str]]:
     """Rows (quantity, predicted, measured) for what the planner forecast."""
     rows = []
-    if prediction.get("peak_allocated_bytes") or prediction.get("peak_bytes"):
-        predicted = prediction.get("peak_allocated_bytes") or prediction["peak_bytes"]
-        measured = summary.get("vram_peak_bytes")
-        rows.append(("peak memory allocated (GiB)", f"{predicted / GiB:.2f}",
+    peak = predicted_peak(prediction)
+    if peak:
+        measured = number(summary.get("vram_peak_bytes"))
+        rows.append(("peak memory allocated (GiB)", f"{peak / GiB:.2f}",
                      "—" if measured is None else f"{measured / GiB:.2f}"))
-    if prediction.get("step_time_s"):
-        times = [r["step_time_s"] for r in records if r.get("step_time_s")]
-        rows.append(("step time (s, median)", f"{prediction['step_time_s']:.3f}",
+    step_time = number(prediction.get("step_time_s"))
+    if step_time:
+        times = [t for t in (number(r.get("step_time_s")) for r in records) if t]
+        rows.append(("step time (s, median)", f"{step_time:.3f}",
                      f"{statistics.median(times):.3f}" if times else "—"))
     return rows
 
 
+def make_folder(out: Path) -> None:
+    """Create the report folder, or say in one line why it cannot be made."""
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"cannot put the report in {out}: {blocker} is a file, not a folder; give --out a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the report folder {out}: {e.strerror or e}") from None
+
+
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Draw the charts and the HTML page; returns the page's path."""
-    records, events = read_log(run_dir)
+    pyplot()  # a missing matplotlib is said before anything is written
+    log = read_log(run_dir)
     config = read_json(run_dir / "config.json")
     summary = read_json(run_dir / "summary.json")
-    prediction = summary.get("prediction") or config.get("prediction") or {}
+    prediction = as_dict(summary.get("prediction")) or as_dict(config.get("prediction"))
     out = out or run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    steps = [r for r in records if "loss" in r]
-    on_cpu = summary.get("device", config.get("train", {}).get("device")) == "cpu"
-    total_batch = config.get("train", {}).get("total_batch")
+    make_folder(out)
+    try:
+        images = []
+        for title, name, ylabel, lines, predicted, missing in charts(log, config, summary, prediction):
+            draw(out / name, title, ylabel, lines, predicted, missing)
+            images.append((title, out / name))
+        page = out / "report.html"
+        steps = [r for r in log.records if "loss" in r]
+        page.write_text(render_html(run_dir, config, summary, log, images,
+                                    measured_vs_predicted(steps, summary, prediction)), encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot write the report in {out}: {e.strerror or e}") from None
+    return page
 
-    predicted_tps = prediction.get("tokens_per_s")
-    if predicted_tps is None and prediction.get("step_time_s") and total_batch:
-        predicted_tps = total_batch / prediction["step_time_s"]
-    predicted_peak = prediction.get("peak_allocated_bytes") or prediction.get("peak_bytes")
+
+def charts(log: Log, config: dict, summary: dict, prediction: dict) -> list[tuple]:
+    """(title, file name, y label, lines, predicted y or None, what to say when there is nothing)."""
+    steps = [r for r in log.records if "loss" in r]
+    train = as_dict(config.get("train"))
+    on_cpu = summary.get("device", train.get("device")) == "cpu"
+    total_batch = number(train.get("total_batch"))
+    predicted_tps = number(prediction.get("tokens_per_s"))
+    step_time = number(prediction.get("step_time_s"))
+    if predicted_tps is None and step_time and total_batch:
+        predicted_tps = total_batch / step_time
+    peak = predicted_peak(prediction)
     memory_lines = [("VRAM allocated", series(steps, "vram_bytes", GiB)),
                     ("VRAM peak", series(steps, "vram_peak_bytes", GiB))]
     if on_cpu:
         memory_lines = [("host peak (resident)", series(steps, "host_peak_bytes", GiB))]
     estimated = " (estimated from --power)" if summary.get("stated_power_w") else ""
     no_power = "no power reading: no NVML and no --power"
-    charts = [
-        ("loss.png", "training loss", "loss (nats)", [("loss", series(steps, "loss"))], None,
+    return [
+        ("training loss", "loss.png", "loss (nats)", [("loss", series(steps, "loss"))], None,
          "no training steps yet"),
-        ("val_bpb.png", "validation bits per byte", "bits per byte", [("val", series(records, "val_bpb"))], None,
-         "no evaluation yet"),
-        ("tokens_per_s.png", "throughput", "tokens/s", [("tokens/s", series(steps, "tokens_per_s"))],
+        ("validation bits per byte", "val_bpb.png", "bits per byte", [("val", series(log.records, "val_bpb"))],
+         None, "no evaluation yet"),
+        ("throughput", "tokens_per_s.png", "tokens/s", [("tokens/s", series(steps, "tokens_per_s"))],
          predicted_tps, "no training steps yet"),
-        ("memory.png", "memory", "GiB", memory_lines, None if predicted_peak is None else predicted_peak / GiB,
-         "not measured"),
-        ("power.png", "GPU power" + estimated, "watts", [("power", series(steps, "power_w"))], None, no_power),
-        ("energy.png", "cumulative energy" + estimated, "kWh", [("energy", series(steps, "energy_kwh"))], None,
+        ("memory", "memory.png", "GiB", memory_lines, None if peak is None else peak / GiB, "not measured"),
+        ("GPU power" + estimated, "power.png", "watts", [("power", series(steps, "power_w"))], None, no_power),
+        ("cumulative energy" + estimated, "energy.png", "kWh", [("energy", series(steps, "energy_kwh"))], None,
          no_power),
     ]
-    images = []
-    for name, title, ylabel, lines, predicted, missing in charts:
-        draw(out / name, title, ylabel, lines, predicted, missing)
-        images.append((title, out / name))
-
-    page = out / "report.html"
-    page.write_text(render_html(run_dir, config, summary, events, images,
-                                measured_vs_predicted(steps, summary, prediction)))
-    return page
 
 
-def render_html(run_dir: Path, config: dict, summary: dict, events: list[dict], images: list[tuple[str, Path]],
+def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: list[tuple[str, Path]],
                 predicted_rows: list[tuple[str, str, str]]) -> str:
     """One page with everything inside it: the PNGs are embedded as base64."""
     def fmt(value, unit: str = "", digits: int = 4) -> str:
@@ -153,20 +230,22 @@ def render_html(run_dir: Path, config: dict, summary: dict, events: list[dict], 
         return f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
 
     currency = summary.get("currency", "")
-    energy = summary.get("energy_kwh")
+    energy = number(summary.get("energy_kwh"))
+    sources = summary.get("energy_sources")
     energy_note = ""
-    if summary.get("stated_power_w") or "estimate" in summary.get("energy_sources", []):
+    if summary.get("stated_power_w") or (isinstance(sources, list) and "estimate" in sources):
         energy_note = " (estimate from a stated power)"
-    if summary.get("energy_uncounted_s"):
-        energy_note += f", {format_duration(summary['energy_uncounted_s'])} not counted (no reading)"
+    uncounted = number(summary.get("energy_uncounted_s"))
+    if uncounted:
+        energy_note += f", {format_duration(uncounted)} not counted (no reading)"
     facts = [
         ("status", summary.get("status")),
         ("step", f"{summary.get('step', '—')} of {summary.get('steps', '—')}"),
         ("model", json.dumps(config.get("model_config", {}))),
-        ("recipe", config.get("recipe", {}).get("name")),
+        ("recipe", as_dict(config.get("recipe")).get("name")),
         ("device", f"{summary.get('device')} {summary.get('gpu') or ''}".strip()),
         ("tokens", fmt(summary.get("tokens"))),
-        ("run time", format_duration(summary.get("wall_s", 0))),
+        ("run time", format_duration(number(summary.get("wall_s")) or 0)),
         ("tokens/s (mean over run time)", fmt(summary.get("tokens_per_s_mean"), digits=5)),
         ("validation bits per byte", f"{fmt(summary.get('val_bpb_start'))} → {fmt(summary.get('val_bpb_end'))}"),
         ("skipped steps (non-finite)", fmt(summary.get("skipped_steps"))),
@@ -174,13 +253,15 @@ def render_html(run_dir: Path, config: dict, summary: dict, events: list[dict], 
         ("cost", fmt(summary.get("cost"), f" {currency}")),
         ("last checkpoint", summary.get("last_checkpoint")),
     ]
+    if log.skipped:
+        facts.append(("skipped log lines (cut short or not a JSON object)", fmt(log.skipped)))
     rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     predicted = ""
     if predicted_rows:
         body = "\n".join(f"<tr><td>{html.escape(q)}</td><td>{p}</td><td>{m}</td></tr>" for q, p, m in predicted_rows)
         predicted = (f"<h2>Planner's prediction and measurement</h2>\n<table><tr><th></th><th>predicted</th>"
                      f"<th>measured</th></tr>\n{body}</table>")
-    sessions = sum(1 for e in events if e["event"] in ("start", "resume"))
+    sessions = sum(1 for e in log.events if e["event"] in ("start", "resume"))
     figures = "\n".join(
         f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,'
         f'{base64.b64encode(path.read_bytes()).decode()}"></figure>' for title, path in images)
@@ -197,3 +278,16 @@ td{{padding-right:1em}} img{{max-width:100%}}</style></head>
 {figures}
 </body></html>
 """
+
+
+# ---------------------------------------------------------------- the command
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", help="an onecard run directory (with log.jsonl)")
+    p.add_argument("--out", help="where the PNG files and report.html go (default RUN_DIR/report)")
+
+
+def run(args) -> int:
+    page = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"report written: {page} (and the PNG files beside it)")
+    return 0

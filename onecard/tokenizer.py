@@ -42,6 +42,8 @@ JSON_NAME = "tokenizer.json"
 PICKLE_NAME = "tokenizer.pkl"
 JSON_FORMAT = "onecard-tokenizer"
 ENCODING_NAME = "onecard"
+SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the specials and one merge
+LARGEST_VOCAB = 2**31 - 1  # rustbpe and tiktoken count tokens in 32 bits; no model needs more
 
 
 class Tokenizer:
@@ -59,12 +61,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
         """Learn BPE merges from `texts` so that merges + specials make exactly `vocab_size` tokens."""
-        smallest = 256 + len(SPECIAL_TOKENS) + 1
-        if not isinstance(vocab_size, int) or vocab_size < smallest:
-            raise UsageError(
-                f"vocab size must be at least {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special "
-                f"tokens + 1 merge), got {vocab_size!r}"
-            )
+        _check_vocab_size(vocab_size)  # before any text is read
         n_ranks = vocab_size - len(SPECIAL_TOKENS)
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(iter(texts), n_ranks, pattern=SPLIT_PATTERN)
@@ -133,7 +130,7 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json (plain data) and tokenizer.pkl (nanochat's pickled Encoding)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        check_save_folder(directory)
         specials = set(self._special_ids.values())
         ranks = [i for i in range(self.vocab_size) if i not in specials]
         data = {
@@ -147,19 +144,47 @@ class Tokenizer:
                 [base64.b64encode(self.enc.decode_single_token_bytes(i)).decode("ascii"), i] for i in ranks
             ],
         }
-        (directory / JSON_NAME).write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
-        with open(directory / PICKLE_NAME, "wb") as f:
-            pickle.dump(self.enc, f)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / JSON_NAME).write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
+            with open(directory / PICKLE_NAME, "wb") as f:
+                pickle.dump(self.enc, f)
+        except OSError as e:
+            raise UsageError(f"cannot save the tokenizer in {directory}: {e.strerror or e}") from None
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        """Read tokenizer.json if there is one, else a nanochat tokenizer.pkl through the safe loader."""
+        """Read tokenizer.json if there is one, else a nanochat tokenizer.pkl through the safe loader.
+
+        `directory` may also name one of those two files.
+        """
         directory = Path(directory)
+        if directory.is_file() and directory.suffix in (".json", ".pkl"):
+            read = _read_json if directory.suffix == ".json" else load_tiktoken_pickle
+            return cls(read(directory))
         if (directory / JSON_NAME).is_file():
             return cls(_read_json(directory / JSON_NAME))
         if (directory / PICKLE_NAME).is_file():
             return cls(load_tiktoken_pickle(directory / PICKLE_NAME))
         raise UsageError(f"no tokenizer in {directory}: expected {JSON_NAME} or {PICKLE_NAME} there")
+
+
+def check_save_folder(directory: str | Path) -> None:
+    """UsageError if `directory` or a folder above it is a file: call it before training, not after."""
+    directory = Path(directory)
+    blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"cannot save the tokenizer in {directory}: {blocker} is a file, not a folder")
+
+
+def _check_vocab_size(vocab_size: object) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise UsageError(f"vocab size must be a whole number, got {vocab_size!r}")
+    if not SMALLEST_VOCAB <= vocab_size <= LARGEST_VOCAB:
+        raise UsageError(
+            f"vocab size must be between {SMALLEST_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens + "
+            f"1 merge) and {LARGEST_VOCAB:,}, got {vocab_size:,}"
+        )
 
 
 def _make_encoding(name: str, pattern: str, ranks: dict[bytes, int]) -> tiktoken.Encoding:
@@ -169,15 +194,39 @@ def _make_encoding(name: str, pattern: str, ranks: dict[bytes, int]) -> tiktoken
 
 def _read_json(path: Path) -> tiktoken.Encoding:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != JSON_FORMAT:
-            raise ValueError(f"format is {data.get('format')!r}")
-        ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in data["mergeable_ranks"]}
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("format") != JSON_FORMAT:
+            raise ValueError("no 'format': 'onecard-tokenizer' in it")
+        pairs = data["mergeable_ranks"]
+        ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in pairs}
+        if len(ranks) != len(pairs):
+            raise ValueError("a token appears twice")
         specials = {str(name): int(i) for name, i in data["special_tokens"].items()}
-        return tiktoken.Encoding(name=str(data["name"]), pat_str=str(data["pattern"]),
-                                 mergeable_ranks=ranks, special_tokens=specials)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"{path} is not a onecard tokenizer file ({e})") from None
+        if not isinstance(data["name"], str) or not isinstance(data["pattern"], str):
+            raise ValueError("name and pattern must be strings")
+        _check_vocabulary(ranks, specials)
+        return tiktoken.Encoding(name=data["name"], pat_str=data["pattern"], mergeable_ranks=ranks,
+                                 special_tokens=specials)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise UsageError(f"{path} is not a onecard tokenizer file ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    """What an error says, on one line: the command line prints a UsageError as a single line."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _check_vocabulary(ranks: dict[bytes, int], specials: dict[str, int]) -> None:
+    """Byte-level BPE as onecard and nanochat lay it out, or ValueError: tiktoken would panic or
+    misnumber tokens on anything else (a byte without a rank, gaps, specials among the merges)."""
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError("the merge ranks are not 0, 1, 2, ... without gaps")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError("not every single byte has a rank")
+    if sorted(specials.values()) != list(range(len(ranks), len(ranks) + len(specials))):
+        raise ValueError("the special tokens' ids do not come right after the merges")
 
 
 # ---- reading nanochat's tokenizer.pkl without running whatever a pickle may ask for
@@ -208,18 +257,24 @@ class _TiktokenUnpickler(pickle.Unpickler):
 def load_tiktoken_pickle(path: str | Path) -> tiktoken.Encoding:
     """Load a pickled tiktoken Encoding (nanochat's tokenizer.pkl) and nothing else."""
     path = Path(path)
-    with open(path, "rb") as f:
-        try:
+    try:
+        with open(path, "rb") as f:
             obj = _TiktokenUnpickler(f, path).load()
-        except UsageError:
-            raise
-        except Exception as e:  # truncated or garbled files fail in many ways
-            raise UsageError(f"{path} is not a pickled tiktoken Encoding ({type(e).__name__}: {e})") from None
+    except UsageError:
+        raise
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # truncated or garbled files fail in many ways
+        raise UsageError(f"{path} is not a pickled tiktoken Encoding ({type(e).__name__}: {_first_line(e)})") from None
     state = getattr(obj, "state", None) if isinstance(obj, _EncodingState) else None
     if not _is_encoding_state(state):
         raise UsageError(f"{path} is not a pickled tiktoken Encoding holding its merges and special tokens")
-    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
-                             mergeable_ranks=state["mergeable_ranks"], special_tokens=state["special_tokens"])
+    try:
+        _check_vocabulary(state["mergeable_ranks"], state["special_tokens"])
+        return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
+                                 mergeable_ranks=state["mergeable_ranks"], special_tokens=state["special_tokens"])
+    except ValueError as e:
+        raise UsageError(f"{path} is not a usable tokenizer ({_first_line(e)})") from None
 
 
 def _is_encoding_state(state: object) -> bool:

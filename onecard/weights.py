@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from onecard.errors import UsageError
 from onecard.model import GPT, GPTConfig, build_model
+from onecard.run import read_config
 from onecard.tokenizer import Tokenizer
 
 NANOCHAT_MODEL = re.compile(r"model_(\d+)\.pt$")
@@ -28,20 +29,38 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
     if not path.is_dir():
         raise UsageError(f"{path} is not a directory: give an onecard run directory or a nanochat checkpoint "
                          "directory")
+    if tokenizer_path is not None and not Path(tokenizer_path).exists():
+        raise UsageError(f"--tokenizer {tokenizer_path}: no such file or directory")
     if (path / "model.safetensors").exists():
-        return _load_onecard(path, device)
+        return _load_onecard(path, device, tokenizer_path)
     if any(NANOCHAT_MODEL.match(p.name) for p in path.iterdir()):
         return load_nanochat(path, device, tokenizer_path)
     raise UsageError(f"{path} holds neither model.safetensors (onecard) nor model_*.pt (nanochat)")
 
 
-def _load_onecard(path: Path, device: str) -> tuple[GPT, Tokenizer, dict]:
-    config = json.loads((path / "config.json").read_text())
-    model = build_model(GPTConfig(**config["model_config"]), device=device, init=False)
-    state = load_file(str(path / "model.safetensors"), device=device)
-    model.load_state_dict(state)
-    tokenizer = Tokenizer.load(path / "tokenizer")
+def _load_onecard(path: Path, device: str, tokenizer_path: str | Path | None = None
+                  ) -> tuple[GPT, Tokenizer, dict]:
+    config = read_config(path / "config.json")
+    model = build_model(config.model_config, device=device, init=False)
+    _load_state(model, lambda: load_file(str(path / "model.safetensors"), device=device), path / "model.safetensors")
+    tok = Path(tokenizer_path) if tokenizer_path else path / "tokenizer"
+    tokenizer = Tokenizer.load(tok.parent if tok.name in ("tokenizer.pkl", "tokenizer.json") else tok)
+    if tokenizer.vocab_size != config.model_config.vocab_size:
+        raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+                         f"{config.model_config.vocab_size}")
     return model, tokenizer, {"layout": "onecard", "path": str(path), "config": config}
+
+
+def _load_state(model: GPT, read, path: Path) -> None:
+    """Read a state dict and load it, turning a damaged or mismatched file into one line."""
+    try:
+        state = read()
+        model.load_state_dict(state)
+    except UsageError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, AttributeError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"cannot load the weights in {path}: {first}") from None
 
 
 def find_nanochat_tokenizer(checkpoint_dir: Path) -> Path:
@@ -65,16 +84,22 @@ def load_nanochat(checkpoint_dir: Path, device: str = "cpu", tokenizer_path: str
     meta_path = checkpoint_dir / f"meta_{step:06d}.json"
     if not meta_path.exists():
         raise UsageError(f"{meta_path.name} is missing beside model_{step:06d}.pt: it holds the model config")
-    meta = json.loads(meta_path.read_text())
-    config = GPTConfig(**meta["model_config"])
     try:
-        state = torch.load(checkpoint_dir / f"model_{step:06d}.pt", map_location=device, weights_only=True)
-    except Exception as error:  # weights_only refuses anything that is not plain tensors
-        raise UsageError(f"cannot read model_{step:06d}.pt as plain weights: {error}") from error
-    # A compiled model's state dict carries the "_orig_mod." prefix; the weights are the same.
-    state = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
+        meta = json.loads(meta_path.read_text())
+        config = GPTConfig(**meta["model_config"])
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise UsageError(f"cannot read the model config in {meta_path} ({type(error).__name__}: {error})") from None
     model = build_model(config, device=device, init=False)
-    model.load_state_dict(state)
+    model_path = checkpoint_dir / f"model_{step:06d}.pt"
+
+    def read() -> dict:
+        try:
+            state = torch.load(model_path, map_location=device, weights_only=True)
+        except Exception as error:  # weights_only refuses anything that is not plain tensors
+            raise UsageError(f"cannot read {model_path.name} as plain weights: {error}") from None
+        # A compiled model's state dict carries the "_orig_mod." prefix; the weights are the same.
+        return {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
+    _load_state(model, read, model_path)
     tok_file = Path(tokenizer_path) if tokenizer_path else find_nanochat_tokenizer(checkpoint_dir)
     tokenizer = Tokenizer.load(tok_file.parent if tok_file.name == "tokenizer.pkl" else tok_file)
     if tokenizer.vocab_size != config.vocab_size:

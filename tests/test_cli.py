@@ -20,7 +20,8 @@ def test_info_prints_published_counts(capsys):
     code, out, _ = run_cli(capsys, "info", "--model", "d32")
     assert code == 0
     assert "1,879,048,192" in out and "1.20796e+10" in out
-    assert "37,580,963,840" in out  # 20 tokens per parameter, the published d32 horizon (REFERENCE §1)
+    # 20 tokens per parameter, the published d32 horizon (docs/architecture.md#training-horizon)
+    assert "37,580,963,840" in out
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -104,7 +104,7 @@ def test_jsonl_lines_are_documents(tmp_path):
 
 
 def test_jsonl_byte_blocks_cover_every_line_once_and_resume_without_rereading(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "JSONL_CHUNK_BYTES", 37)  # far smaller than a line: most blocks are empty
+    monkeypatch.setattr(data, "BLOCK_BYTES", 37)  # far smaller than a line: most blocks are empty
     texts = make_docs(60, 3)
     write_jsonl(tmp_path / "d.jsonl", texts, blank_every=4)
     corpus = Corpus(tmp_path / "d.jsonl", val_fraction=0)
@@ -199,12 +199,14 @@ def test_split_does_not_depend_on_the_seed_or_the_folder(mixed, tmp_path_factory
     assert [text for _, text in Corpus(copy, val_fraction=0.15).documents("val")] == val
 
 
-def test_single_document_cannot_be_split(tmp_path, tok):
+def test_single_document_is_cut_for_validation(tmp_path, tok):
     (tmp_path / "book.txt").write_text("a whole book in one file")
     corpus = Corpus(tmp_path / "book.txt")
-    assert len(list(TokenLoader(corpus, tok, 1, 4).next_batch())) == 2  # all of it trains
-    with pytest.raises(UsageError, match="no non-empty validation documents"):
-        TokenLoader(corpus, tok, 1, 4, split="val").next_batch()
+    assert len(list(TokenLoader(corpus, tok, 1, 4).next_batch())) == 2
+    assert len(list(TokenLoader(corpus, tok, 1, 4, split="val").next_batch())) == 2  # part of it validates
+    (tmp_path / "other.jsonl").write_text('{"text": "a second document"}\n')
+    both = Corpus(tmp_path)  # with a second document the book is one document again, all of it training
+    assert "a whole book in one file" in [text for _, text in both.documents("train")]
 
 
 # ---- the loader

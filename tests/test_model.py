@@ -10,7 +10,7 @@ from onecard.model import GPTConfig, build_model, flops_per_token, parse_model_n
 
 
 def test_published_parameter_counts_on_meta_device():
-    # REFERENCE §1: d20 = 560,988,160 and d32 = 1,879,048,192 parameters.
+    # docs/architecture.md#parameter-counts: d20 = 560,988,160 and d32 = 1,879,048,192 parameters.
     for depth, expected in [(20, 560_988_160), (32, 1_879_048_192)]:
         model = build_model(GPTConfig.from_depth(depth), device="meta")
         assert next(model.parameters()).is_meta
@@ -18,7 +18,7 @@ def test_published_parameter_counts_on_meta_device():
 
 
 def test_flops_per_token_formula():
-    # Published d32 figure (REFERENCE §1): 1.20796e10.
+    # Published d32 figure (docs/architecture.md#flops-per-token): 1.20796e10.
     d32 = GPTConfig.from_depth(32)
     assert f"{flops_per_token(d32):.5e}" == "1.20796e+10"
     # d20 by hand: width 1280, 10 heads of 128; non-embedding = 20 blocks of 12·1280² plus lm_head.
@@ -73,7 +73,7 @@ def test_init_follows_nanochat():
     assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
 
 
-# ---- an independent float64 reference, written plainly from REFERENCE §1
+# ---- an independent float64 reference, written plainly from docs/architecture.md#model
 
 def ref_rms(x):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)

@@ -10,7 +10,7 @@ from onecard.optim import Muon, build_optimizer, lr_multiplier, muon_momentum
 
 
 def newton_schulz_float64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    a, b, c = 3.4445, -4.7750, 2.0315  # REFERENCE §1
+    a, b, c = 3.4445, -4.7750, 2.0315  # docs/architecture.md#muon
     x = g.double()
     tall = x.shape[0] > x.shape[1]
     if tall:

@@ -31,7 +31,7 @@ def test_geforce_peaks_are_512_flop_per_clock_per_sm(key, sms, ghz):
 
 
 def test_reference_figures():
-    """REFERENCE.md section 3's table."""
+    """Figures of docs/hardware.md (the RTX 4070 derived, the others from vendor documents)."""
     assert CATALOG["rtx4070"].peak_bf16 == 58.3e12 and CATALOG["rtx4070"].peak_fp8 == 116.6e12
     assert CATALOG["rtx4090"].peak_fp8 == 330.3e12 and CATALOG["h100-sxm"].peak_bf16 == 989.4e12
     assert CATALOG["a100-80gb"].peak_bf16 == 312e12 and CATALOG["rtx3090"].memory_bandwidth == 936e9

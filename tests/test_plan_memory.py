@@ -112,7 +112,7 @@ def test_on_cuda_the_embedding_is_bf16_and_its_gradient_buffered_in_fp32():
 
 
 def test_d32_figures_of_the_reference():
-    """REFERENCE.md section 2 (rounded there): d32 weights ~7 GB as nanochat keeps them (fp32, wte
+    """docs/memory.md#d32-figures (rounded there): d32 weights ~7 GB as nanochat keeps them (fp32, wte
     bf16), Muon momentum 6.4 GB and AdamW moments 2.1 GB in fp32, 3.76 GB of bf16 weights."""
     config = GPTConfig.from_depth(32)
     p = persistent_bytes(config, Recipe(), device="cuda")

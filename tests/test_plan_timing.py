@@ -17,7 +17,7 @@ from onecard.plan.timing import (
 from onecard.recipe import Recipe, named_recipe
 
 D32 = GPTConfig.from_depth(32)
-TOKENS_D32 = 37_580_963_840  # 20 x 1,879,048,192 (REFERENCE section 1)
+TOKENS_D32 = 37_580_963_840  # 20 x 1,879,048,192 (docs/architecture.md#training-horizon)
 BATCH = 524_288
 
 
@@ -27,7 +27,7 @@ def test_d32_flops_per_token_is_nanochats():
 
 
 def test_reference_worked_example_d32_on_a_4070_at_full_utilization_is_90_days():
-    """REFERENCE section 3: 4.54e20 / 58.3e12 = 7.8e6 s = 90 days of pure compute at 100 % MFU."""
+    """docs/time.md#worked-example: 4.54e20 / 58.3e12 = 7.8e6 s = 90 days of pure compute at 100 % MFU."""
     t = predict_time(D32, Recipe(micro_batch=1), CATALOG["rtx4070"], utilization=1.0)
     compute_days = TOKENS_D32 / BATCH * t.compute_s / 86400
     assert compute_days == pytest.approx(4.5396e20 / 58.3e12 / 86400, rel=1e-3)
@@ -52,7 +52,7 @@ def test_recompute_flops_by_hand():
     assert recompute_flops_per_token(c, Recipe(activations="full")) == 2 * blocks + attention_fwd
     assert recompute_flops_per_token(c, Recipe(activations="selective")) == 2 * L * 8 * d * d
     assert recompute_flops_per_token(c, Recipe(loss="chunked")) == 2 * 1000 * d
-    # full recompute costs about a third more than the model's FLOPs: the 8/6 of REFERENCE section 3
+    # full recompute costs about a third more than the model's FLOPs: the 8/6 of docs/time.md#recompute
     ratio = 1 + recompute_flops_per_token(D32, Recipe(activations="full")) / flops_per_token(D32)
     assert 1.30 < ratio < 8 / 6
 
@@ -145,7 +145,8 @@ def test_default_utilization_is_named_and_sourced():
 
 
 def test_nanochat_d32_run_on_8_h100s_is_reproduced():
-    """REFERENCE section 1: d32 on 8 x H100, 71,680 steps of 524,288 tokens, ~1.57 s per step, ~31 hours.
+    """docs/architecture.md#published-d32-run: d32 on 8 x H100, 71,680 steps of 524,288 tokens, ~1.57 s
+    per step, ~31 hours.
     The utilization default comes from that run; this checks the rest of the arithmetic around it."""
     t = predict_time(D32, Recipe(micro_batch=8), CATALOG["h100-sxm"], gpus=8)
     assert t.compute_s == pytest.approx(1.57, rel=0.02)

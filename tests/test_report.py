@@ -8,7 +8,6 @@ import re
 import matplotlib.image as mpimg
 import pytest
 
-from onecard.cli import main
 from onecard.report import write_report
 
 CHARTS = ["loss.png", "val_bpb.png", "tokens_per_s.png", "memory.png", "power.png", "energy.png"]
@@ -65,6 +64,8 @@ def test_report_files_exist_and_images_decode(tmp_path, cuda):
 
 
 def test_report_command(tmp_path, capsys):
+    from onecard.cli import main  # here, so the other tests need only onecard.report
+
     write_run(tmp_path / "run", cuda=False)
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(CHARTS + ["report.html"])

@@ -15,9 +15,10 @@ from onecard import checkpoint
 from onecard.data import Corpus, iter_texts
 from onecard.errors import UsageError
 from onecard.model import GPTConfig, build_model
+from onecard.pretrain import train
 from onecard.recipe import NAMED
+from onecard.run import TrainSettings
 from onecard.tokenizer import Tokenizer
-from onecard.train import TrainSettings, train
 
 STEPS = 6
 
@@ -191,13 +192,16 @@ def test_out_of_memory_says_what_to_try_and_keeps_the_work(setup, tmp_path):
 
 
 def test_full_disk_during_training_keeps_the_previous_checkpoint_and_goes_on(setup, tmp_path, monkeypatch):
+    """Training goes on past a failed save; a run whose last checkpoint failed ends as failed (exit 1)."""
     Usage = namedtuple("Usage", "total used free")
     real = checkpoint.shutil.disk_usage
     monkeypatch.setattr(checkpoint.shutil, "disk_usage",
                         lambda p: real(p) if not checkpoint.step_dirs(tmp_path) else Usage(1, 1, 1000))
     messages = []
     result = run(setup, tmp_path, save_every_steps=2, messages=messages)
-    assert result["stopped"] is None and result["last_checkpoint"] == 2
+    assert result["stopped"] == "failed" and result["last_checkpoint"] == 2 and result["step"] == 6
+    assert "last checkpoint could not be written" in result["message"]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
     failed = [m for m in messages if "not enough disk space" in m]
     assert len(failed) == 2 and "step 2, is intact" in failed[0]  # at step 4 and at the end
     assert (tmp_path / "model.safetensors").exists()
@@ -225,3 +229,21 @@ def test_sigterm_to_the_command_line_then_resume(tmp_path, sigterm_once_training
     assert f"resuming from step {step} of {step + 2}" in resumed.stdout
     assert "training a" not in resumed.stdout  # the tokenizer comes from the run directory
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_later_save_that_succeeds_clears_a_failed_one(setup, tmp_path, monkeypatch):
+    """The disk is full only while step 4 is saved: the end's checkpoint succeeds and the run finishes."""
+    import onecard.loop
+
+    real = checkpoint.save
+
+    def save(run_dir, step, *args, **kwargs):
+        if step == 4:
+            raise checkpoint.CheckpointError("not enough disk space for the checkpoint")
+        return real(run_dir, step, *args, **kwargs)
+    monkeypatch.setattr(onecard.loop.checkpoint, "save", save)
+    messages = []
+    result = run(setup, tmp_path, save_every_steps=4, messages=messages)
+    assert any("not enough disk space" in m for m in messages)
+    assert result["stopped"] is None and result["last_checkpoint"] == 6
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from onecard.data import Corpus, iter_texts
 from onecard.errors import UsageError
-from onecard.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tiktoken_pickle
+from onecard.tokenizer import SPECIAL_TOKENS, Tokenizer, check_save_folder, load_tiktoken_pickle
 
 VOCAB = 512
 N_MERGEABLE = VOCAB - len(SPECIAL_TOKENS)
@@ -190,3 +190,83 @@ def test_non_encoding_pickles_are_refused(tmp_path):
     path.write_bytes(_encoding_pickle({"name": "x", "pat_str": r"\S+|\s+", "special_tokens": {},
                                        "mergeable_ranks": ranks}))
     assert load_tiktoken_pickle(path).encode_ordinary("ab") == [97, 98]
+
+
+# ---- faults: a one-line UsageError, never a traceback
+
+
+def _untouched_texts():
+    raise AssertionError("read training text before checking the vocabulary size")
+    yield ""
+
+
+@pytest.mark.parametrize("vocab_size", [1e30, 10**30, 2**31, 2**31 + 1, 2**63, 256 + len(SPECIAL_TOKENS), -1, 0,
+                                        True, "65536", 300.0, None])
+def test_absurd_vocab_sizes_are_refused_before_any_work(vocab_size):
+    with pytest.raises(UsageError, match="vocab size") as caught:
+        Tokenizer.train(_untouched_texts(), vocab_size)
+    assert "\n" not in str(caught.value)
+
+
+def test_save_onto_a_file_is_a_usage_error(tok, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for target in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(UsageError, match=re.escape(str(tmp_path / "file"))) as caught:
+            tok.save(target)
+        assert "\n" not in str(caught.value)
+        with pytest.raises(UsageError, match="is a file"):
+            check_save_folder(target)  # what a command can ask before it trains
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def _valid_json(tok, tmp_path) -> dict:
+    tok.save(tmp_path / "good")
+    return json.loads((tmp_path / "good" / "tokenizer.json").read_text())
+
+
+def _broken_jsons(good: dict) -> list:
+    ranks, specials = good["mergeable_ranks"], good["special_tokens"]
+    return [
+        b"not json", b"", b"\xff\xfe\x00garbage", b"[]", b"3", b"null", b'"x"', b"{}", b"[" * 100_000,
+        {**good, "format": "other"},
+        {**good, "mergeable_ranks": None},
+        {**good, "mergeable_ranks": [[1, 2, 3]]},
+        {**good, "mergeable_ranks": [["!!notbase64", 0]]},
+        {**good, "mergeable_ranks": ranks[:100] + ranks[101:]},  # a byte and a rank missing
+        {**good, "mergeable_ranks": [[t, r + 5] for t, r in ranks]},  # ranks do not start at 0
+        {**good, "mergeable_ranks": ranks + [ranks[-1]]},  # a token twice
+        {**good, "mergeable_ranks": [[t, -r] for t, r in ranks]},
+        {**good, "mergeable_ranks": [[t, 2**70] for t, _ in ranks[:1]] + ranks[1:]},
+        {**good, "special_tokens": {}},
+        {**good, "special_tokens": {**specials, "<|bos|>": 3}},  # clashes with a byte's rank
+        {**good, "special_tokens": {**specials, "<|bos|>": 10**9}},
+        {**good, "special_tokens": [1, 2]},
+        {**good, "pattern": "(unclosed"},
+        {**good, "pattern": None},
+        {**good, "name": {"a": 1}},
+    ]
+
+
+def test_malformed_tokenizer_json_is_a_usage_error(tok, tmp_path):
+    broken = _broken_jsons(_valid_json(tok, tmp_path))
+    (tmp_path / "bad").mkdir()
+    for i, content in enumerate(broken):
+        raw = content if isinstance(content, bytes) else json.dumps(content).encode()
+        (tmp_path / "bad" / "tokenizer.json").write_bytes(raw)
+        with pytest.raises(UsageError) as caught:
+            Tokenizer.load(tmp_path / "bad")
+        assert "\n" not in str(caught.value), i
+
+
+def test_load_of_missing_or_odd_paths_is_a_usage_error(tok, tmp_path):
+    for path in (tmp_path / "nowhere", tmp_path / "nowhere" / "deeper"):
+        with pytest.raises(UsageError, match="no tokenizer"):
+            Tokenizer.load(path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError):
+        Tokenizer.load(tmp_path / "afile" / "sub")
+    (tmp_path / "dir" / "tokenizer.json").mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(UsageError):
+        Tokenizer.load(tmp_path / "dir")
+    tok.save(tmp_path / "good")  # the file itself, given instead of its folder
+    assert Tokenizer.load(tmp_path / "good" / "tokenizer.json").vocab_size == VOCAB

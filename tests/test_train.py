@@ -7,13 +7,15 @@ import re
 import pytest
 import torch
 
-import onecard.train
+import onecard.loop
 from onecard.data import Corpus
+from onecard.engine import evaluate_bpb
 from onecard.errors import UsageError
 from onecard.model import GPTConfig
+from onecard.pretrain import grad_accum_steps, train
 from onecard.recipe import Recipe
+from onecard.run import TrainSettings
 from onecard.tokenizer import Tokenizer
-from onecard.train import TrainSettings, evaluate_bpb, grad_accum_steps, train
 from onecard.weights import load_weights
 
 
@@ -100,9 +102,9 @@ def test_log_lines_follow_the_documented_schema(tiny_run):
     events = [r for r in lines if "event" in r]
     assert {e["event"] for e in events} <= EVENTS and [e["event"] for e in events] == ["start", "checkpoint", "end"]
     for key in [*STEP_FIELDS, "val_bpb"]:  # every field is documented
-        assert re.search(rf"^  {key} ", onecard.train.__doc__, re.M), key
+        assert re.search(rf"^  {key} ", onecard.loop.__doc__, re.M), key
     for kind in EVENTS:
-        assert kind in onecard.train.__doc__, kind
+        assert kind in onecard.loop.__doc__, kind
 
 
 def test_summary_and_final_checkpoint(tiny_run):

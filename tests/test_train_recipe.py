@@ -4,23 +4,23 @@ per-field flags override, --dry-run predicts and exits, bad fits are refused wit
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from onecard.args import gigabytes
 from onecard.cli import main
 from onecard.data import Corpus, iter_texts
-from onecard.fit import compare_text
 from onecard.model import GPTConfig
 from onecard.plan.catalog import find_gpu, with_vram
-from onecard.plan.cli import build_settings, gigabytes
+from onecard.plan.choose import build_settings
 from onecard.plan.memory import predict_memory
 from onecard.plan.search import pick_recipe
 from onecard.plan.timing import predict_time
+from onecard.pretrain import train
 from onecard.recipe import NAMED
+from onecard.run import TrainSettings, compare_text
 from onecard.tokenizer import Tokenizer
-from onecard.train import TrainSettings, train
 
 
 def run_cli(capsys, *argv):
@@ -140,9 +140,8 @@ def test_compiled_training_matches_eager(tmp_path):
 
 
 def test_resumed_run_keeps_its_recipe():
-    from onecard.fit import choose_recipe
-    args = SimpleNamespace(recipe=None, gpu=None, vram=None, compile=None, **{k: None for k in
-                           ("params", "grads", "optim_states", "optim_place", "activations", "loss", "matmul")})
+    from onecard.plan.choose import RecipeRequest, choose_recipe
+    args = RecipeRequest()
     resumed = NAMED["bf16"].with_(micro_batch=4, seq_len=64)
     config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
     choice = choose_recipe(args, config, "cpu", seq_len=64, micro_batch=4, total_batch=256, tokens=1000,
@@ -152,7 +151,7 @@ def test_resumed_run_keeps_its_recipe():
 
 def test_a_failing_compile_falls_back_to_eager_with_the_same_result(tmp_path, monkeypatch):
     """torch.compile can fail on a user's setup; the run then goes on uncompiled, redoing the step."""
-    import onecard.train
+    import onecard.step
 
     corpus = Corpus.embedded()
     tokenizer = Tokenizer.train(iter_texts(corpus, 100_000), 300)
@@ -168,7 +167,7 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_result(tmp_path, mo
     results, logs = {}, []
     for compiled in (False, True):
         if compiled:
-            monkeypatch.setattr(onecard.train.torch, "compile", broken_compile)
+            monkeypatch.setattr(onecard.step.torch, "compile", broken_compile)
         recipe = NAMED["baseline"].with_(micro_batch=2, seq_len=32, compile=compiled)
         settings = TrainSettings(run_dir=Path(tmp_path / str(compiled)), steps=2, total_batch=128, eval_every=0,
                                  eval_batches=1, sample_tokens=1)
@@ -182,15 +181,14 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_result(tmp_path, mo
 
 def test_a_real_run_skips_recipes_this_machine_cannot_execute():
     """Planning for an RTX 4070 on a machine without CUDA: a dry run may show fp8, a real run may not."""
-    from onecard.fit import choose_recipe
-    fields = ("params", "grads", "optim_states", "optim_place", "activations", "loss", "matmul")
+    from onecard.device import unrunnable_reason
+    from onecard.plan.choose import RecipeRequest, choose_recipe
     config = GPTConfig.from_depth(20)
     picked = {}
     for dry_run in (True, False):
-        args = SimpleNamespace(recipe=None, gpu="rtx4070", vram=None, compile=None, dry_run=dry_run,
-                               **dict.fromkeys(fields))
-        picked[dry_run] = choose_recipe(args, config, "cpu", seq_len=2048, micro_batch=None, total_batch=524288,
-                                        tokens=10**9)
+        request = RecipeRequest(gpu="rtx4070", dry_run=dry_run)
+        picked[dry_run] = choose_recipe(request, config, "cpu", seq_len=2048, micro_batch=None, total_batch=524288,
+                                        tokens=10**9, why_not=lambda recipe: unrunnable_reason(recipe, "cpu"))
     assert picked[True].recipe.matmul == "fp8"  # the fastest for that card (see the planner)
     assert any("cannot run it" in note for note in picked[True].notes)
     assert picked[False].recipe.matmul == "bf16" and picked[False].candidate.fits

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from onecard.errors import UsageError
+from onecard.units import NumberError, parse_number
 
 MiB = 2**20
 
@@ -54,11 +55,12 @@ class Assumptions:
     dp_overlap: float = 0.0
     # Utilization of the bf16 peak on the FLOPs a step really executes (recompute included).
     # Datacenter default: nanochat's published d32 run reached ~51 % MFU on H100s at 8 x 2048
-    # tokens per micro-batch with nothing recomputed (REFERENCE.md section 1).
+    # tokens per micro-batch with nothing recomputed (docs/architecture.md#published-d32-run).
     mfu_datacenter: float = 0.51
-    # Desktop GeForce default: 40 %, the low end of the "realistic 40-50 %" of REFERENCE.md
-    # section 3, because boards hold their boost clock only within their power limit and
-    # micro-batches are small. Calibrate with `onecard bench` to replace it.
+    # Desktop GeForce default: 40 %, an assumption with no measurement behind it (an earlier
+    # "realistic 40-50 %" had none either and is withdrawn: docs/time.md#utilization), kept
+    # because boards hold their boost clock only within their power limit and micro-batches
+    # are small. Calibrate with `onecard bench` to replace it.
     mfu_consumer: float = 0.40
     # Laptop parts are rated at a top boost clock they rarely hold under sustained tensor load
     # (35-115 W for an RTX 4070 Laptop): three quarters of the desktop default.
@@ -93,13 +95,25 @@ class Assumptions:
             if not sep or name not in known:
                 raise UsageError(f"--assume takes NAME=VALUE with NAME one of: {', '.join(known)}")
             try:
-                value = float(text)
-            except ValueError:
-                raise UsageError(f"--assume {name}: {text!r} is not a number") from None
+                value = parse_number(text)
+            except NumberError as error:
+                raise UsageError(f"--assume {name}: {error}") from None
             if value < 0:
-                raise UsageError(f"--assume {name} must not be negative, got {value}")
+                raise UsageError(f"--assume {name} must not be negative, got {value:g}")
+            if name in FRACTIONS and value > 1:
+                raise UsageError(f"--assume {name} is a fraction from 0 to 1, got {value:g}")
+            if name in DIVISORS and value == 0:
+                raise UsageError(f"--assume {name} must be above 0: the planner divides by it")
             changes[name] = int(value) if known[name] in ("int", int) else value
         return replace(self, **changes)
 
+
+# Shares of a whole: a value above 1 would be a typo, not an assumption.
+FRACTIONS = ("fragmentation", "pcie_efficiency", "pcie_overlap", "dp_overlap", "mfu_datacenter", "mfu_consumer",
+             "mfu_laptop", "fp8_efficiency", "fp8_eager_efficiency", "power_fraction")
+
+# Rates the planner divides by.
+DIVISORS = ("pcie_efficiency", "cpu_memory_bandwidth", "mfu_datacenter", "mfu_consumer", "mfu_laptop",
+            "fp8_efficiency", "fp8_eager_efficiency")
 
 DEFAULT = Assumptions()

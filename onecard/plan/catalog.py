@@ -6,6 +6,7 @@ accumulation at half the fp16-accumulate rate, i.e. 512 FLOP per clock per SM on
 Blackwell GeForce; where a card is missing from its architecture whitepaper's appendix, the
 figure is that per-SM rate times the SM count and boost clock from NVIDIA's product page.
 peak_fp8 is dense fp8 with fp32 accumulation, None where the card has no FP8 tensor cores.
+How the figures are derived: docs/hardware.md.
 """
 
 from __future__ import annotations
@@ -183,19 +184,3 @@ def with_vram(gpu: GPU, gigabytes: float) -> GPU:
         raise UsageError(f"--vram must be a positive number of GB, got {gigabytes}")
     return replace(gpu, vram_gib=float(gigabytes), note=(gpu.note + "; " if gpu.note else "")
                    + f"VRAM set to {gigabytes:g} GiB by --vram")
-
-
-def detect_gpu() -> tuple[GPU, str] | None:
-    """The local CUDA card if torch sees one and the catalog knows it; None without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    total = torch.cuda.get_device_properties(0).total_memory
-    try:
-        gpu, _ = find_gpu(name)
-    except UsageError:
-        raise UsageError(f"this machine's GPU ({name}) is not in the catalog: name the closest one "
-                         f"with --gpu and give --vram {total / GiB:.0f}") from None
-    return with_vram(gpu, round(total / GiB, 2)), f"detected {name} ({total / GiB:.1f} GiB) on this machine"

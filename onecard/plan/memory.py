@@ -1,4 +1,4 @@
-"""Bytes a training step holds on the card, by component, for a model x recipe.
+"""Bytes a training step holds on the card, by component, for a model x recipe (docs/memory.md).
 
 Two numeric setups are modelled, because the tests and the planner see different ones:
 - "bf16": bf16 autocast with an fp32 residual stream, as the trainer runs on CUDA (nanochat's
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onecard.model import GPTConfig
+from onecard.model_config import GPTConfig
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.recipe import INT8_BLOCK, LOSS_CHUNK_ROWS, Recipe
 

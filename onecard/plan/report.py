@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
+from pathlib import Path
 
-from onecard.model import GPTConfig, flops_per_token
+from onecard.errors import UsageError
+from onecard.model_config import GPTConfig, flops_per_token, param_counts
 from onecard.plan.catalog import GPU
 from onecard.plan.search import Candidate, Settings, config_params
+from onecard.recipe import CHOICES, Recipe
+from onecard.units import format_duration
 
 GiB = 2**30
-
-
-def duration(seconds: float) -> str:
-    days, rest = divmod(seconds, 86400)
-    if days >= 1:
-        return f"{int(days):,} d {int(rest // 3600):02d} h"
-    return f"{int(rest // 3600)} h {int(rest % 3600 // 60):02d} min"
 
 
 def describe(c: Candidate) -> str:
@@ -40,7 +38,7 @@ def table(cands: list[Candidate], s: Settings) -> list[str]:
         fits = "yes" if c.fits else ("n/a" if c.note else "no")
         lines.append(f"  {c.recipe.name:<14} {describe(c):<40} {c.recipe.micro_batch:>5} "
                      f"{c.memory.total / GiB:>6.2f} GiB {fits:>4} {c.timing.mfu:>6.1%} {c.timing.tokens_per_s:>9,.0f} "
-                     f"{duration(c.time_s):>12} {c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
+                     f"{format_duration(c.time_s):>12} {c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
         if c.note:
             lines.append(f"  {'':<14} ({c.note})")
     return lines
@@ -112,7 +110,7 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
                      f"({s.assume.pcie_efficiency:.0%} of PCIe {gpu.pcie[0]}.0 x{gpu.pcie[1]}), "
                      f"{s.assume.pcie_overlap:.0%} hidden behind compute")
     lines += [f"  throughput         {t.tokens_per_s:,.0f} tokens/s = MFU {t.mfu:.1%} (model FLOPs / peak)",
-              f"  wall time          {duration(c.time_s)} ({steps:,.0f} steps)"]
+              f"  wall time          {format_duration(c.time_s)} ({steps:,.0f} steps)"]
     watts = (s.power_watts or gpu.power_watts) * s.assume.power_fraction * s.gpus + s.assume.overhead_watts
     lines.append(f"Energy and cost: {watts:,.0f} W x {c.time_s / 3600:,.0f} h = {c.energy_kwh:,.0f} kWh -> "
                  f"{c.cost:,.2f} {s.currency} at {s.price:g} {s.currency}/kWh")
@@ -139,7 +137,7 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
             lines.append(f"Nearest plan that fits: d{cfg.n_layer} ({config_params(cfg):,} parameters) "
                          f"with {c.recipe.name}, "
                          f"micro-batch {c.recipe.micro_batch}: {c.memory.total / GiB:.2f} GiB, "
-                         f"{c.tokens:,} tokens in {duration(c.time_s)}, {c.energy_kwh:,.0f} kWh, "
+                         f"{c.tokens:,} tokens in {format_duration(c.time_s)}, {c.energy_kwh:,.0f} kWh, "
                          f"{c.cost:,.2f} {s.currency}")
         return "\n".join(lines)
     lines.append(f"Recommended: {best.recipe.name} ({describe(best)}), the fastest recipe that fits")
@@ -149,7 +147,7 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
             over, margin = c.memory.total - s.gpu.vram_bytes, c.memory.fragmentation
             hint = (" (less than the assumed fragmentation margin: with PYTORCH_CUDA_ALLOC_CONF="
                     "expandable_segments:True it may fit; check with `onecard bench`)" if over < margin else "")
-            lines.append(f"  faster but over the card: {c.recipe.name} ({duration(c.time_s)}) needs "
+            lines.append(f"  faster but over the card: {c.recipe.name} ({format_duration(c.time_s)}) needs "
                          f"{c.memory.total / GiB:.2f} GiB, {over / GiB:.2f} GiB too much{hint}")
     lines += memory_lines(best, s, config_params(config)) + time_lines(best, s)
     return "\n".join(lines)
@@ -166,7 +164,7 @@ def budget_text(s: Settings, days: float, ratio: float, found: list, notes: list
                   f"{'time':>12} {'energy':>11} {'cost':>13}"]
     for config, c in found:
         lines.append(f"  d{config.n_layer:<5} {config_params(config):>14,} {c.tokens:>17,} {c.recipe.name:<14} "
-                     f"{c.recipe.micro_batch:>5} {c.memory.total / GiB:>6.2f} GiB {duration(c.time_s):>12} "
+                     f"{c.recipe.micro_batch:>5} {c.memory.total / GiB:>6.2f} GiB {format_duration(c.time_s):>12} "
                      f"{c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
     config, best = found[0]
     lines += ["", f"Best: d{config.n_layer} with {best.recipe.name} ({describe(best)})"]
@@ -235,9 +233,24 @@ def budget_json(s: Settings, days: float, ratio: float, found: list, notes: list
 
 # ---------------------------------------------------------------- picture
 
+def check_plot_path(path: str) -> None:
+    """Refuse a --plot path that cannot be written before any work, in one line."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise UsageError(f"--plot {path}: is a directory; give a file name such as plan.png")
+    if not parent.is_dir():
+        raise UsageError(f"--plot {path}: the folder {parent} does not exist (or is not a folder)")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--plot {path}: cannot write in {parent}")
+
+
 def plot(cands: list[Candidate], s: Settings, path: str, title: str) -> None:
     """Memory by component per recipe (against the card's VRAM) and time per recipe."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -264,3 +277,23 @@ def plot(cands: list[Candidate], s: Settings, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def describe_recipe(recipe: Recipe) -> str:
+    """Every field of a recipe in one line: what --dry-run prints and the log records."""
+    fields = ", ".join(f"{key} {getattr(recipe, key)}" for key in CHOICES)
+    return (f"recipe {recipe.name}: {fields}, micro-batch {recipe.micro_batch} x {recipe.seq_len} tokens, "
+            f"compile {'on' if recipe.compile else 'off'}")
+
+
+def dry_run_text(recipe: Recipe, candidate: Candidate | None, s: Settings | None, notes: list[str],
+                 config: GPTConfig) -> str:
+    """What --dry-run prints: the recipe, and its predicted memory and step time where a card is known."""
+    lines = [describe_recipe(recipe)] + [f"note: {n}" for n in notes]
+    if candidate is None:
+        lines.append("no card to predict for: give --gpu NAME (and --vram GB) to see predicted memory and time")
+        return "\n".join(lines)
+    params = sum(param_counts(config).values())
+    lines += [f"card: {gpu_line(s.gpu, s.gpus)}", f"      source: {s.gpu.source}",
+              *memory_lines(candidate, s, params), *time_lines(candidate, s)]
+    return "\n".join(lines)

@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from onecard import defaults
 from onecard.errors import UsageError
-from onecard.model import GPTConfig, param_counts
+from onecard.model_config import GPTConfig, param_counts
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import GPU
 from onecard.plan.memory import Memory, predict_memory
 from onecard.plan.timing import Timing, energy_kwh, predict_time
-from onecard.recipe import NAMED, Recipe
+from onecard.recipe import NAMED, Recipe, named_recipe
 
 MAX_MICRO_BATCH = 32  # nanochat's default device batch; larger rarely runs faster
 MAX_DEPTH = 64  # budget mode searches d1..d64
@@ -27,14 +28,14 @@ class Settings:
     """Everything about the run except the model and the token budget."""
     gpu: GPU
     gpus: int = 1
-    seq_len: int = 2048
-    total_batch: int = 524288
+    seq_len: int = defaults.SEQ_LEN
+    total_batch: int = defaults.TOTAL_BATCH
     micro_batch: int | None = None  # None: the largest that fits
-    vocab_size: int = 65536
+    vocab_size: int = defaults.VOCAB_SIZE
     utilization: float | None = None  # None: the card kind's default (see timing.py)
     utilization_source: str = ""
     power_watts: float | None = None  # None: the card's board power
-    price: float = 0.15  # per kWh (REFERENCE.md section 3's example tariff)
+    price: float = 0.15  # per kWh: an example tariff, not a published rate (docs/time.md#tariff)
     currency: str = "USD"
     assume: Assumptions = DEFAULT
 
@@ -160,17 +161,6 @@ def budget(s: Settings, days: float, ratio: float, keep: int = 5) -> list[tuple[
     return sorted(found, key=lambda cb: -cb[0].n_layer)[:keep]
 
 
-def host_memory_available() -> int | None:
-    """Bytes of host RAM free for a new run (Linux MemAvailable), or None where it cannot be read."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def breakdown(memory: Memory) -> str:
     """'weights 2.10, grads 1.05, ... total 9.48 GiB, host 15.2 GiB': one line of a recipe's memory."""
     gib = 2 ** 30
@@ -186,7 +176,7 @@ def pick_recipe(config: GPTConfig, s: Settings, tokens: int, name: str | None = 
     machine cannot run a recipe (a library missing, no CUDA), or None. Raises UsageError with the
     planner's breakdown where it cannot run: too little VRAM, no FP8, too little host RAM."""
     overrides = overrides or {}
-    bases = [NAMED[name]] if name else list(NAMED.values())
+    bases = [named_recipe(name)] if name else list(NAMED.values())
     cands = []
     for base in bases:
         try:

@@ -1,5 +1,5 @@
 """How long a recipe takes: FLOPs the step really executes, at an assumed utilization, plus
-the time of bytes that cross PCIe and of the optimizer, then energy and cost.
+the time of bytes that cross PCIe and of the optimizer, then energy and cost (docs/time.md).
 
 time per optimizer step = GPU compute (model FLOPs + recompute, bf16 and fp8 parts at their own
 peaks) + optimizer (Newton-Schulz FLOPs, the elementwise update's memory traffic) + PCIe
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onecard.model import GPTConfig, flops_per_token, param_counts
+from onecard.model_config import GPTConfig, flops_per_token, param_counts
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import GPU
 from onecard.plan.memory import DTYPE_BYTES, parameter_dtypes, parameter_shapes, persistent_bytes
@@ -22,11 +22,11 @@ NS_STEPS = 5  # Newton-Schulz iterations per Muon update (nanochat)
 def default_utilization(gpu: GPU, assume: Assumptions = DEFAULT) -> tuple[float, str]:
     """The assumed share of the bf16 peak a step achieves on this kind of card, and why."""
     if gpu.kind == "datacenter":
-        return assume.mfu_datacenter, "nanochat's d32 run reached ~51% MFU on H100 (REFERENCE.md section 1)"
+        return assume.mfu_datacenter, "nanochat's d32 run reached ~51% MFU on H100 (docs/time.md#utilization)"
     if gpu.kind == "laptop":
         return assume.mfu_laptop, "laptop default: 3/4 of the desktop 40%, clocks are power-limited"
-    return assume.mfu_consumer, ("consumer-card default: low end of the realistic 40-50% "
-                                 "(REFERENCE.md section 3); run `onecard bench` to measure yours")
+    return assume.mfu_consumer, ("consumer-card default, not a measurement "
+                                 "(docs/time.md#utilization); run `onecard bench` to measure yours")
 
 
 def recompute_flops_per_token(config: GPTConfig, recipe: Recipe) -> int:

@@ -1,0 +1,104 @@
+"""The command line's edge: argparse types that turn text into checked values with one grammar
+(onecard/units.py), so a bad value is a one-line error naming its flag, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from onecard.units import NumberError, parse_gib, parse_number
+
+LARGEST_INT = 2**53  # exact in a float; far beyond any step, token or batch count
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what was wrong and where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str) -> float:
+    try:
+        return parse_number(text)
+    except NumberError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _whole(text: str, value: float) -> int:
+    if value != int(value) or abs(value) > LARGEST_INT:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
+def positive_int(text: str) -> int:
+    value = _whole(text, _number(text))
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _whole(text, _number(text))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share strictly between 0 and 1 (or 1 itself), e.g. --mfu 0.4."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: 0 to 2**63 - 1 (what torch.manual_seed takes without wrapping)."""
+    try:
+        value = int(str(text).strip().replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63-1, got {text!r}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """Sampling temperature: 0 (greedy) to 2."""
+    value = _number(text)
+    if not 0 <= value <= 2:
+        raise argparse.ArgumentTypeError(f"expected a temperature from 0 (greedy) to 2, got {text!r}")
+    return value
+
+
+def gigabytes(text: str) -> float:
+    """'12', '12GB', '12 GiB', '8g' -> 12.0 GiB; positive and below a petabyte."""
+    try:
+        value = parse_gib(text)
+    except NumberError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not (value > 0 and math.isfinite(value)) or value > 1e6:
+        raise argparse.ArgumentTypeError(f"expected a memory size such as 12GB, got {text!r}")
+    return value
+
+
+def text_arg(text: str) -> str:
+    """A name or path: not empty."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty string")
+    return text

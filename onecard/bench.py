@@ -1,0 +1,115 @@
+"""`onecard bench`: measure this machine's card once, remember it, and let `plan` use it.
+
+It times a large bf16 matmul (the card's practical peak), then a few training steps of a
+nanochat-class GPT with a named recipe's own model, optimizer and step function — the program
+`onecard train` runs — sampling board power through NVML (the meters' reader). The utilization
+`plan` assumes covers forward and backward (it models the optimizer's update apart), so the MFU
+stored is model FLOPs per second of forward-backward over the catalog's peak; the whole step,
+update included, is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime, timezone
+
+from onecard.args import positive_int, text_arg
+from onecard.errors import UsageError
+from onecard.recipe import NAMED
+
+# On a CPU the same program runs at a size that finishes in seconds: a check, not a calibration.
+CPU_SHAPE = dict(depth=2, micro_batch=2, seq_len=128, steps=3)
+CUDA_SHAPE = dict(depth=12, micro_batch=8, seq_len=2048, steps=10)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpu", type=text_arg, help="catalog name of this card, when its reported name is not "
+                                                     "recognized")
+    parser.add_argument("--recipe", type=text_arg, default="baseline",
+                        help=f"the recipe whose step is timed: {', '.join(NAMED)} (default baseline)")
+    parser.add_argument("--depth", type=positive_int, help="model depth for the training steps (default 12; CPU 2)")
+    parser.add_argument("--micro-batch", type=positive_int, help="sequences per micro-batch (default 8; CPU 2)")
+    parser.add_argument("--seq-len", type=positive_int, help="sequence length (default 2048; CPU 128)")
+    parser.add_argument("--steps", type=positive_int, help="training steps, the last one timed (default 10; CPU 3)")
+    parser.add_argument("--size", type=positive_int, help="matmul size (default 8192 on CUDA, 1024 on the CPU)")
+    parser.add_argument("--no-save", action="store_true", help="measure only, do not store the calibration")
+    parser.add_argument("--json", action="store_true", help="print the record as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from onecard.model_config import GPTConfig
+    from onecard.recipe import named_recipe
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = {**(CUDA_SHAPE if device == "cuda" else CPU_SHAPE),
+             **{k: getattr(args, k) for k in CPU_SHAPE if getattr(args, k) is not None}}
+    config = GPTConfig.from_depth(shape["depth"], sequence_len=shape["seq_len"])
+    recipe = named_recipe(args.recipe, seq_len=shape["seq_len"], micro_batch=shape["micro_batch"])
+    if args.steps is not None and args.steps < 2:
+        raise UsageError("--steps must be at least 2: the first step warms up, the last is timed")
+    record, text = measure(device, args.gpu, config, recipe, shape["steps"], args.size)
+    if not args.no_save:
+        from onecard.plan import calibrate
+        key = record.get("key", "cpu")
+        text.append(f"stored under '{key}' in {calibrate.save(key, record)}"
+                    + ("; `onecard plan` on this card now uses MFU " + f"{record['mfu']:.1%}" if "mfu" in record
+                       else "; `onecard plan` uses calibrations of CUDA cards only"))
+    print(json.dumps(record, indent=2) if args.json else "\n".join(text))
+    return 0
+
+
+def measure(device: str, gpu_name: str | None, config, recipe, steps: int, size: int | None) -> tuple[dict, list]:
+    """The record to store and the lines to print."""
+    import torch
+
+    from onecard.device import local_card
+    from onecard.measure import matmul_flops, time_recipe_steps
+    from onecard.meters import PowerMeter, nvml_power_reader
+    from onecard.model_config import flops_per_token
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record = {"device": device, "date": now, "torch": torch.__version__}
+    gpu = None
+    if device == "cuda":
+        from onecard.plan.catalog import find_gpu
+        name = local_card()[0]
+        try:
+            gpu, _ = find_gpu(gpu_name or name)
+        except UsageError:
+            raise UsageError(f"{name} is not in the catalog: say which card it is like with --gpu NAME") from None
+        record |= {"device": name, "key": gpu.key}
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    size = size or (8192 if device == "cuda" else 1024)
+    flops = matmul_flops(device, dtype, size, repeats=10 if device == "cuda" else 3)
+    power = PowerMeter(nvml_power_reader(device)).start()
+    started = time.monotonic()
+    train = time_recipe_steps(config, recipe, 1, steps, device)
+    power.stop()
+    if train["outcome"] != "ran":
+        raise UsageError(f"the training step ran out of memory ({train['error']}): give a smaller --micro-batch "
+                         "or --depth, or a leaner --recipe")
+    joules = power.joules()
+    watts = joules / (time.monotonic() - started) if joules else None
+    fb_flops = train["forward_backward_tokens_per_s"] * flops_per_token(config)
+    train |= {"depth": config.n_layer, "micro_batch": recipe.micro_batch, "seq_len": recipe.seq_len,
+              "steps": steps, "recipe": recipe.name, "model_flops_per_s": fb_flops, "power_watts": watts}
+    record |= {"recipe": recipe.name, "train": train, "power_watts": watts}
+    shape = f"d{config.n_layer}, recipe {recipe.name}, micro-batch {recipe.micro_batch} x {recipe.seq_len}"
+    step = (f"step {train['step_s']:.3f} s = forward-backward {train['forward_backward_s']:.3f} s + update "
+            f"{train['update_s']:.3f} s")
+    if gpu is None:
+        record["matmul_flops_fp32"] = flops
+        return record, [f"no CUDA GPU here: fp32 matmul {flops / 1e9:,.1f} GFLOP/s ({size}^3); training {shape}: "
+                        f"{train['tokens_per_s']:,.0f} tokens/s, {step}"]
+    mfu = fb_flops / gpu.peak_bf16
+    record |= {"matmul_flops_bf16": flops, "matmul_efficiency": flops / gpu.peak_bf16, "mfu": mfu}
+    shown = f"{watts:.0f} W" if watts else "unknown (pip install nvidia-ml-py)"
+    return record, [f"{record['device']} (catalog: {gpu.name}, {gpu.peak_bf16 / 1e12:.1f} TFLOP/s bf16 peak)",
+                    f"  matmul {size}^3 bf16: {flops / 1e12:.1f} TFLOP/s = {flops / gpu.peak_bf16:.0%} of peak",
+                    f"  training {shape}: {train['tokens_per_s']:,.0f} tokens/s, {step}",
+                    f"  MFU of forward-backward {mfu:.1%}, board power {shown}",
+                    f"  peak memory allocated {train['max_memory_allocated'] / 2**30:.2f} GiB"]

@@ -1,0 +1,17 @@
+"""The defaults every command shares, in one place (docs/architecture.md and docs/time.md say
+where each comes from)."""
+
+TOTAL_BATCH = 524_288  # tokens per optimizer step: nanochat's base training
+VOCAB_SIZE = 65_536  # nanochat's tokenizer: 2**16 tokens
+SEQ_LEN = 2048  # nanochat's context
+RATIO = 20  # training tokens per parameter (Chinchilla, as nanochat)
+PRICE = 0.15  # per kWh: an example tariff, override with --price (docs/time.md#energy)
+CURRENCY = "USD"
+EVAL_EVERY = 250
+EVAL_BATCHES = 8
+SAVE_EVERY_MIN = 30.0
+KEEP = 3
+
+# The embedded default: small enough to train in a few minutes on two CPU cores.
+DEMO = dict(n_layer=4, n_embd=128, n_head=2, seq_len=128, vocab_size=2048, micro_batch=8,
+            total_batch=4096, steps=300, eval_every=50, tokenizer_chars=3_000_000)

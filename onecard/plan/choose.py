@@ -1,0 +1,188 @@
+"""Which card a plan is for, which recipe a run executes, and the forecast it carries.
+
+Plain values in, plain values out: the command line converts its flags into a `RecipeRequest`,
+and the runtime hands in what it probed (the local card, free host RAM, why a recipe cannot run
+here), so the planner stays analytic. `onecard train --gpu NAME` / `--vram GB` (or a CUDA card,
+detected) asks for the fastest recipe that fits; `--recipe NAME` and the per-field flags
+(--activations, --loss, ...) override it. Without a card (a CPU run) the recipe is the named
+one or baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from onecard import defaults
+from onecard.errors import UsageError
+from onecard.model_config import GPTConfig
+from onecard.plan import calibrate
+from onecard.plan.assumptions import DEFAULT, Assumptions
+from onecard.plan.catalog import CATALOG, GPU, GiB, find_gpu, with_vram
+from onecard.plan.search import Candidate, Settings, check_batch, evaluate, pick_recipe
+from onecard.recipe import Recipe, named_recipe
+
+WhyNot = Callable[[Recipe], "str | None"]
+
+
+@dataclass
+class RecipeRequest:
+    """What the user asked of the recipe: a named one, per-field overrides, a card to fit."""
+    recipe: str | None = None
+    overrides: dict = field(default_factory=dict)
+    gpu: str | None = None
+    vram_gib: float | None = None
+    dry_run: bool = False
+    power_watts: float | None = None
+
+    @property
+    def asked(self) -> bool:
+        return bool(self.recipe or self.overrides or self.gpu or self.vram_gib is not None)
+
+
+@dataclass
+class Prediction:
+    """The planner's forecast a run stores (config.json, summary.json) and sets beside what it measures."""
+    gpu: str
+    recipe: str
+    peak_bytes: int
+    peak_allocated_bytes: int
+    memory: dict
+    host_bytes: int
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    source: str = "onecard plan (predict_memory, predict_time)"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Prediction | None:
+        """None for no forecast or one this version cannot read (the run goes on without it)."""
+        if not isinstance(data, dict):
+            return None
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError:
+            return None
+
+
+@dataclass
+class Choice:
+    recipe: Recipe
+    candidate: Candidate | None = None  # the planner's view, where there is a card to plan for
+    settings: Settings | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def prediction(self, device: str) -> Prediction | None:
+        """Only for a CUDA run: the measurement must be of the card predicted for."""
+        c = self.candidate
+        if c is None or device != "cuda":
+            return None
+        return Prediction(gpu=self.settings.gpu.name, recipe=c.recipe.name, peak_bytes=c.memory.total,
+                          peak_allocated_bytes=c.memory.allocated, memory=c.memory.components(),
+                          host_bytes=c.memory.host, step_time_s=c.timing.step_s,
+                          tokens_per_s=c.timing.tokens_per_s, mfu=c.timing.mfu)
+
+
+def choose_gpu(name: str | None, vram_gib: float | None, local: tuple[str, int] | None) -> tuple[GPU, list[str]]:
+    """The card named (--gpu), else the local one (name, bytes) as the catalog knows it; --vram resizes it."""
+    if name:
+        gpu, note = find_gpu(name)
+    elif local is not None:
+        local_name, total = local
+        try:
+            gpu, _ = find_gpu(local_name)
+        except UsageError:
+            raise UsageError(f"this machine's GPU ({local_name}) is not in the catalog: name the closest one "
+                             f"with --gpu and give --vram {total / GiB:.0f}") from None
+        gpu = with_vram(gpu, round(total / GiB, 2))
+        note = f"detected {local_name} ({total / GiB:.1f} GiB) on this machine"
+    else:
+        raise UsageError(f"no CUDA GPU on this machine: name one with --gpu (known: {', '.join(sorted(CATALOG))})")
+    if vram_gib is not None:
+        gpu = with_vram(gpu, vram_gib)
+    return gpu, [note] if note else []
+
+
+def build_settings(gpu: GPU, notes: list[str], *, gpus: int = 1, seq_len: int, total_batch: int,
+                   micro_batch: int | None, vocab_size: int, mfu: float | None = None, power: float | None = None,
+                   price: float = defaults.PRICE, currency: str = defaults.CURRENCY,
+                   assume: Assumptions = DEFAULT) -> Settings:
+    """Planner settings for a card, using its `onecard bench` calibration unless --mfu/--power say
+    otherwise (appends what it used to `notes`)."""
+    floor = assume.cuda_context_bytes + assume.workspace_bytes
+    if gpu.vram_bytes <= floor:
+        raise UsageError(f"--vram {gpu.vram_gib:g} GiB is below what the CUDA context and workspace take "
+                         f"({floor / GiB:.2f} GiB): nothing can train there")
+    utilization, source = mfu, "given with --mfu" if mfu is not None else ""
+    cal = calibrate.load(gpu.key)
+    if cal and mfu is None and cal.get("mfu"):
+        utilization = cal["mfu"]
+        train = cal.get("train", {})
+        source = (f"measured by `onecard bench` on {str(cal.get('date', '?'))[:10]} (d{train.get('depth', '?')}, "
+                  f"micro-batch {train.get('micro_batch', '?')})")
+        notes.append(f"using calibration from {calibrate.calibration_path()}: MFU {utilization:.1%}")
+    if cal and power is None and cal.get("power_watts"):
+        power = cal["power_watts"]
+        notes.append(f"board power {power:.0f} W as measured by `onecard bench`")
+    s = Settings(gpu=gpu, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
+                 vocab_size=vocab_size, utilization=utilization, utilization_source=source, power_watts=power,
+                 price=price, currency=currency, assume=assume)
+    check_batch(s)
+    return s
+
+
+def _card_for(request: RecipeRequest, device: str, local: tuple[str, int] | None) -> tuple[GPU | None, list[str]]:
+    """The card to fit to, or None where none was asked for and this run has none the catalog knows."""
+    asked = request.gpu or request.vram_gib is not None
+    if not asked and device != "cuda":
+        return None, []
+    try:
+        return choose_gpu(request.gpu, request.vram_gib, local)
+    except UsageError as error:
+        if asked:
+            raise
+        return None, [f"{error}; without it there is no prediction and the recipe is not fitted"]
+
+
+def choose_recipe(request: RecipeRequest, config: GPTConfig, device: str, *, seq_len: int,
+                  micro_batch: int | None, total_batch: int, tokens: int, resumed: Recipe | None = None,
+                  gpus: int = 1, local: tuple[str, int] | None = None, host_bytes: int | None = None,
+                  why_not: WhyNot | None = None) -> Choice:
+    """The recipe this run executes. micro_batch None lets the planner pick the largest that fits
+    (without a card: 8). A resumed run keeps its recipe unless the command line asks otherwise.
+    `why_not(recipe)` says why this machine cannot run a recipe; a dry run plans for the card
+    named whatever this machine can run."""
+    why_not = why_not or (lambda recipe: None)
+    gpu, notes = _card_for(request, device, local)
+    if gpu is None:
+        if resumed and not request.asked:
+            return Choice(resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch), notes=notes)
+        recipe = named_recipe(request.recipe or "baseline", seq_len=seq_len, micro_batch=micro_batch or 8)
+        recipe = recipe.overridden(**request.overrides)
+        reason = why_not(recipe)
+        if reason:
+            raise UsageError(f"recipe {recipe.name} cannot run here: {reason}")
+        return Choice(recipe, notes=notes)
+
+    s = build_settings(gpu, notes, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
+                       vocab_size=config.vocab_size, power=request.power_watts)
+    if resumed and not request.asked:
+        recipe = resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch)
+        return Choice(recipe, evaluate(config, recipe, replace(s, micro_batch=recipe.micro_batch), tokens), s, notes)
+    name = request.recipe.strip().lower() if request.recipe else None
+    candidate = pick_recipe(config, s, tokens, name, request.overrides, host_bytes,
+                            why_not=None if request.dry_run else why_not)
+    how = f"recipe {name}" if name else "the fastest recipe that fits"
+    notes.append(f"{how} on {gpu.name} ({gpu.vram_gib:g} GiB): {candidate.recipe.name}, micro-batch "
+                 f"{candidate.recipe.micro_batch}")
+    reason = why_not(candidate.recipe) if request.dry_run else None
+    if reason:
+        notes.append(f"this machine cannot run it ({reason}); a real run here would pick another")
+    if device != "cuda":
+        notes.append(f"this run is on the {device}: it executes the recipe chosen for {gpu.name}, but the "
+                     "prediction is for that card and is not compared with this run")
+    return Choice(candidate.recipe, candidate, s, notes)

@@ -1,0 +1,188 @@
+"""`onecard plan` and `onecard info`: the planner's arithmetic on the command line.
+
+Flags become plain values here; onecard/plan/ does the arithmetic and the words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from onecard import defaults
+from onecard.args import fraction, gigabytes, non_negative_float, positive_float, positive_int, text_arg
+from onecard.errors import UsageError
+from onecard.model_config import GPTConfig, flops_per_token, param_counts, parse_model_name
+from onecard.recipe import NAMED
+
+
+def depth_from(model: str | None, depth: int | None) -> int | None:
+    """--model dN or --depth N (not both); None when neither was given."""
+    if model and depth:
+        raise UsageError("give --model or --depth, not both")
+    if model:
+        return parse_model_name(model)
+    if depth:
+        GPTConfig.from_depth(depth)  # the same range check as --model
+    return depth
+
+
+# ---------------------------------------------------------------- info
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=text_arg, help="dN, e.g. d20 or d32 (nanochat's depth dial)")
+    p.add_argument("--depth", type=positive_int, help="depth N instead of --model dN")
+    p.add_argument("--vocab-size", type=positive_int, default=defaults.VOCAB_SIZE,
+                   help=f"vocabulary size (default {defaults.VOCAB_SIZE})")
+    p.add_argument("--seq-len", type=positive_int, default=defaults.SEQ_LEN,
+                   help=f"context length (default {defaults.SEQ_LEN})")
+    p.add_argument("--ratio", type=positive_float, default=defaults.RATIO,
+                   help=f"training tokens per parameter (default {defaults.RATIO}, Chinchilla)")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    depth = depth_from(args.model, args.depth)
+    if depth is None:
+        raise UsageError("onecard info needs --model dN or --depth N")
+    config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
+    counts = param_counts(config)
+    total = sum(counts.values())
+    fpt = flops_per_token(config)
+    tokens = args.ratio * total
+    print(f"model d{config.n_layer}: n_layer {config.n_layer}, n_embd {config.n_embd}, n_head {config.n_head}, "
+          f"n_kv_head {config.n_kv_head}, head_dim {config.head_dim}, vocab {config.vocab_size:,}, "
+          f"context {config.sequence_len}")
+    print(f"parameters: {total:,}")
+    for name, count in counts.items():
+        print(f"  {name:<8} {count:>15,}  ({count / total:6.1%})")
+    print(f"FLOPs per token (training, 6·N_non-embedding + 12·L·H·Q·T): {fpt:,} = {fpt:.5e}")
+    print(f"Chinchilla tokens ({args.ratio:g} per parameter): {tokens:,.0f} = {tokens:.4e}")
+    print(f"total training FLOPs: {fpt * tokens:.4e}")
+    return 0
+
+
+# ---------------------------------------------------------------- plan
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--model", type=text_arg, help="model as dN, e.g. d32 (nanochat's depth dial)")
+    what.add_argument("--depth", type=positive_int, help="model depth N (same as --model dN)")
+    parser.add_argument("--gpu", type=text_arg,
+                        help="card name, e.g. rtx4070, '4090', h100 (default: this machine's card)")
+    parser.add_argument("--vram", type=gigabytes, help="override the card's memory, e.g. 12GB (GiB)")
+    parser.add_argument("--gpus", type=positive_int, default=1, help="N identical cards, data-parallel (default 1)")
+    budget_group = parser.add_mutually_exclusive_group()
+    budget_group.add_argument("--tokens", type=positive_float, help="training tokens, e.g. 38e9 or 38B")
+    budget_group.add_argument("--ratio", type=positive_float,
+                              help=f"tokens per parameter (default {defaults.RATIO}, Chinchilla)")
+    parser.add_argument("--days", type=positive_float, help="time budget: with a model, how many tokens fit; "
+                                                            "without, the best model that trains in that time")
+    parser.add_argument("--seq-len", type=positive_int, default=defaults.SEQ_LEN,
+                        help=f"sequence length (default {defaults.SEQ_LEN})")
+    parser.add_argument("--total-batch", type=positive_int, default=defaults.TOTAL_BATCH,
+                        help=f"tokens per optimizer step (default {defaults.TOTAL_BATCH})")
+    parser.add_argument("--micro-batch", type=positive_int,
+                        help="sequences per micro-batch (default: largest that fits)")
+    parser.add_argument("--vocab-size", type=positive_int, default=defaults.VOCAB_SIZE,
+                        help=f"vocabulary size (default {defaults.VOCAB_SIZE})")
+    parser.add_argument("--mfu", type=fraction, help="assumed utilization of the bf16 peak, 0-1 "
+                                                    "(default: calibration, else by card kind)")
+    parser.add_argument("--power", type=positive_float, help="average board power in W (default: the card's rating)")
+    parser.add_argument("--price", type=non_negative_float, default=defaults.PRICE,
+                        help=f"electricity price per kWh (default {defaults.PRICE})")
+    parser.add_argument("--currency", type=text_arg, default=defaults.CURRENCY,
+                        help=f"currency of --price (default {defaults.CURRENCY})")
+    pick = parser.add_mutually_exclusive_group()
+    pick.add_argument("--recipe", type=text_arg, help=f"plan one recipe: {', '.join(NAMED)} "
+                                                      "(baseline = nanochat's way)")
+    pick.add_argument("--fit", action="store_true", help="the fastest recipe that fits (the default)")
+    parser.add_argument("--assume", action="append", metavar="NAME=VALUE",
+                        help="override a planner assumption (see onecard/plan/assumptions.py); repeatable")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--plot", metavar="FILE.png", type=text_arg,
+                        help="draw memory by component and time per recipe")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from onecard.device import local_card
+    from onecard.plan import report
+    from onecard.plan.assumptions import DEFAULT
+    from onecard.plan.choose import build_settings, choose_gpu
+
+    if args.recipe and args.recipe.strip().lower() not in NAMED:
+        raise UsageError(f"unknown recipe {args.recipe!r}: known recipes are {', '.join(NAMED)}")
+    if args.days is not None and args.tokens is not None:
+        raise UsageError("give --tokens or --days, not both: --days decides how many tokens fit")
+    depth = depth_from(args.model, args.depth)
+    assume = DEFAULT.with_overrides(args.assume)
+    gpu, notes = choose_gpu(args.gpu, args.vram, None if args.gpu else local_card())
+    s = build_settings(gpu, notes, gpus=args.gpus, seq_len=args.seq_len, total_batch=args.total_batch,
+                       micro_batch=args.micro_batch, vocab_size=args.vocab_size, mfu=args.mfu, power=args.power,
+                       price=args.price, currency=args.currency, assume=assume)
+    if args.plot:
+        report.check_plot_path(args.plot)
+    ratio = args.ratio if args.ratio is not None else float(defaults.RATIO)
+    if depth is None:
+        return _plan_budget(args, s, notes, ratio)
+    return _plan_model(args, s, notes, depth, ratio)
+
+
+def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float) -> int:
+    from onecard.plan import report
+    from onecard.plan.search import budget, candidates
+
+    if args.days is None:
+        raise UsageError("say which model (--model dN or --depth N), or give --days D to find the best "
+                         "model for a time budget")
+    found = budget(s, args.days, ratio)
+    if args.json:
+        print(json.dumps(report.budget_json(s, args.days, ratio, found, notes), indent=2))
+    else:
+        print(report.budget_text(s, args.days, ratio, found, notes))
+    if args.plot and found:
+        config, best = found[0]
+        report.plot(candidates(config, s, best.tokens), s, args.plot,
+                    f"d{config.n_layer} on {s.gpu.name}, {best.tokens:,} tokens")
+    return 0
+
+
+def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio: float) -> int:
+    from onecard.plan import report
+    from onecard.plan.search import candidates, config_params, fastest_fit, nearest_fit, overflow
+
+    try:
+        config = s.config(depth)
+    except UsageError as error:
+        raise UsageError(f"d{depth} has no valid shape: {error}") from None
+    names = [args.recipe.strip().lower()] if args.recipe else None
+    if args.days is not None:
+        tokens, seconds = None, args.days * 86400
+        cands = candidates(config, s, seconds=seconds, names=names)
+    else:
+        tokens = int(args.tokens) if args.tokens is not None else int(ratio * config_params(config))
+        cands = candidates(config, s, tokens, names=names)
+    best = fastest_fit(cands)
+    why, nearest = "", None
+    if best is None:
+        why = overflow(cands, s.gpu.vram_bytes)
+        given = int(args.tokens) if args.tokens is not None else None
+        nearest = nearest_fit(depth, s, ratio, given, args.days * 86400 if args.days else None,
+                              tried_all=names is None)
+    shown_tokens = best.tokens if best else cands[0].tokens
+    if args.days is not None:
+        line = (f"as many as fit in {args.days:g} days: {shown_tokens:,} with the best recipe "
+                f"({shown_tokens / config_params(config):.1f} tokens/param)")
+    elif args.tokens is not None:
+        line = f"{tokens:,} ({tokens / config_params(config):.1f} tokens/param)"
+    else:
+        line = f"{tokens:,} ({ratio:g} tokens/param)"
+    line += (f" = {shown_tokens / s.total_batch:,.0f} steps of {s.total_batch:,} tokens, sequence {s.seq_len}"
+             + (f", {s.gpus} GPUs" if s.gpus > 1 else ""))
+    if args.json:
+        print(json.dumps(report.plan_json(config, s, cands, best, shown_tokens, notes, why, nearest), indent=2))
+    else:
+        print(report.plan_text(config, s, cands, best, line, notes, why, nearest))
+    if args.plot:
+        report.plot(cands, s, args.plot, f"d{depth} on {s.gpu.name}, {shown_tokens:,} tokens")
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,403 @@
+"""`onecard train`: base training, nanochat's recipe on whatever Recipe the run is given.
+
+One optimizer step = `accum` micro-batches of (micro_batch × seq_len) tokens, so that each
+step sees `total_batch` tokens. Learning rate constant then linear decay over the last 20 %;
+Muon momentum warms from 0.85 to 0.95; gradients clipped at 1.0. Validation bits per byte
+every `eval_every` steps. The loop itself, its log and its faults are onecard/loop.py's.
+
+A run directory that holds a checkpoint resumes from it, bitwise exactly on the CPU (weights,
+optimizer states, data position and every RNG state are restored); a different model,
+sequence length, batch, seed or corpus is refused unless `force_new` (another recipe is
+allowed: weights and optimizer states convert).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from onecard import defaults
+from onecard.args import (
+    gigabytes,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed,
+    text_arg,
+)
+from onecard.errors import UsageError
+from onecard.recipe import CHOICES, NAMED
+
+# From the plain nanochat way towards the leanest in memory: what to try after running out.
+LEANER = ("baseline", "recompute", "bf16", "lean", "offload-states", "offload", "offload-max")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=text_arg, help="dN, e.g. d20 or d32 (default: a small demo model for the CPU)")
+    p.add_argument("--depth", type=positive_int, help="depth N instead of --model dN")
+    p.add_argument("--data", type=text_arg, help="corpus: .txt/.jsonl/.parquet file or directory (default: "
+                                                 "embedded corpus, the Python standard library's own source)")
+    p.add_argument("--run-dir", type=text_arg, help="where the run is written (default runs/<date-time>); a "
+                                                    "directory that holds a checkpoint is resumed")
+    p.add_argument("--init-from", type=text_arg, help="start from the weights and tokenizer of an onecard run "
+                                                      "directory or a nanochat checkpoint directory (an onecard "
+                                                      "run's batch and context are kept unless given)")
+    p.add_argument("--seq-len", type=positive_int, help=f"tokens per row (default {defaults.SEQ_LEN}; "
+                                                        f"demo {defaults.DEMO['seq_len']})")
+    p.add_argument("--micro-batch", type=positive_int,
+                   help="rows per forward/backward (default: the largest that fits the card; 8 on the CPU)")
+    p.add_argument("--total-batch", type=positive_int, help="tokens per optimizer step, reached by gradient "
+                                                            f"accumulation (default {defaults.TOTAL_BATCH})")
+    horizon = p.add_mutually_exclusive_group()
+    horizon.add_argument("--steps", type=positive_int, help="optimizer steps")
+    horizon.add_argument("--tokens", type=positive_int, help="training tokens (e.g. 38e9 or 38B)")
+    horizon.add_argument("--ratio", type=positive_float,
+                         help=f"training tokens per parameter (default {defaults.RATIO})")
+    p.add_argument("--vocab-size", type=positive_int,
+                   help=f"tokenizer size when training one (default {defaults.VOCAB_SIZE})")
+    p.add_argument("--tokenizer-chars", type=positive_int, help="characters to train the tokenizer on")
+    p.add_argument("--seed", type=seed, help="default 0")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cpu, cuda or auto (default)")
+    p.add_argument("--eval-every", type=non_negative_int,
+                   help=f"validation bits per byte every N steps (0: only at the end; default {defaults.EVAL_EVERY})")
+    p.add_argument("--eval-batches", type=positive_int,
+                   help=f"validation micro-batches per evaluation (default {defaults.EVAL_BATCHES})")
+    p.add_argument("--sample-prompt", help="prompt for the sample printed at the end")
+    lean = p.add_argument_group(
+        "recipe: how the run spends memory and time (onecard/recipe.py; onecard plan predicts each)")
+    lean.add_argument("--recipe", type=text_arg, help=f"a named recipe: {', '.join(NAMED)} (default: the fastest "
+                                                      "that fits --gpu/--vram or this machine's CUDA card; on the "
+                                                      "CPU baseline)")
+    lean.add_argument("--gpu", type=text_arg,
+                      help="card to fit the recipe to, e.g. rtx4070 (default: this machine's CUDA card)")
+    lean.add_argument("--vram", type=gigabytes, help="memory to fit in, e.g. 12GB or 8GB (default: the card's)")
+    for key, allowed in CHOICES.items():
+        lean.add_argument("--" + key.replace("_", "-"), choices=allowed, help=f"override the recipe's {key}")
+    lean.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model "
+                                                                                "(default off)")
+    lean.add_argument("--dry-run", action="store_true", help="print the chosen recipe with its predicted memory "
+                                                             "and step time, and exit")
+    saving = p.add_argument_group("checkpoints and resuming")
+    saving.add_argument("--save-every-min", type=non_negative_float,
+                        help=f"write a checkpoint every M minutes (default {defaults.SAVE_EVERY_MIN:g}; 0: off)")
+    saving.add_argument("--save-every-steps", type=non_negative_int,
+                        help="write a checkpoint every K steps (default 0: off); always one at the end")
+    saving.add_argument("--keep", type=positive_int, help=f"checkpoints kept (default {defaults.KEEP})")
+    saving.add_argument("--force-new", action="store_true",
+                        help="start a new run although --run-dir holds one (its files move to previous-<time>/)")
+    energy = p.add_argument_group("energy and cost")
+    energy.add_argument("--price", type=non_negative_float, help="electricity price per kWh, for the cost")
+    energy.add_argument("--currency", type=text_arg, help=f"currency of --price (default {defaults.CURRENCY})")
+    energy.add_argument("--power", type=positive_float,
+                        help="power draw in watts, for an energy estimate where NVML cannot measure it")
+
+
+def run(args: argparse.Namespace) -> int:
+    from onecard import distributed
+    from onecard.device import resolve_device
+
+    device = resolve_device(args.device)
+    world = distributed.init(device)  # several ranks when started by torchrun
+    try:
+        code = _locked(args, device, world)
+        distributed.barrier(world)  # rank 0 writes last: no rank leaves the group before it is done
+        return code
+    finally:
+        distributed.finish(world)
+
+
+def _locked(args: argparse.Namespace, device: str, world) -> int:
+    """Rank 0 holds the run directory's lock for the whole run; the other ranks write nothing there."""
+    from contextlib import nullcontext
+
+    from onecard import distributed
+    from onecard.run import RunLock
+
+    run_dir = Path(distributed.from_rank0(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}", world))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file, not a directory")
+    with RunLock(run_dir) if world.main and not args.dry_run else nullcontext():
+        return train_command(args, run_dir, device, world)
+
+
+def saved_run_config(run_dir: Path):
+    """The RunConfig of the run a directory holds, if it has a checkpoint to resume from."""
+    from onecard import checkpoint
+    from onecard.run import read_config
+
+    if not checkpoint.has_checkpoint(run_dir):
+        return None
+    path = run_dir / "config.json"
+    if not path.exists():  # written at each session's start; each checkpoint keeps a copy too
+        path = checkpoint.step_dirs(run_dir)[-1][1] / "config.json"
+    try:
+        return read_config(path)
+    except UsageError as error:
+        raise UsageError(f"{error}: start over with --force-new") from None
+
+
+def _shape(args: argparse.Namespace, saved, device: str, say):
+    """(model config, model or None, tokenizer or None, seq_len, micro_batch, what was continued)."""
+    from onecard.model_config import GPTConfig
+    from onecard.planning import depth_from
+    from onecard.weights import load_weights
+
+    depth = depth_from(args.model, args.depth)
+    demo = depth is None and not (args.init_from or saved)
+    if saved:
+        seq_len = args.seq_len or saved.recipe.seq_len
+        vocab = args.vocab_size or saved.model_config.vocab_size
+        context = args.seq_len or saved.model_config.sequence_len
+        config = GPTConfig.from_depth(depth, vocab, seq_len) if depth else \
+            GPTConfig(**{**saved.model_config.to_dict(), "vocab_size": vocab, "sequence_len": context})
+        return config, None, None, seq_len, args.micro_batch or saved.recipe.micro_batch, saved.train, demo
+    if args.init_from:
+        model, tokenizer, info = load_weights(args.init_from, device)
+        say(f"starting from {info['layout']} weights in {info['path']}")
+        before = info["config"].train if info["layout"] == "onecard" else None
+        seq_len = args.seq_len or (info["config"].recipe.seq_len if before else model.config.sequence_len)
+        micro = args.micro_batch or (info["config"].recipe.micro_batch if before and device == "cpu" else None)
+        return model.config, model, tokenizer, seq_len, micro, before, demo
+    seq_len = args.seq_len or (defaults.DEMO["seq_len"] if demo else defaults.SEQ_LEN)
+    vocab = args.vocab_size or (defaults.DEMO["vocab_size"] if demo else defaults.VOCAB_SIZE)
+    config = GPTConfig.from_depth(depth, vocab, seq_len) if depth else GPTConfig(
+        sequence_len=seq_len, vocab_size=vocab, n_layer=defaults.DEMO["n_layer"], n_head=defaults.DEMO["n_head"],
+        n_kv_head=defaults.DEMO["n_head"], n_embd=defaults.DEMO["n_embd"])
+    return config, None, None, seq_len, args.micro_batch, None, demo
+
+
+def _steps(args: argparse.Namespace, params: int, total_batch: int, before, demo: bool) -> int:
+    if args.steps:
+        return args.steps
+    if args.tokens or args.ratio:
+        tokens = args.tokens or args.ratio * params
+        return max(1, round(tokens / total_batch))
+    if before is not None and before.steps:
+        return before.steps
+    return defaults.DEMO["steps"] if demo else max(1, round(defaults.RATIO * params / total_batch))
+
+
+def _request(args: argparse.Namespace):
+    from onecard.plan.choose import RecipeRequest
+
+    overrides = {key: getattr(args, key) for key in CHOICES if getattr(args, key, None) is not None}
+    if args.compile is not None:
+        overrides["compile"] = args.compile
+    return RecipeRequest(recipe=args.recipe, overrides=overrides, gpu=args.gpu, vram_gib=args.vram,
+                         dry_run=args.dry_run, power_watts=args.power)
+
+
+def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
+    """`onecard train` on this rank (rank 0 alone prints)."""
+    from onecard.data import Corpus
+    from onecard.device import host_memory_available, local_card, unrunnable_reason
+    from onecard.model_config import param_counts
+    from onecard.plan.choose import choose_recipe
+    from onecard.plan.report import dry_run_text
+    from onecard.run import TrainSettings
+    from onecard.tokenizer import Tokenizer
+
+    say = print if world.main else (lambda *_args, **_kwargs: None)
+    saved = None if args.force_new else saved_run_config(run_dir)
+    if saved and args.init_from:
+        raise UsageError(f"{run_dir} holds a run to resume; --init-from starts a new one: drop it, or add "
+                         "--force-new")
+    config, model, tokenizer, seq_len, micro_batch, before, demo = _shape(args, saved, device, say)
+
+    def pick(given, key: str, default):
+        """What was given, else what the run continued from used, else the default."""
+        return given if given is not None else getattr(before, key, default) if before else default
+
+    data = pick(args.data, "data", None)
+    corpus = Corpus(data) if data else Corpus.embedded()
+    total_batch = pick(args.total_batch, "total_batch", defaults.DEMO["total_batch"] if demo else defaults.TOTAL_BATCH)
+    params = sum(param_counts(config).values())
+    steps = _steps(args, params, total_batch, before, demo)
+    choice = choose_recipe(_request(args), config, device, seq_len=seq_len, micro_batch=micro_batch,
+                           total_batch=total_batch, tokens=steps * total_batch,
+                           resumed=saved.recipe if saved else None, gpus=world.size, local=local_card(),
+                           host_bytes=host_memory_available() if device == "cuda" else None,
+                           why_not=lambda recipe: unrunnable_reason(recipe, device))
+    recipe = choice.recipe
+    what = "demo model" if demo else f"d{config.n_layer}"
+    say(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
+        f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}, recipe {recipe.name}")
+    say(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
+    if args.dry_run:
+        say(dry_run_text(recipe, choice.candidate, choice.settings, choice.notes, config))
+        return 0
+    for note in choice.notes:
+        say(f"note: {note}")
+    if saved:
+        tokenizer = Tokenizer.load(run_dir / "tokenizer")
+        say(f"{run_dir} holds a run: resuming it")
+    elif tokenizer is None:
+        tokenizer = shared_tokenizer(args, corpus, config.vocab_size, demo, run_dir, world, say)
+    settings = TrainSettings(
+        run_dir=run_dir, steps=steps, total_batch=total_batch, seed=pick(args.seed, "seed", 0), device=device,
+        eval_every=pick(args.eval_every, "eval_every", defaults.DEMO["eval_every"] if demo else defaults.EVAL_EVERY),
+        eval_batches=pick(args.eval_batches, "eval_batches", defaults.EVAL_BATCHES),
+        sample_prompt=pick(args.sample_prompt, "sample_prompt", ""), data=data,
+        save_every_min=pick(args.save_every_min, "save_every_min", defaults.SAVE_EVERY_MIN),
+        save_every_steps=pick(args.save_every_steps, "save_every_steps", 0),
+        keep=pick(args.keep, "keep", defaults.KEEP),
+        force_new=args.force_new, price=pick(args.price, "price", None),
+        currency=pick(args.currency, "currency", defaults.CURRENCY), power_watts=pick(args.power, "power_watts", None))
+    prediction = choice.prediction(device)
+    if prediction:
+        say(f"planner predicts on {prediction.gpu}: peak {prediction.peak_bytes / 2**30:.2f} GiB "
+            f"({prediction.peak_allocated_bytes / 2**30:.2f} GiB allocated), "
+            f"{prediction.step_time_s:.2f} s per step, {prediction.tokens_per_s:,.0f} tokens/s")
+    result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction, world=world)
+    return _closing_words(result, run_dir, steps, total_batch, prediction, say)
+
+
+def _closing_words(result: dict, run_dir: Path, steps: int, total_batch: int, prediction, say) -> int:
+    from onecard.run import compare_text
+
+    resume = f"onecard train --run-dir {run_dir}"
+    if result["stopped"] in ("nonfinite", "failed"):
+        print(f"onecard: {result['message']}; last complete checkpoint: step {result['last_checkpoint']} in "
+              f"{run_dir}/ (resume: {resume})", file=sys.stderr)
+        return 1
+    if result["stopped"]:
+        where = ("no checkpoint could be written" if result["last_checkpoint"] is None
+                 else f"checkpoint of step {result['last_checkpoint']} saved")
+        say(f"stopped at step {result['step']} of {steps}, {where}; resume with: {resume}")
+        return 0
+    if prediction:
+        say(compare_text(prediction.to_dict(), result["summary"], result["history"], total_batch))
+    say(f"validation bits per byte: {result['val_bpb_start']:.4f} at step 0 -> {result['val_bpb_end']:.4f} "
+        f"at step {steps}")
+    say("sample:")
+    say(result["sample"])
+    say(f"\nrun saved in {run_dir}/ — continue a prompt with: onecard sample --run-dir {run_dir} --prompt '...'; "
+        f"charts: onecard report {run_dir}")
+    return 0
+
+
+def shared_tokenizer(args: argparse.Namespace, corpus, vocab_size: int, demo: bool, run_dir: Path, world, say):
+    """Train the run's tokenizer; with several ranks, rank 0 trains it and the others read it."""
+    from onecard import distributed
+    from onecard.data import iter_texts
+    from onecard.tokenizer import Tokenizer
+
+    handoff = run_dir / ".tokenizer-for-ranks"
+    if world.main:
+        chars = args.tokenizer_chars or (defaults.DEMO["tokenizer_chars"] if demo else 2_000_000_000)
+        say(f"training a {vocab_size:,}-token tokenizer on {corpus.describe()} ...", flush=True)
+        started = time.perf_counter()
+        tokenizer = Tokenizer.train(iter_texts(corpus, chars), vocab_size)
+        say(f"  done in {time.perf_counter() - started:.1f} s")
+        if world.size > 1:
+            tokenizer.save(handoff)
+    distributed.barrier(world)
+    if not world.main:
+        tokenizer = Tokenizer.load(handoff)
+    distributed.barrier(world)
+    if world.main and world.size > 1:
+        shutil.rmtree(handoff, ignore_errors=True)
+    return tokenizer
+
+
+# ---------------------------------------------------------------- the library function
+
+def grad_accum_steps(total_batch: int, micro_batch: int, seq_len: int, ranks: int = 1) -> int:
+    """Micro-batches per step on each rank; total_batch must be a whole number of them on every rank."""
+    per_micro = micro_batch * seq_len * ranks
+    if total_batch <= 0:
+        raise UsageError(f"--total-batch must be positive, got {total_batch}")
+    if total_batch % per_micro:
+        lower = max(per_micro, total_batch // per_micro * per_micro)
+        ranks_part = (" × ranks", f" × {ranks}") if ranks > 1 else ("", "")
+        raise UsageError(f"--total-batch {total_batch} is not a multiple of micro-batch × seq-len{ranks_part[0]} = "
+                         f"{micro_batch} × {seq_len}{ranks_part[1]} = {per_micro}: use {lower} or {lower + per_micro}")
+    return total_batch // per_micro
+
+
+def leaner_recipe(recipe) -> str:
+    name = recipe.name if recipe.name in LEANER else "baseline"
+    return LEANER[min(LEANER.index(name) + 1, len(LEANER) - 1)]
+
+
+def out_of_memory_message(model_config, recipe, device: str, saved: int | None) -> str:
+    """What ran out, the planner's breakdown of where the memory goes, and what to try next."""
+    import torch
+
+    from onecard.plan.memory import predict_memory
+    from onecard.plan.search import breakdown
+
+    lines = [f"CUDA ran out of memory training with recipe {recipe.name} "
+             f"(micro-batch {recipe.micro_batch}, seq-len {recipe.seq_len})"]
+    if saved:
+        lines[0] += f"; step {saved} is saved, and resuming with a leaner recipe goes on from there"
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        lines.append(f"  measured: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated of the "
+                     f"card's {total / 2**30:.2f} GiB")
+    lines.append(f"  planner's prediction: {breakdown(predict_memory(model_config, recipe))}")
+    smaller = f" or --micro-batch {recipe.micro_batch // 2}" if recipe.micro_batch > 1 else ""
+    lines.append(f"  try --recipe {leaner_recipe(recipe)}{smaller} (the same total batch, more accumulation); "
+                 f"`onecard plan --model d{model_config.n_layer} --gpu <your card>` shows what fits")
+    return "\n".join(lines)
+
+
+def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=print, prediction=None,
+          world=None) -> dict:
+    """Train, or resume from the run directory's checkpoint, and save.
+
+    prediction: the planner's forecast for this run (a plan.choose.Prediction), stored in
+    config.json and summary.json so that the report sets it beside the measurement.
+    Returns the model, val_bpb_start/val_bpb_end, the sample, this session's history, and
+    `stopped` (None when the run finished; "signal", "nonfinite", "limit" or "failed") with a message.
+    With several ranks (onecard/distributed.py) every rank trains and rank 0 alone writes and logs.
+    """
+    import torch
+
+    from onecard import checkpoint, session
+    from onecard.data import TokenLoader
+    from onecard.distributed import SINGLE
+    from onecard.engine import evaluate_bpb
+    from onecard.model import build_model
+    from onecard.optim import build_optimizer, lr_multiplier, muon_momentum
+    from onecard.plan.choose import Prediction
+
+    world = world or SINGLE
+    if isinstance(prediction, dict):
+        prediction = Prediction.from_dict(prediction)
+    accum = grad_accum_steps(settings.total_batch, recipe.micro_batch, recipe.seq_len, world.size)
+    if recipe.seq_len > model_config.sequence_len:
+        raise UsageError(f"seq-len {recipe.seq_len} exceeds the model's context {model_config.sequence_len}")
+    found = session.find_checkpoint(settings, world, log)
+    torch.manual_seed(settings.seed)
+    model = build_model(model_config, device=settings.device) if model is None else model.to(settings.device)
+    model.set_policies(recipe.activations, recipe.loss)
+    config = session.run_config(model, recipe, settings, corpus, prediction)
+    if found:
+        session.check_resume(found, config)
+        checkpoint.load_weights(found, model)  # before the optimizer: a cpu_master recipe copies them
+    opt = build_optimizer(model, recipe, matrix_lr=settings.matrix_lr, embedding_lr=settings.embedding_lr,
+                          unembedding_lr=settings.unembedding_lr)
+    loader = TokenLoader(corpus, tokenizer, recipe.micro_batch, recipe.seq_len, split="train", seed=settings.seed)
+    token_bytes = tokenizer.token_bytes()
+
+    def validation_bpb() -> float:
+        val = TokenLoader(corpus, tokenizer, recipe.micro_batch, recipe.seq_len, split="val")
+        model.eval()
+        bpb = evaluate_bpb(model, (val.next_batch() for _ in range(settings.eval_batches)), token_bytes,
+                           settings.device)
+        model.train()
+        return bpb
+
+    def schedule(step: int) -> float:
+        multiplier = lr_multiplier(step, settings.steps)
+        opt.set_lr_multiplier(multiplier)
+        opt.set_muon_momentum(muon_momentum(step))
+        return multiplier
+
+    return session.run(model, opt, loader, accum, validation_bpb, schedule, config, tokenizer, found, world, log,
+                       out_of_memory=lambda saved: out_of_memory_message(model_config, recipe, settings.device, saved))

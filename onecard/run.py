@@ -1,0 +1,243 @@
+"""The run directory: what a run is (typed, stored as JSON with a format version), who holds it
+(an exclusive lock), and the files it writes beside its checkpoints.
+
+  config.json    RunConfig: model, recipe, settings, corpus, the planner's prediction, results
+  summary.json   status and the meters' totals (written by the loop)
+  log.jsonl      one JSON object a line (the schema is in onecard/loop.py)
+  model.safetensors, tokenizer/   the final weights and the tokenizer
+  .lock          held by the process training in the directory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from onecard import defaults
+from onecard.errors import UsageError
+from onecard.model_config import GPTConfig
+from onecard.plan.choose import Prediction
+from onecard.recipe import Recipe
+
+FORMAT = 1  # config.json's format version: a newer onecard reads older ones
+
+
+@dataclass
+class TrainSettings:
+    run_dir: Path
+    steps: int
+    total_batch: int
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 50
+    eval_batches: int = defaults.EVAL_BATCHES
+    sample_tokens: int = 48
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    grad_clip: float = 1.0
+    sample_prompt: str = ""
+    data: str | None = None  # the corpus as given (None: embedded), so that a resume finds it again
+    save_every_min: float = defaults.SAVE_EVERY_MIN  # checkpoint every so many minutes (0: off) ...
+    save_every_steps: int = 0  # ... and/or every so many steps (0: off); always at the end
+    keep: int = defaults.KEEP  # checkpoints kept
+    force_new: bool = False  # start over even though the run directory holds a checkpoint
+    price: float | None = None  # per kWh
+    currency: str = defaults.CURRENCY
+    power_watts: float | None = None  # stated power for an energy estimate when NVML cannot measure
+    max_bad_steps: int = 5  # non-finite steps in a row that stop the run
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this session
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainSettings:
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["run_dir"] = Path(values.get("run_dir", "."))
+        return cls(**values)
+
+
+@dataclass
+class RunConfig:
+    model_config: GPTConfig
+    recipe: Recipe
+    train: TrainSettings
+    corpus: str
+    params: int
+    flops_per_token: int
+    prediction: Prediction | None = None
+    results: dict | None = None
+    format: int = FORMAT
+    extra: dict = field(default_factory=dict)  # keys a newer onecard wrote: kept, not read
+
+    def to_dict(self) -> dict:
+        out = {"format": self.format, "model_config": self.model_config.to_dict(), "recipe": self.recipe.to_dict(),
+               "train": self.train.to_dict(), "corpus": self.corpus, "params": self.params,
+               "flops_per_token": self.flops_per_token,
+               "prediction": self.prediction.to_dict() if self.prediction else None, **self.extra}
+        if self.results is not None:
+            out["results"] = self.results
+        return out
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "config.json") -> RunConfig:
+        """Raises UsageError (one line) for a config this onecard cannot read."""
+        if not isinstance(data, dict):
+            raise UsageError(f"{where} is not a JSON object")
+        try:
+            known = {f.name for f in fields(cls)}
+            return cls(model_config=GPTConfig(**data["model_config"]), recipe=Recipe.from_dict(data["recipe"]),
+                       train=TrainSettings.from_dict(data["train"]), corpus=str(data["corpus"]),
+                       params=int(data.get("params", 0)), flops_per_token=int(data.get("flops_per_token", 0)),
+                       prediction=Prediction.from_dict(data.get("prediction")), results=data.get("results"),
+                       format=int(data.get("format", 0)), extra={k: v for k, v in data.items() if k not in known})
+        except UsageError as error:
+            raise UsageError(f"{where}: {error}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise UsageError(f"{where} is not an onecard run description ({type(error).__name__}: {error})") from None
+
+
+def read_config(path: Path) -> RunConfig:
+    """config.json (or a checkpoint's copy) as a RunConfig; a one-line UsageError if unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read {path} ({type(error).__name__}: {error})") from None
+    return RunConfig.from_dict(data, str(path))
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Replace a small JSON file atomically: a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- who holds the directory
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as a process trains in it.
+
+    The operating system's file lock (filelock) is released when the process dies, however it
+    dies, so a stale lock never blocks; the holder's pid is written beside it for the message."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.lock = FileLock(str(run_dir / ".lock"), timeout=0)
+        self.owner = run_dir / ".lock.owner"
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+        except Timeout:
+            raise UsageError(f"{self.run_dir} is in use by another onecard process{self._holder()}: wait for it "
+                             "to finish or stop it, or choose another --run-dir") from None
+        except OSError as error:
+            raise UsageError(f"cannot use {self.run_dir} as a run directory: {error.strerror or error}") from None
+        try:
+            self.owner.write_text(f"{os.getpid()}\n")
+        except OSError:
+            pass  # the lock holds; only the message for a second process loses the pid
+        return self
+
+    def _holder(self) -> str:
+        try:
+            pid = int(self.owner.read_text().strip())
+        except (OSError, ValueError):
+            return ""
+        return f" (pid {pid})"
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+# ---------------------------------------------------------------- resuming
+
+# What a resumed run must share with the run that wrote the checkpoint. The rest may change
+# between sessions: steps, device, evaluation, saving, price, power, and the recipe's memory
+# choices and micro-batch (weights and optimizer states convert; the math is the same, the
+# rounding is not bitwise).
+SAME_TRAIN = ("total_batch", "seed", "matrix_lr", "embedding_lr", "unembedding_lr", "grad_clip")
+
+
+def conflicts(saved: RunConfig, config: RunConfig) -> list[str]:
+    """How `config` differs from the checkpoint's config where a resume cannot follow."""
+    before, now = saved.model_config.to_dict(), config.model_config.to_dict()
+    out = [f"model {key} {before.get(key)} -> {value}" for key, value in now.items() if before.get(key) != value]
+    if saved.recipe.seq_len != config.recipe.seq_len:
+        out.append(f"seq_len {saved.recipe.seq_len} -> {config.recipe.seq_len}")
+    for key in SAME_TRAIN:
+        if getattr(saved.train, key) != getattr(config.train, key):
+            out.append(f"{key} {getattr(saved.train, key)} -> {getattr(config.train, key)}")
+
+    def fingerprint(text: str) -> str:  # not the path: a corpus may move to another disk
+        found = re.search(r"fingerprint \w+, validation fraction \S+", text)
+        return found.group(0) if found else text
+    if fingerprint(saved.corpus) != fingerprint(config.corpus):
+        out.append(f"corpus {saved.corpus} -> {config.corpus}")
+    return out
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move an earlier run's files into run_dir/previous-<time>/: --force-new deletes nothing."""
+    aside = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in run_dir.iterdir():
+        if path != aside and not path.name.startswith("previous-") and not path.name.startswith(".lock"):
+            path.rename(aside / path.name)
+    return aside
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the lines a crashed session wrote after the checkpoint it resumes from."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        except (ValueError, TypeError):  # a line cut short by the crash
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- predicted against measured
+
+def compare_rows(prediction: dict, summary: dict, history: list[dict], total_batch: int
+                 ) -> list[tuple[str, str, str]]:
+    """(what, predicted, measured) rows. The first step of a session (warm-up, compile) is left
+    out of the measured step time, as the planner predicts a steady step."""
+    times = [r["step_time_s"] for r in history[1:] if not r.get("skipped")] or \
+        [r["step_time_s"] for r in history if "step_time_s" in r]
+    measured = statistics.median(times) if times else None
+    peak = summary.get("vram_peak_bytes")
+    gib = 2**30
+    rows = [("peak allocated", f"{prediction['peak_allocated_bytes'] / gib:.2f} GiB",
+             "n/a" if peak is None else f"{peak / gib:.2f} GiB (torch.cuda.max_memory_allocated)"),
+            ("peak incl. context", f"{prediction['peak_bytes'] / gib:.2f} GiB", "n/a (not measured by torch)"),
+            ("step time", f"{prediction['step_time_s']:.3f} s",
+             "n/a" if measured is None else f"{measured:.3f} s (median of {len(times)} steps)")]
+    if measured:
+        rows.append(("tokens/s", f"{prediction['tokens_per_s']:,.0f}", f"{total_batch / measured:,.0f}"))
+    return rows
+
+
+def compare_text(prediction: dict, summary: dict, history: list[dict], total_batch: int) -> str:
+    lines = [f"{'':<20} {'predicted':>12}   measured ({prediction['gpu']}, recipe {prediction['recipe']})"]
+    rows = compare_rows(prediction, summary, history, total_batch)
+    lines += [f"{name:<20} {pred:>12}   {meas}" for name, pred, meas in rows]
+    return "\n".join(lines)

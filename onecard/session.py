@@ -1,0 +1,178 @@
+"""One training session in a run directory, for every stage that trains: find the checkpoint to
+resume, check that it matches, restore it, set up the meters and files, run the loop (loop.py),
+and save the final weights. The stage brings its model, optimizer, batches, evaluator and schedule.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from onecard import checkpoint, distributed
+from onecard.distributed import World
+from onecard.engine import sample_text
+from onecard.errors import UsageError
+from onecard.loop import Loop, StopRequest
+from onecard.meters import Meters, PowerMeter, Progress, nvml_power_reader
+from onecard.model import GPT
+from onecard.plan.choose import Prediction
+from onecard.recipe import Recipe
+from onecard.run import RunConfig, TrainSettings, conflicts, set_aside, truncate_log, write_json
+
+
+def find_checkpoint(settings: TrainSettings, world: World, log: Callable[..., None]) -> checkpoint.Found | None:
+    """The checkpoint to resume from (None: a new run). --force-new sets the earlier run aside first."""
+    run_dir = settings.run_dir
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if settings.force_new and any(not p.name.startswith(("previous-", ".lock")) for p in run_dir.iterdir()):
+            log(f"--force-new: the earlier run's files are moved to {set_aside(run_dir)}")
+    found = None
+    for finding in (True, False):  # rank 0 first: finding may set a damaged checkpoint aside
+        if finding == world.main and not settings.force_new:
+            try:
+                found = checkpoint.find_latest(run_dir, warn=log)
+            except checkpoint.CheckpointError as error:
+                raise UsageError(str(error)) from None
+        distributed.barrier(world)
+    return found
+
+
+def run_config(model: GPT, recipe: Recipe, settings: TrainSettings, corpus, prediction: Prediction | None
+               ) -> RunConfig:
+    return RunConfig(model_config=model.config, recipe=recipe, train=settings, corpus=corpus.describe(),
+                     params=model.num_params(), flops_per_token=model.estimate_flops(), prediction=prediction)
+
+
+def check_resume(found: checkpoint.Found, config: RunConfig) -> None:
+    """Refuse a resume the checkpoint cannot follow, in one line that says what differs."""
+    saved = RunConfig.from_dict(found.config, f"{found.path}/config.json")
+    problems = conflicts(saved, config)
+    run_dir = config.train.run_dir
+    if problems:
+        raise UsageError(f"{run_dir} holds a run this one does not match ({'; '.join(problems)}): "
+                         "resume it with its own settings, or start over with --force-new")
+    if found.step >= config.train.steps:
+        raise UsageError(f"the run in {run_dir} is at step {found.step} of {config.train.steps}: give --steps "
+                         "above that to train further, or --force-new to start over")
+
+
+def save_final(run_dir: Path, model: GPT, config: RunConfig) -> None:
+    """Final weights (in the dtypes they were trained in) as model.safetensors, and config.json."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = run_dir / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(run_dir / "model.safetensors")
+    write_json(run_dir / "config.json", config.to_dict())
+
+
+def _restore(loop: Loop, found: checkpoint.Found, config: RunConfig, log: Callable[..., None]) -> None:
+    loop.opt.load_state_dict(checkpoint.read_optimizer(found))
+    loop.batches.load_state_dict(found.state["loader"])
+    loop.step, loop.first_bpb, loop.last_bpb = found.step, found.state["val_bpb_start"], found.state["val_bpb_last"]
+    loop.last_saved = found.step
+    run_dir, settings = config.train.run_dir, config.train
+    if loop.world.main:
+        truncate_log(run_dir / "log.jsonl", loop.step)
+    log(f"resuming from step {loop.step} of {settings.steps} ({found.path.relative_to(run_dir)})")
+    saved = found.config
+    if saved["train"]["steps"] != settings.steps:
+        log(f"note: the run was planned for {saved['train']['steps']} steps, now {settings.steps}: "
+            "the learning-rate schedule follows the new horizon")
+    if saved["recipe"] != config.recipe.to_dict():
+        log(f"note: the recipe changed from {saved['recipe']} to {config.recipe.to_dict()}: weights and "
+            "optimizer states are converted; the run goes on, not bitwise as it would have")
+
+
+def _meters(settings: TrainSettings, model: GPT, found, world: World, log: Callable[..., None]) -> Meters:
+    device = settings.device
+    power = PowerMeter(nvml_power_reader(device), settings.power_watts)
+    if power.source is None:
+        log("energy: no power reading (NVML) here; give --power WATTS for an estimate, else it is not reported")
+    elif power.source == "estimate":
+        log(f"energy: estimated from --power {settings.power_watts:g} W (no NVML reading)")
+    return Meters(device, model.estimate_flops(), settings.steps, power, settings.price, settings.currency,
+                  totals=found.state["totals"] if found else None, cards=world.size,
+                  sum_over_cards=None if world.size == 1 else lambda j: distributed.total(j, world, device))
+
+
+def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], schedule: Callable[[int], float],
+        config: RunConfig, tokenizer, found: checkpoint.Found | None, world: World, log: Callable[..., None],
+        out_of_memory: Callable[[int | None], str]) -> dict:
+    """Train from the checkpoint (or the start) to the horizon or a stop; see train() in pretrain.py
+    for what it returns."""
+    from onecard.step import TrainStep
+
+    settings, main = config.train, world.main
+    run_dir = settings.run_dir
+    if not main:
+        log = _quiet
+    loop_log: list[str] = []  # compile failures go to the log file once it is open
+    step = TrainStep(model, opt, settings.device, compile_model=config.recipe.compile, grad_clip=settings.grad_clip,
+                     world=world, on_compile_failed=loop_log.append)
+    loop = Loop(model, opt, step, batches, accum, evaluate, schedule, config, meters=None, out_of_memory=out_of_memory,
+                world=world, log=log)
+    if found:
+        _restore(loop, found, config, log)
+    else:
+        if main:
+            tokenizer.save(run_dir / "tokenizer")
+            (run_dir / "log.jsonl").write_text("")
+        loop.first_bpb = loop.last_bpb = evaluate()
+        log(f"step 0: validation {loop.first_bpb:.4f} bits per byte")
+    if main:
+        write_json(run_dir / "config.json", config.to_dict())
+    loop.meters = _meters(settings, model, found, world, log)
+
+    def compile_failed(message: str) -> None:
+        log(f"warning: torch.compile failed ({message}); training goes on uncompiled (slower, the same math)")
+        loop.event("compile_failed", message=message)
+    step.on_compile_failed = compile_failed
+
+    _run_files(loop, found, main, run_dir)
+    sample = None
+    if loop.step >= settings.steps and main:  # trained to the horizon, even if the last checkpoint failed
+        sample = sample_text(model, tokenizer, settings.sample_prompt, settings.sample_tokens, seed=settings.seed)
+        config.results = {"val_bpb_start": loop.first_bpb, "val_bpb_end": loop.last_bpb, "steps": loop.step,
+                          "tokens": loop.meters.tokens, "sample": sample}
+        try:
+            save_final(run_dir, model, config)
+        except OSError as error:
+            loop.status, loop.message = "failed", f"the final weights could not be written: {error}"
+    stopped = None if loop.status == "finished" else "failed" if loop.status == "failed" else loop.stop_reason
+    return {"model": model, "val_bpb_start": loop.first_bpb, "val_bpb_end": loop.last_bpb, "sample": sample,
+            "history": loop.history, "run_dir": run_dir, "step": loop.step, "stopped": stopped,
+            "message": loop.message, "last_checkpoint": loop.last_saved, "summary": loop.write_summary()}
+
+
+def _run_files(loop: Loop, found, main: bool, run_dir: Path) -> None:
+    """The loop inside its stop handler, log file, progress display and power meter."""
+    stop = StopRequest()
+    loop.meters.power.start()
+    try:
+        with stop, (run_dir / "log.jsonl" if main else Path(os.devnull)).open("a") as log_file, \
+                Progress(loop.settings.steps, currency=loop.settings.currency, start_step=loop.step,
+                         stream=None if main else log_file) as progress:
+            if found:
+                loop.log_file = log_file
+                loop.event("resume", path=str(found.path.relative_to(run_dir)))
+                checkpoint.set_rng_state(*checkpoint.read_rng(found))
+            loop.run(stop, progress, log_file, resumed=found is not None)
+            loop.stop_reason = stop.reason
+    except KeyboardInterrupt:
+        loop.status = "interrupted"
+        raise
+    except Exception as error:
+        loop.status, loop.message = "failed", str(error)
+        raise
+    finally:
+        loop.meters.power.stop()
+        loop.write_summary()
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
+

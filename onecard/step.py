@@ -1,0 +1,123 @@
+"""One optimizer step of a recipe, the same for the trainer, `onecard bench` and benchmarks/:
+forward-backward over the step's micro-batches, the gradient average across ranks, clipping and
+the update; a snapshot of the step's start to rewind to; the out-of-memory and compile fallbacks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from onecard import checkpoint, distributed
+from onecard.device import autocast_for
+from onecard.distributed import SINGLE, World
+from onecard.optim import Optimizers
+
+
+class BatchSource(Protocol):
+    """Where micro-batches come from: the token loader, or synthetic batches for a benchmark."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class OutOfMemory(Exception):
+    """CUDA ran out of memory during the step; the step was rewound (weights untouched)."""
+
+
+@dataclass
+class StepOutcome:
+    loss: float | None  # mean loss of the micro-batches; None: the step was abandoned on a stop request
+    grad_norm: float | None = None
+    skipped: bool = False  # a non-finite loss or gradient norm skipped the update
+
+    @property
+    def abandoned(self) -> bool:
+        return self.loss is None
+
+
+class Snapshot:
+    """The RNG and data position at a step's start: rewinding makes the step as if never begun."""
+
+    def __init__(self, batches: BatchSource) -> None:
+        self.batches = batches
+        self.rng = checkpoint.rng_state()
+        self.position = batches.state_dict()
+
+    def rewind(self, opt: Optimizers) -> None:
+        opt.zero_grad()
+        checkpoint.set_rng_state(*self.rng)
+        self.batches.load_state_dict(self.position)
+
+
+class TrainStep:
+    """A recipe's step on a model and its optimizer. `step_model` is the compiled module where the
+    recipe compiles (it shares the model's parameters); a compile that fails on the first step
+    falls back to the plain model and redoes the step."""
+
+    def __init__(self, model: torch.nn.Module, opt: Optimizers, device: str, *, compile_model: bool = False,
+                 grad_clip: float = 1.0, world: World = SINGLE,
+                 on_compile_failed: Callable[[str], None] = lambda message: None) -> None:
+        self.model, self.opt, self.device, self.world = model, opt, device, world
+        self.grad_clip = grad_clip
+        self.step_model = torch.compile(model) if compile_model else model
+        self.trusted = self.step_model is model  # a compiled model that ran one step is trusted
+        self.on_compile_failed = on_compile_failed
+
+    def __call__(self, batches: BatchSource, accum: int, should_stop: Callable[[], bool] = lambda: False
+                 ) -> StepOutcome:
+        snapshot = Snapshot(batches)
+        try:
+            loss = self.forward_backward(batches, accum, should_stop)
+        except torch.OutOfMemoryError:
+            snapshot.rewind(self.opt)
+            torch.cuda.empty_cache()
+            raise OutOfMemory from None
+        except Exception as error:
+            if self.trusted:
+                raise
+            snapshot.rewind(self.opt)
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            self.on_compile_failed(f"{type(error).__name__}: {first_line}")
+            self.step_model, self.trusted = self.model, True
+            return self(batches, accum, should_stop)
+        self.trusted = True
+        if loss is None:  # stopped between micro-batches: abandon the step, redo it on resume
+            snapshot.rewind(self.opt)
+            return StepOutcome(None)
+        return self.update(loss)
+
+    def forward_backward(self, batches: BatchSource, accum: int, should_stop: Callable[[], bool]) -> float | None:
+        """This rank's micro-batches; the mean loss, or None when a stop request came in between
+        (on one card: with several, ranks stop together at step boundaries)."""
+        # summed on the device and read once per step: reading each micro-batch's loss would make the
+        # CPU wait for the GPU every micro-batch instead of queueing the next one's work
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(accum):
+            if micro and self.world.size == 1 and should_stop():
+                return None
+            # the ranks take turns through one stream, so every rank's loader stays at the same place
+            drawn = [batches.next_batch() for _ in range(self.world.size)]
+            inputs, targets = (t.to(self.device) for t in drawn[self.world.rank])
+            with autocast_for(self.device):
+                loss = self.step_model(inputs, targets)
+            (loss / accum).backward()
+            self.opt.accumulate()
+            loss_sum += loss.detach()
+        return loss_sum.item() / accum
+
+    def update(self, loss: float) -> StepOutcome:
+        """Average across ranks, clip, and apply the update unless something is not finite."""
+        if self.world.size > 1:  # every rank applies the update of the whole step's gradients
+            distributed.average(self.opt.gradients(), self.world)
+            loss = distributed.mean(loss, self.world, self.device)
+        grad_norm = float(self.opt.clip_grad_norm(self.grad_clip))
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.opt.step()
+        self.opt.zero_grad()
+        return StepOutcome(loss, grad_norm, skipped)

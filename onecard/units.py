@@ -1,0 +1,52 @@
+"""One grammar for the numbers people type (38e9, 38B, 1.5T, 524_288, 12GB) and one way to
+print a duration. Plain Python: the planner and the command line share it without PyTorch."""
+
+from __future__ import annotations
+
+import math
+
+SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+LARGEST = 1e18  # no count onecard takes (tokens, steps, bytes) comes near this; beyond it is a typo
+
+
+class NumberError(ValueError):
+    """Text that is not a number the grammar accepts; the message says why."""
+
+
+def parse_number(text: str) -> float:
+    """'38e9', '38B', '1.5T', '524_288', '524,288' -> a finite float (NumberError otherwise)."""
+    t = str(text).strip().lower().replace(",", "").replace("_", "")
+    scale = SUFFIX.get(t[-1:])
+    body = t[:-1] if scale else t
+    try:
+        value = float(body) * (scale or 1)
+    except (ValueError, OverflowError):
+        raise NumberError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise NumberError(f"{text!r} is not a finite number")
+    if abs(value) > LARGEST:
+        raise NumberError(f"{text!r} is too large")
+    return value
+
+
+def parse_gib(text: str) -> float:
+    """'12', '12GB', '12 GiB', '8g' -> 12.0: memory in GiB (what card makers call GB)."""
+    t = str(text).strip().lower().replace(" ", "")
+    for unit in ("gib", "gb", "g"):
+        if t.endswith(unit):
+            t = t[: -len(unit)]
+            break
+    return parse_number(t)
+
+
+def format_duration(seconds: float) -> str:
+    """'305 d 10 h', '3 h 05 min', '2 min 05 s': the largest two units that matter."""
+    seconds = max(0, int(seconds)) if math.isfinite(seconds) else 0
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days:,} d {hours:02d} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s"
