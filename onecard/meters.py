@@ -20,34 +20,10 @@ from rich.console import Console
 from rich.progress import BarColumn, TaskProgressColumn, TextColumn
 from rich.progress import Progress as RichProgress
 
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s"
-
+from onecard.device import card_peak_flops
+from onecard.units import format_duration
 
 # ---------------------------------------------------------------- the card
-
-def card_peak_flops(device: str) -> tuple[str | None, float | None]:
-    """(card name, dense bf16 peak FLOP/s) of the CUDA card; (None, None) on the CPU. The peak is
-    None for a card the planner's catalog does not know: MFU is then not reported."""
-    if device != "cuda":
-        return None, None
-    name = torch.cuda.get_device_name(0)
-    try:
-        from onecard.plan.catalog import find_gpu
-        gpu, _ = find_gpu(name)
-    except Exception:  # not in the catalog (UsageError), or the planner is not installed
-        return name, None
-    return name, gpu.peak_bf16
-
 
 def nvml_power_reader(device: str) -> Callable[[], float] | None:
     """A function returning the CUDA card's board power in watts, or None without NVML."""

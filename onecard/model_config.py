@@ -57,6 +57,17 @@ class GPTConfig:
         return asdict(self)
 
 
+def depth_from(model: str | None, depth: int | None) -> int | None:
+    """--model dN or --depth N (not both), range-checked; None when neither was given."""
+    if model and depth:
+        raise UsageError("give --model or --depth, not both")
+    if model:
+        return parse_model_name(model)
+    if depth is not None and not 0 < depth <= MAX_DEPTH:
+        raise UsageError(f"--depth must be a whole number from 1 to {MAX_DEPTH}, got {depth}")
+    return depth
+
+
 def parse_model_name(name: str) -> int:
     """'d32' -> 32. Anything else is a usage error that says what is accepted."""
     text = name.strip().lower()

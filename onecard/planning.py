@@ -11,20 +11,8 @@ import json
 from onecard import defaults
 from onecard.args import fraction, gigabytes, non_negative_float, positive_float, positive_int, text_arg
 from onecard.errors import UsageError
-from onecard.model_config import GPTConfig, flops_per_token, param_counts, parse_model_name
+from onecard.model_config import GPTConfig, depth_from, flops_per_token, param_counts
 from onecard.recipe import NAMED
-
-
-def depth_from(model: str | None, depth: int | None) -> int | None:
-    """--model dN or --depth N (not both); None when neither was given."""
-    if model and depth:
-        raise UsageError("give --model or --depth, not both")
-    if model:
-        return parse_model_name(model)
-    if depth:
-        GPTConfig.from_depth(depth)  # the same range check as --model
-    return depth
-
 
 # ---------------------------------------------------------------- info
 

@@ -142,8 +142,7 @@ def saved_run_config(run_dir: Path):
 
 def _shape(args: argparse.Namespace, saved, device: str, say):
     """(model config, model or None, tokenizer or None, seq_len, micro_batch, what was continued)."""
-    from onecard.model_config import GPTConfig
-    from onecard.planning import depth_from
+    from onecard.model_config import GPTConfig, depth_from
     from onecard.weights import load_weights
 
     depth = depth_from(args.model, args.depth)

@@ -147,4 +147,5 @@ def test_status_line_shows_what_was_measured():
                               "power_w": 180.0, "energy_kwh": 1.5, "energy_estimated": True, "wall_s": 90})
     assert line.startswith("step 7/9 | loss skipped")
     assert "MFU 42.0%" in line and "VRAM 1.0/2.0 GiB" in line and "180 W" in line and "~1.500 kWh" in line
-    assert format_duration(90061) == "1d01h" and format_duration(3700) == "1h01m"
+    assert format_duration(90061) == "1 d 01 h" and format_duration(3700) == "1 h 01 min"
+    assert format_duration(65) == "1 min 05 s" and format_duration(float("nan")) == "0 min 00 s"

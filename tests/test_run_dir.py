@@ -1,0 +1,114 @@
+"""The run directory: one process at a time (a lock that a killed process does not leave
+behind), typed config.json, and what a continued run keeps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from onecard.cli import main
+from onecard.errors import UsageError
+from onecard.run import RunConfig, RunLock
+
+TINY = ["--device", "cpu", "--depth", "1", "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len", "16",
+        "--micro-batch", "2", "--total-batch", "64", "--eval-every", "0", "--eval-batches", "1"]
+
+
+def hold_lock(run_dir):
+    """A separate process that takes the run directory's lock and waits to be killed."""
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from onecard.run import RunLock
+        with RunLock(Path({str(run_dir)!r})):
+            print("locked", flush=True)
+            time.sleep(120)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    holder = hold_lock(run_dir)
+    try:
+        code = main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "2"])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert f"in use by another onecard process (pid {holder.pid})" in err and len(err.strip().splitlines()) == 1
+        assert not (run_dir / "log.jsonl").exists()  # nothing of the refused run was written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    holder = hold_lock(run_dir)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert (run_dir / ".lock").exists()  # the file stays; the operating system's lock went with the process
+    code = main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_the_lock_is_released_for_the_next_session(tmp_path):
+    with RunLock(tmp_path):
+        pass
+    with RunLock(tmp_path):  # the same process again, and no error
+        pass
+
+
+def test_two_runs_at_once_one_trains_and_one_is_refused(tmp_path):
+    """Two real `onecard train` processes on one directory: exactly one trains, the other exits 2."""
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "onecard.cli", "train", "--run-dir", str(run_dir), *TINY, "--steps", "3"]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run_dir / ".lock.owner").exists():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert second.returncode == 2 and "in use by another onecard process" in second.stderr
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]  # each step logged once
+
+
+def test_run_dir_that_is_a_file_or_cannot_be_made(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for run_dir in (a_file, a_file / "under", "/proc/onecard-run"):
+        assert main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("onecard: error:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_config_json_round_trips_and_refuses_what_it_cannot_read(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "1"]) == 0
+    data = json.loads((run_dir / "config.json").read_text())
+    assert data["format"] == 1
+    assert RunConfig.from_dict(data).to_dict() == data
+    for bad in ({}, [1, 2], {"model_config": {"n_layer": "x"}, "recipe": {}, "train": {}, "corpus": ""}):
+        with pytest.raises(UsageError):
+            RunConfig.from_dict(bad)
+
+
+def test_init_from_a_run_keeps_its_batch_and_context(tmp_path, capsys):
+    """Continuing a demo-sized run must not jump to the 524,288-token default batch."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "--run-dir", str(first), *TINY, "--steps", "1"]) == 0
+    assert main(["train", "--run-dir", str(second), "--init-from", str(first), "--device", "cpu", "--steps", "1",
+                 "--eval-batches", "1"]) == 0, capsys.readouterr().err
+    saved = json.loads((second / "config.json").read_text())
+    assert saved["train"]["total_batch"] == 64 and saved["recipe"]["seq_len"] == 16
