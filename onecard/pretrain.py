@@ -222,6 +222,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
                            host_bytes=host_memory_available() if device == "cuda" else None,
                            why_not=lambda recipe: unrunnable_reason(recipe, device))
     recipe = choice.recipe
+    grad_accum_steps(total_batch, recipe.micro_batch, recipe.seq_len, world.size)  # a dry run says it too
     what = "demo model" if demo else f"d{config.n_layer}"
     say(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
         f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}, recipe {recipe.name}")
@@ -362,7 +363,8 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
     from onecard.distributed import SINGLE
     from onecard.engine import evaluate_bpb
     from onecard.model import build_model
-    from onecard.optim import build_optimizer, lr_multiplier, muon_momentum
+    from onecard.optim import build_optimizer
+    from onecard.schedule import lr_multiplier, muon_momentum
     from onecard.plan.choose import Prediction
 
     world = world or SINGLE

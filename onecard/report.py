@@ -13,12 +13,12 @@ import base64
 import html
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import NamedTuple
 
 from onecard.errors import UsageError
-from onecard.meters import format_duration
+from onecard.run import compare_rows
+from onecard.units import finite_number, format_duration
 
 GiB = 2**30
 
@@ -77,15 +77,12 @@ def read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def number(value: object) -> float | None:
-    """A finite number, else None: a damaged log or summary must not break a chart or the page."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond float's range
-        return None
-    return value if math.isfinite(value) else None
+number = finite_number
+
+
+def total_batch(config: dict) -> int | None:
+    value = number(as_dict(config.get("train")).get("total_batch"))
+    return int(value) if value else None
 
 
 def as_dict(value: object) -> dict:
@@ -138,22 +135,6 @@ def predicted_peak(prediction: dict) -> float | None:
     return number(prediction.get("peak_allocated_bytes")) or number(prediction.get("peak_bytes"))
 
 
-def measured_vs_predicted(records: list[dict], summary: dict, prediction: dict) -> list[tuple[str, str, str]]:
-    """Rows (quantity, predicted, measured) for what the planner forecast."""
-    rows = []
-    peak = predicted_peak(prediction)
-    if peak:
-        measured = number(summary.get("vram_peak_bytes"))
-        rows.append(("peak memory allocated (GiB)", f"{peak / GiB:.2f}",
-                     "—" if measured is None else f"{measured / GiB:.2f}"))
-    step_time = number(prediction.get("step_time_s"))
-    if step_time:
-        times = [t for t in (number(r.get("step_time_s")) for r in records) if t]
-        rows.append(("step time (s, median)", f"{step_time:.3f}",
-                     f"{statistics.median(times):.3f}" if times else "—"))
-    return rows
-
-
 def make_folder(out: Path) -> None:
     """Create the report folder, or say in one line why it cannot be made."""
     blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
@@ -182,7 +163,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         page = out / "report.html"
         steps = [r for r in log.records if "loss" in r]
         page.write_text(render_html(run_dir, config, summary, log, images,
-                                    measured_vs_predicted(steps, summary, prediction)), encoding="utf-8")
+                                    compare_rows(prediction, summary, steps, total_batch(config)) if prediction
+                                    else []), encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot write the report in {out}: {e.strerror or e}") from None
     return page
@@ -258,7 +240,8 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
     rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     predicted = ""
     if predicted_rows:
-        body = "\n".join(f"<tr><td>{html.escape(q)}</td><td>{p}</td><td>{m}</td></tr>" for q, p, m in predicted_rows)
+        body = "\n".join(f"<tr><td>{html.escape(q)}</td><td>{html.escape(p)}</td><td>{html.escape(m)}</td></tr>"
+                         for q, p, m in predicted_rows)
         predicted = (f"<h2>Planner's prediction and measurement</h2>\n<table><tr><th></th><th>predicted</th>"
                      f"<th>measured</th></tr>\n{body}</table>")
     sessions = sum(1 for e in log.events if e["event"] in ("start", "resume"))

@@ -25,6 +25,7 @@ from onecard.errors import UsageError
 from onecard.model_config import GPTConfig
 from onecard.plan.choose import Prediction
 from onecard.recipe import Recipe
+from onecard.units import finite_number
 
 FORMAT = 1  # config.json's format version: a newer onecard reads older ones
 
@@ -217,27 +218,34 @@ def truncate_log(path: Path, step: int) -> None:
 
 # ---------------------------------------------------------------- predicted against measured
 
-def compare_rows(prediction: dict, summary: dict, history: list[dict], total_batch: int
+def compare_rows(prediction: dict, summary: dict, history: list[dict], total_batch: int | None
                  ) -> list[tuple[str, str, str]]:
-    """(what, predicted, measured) rows. The first step of a session (warm-up, compile) is left
-    out of the measured step time, as the planner predicts a steady step."""
-    times = [r["step_time_s"] for r in history[1:] if not r.get("skipped")] or \
-        [r["step_time_s"] for r in history if "step_time_s" in r]
-    measured = statistics.median(times) if times else None
-    peak = summary.get("vram_peak_bytes")
+    """(what, predicted, measured) rows, for the end of a run and for its report. The first step
+    (warm-up, compile) is left out of the measured step time: the planner predicts a steady step.
+    Values that are missing or damaged show as n/a."""
     gib = 2**30
-    rows = [("peak allocated", f"{prediction['peak_allocated_bytes'] / gib:.2f} GiB",
-             "n/a" if peak is None else f"{peak / gib:.2f} GiB (torch.cuda.max_memory_allocated)"),
-            ("peak incl. context", f"{prediction['peak_bytes'] / gib:.2f} GiB", "n/a (not measured by torch)"),
-            ("step time", f"{prediction['step_time_s']:.3f} s",
+
+    def shown(value: float | None, scale: float, unit: str, digits: int = 2) -> str:
+        return "n/a" if value is None else f"{value / scale:,.{digits}f}{unit}"
+
+    times = [t for t in (finite_number(r.get("step_time_s")) for r in history[1:] if not r.get("skipped")) if t]
+    times = times or [t for t in (finite_number(r.get("step_time_s")) for r in history) if t]
+    measured = statistics.median(times) if times else None
+    predicted_time = finite_number(prediction.get("step_time_s"))
+    rows = [("peak allocated", shown(finite_number(prediction.get("peak_allocated_bytes")), gib, " GiB"),
+             shown(finite_number(summary.get("vram_peak_bytes")), gib, " GiB (torch.cuda.max_memory_allocated)")),
+            ("peak incl. context", shown(finite_number(prediction.get("peak_bytes")), gib, " GiB"),
+             "n/a (not measured by torch)"),
+            ("step time", shown(predicted_time, 1, " s", 3),
              "n/a" if measured is None else f"{measured:.3f} s (median of {len(times)} steps)")]
-    if measured:
-        rows.append(("tokens/s", f"{prediction['tokens_per_s']:,.0f}", f"{total_batch / measured:,.0f}"))
+    if measured and total_batch:
+        rows.append(("tokens/s", shown(finite_number(prediction.get("tokens_per_s")), 1, "", 0),
+                     f"{total_batch / measured:,.0f}"))
     return rows
 
 
 def compare_text(prediction: dict, summary: dict, history: list[dict], total_batch: int) -> str:
-    lines = [f"{'':<20} {'predicted':>12}   measured ({prediction['gpu']}, recipe {prediction['recipe']})"]
+    lines = [f"{'':<20} {'predicted':>12}   measured ({prediction.get('gpu')}, recipe {prediction.get('recipe')})"]
     rows = compare_rows(prediction, summary, history, total_batch)
     lines += [f"{name:<20} {pred:>12}   {meas}" for name, pred, meas in rows]
     return "\n".join(lines)

@@ -50,3 +50,14 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours} h {minutes:02d} min"
     return f"{minutes} min {secs:02d} s"
+
+
+def finite_number(value: object) -> float | None:
+    """A finite number, else None: a damaged log or summary must not break a chart or a table."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        return None
+    return value if math.isfinite(value) else None

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from onecard.model import GPTConfig, build_model
-from onecard.optim import Muon, build_optimizer, lr_multiplier, muon_momentum
+from onecard.optim import Muon, build_optimizer
+from onecard.schedule import lr_multiplier, muon_momentum
 
 
 def newton_schulz_float64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -57,8 +57,8 @@ def test_report_files_exist_and_images_decode(tmp_path, cuda):
     assert "<th>sessions</th><td>2</td>" in text
     if cuda:  # the planner's figures beside the measured ones
         assert "Planner's prediction and measurement" in text
-        assert "<td>peak memory allocated (GiB)</td><td>2.20</td><td>2.00</td>" in text
-        assert "<td>step time (s, median)</td><td>1.800</td><td>2.000</td>" in text
+        assert "<td>peak allocated</td><td>2.20 GiB</td><td>2.00 GiB (torch.cuda.max_memory_allocated)</td>" in text
+        assert "<td>step time</td><td>1.800 s</td><td>2.000 s (median of" in text
     else:
         assert "predicted" not in text
 

@@ -16,11 +16,16 @@ from onecard.units import format_duration
 GiB = 2**30
 
 
-def describe(c: Candidate) -> str:
-    """A recipe's choices in one short line: weights/grads/states, activations, loss, matmul."""
-    r = c.recipe
-    states = r.optim_states + ("@cpu" if r.optim_place == "cpu" else "")
-    return f"{r.params}/{r.grads}/{states} {r.activations} {r.loss}" + (" fp8" if r.matmul == "fp8" else "")
+def describe(recipe: Recipe, every_field: bool = False) -> str:
+    """A recipe's choices: short for the table (weights/grads/states, activations, loss, matmul),
+    or every field for --dry-run and the log."""
+    if every_field:
+        fields = ", ".join(f"{key} {getattr(recipe, key)}" for key in CHOICES)
+        return (f"recipe {recipe.name}: {fields}, micro-batch {recipe.micro_batch} x {recipe.seq_len} tokens, "
+                f"compile {'on' if recipe.compile else 'off'}")
+    states = recipe.optim_states + ("@cpu" if recipe.optim_place == "cpu" else "")
+    return (f"{recipe.params}/{recipe.grads}/{states} {recipe.activations} {recipe.loss}"
+            + (" fp8" if recipe.matmul == "fp8" else ""))
 
 
 def gpu_line(gpu: GPU, gpus: int) -> str:
@@ -36,7 +41,7 @@ def table(cands: list[Candidate], s: Settings) -> list[str]:
     lines = [head]
     for c in cands:
         fits = "yes" if c.fits else ("n/a" if c.note else "no")
-        lines.append(f"  {c.recipe.name:<14} {describe(c):<40} {c.recipe.micro_batch:>5} "
+        lines.append(f"  {c.recipe.name:<14} {describe(c.recipe):<40} {c.recipe.micro_batch:>5} "
                      f"{c.memory.total / GiB:>6.2f} GiB {fits:>4} {c.timing.mfu:>6.1%} {c.timing.tokens_per_s:>9,.0f} "
                      f"{format_duration(c.time_s):>12} {c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
         if c.note:
@@ -140,7 +145,7 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
                          f"{c.tokens:,} tokens in {format_duration(c.time_s)}, {c.energy_kwh:,.0f} kWh, "
                          f"{c.cost:,.2f} {s.currency}")
         return "\n".join(lines)
-    lines.append(f"Recommended: {best.recipe.name} ({describe(best)}), the fastest recipe that fits")
+    lines.append(f"Recommended: {best.recipe.name} ({describe(best.recipe)}), the fastest recipe that fits")
     for c in cands:  # near misses: faster recipes less than a quarter of the card over
         if (not c.fits and not c.note and c.time_s < best.time_s
                 and c.memory.total - s.gpu.vram_bytes < s.gpu.vram_bytes / 4):
@@ -167,7 +172,7 @@ def budget_text(s: Settings, days: float, ratio: float, found: list, notes: list
                      f"{c.recipe.micro_batch:>5} {c.memory.total / GiB:>6.2f} GiB {format_duration(c.time_s):>12} "
                      f"{c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
     config, best = found[0]
-    lines += ["", f"Best: d{config.n_layer} with {best.recipe.name} ({describe(best)})"]
+    lines += ["", f"Best: d{config.n_layer} with {best.recipe.name} ({describe(best.recipe)})"]
     lines += memory_lines(best, s, config_params(config)) + time_lines(best, s)
     return "\n".join(lines)
 
@@ -279,17 +284,10 @@ def plot(cands: list[Candidate], s: Settings, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def describe_recipe(recipe: Recipe) -> str:
-    """Every field of a recipe in one line: what --dry-run prints and the log records."""
-    fields = ", ".join(f"{key} {getattr(recipe, key)}" for key in CHOICES)
-    return (f"recipe {recipe.name}: {fields}, micro-batch {recipe.micro_batch} x {recipe.seq_len} tokens, "
-            f"compile {'on' if recipe.compile else 'off'}")
-
-
 def dry_run_text(recipe: Recipe, candidate: Candidate | None, s: Settings | None, notes: list[str],
                  config: GPTConfig) -> str:
     """What --dry-run prints: the recipe, and its predicted memory and step time where a card is known."""
-    lines = [describe_recipe(recipe)] + [f"note: {n}" for n in notes]
+    lines = [describe(recipe, every_field=True)] + [f"note: {n}" for n in notes]
     if candidate is None:
         lines.append("no card to predict for: give --gpu NAME (and --vram GB) to see predicted memory and time")
         return "\n".join(lines)

@@ -7,6 +7,7 @@ A candidate is a named recipe from onecard/recipe.py at the largest micro-batch 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -87,6 +88,9 @@ def evaluate(config: GPTConfig, recipe: Recipe, s: Settings, tokens: int | None 
     fits = memory.total <= s.gpu.vram_bytes and not note
     timing = predict_time(config, chosen, s.gpu, s.gpus, s.total_batch, s.utilization,
                           s.utilization_source, s.assume)
+    if not (math.isfinite(timing.step_s) and timing.tokens_per_s > 0):
+        raise UsageError(f"recipe {chosen.name}: the predicted step time is not a finite number of seconds "
+                         "(an assumed rate or utilization is too close to zero)")
     if tokens is None:
         tokens = int(seconds * timing.tokens_per_s)
     time_s = tokens / timing.tokens_per_s
