@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from onecard import defaults
 from onecard.errors import UsageError
 
 HEAD_DIM = 128  # the depth dial fixes head_dim at 128 (nanochat: num_heads = ceil(model_dim / 128))
@@ -17,8 +18,8 @@ MAX_DEPTH = 100  # d100 is ~50 B parameters, far past one card; a larger depth i
 
 @dataclass
 class GPTConfig:
-    sequence_len: int = 2048
-    vocab_size: int = 65536
+    sequence_len: int = defaults.SEQ_LEN
+    vocab_size: int = defaults.VOCAB_SIZE
     n_layer: int = 12
     n_head: int = 6
     n_kv_head: int = 6
@@ -44,7 +45,8 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048) -> GPTConfig:
+    def from_depth(cls, depth: int, vocab_size: int = defaults.VOCAB_SIZE,
+                   sequence_len: int = defaults.SEQ_LEN) -> GPTConfig:
         """nanochat's depth dial: width 64·depth, heads of 128 channels."""
         if not isinstance(depth, int) or not 0 < depth <= MAX_DEPTH:
             raise UsageError(f"depth must be a whole number from 1 to {MAX_DEPTH}, got {depth!r}")

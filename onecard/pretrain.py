@@ -364,8 +364,8 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
     from onecard.engine import evaluate_bpb
     from onecard.model import build_model
     from onecard.optim import build_optimizer
-    from onecard.schedule import lr_multiplier, muon_momentum
     from onecard.plan.choose import Prediction
+    from onecard.schedule import lr_multiplier, muon_momentum
 
     world = world or SINGLE
     if isinstance(prediction, dict):

@@ -16,9 +16,10 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+from onecard.args import text_arg
 from onecard.errors import UsageError
 from onecard.run import compare_rows
-from onecard.units import finite_number, format_duration
+from onecard.units import LARGEST, finite_number, format_duration
 
 GiB = 2**30
 
@@ -48,7 +49,8 @@ def read_log(run_dir: Path) -> Log:
         what = "is not a folder" if run_dir.exists() else "does not exist"
         raise UsageError(f"{run_dir} {what}: give an onecard run directory")
     if not path.is_file():
-        raise UsageError(f"{path} does not exist: give an onecard run directory (one with a log.jsonl)")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise UsageError(f"{path} {what}: give an onecard run directory (one with a log.jsonl)")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -77,7 +79,11 @@ def read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-number = finite_number
+def number(value: object) -> float | None:
+    """A finite number of a size a chart can draw, else None (matplotlib cannot lay out an axis that
+    spans ±1e308; no step, loss, rate or byte count of a real run comes near units.LARGEST)."""
+    value = finite_number(value)
+    return value if value is not None and abs(value) <= LARGEST else None
 
 
 def total_batch(config: dict) -> int | None:
@@ -266,8 +272,8 @@ td{{padding-right:1em}} img{{max-width:100%}}</style></head>
 # ---------------------------------------------------------------- the command
 
 def add_arguments(p) -> None:
-    p.add_argument("run_dir", help="an onecard run directory (with log.jsonl)")
-    p.add_argument("--out", help="where the PNG files and report.html go (default RUN_DIR/report)")
+    p.add_argument("run_dir", type=text_arg, help="an onecard run directory (with log.jsonl)")
+    p.add_argument("--out", type=text_arg, help="where the PNG files and report.html go (default RUN_DIR/report)")
 
 
 def run(args) -> int:

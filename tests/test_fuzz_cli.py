@@ -89,7 +89,7 @@ CASES = [
          has="/nonexistent"),
     case("soak-train-eval-every-neg", "train", "--eval-every", "-1", has="--eval-every"),
     case("soak-train-save-every-min-nan", "train", "--save-every-min", "nan", has="--save-every-min"),
-    case("soak-plan-d1000", "plan", "--model", "d1000", "--gpu", "rtx4070", has="d1000", limit=1),
+    case("soak-plan-d1000", "plan", "--model", "d1000", "--gpu", "rtx4070", has="d1000", limit=0.5),
     case("soak-plan-d5", "plan", "--model", "d5", "--gpu", "rtx4070", has="d5"),
     case("soak-info-dd", "info", "--model", "dd", has="dd"),
     case("soak-unknown-subcommand", "frobnicate", has="frobnicate"),
@@ -160,6 +160,8 @@ CASES = [
     case("train-power-0", "train", "--power", "0"),
     case("train-power-inf", "train", "--power", "inf"),
     case("train-vram-nan", "train", "--vram", "nan", "--dry-run"),
+    case("train-vram-neg-attached", "train", "--vram=-12GB", "--dry-run", has="--vram"),
+    case("train-tokens-neg-attached", "train", "--tokens=-5B", has="--tokens"),
     case("train-vram-12TB", "train", "--vram", "12TB", "--dry-run"),
     case("train-vram-GB-only", "train", "--vram", "GB", "--dry-run"),
     case("train-vram-1e-300", "train", "--vram", "1e-300", "--gpu", "rtx4070", "--dry-run"),
@@ -231,12 +233,13 @@ CASES = [
     case("report-file", "report", T + "/afile"),
     case("report-empty-dir", "report", T + "/empty"),
     case("report-empty-string", "report", ""),
-    case("report-log-is-dir", "report", T + "/logdir"),
+    case("report-log-is-dir", "report", T + "/logdir", has="is not a file"),
     case("report-out-under-file", "report", T + "/goodlog", "--out", T + "/afile/report"),
     case("report-out-empty", "report", T + "/goodlog", "--out", ""),
     case("report-unknown-flag", "report", T + "/goodlog", "--frob"),
     case("report-garbage-log", "report", T + "/garbage", code=EITHER, limit=15),
     case("report-huge-numbers", "report", T + "/hugelog", code=EITHER, limit=15),
+    case("report-largest-numbers", "report", T + "/largelog", code=OK, limit=15),
     case("report-valid", "report", T + "/goodlog", "--out", T + "/out", code=OK, limit=15),
 
     # ---- tokenizer
@@ -256,8 +259,10 @@ CASES = [
     case("tokenizer-data-empty-dir", "tokenizer", "train", "--data", T + "/empty", "--out", T + "/tok"),
     case("tokenizer-max-chars-0", "tokenizer", "train", "--max-chars", "0"),
     case("tokenizer-max-chars-inf", "tokenizer", "train", "--max-chars", "inf"),
-    case("tokenizer-train-valid", "tokenizer", "train", "--data", T + "/tiny.txt", "--vocab-size", "300",
-         "--out", T + "/tok", code=EITHER),
+    case("tokenizer-vocab-beyond-corpus", "tokenizer", "train", "--data", T + "/tiny.txt", "--vocab-size", "400",
+         "--out", T + "/tok", has="--vocab-size"),
+    case("tokenizer-train-valid", "tokenizer", "train", "--data", T + "/tiny.txt", "--vocab-size", "280",
+         "--out", T + "/tok", code=OK),
 
     # ---- info
     case("info-no-model", "info"),
@@ -287,7 +292,7 @@ CASES = [
     case("plan-model-empty", "plan", "--model", "", "--gpu", "rtx4070"),
     case("plan-model-d0", "plan", "--model", "d0", "--gpu", "rtx4070"),
     case("plan-depth-1000", "plan", "--depth", "1000", "--gpu", "rtx4070", limit=1),
-    case("plan-depth-7", "plan", "--depth", "7", "--gpu", "rtx4070"),
+    case("plan-depth-7-valid", "plan", "--depth", "7", "--gpu", "rtx4070", code=OK),
     case("plan-model-and-depth", "plan", "--model", "d12", "--depth", "12"),
     case("plan-gpu-nosuchcard", "plan", "--model", "d12", "--gpu", "nosuchcard"),
     case("plan-gpu-empty", "plan", "--model", "d12", "--gpu", ""),
@@ -295,6 +300,7 @@ CASES = [
     case("plan-no-gpu", "plan", "--model", "d12", code=EITHER),
     case("plan-vram-0", "plan", "--model", "d12", "--gpu", "rtx4070", "--vram", "0"),
     case("plan-vram-neg", "plan", "--model", "d12", "--gpu", "rtx4070", "--vram", "-12GB"),
+    case("plan-vram-neg-attached", "plan", "--model", "d12", "--gpu", "rtx4070", "--vram=-12GB", has="--vram"),
     case("plan-vram-1e30", "plan", "--model", "d12", "--gpu", "rtx4070", "--vram", "1e30"),
     case("plan-vram-nan", "plan", "--model", "d12", "--gpu", "rtx4070", "--vram", "nan"),
     case("plan-vram-tiny", "plan", "--model", "d12", "--gpu", "rtx4070", "--vram", "0.5"),
@@ -405,6 +411,8 @@ def tmp(tmp_path, monkeypatch):
         "hugelog": {"log.jsonl": '{"step": 1e308, "loss": 1e308, "wall_s": 1e308, "tokens_per_s": 1e308}\n'
                                  '{"step": 2e308, "loss": -1e308}\n{"step": 123456789012345678901234567890, '
                                  '"loss": 1, "vram_bytes": 1e300}\n'},
+        "largelog": {"log.jsonl": '{"step": 1, "loss": 1e18, "wall_s": 0}\n{"step": 1e18, "loss": -1e18, '
+                                  '"wall_s": 1e18, "tokens_per_s": 1e18, "vram_bytes": 1e18}\n'},
         "emptycfg": {"config.json": "{}", "model.safetensors": "not safetensors"},
         "badjson": {"config.json": "{", "model.safetensors": "not safetensors"},
         "listcfg": {"config.json": "[1, 2]", "model.safetensors": "not safetensors"},
@@ -424,7 +432,8 @@ def _alarm(signum, frame):
 def run_case(argv: list[str], limit: float) -> tuple[int, float]:
     """main(argv) under a time limit: (exit code, seconds). Fails on an escaping exception or a hang."""
     previous = signal.signal(signal.SIGALRM, _alarm)
-    faulthandler.dump_traceback_later(limit * 4 + 10, exit=True, file=sys.__stderr__)  # a hang in C code ends the run, loudly
+    # a hang in C code, which the alarm cannot interrupt, ends the whole run, loudly
+    faulthandler.dump_traceback_later(limit * 4 + 10, exit=True, file=sys.__stderr__)
     started = time.perf_counter()
     try:
         signal.setitimer(signal.ITIMER_REAL, limit)
@@ -488,8 +497,14 @@ def test_fuzz_case(argv, codes, has, limit, tmp, capsys):
     if has is not None:
         assert has in lines[0], lines[0]
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", lines[0]))
-    unknown = flags - flags_of(argv)
+    unknown = flags - flags_of(argv) - set(argv)  # an unrecognized flag the user typed is echoed back
     assert not unknown, f"the message names flags that `onecard {argv[0]}` lacks: {unknown}: {lines[0]}"
+
+
+def test_tokenizer_out_file_fails_before_training(tmp, capsys):
+    code, _ = run_case(["tokenizer", "train", "--out", str(tmp / "afile")], 2)
+    out, err = capsys.readouterr()
+    assert code == 2 and "afile" in err and "training" not in out
 
 
 def test_case_table_is_wide():

@@ -9,8 +9,8 @@ from onecard.errors import UsageError
 from onecard.fp8 import convert_to_fp8, fp8_unavailable_reason
 from onecard.model import GPTConfig, build_model
 from onecard.optim import build_optimizer
-from onecard.schedule import muon_momentum
 from onecard.recipe import NAMED
+from onecard.schedule import muon_momentum
 
 CONFIG = GPTConfig(sequence_len=32, vocab_size=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 STEPS = 12

@@ -164,3 +164,29 @@ def test_bench_on_cpu_measures_the_matmul_and_stores_it(tmp_path, monkeypatch, c
     assert "no CUDA GPU" in capsys.readouterr().out
     stored = json.loads((tmp_path / "calibration.json").read_text())
     assert stored["cpu"]["matmul_flops_fp32"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of bench")
+def test_bench_times_the_recipes_own_step_with_its_own_optimizer(tmp_path, monkeypatch, capsys):
+    """bench runs the trainer's TrainStep with the recipe's optimizer (8-bit states for lean), not AdamW."""
+    import onecard.measure
+    from onecard.optim import Muon
+    from onecard.step import TrainStep
+
+    monkeypatch.setenv("ONECARD_HOME", str(tmp_path))
+    built, stepped = [], []
+    real_build, real_update = onecard.measure.build_optimizer, TrainStep.update
+    monkeypatch.setattr(onecard.measure, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k))
+                        or built[-1])
+    monkeypatch.setattr(TrainStep, "update", lambda self, loss: stepped.append(loss) or real_update(self, loss))
+    assert main(["bench", "--size", "64", "--recipe", "lean", "--no-save", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["recipe"] == "lean" and record["train"]["recipe"] == "lean"
+    assert len(stepped) == record["train"]["steps"] == 3  # two warm-up steps and the timed one, each updated
+    assert any(isinstance(o, Muon) for o in built[0].optimizers)
+    states = [t for o in built[0].optimizers for t in o.state_tensors()]
+    assert states and all(t.fmt == "int8" for t in states)
+    train = record["train"]
+    assert train["update_s"] > 0 and train["forward_backward_s"] > 0
+    assert train["step_s"] == pytest.approx(train["forward_backward_s"] + train["update_s"], rel=0.05)
+

@@ -36,7 +36,7 @@ class Settings:
     utilization: float | None = None  # None: the card kind's default (see timing.py)
     utilization_source: str = ""
     power_watts: float | None = None  # None: the card's board power
-    price: float = 0.15  # per kWh: an example tariff, not a published rate (docs/time.md#tariff)
+    price: float = defaults.PRICE  # per kWh: an example tariff, not a published rate (docs/time.md#tariff)
     currency: str = "USD"
     assume: Assumptions = DEFAULT
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onecard import defaults
 from onecard.model_config import GPTConfig, flops_per_token, param_counts
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import GPU
@@ -84,7 +85,7 @@ class Timing:
     mfu: float  # model FLOPs per second / (bf16 peak x GPUs)
 
 
-def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, total_batch: int = 524288,
+def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, total_batch: int = defaults.TOTAL_BATCH,
                  utilization: float | None = None, source: str = "", assume: Assumptions = DEFAULT) -> Timing:
     """Seconds per optimizer step of `total_batch` tokens, and what follows from it."""
     if utilization is None:
