@@ -23,20 +23,16 @@ import os
 import platform
 import random
 import sysconfig
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from onecard.errors import UsageError
-from onecard.tokenizer import Tokenizer
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 ACCEPTED = (".txt files (one document each), .jsonl files (a 'text' field per line) "
@@ -188,7 +184,7 @@ class Corpus:
     def documents(self, split: str = "train",
                   start: DocPosition | None = None) -> Iterator[tuple[DocPosition, str]]:
         """One pass over the split's non-empty documents in file order, from `start` if given."""
-        _check_split(split)
+        check_split(split)
         yield from self._walk(split, range(len(self.files)), lambda f: range(self.num_chunks(f)), start)
 
     def _walk(self, split: str, file_order: Sequence[int], chunk_order: Callable[[int], Sequence[int]],
@@ -306,19 +302,19 @@ def _cut(text: str, val_fraction: float) -> list[str]:
     return pieces
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
     if split not in ("train", "val"):
         raise UsageError(f"split must be 'train' or 'val', got {split!r}")
 
 
-def _file_order(corpus: Corpus, split: str, seed: int, epoch: int) -> list[int]:
+def file_order(corpus: Corpus, split: str, seed: int, epoch: int) -> list[int]:
     order = list(range(len(corpus.files)))
     if split == "train":  # validation always reads in file order
         random.Random(f"onecard-files:{seed}:{epoch}").shuffle(order)
     return order
 
 
-def _chunk_order(corpus: Corpus, split: str, seed: int, epoch: int, file: int) -> list[int]:
+def chunk_order(corpus: Corpus, split: str, seed: int, epoch: int, file: int) -> list[int]:
     order = list(range(corpus.num_chunks(file)))
     if split == "train":
         random.Random(f"onecard-chunks:{seed}:{epoch}:{file}").shuffle(order)
@@ -332,8 +328,8 @@ def iter_texts(corpus: Corpus, max_chars: int, seed: int = 0, doc_chars: int = 1
     dominates what the tokenizer learns.
     """
     left = max_chars
-    docs = corpus._walk("train", _file_order(corpus, "train", seed, 0),
-                        partial(_chunk_order, corpus, "train", seed, 0), None)
+    docs = corpus._walk("train", file_order(corpus, "train", seed, 0),
+                        partial(chunk_order, corpus, "train", seed, 0), None)
     found = False
     for _, text in docs:
         found = True
@@ -344,130 +340,3 @@ def iter_texts(corpus: Corpus, max_chars: int, seed: int = 0, doc_chars: int = 1
         yield text
     if not found:
         raise UsageError(f"corpus {corpus.label} has no non-empty training documents")
-
-
-@dataclass
-class _Pending:
-    epoch: int
-    pos: DocPosition
-    tokens: list[int]
-    offset: int  # tokens already handed out
-
-
-class TokenLoader:
-    """Packs bos-prefixed documents back to back into rows of seq_len + 1 tokens.
-
-    Rows do not overlap: each batch takes the next batch_size * (seq_len + 1) tokens of the stream,
-    and a document that does not fit goes on at the start of the next row. Training reads files,
-    and the chunks inside each file, in an order shuffled per epoch by (seed, epoch) and loops
-    forever; validation reads in file order and starts over when it runs out, so a fresh validation
-    loader always yields the same batches.
-    """
-
-    def __init__(self, corpus: Corpus, tokenizer: Tokenizer, batch_size: int, seq_len: int,
-                 split: str = "train", seed: int = 0):
-        _check_split(split)
-        for name, value in (("batch size", batch_size), ("sequence length", seq_len)):
-            if not isinstance(value, int) or value <= 0:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if split == "val" and corpus.val_fraction == 0:
-            raise UsageError("a validation loader needs a validation fraction above 0")
-        self.corpus, self.tokenizer = corpus, tokenizer
-        self.batch_size, self.seq_len, self.split, self.seed = batch_size, seq_len, split, seed
-        self._restart(0, None, 0)
-
-    def _restart(self, epoch: int, pos: DocPosition | None, offset: int) -> None:
-        self._pending: deque[_Pending] = deque()
-        self._buffered = 0  # tokens in _pending not yet handed out
-        self._cursor = (epoch, pos)  # where reading goes on: the document at pos, or the epoch's start
-        self._skip = offset  # tokens of that first document already handed out before a restore
-        self._stream = self._documents(epoch, pos)
-
-    def _documents(self, epoch: int, start: DocPosition | None) -> Iterator[tuple[int, DocPosition, str]]:
-        while True:
-            found = False
-            files = _file_order(self.corpus, self.split, self.seed, epoch)
-            chunks = partial(_chunk_order, self.corpus, self.split, self.seed, epoch)
-            for pos, text in self.corpus._walk(self.split, files, chunks, start):
-                found = True
-                yield epoch, pos, text
-            if not found and start is None:
-                which = "validation" if self.split == "val" else "training"
-                raise UsageError(
-                    f"corpus {self.corpus.label} has no non-empty {which} documents: give more documents "
-                    "(a .txt file is one document) or change the validation fraction"
-                )
-            epoch, start = epoch + 1, None
-
-    @property
-    def epoch(self) -> int:
-        return self._pending[0].epoch if self._pending else self._cursor[0]
-
-    def _fill(self, want: int) -> None:
-        """Tokenize whole documents, several at a time, until at least `want` more tokens are buffered."""
-        while self._buffered < want:
-            # ~4 characters a token is typical; read a little more so one call usually suffices
-            budget, metas, texts = 5 * (want - self._buffered) + 4096, [], []
-            while budget > 0 and len(texts) < 256:
-                epoch, pos, text = next(self._stream)
-                metas.append((epoch, pos))
-                texts.append(text)
-                budget -= len(text)
-            for (epoch, pos), tokens in zip(metas, self.tokenizer.encode_batch(texts, prepend_bos=True),
-                                            strict=True):
-                item = _Pending(epoch, pos, tokens, self._skip)
-                if self._skip >= len(tokens):
-                    raise UsageError("the saved data-loader position does not fit this corpus and tokenizer")
-                self._skip = 0
-                self._pending.append(item)
-                self._buffered += len(tokens) - item.offset
-            epoch, pos = metas[-1]
-            self._cursor = (epoch, DocPosition(pos.file, pos.chunk, pos.doc + 1))
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), LongTensors (batch_size, seq_len); targets are the inputs shifted by one."""
-        n = self.batch_size * (self.seq_len + 1)
-        self._fill(n)
-        flat: list[int] = []
-        while len(flat) < n:
-            head = self._pending[0]
-            take = min(n - len(flat), len(head.tokens) - head.offset)
-            flat += head.tokens[head.offset:head.offset + take]
-            head.offset += take
-            self._buffered -= take
-            if head.offset == len(head.tokens):
-                self._pending.popleft()
-        rows = torch.tensor(flat, dtype=torch.long).view(self.batch_size, self.seq_len + 1)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict:
-        """Where the stream stands: the document being consumed and how many of its tokens are out."""
-        if self._pending:
-            head = self._pending[0]
-            epoch, pos, offset = head.epoch, head.pos, head.offset
-        else:
-            (epoch, pos), offset = self._cursor, self._skip
-        return {
-            "split": self.split,
-            "seed": self.seed,
-            "files": len(self.corpus.files),
-            "epoch": epoch,
-            "position": None if pos is None else list(pos),  # [file, chunk, doc]; None: start of the epoch
-            "offset": offset,  # tokens of that document (its bos included) already handed out
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Go on exactly where the loader that wrote `state` stood."""
-        for key, mine in (("split", self.split), ("seed", self.seed), ("files", len(self.corpus.files))):
-            if state.get(key) != mine:
-                raise UsageError(
-                    f"the saved data-loader state has {key} {state.get(key)!r} but this run has {mine!r}: "
-                    "resume with the same data, split and seed"
-                )
-        pos = state["position"]
-        self._restart(int(state["epoch"]), None if pos is None else DocPosition(*map(int, pos)),
-                      int(state["offset"]))

@@ -359,9 +359,9 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
     import torch
 
     from onecard import checkpoint, session
-    from onecard.data import TokenLoader
     from onecard.distributed import SINGLE
     from onecard.engine import evaluate_bpb
+    from onecard.loader import TokenLoader
     from onecard.model import build_model
     from onecard.optim import build_optimizer
     from onecard.plan.choose import Prediction

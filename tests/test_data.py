@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import onecard.data as data
-from onecard.data import Corpus, DocPosition, TokenLoader, iter_texts
+from onecard.data import Corpus, DocPosition, iter_texts
 from onecard.errors import UsageError
+from onecard.loader import TokenLoader
 from onecard.tokenizer import Tokenizer
 
 WORDS = "the a cat dog sat ran on under mat tree big small red 42 1999 naïve café 世界 , . ! ?".split()
@@ -299,7 +300,7 @@ def test_resume_does_not_reread_earlier_files(mixed, tok, monkeypatch):
     for _ in range(25):
         loader.next_batch()
     state = loader.state_dict()
-    order = data._file_order(corpus, "train", 3, state["epoch"])
+    order = data.file_order(corpus, "train", 3, state["epoch"])
     read = []
     original = corpus.read_chunk
     monkeypatch.setattr(corpus, "read_chunk", lambda f, c: read.append(f) or original(f, c))

@@ -10,8 +10,9 @@ import pytest
 from test_data import make_docs
 
 import onecard.data as data
-from onecard.data import Corpus, DocPosition, TokenLoader, iter_texts
+from onecard.data import Corpus, DocPosition, iter_texts
 from onecard.errors import UsageError
+from onecard.loader import TokenLoader
 from onecard.tokenizer import Tokenizer
 
 
