@@ -226,7 +226,7 @@ class Loop:
         settings = self.settings
         record = {"step": self.step, "loss": finite(outcome.loss), "grad_norm": finite(outcome.grad_norm),
                   "lr_multiplier": multiplier, "skipped": outcome.skipped}
-        record.update(self.meters.step(self.step, settings.total_batch, seconds, outcome.skipped))
+        record.update(self.meters.step(self.step, outcome.tokens, seconds, outcome.skipped))
         if self.step == settings.steps or (settings.eval_every > 0 and self.step % settings.eval_every == 0):
             self.last_bpb = record["val_bpb"] = self.evaluate()
         self.log_file.write(json.dumps(record) + "\n")

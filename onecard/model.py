@@ -278,31 +278,6 @@ class GPT(nn.Module):
         logits = self.lm_head(hidden)
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
-    @torch.no_grad()
-    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int = 42):
-        """Yield sampled token ids one at a time, continuing `tokens`, using a KV cache."""
-        if not tokens:
-            raise ValueError("generate needs at least one prompt token")
-        device = self.lm_head.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed)
-        prompt = tokens[-max(1, self.rotary_len - max_tokens):]
-        steps = min(max_tokens, self.rotary_len - len(prompt))
-        cache = KVCache(self.config, 1, len(prompt) + steps, device, self.lm_head.weight.dtype)
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        for _ in range(steps):
-            logits = self.logits(self.trunk(ids, cache))[:, -1, :].float()
-            if temperature <= 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, 1, generator=rng)
-            yield int(next_id.item())
-            ids = next_id
 
 
 def build_model(config: GPTConfig, device: str | torch.device = "cpu", init: bool = True) -> GPT:

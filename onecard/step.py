@@ -34,6 +34,7 @@ class StepOutcome:
     loss: float | None  # mean loss of the micro-batches; None: the step was abandoned on a stop request
     grad_norm: float | None = None
     skipped: bool = False  # a non-finite loss or gradient norm skipped the update
+    tokens: int = 0  # input tokens of the step, all ranks together
 
     @property
     def abandoned(self) -> bool:
@@ -89,7 +90,9 @@ class TrainStep:
         if loss is None:  # stopped between micro-batches: abandon the step, redo it on resume
             snapshot.rewind(self.opt)
             return StepOutcome(None)
-        return self.update(loss)
+        outcome = self.update(loss)
+        outcome.tokens = self.tokens * self.world.size
+        return outcome
 
     def forward_backward(self, batches: BatchSource, accum: int, should_stop: Callable[[], bool]) -> float | None:
         """This rank's micro-batches; the mean loss, or None when a stop request came in between
@@ -97,12 +100,14 @@ class TrainStep:
         # summed on the device and read once per step: reading each micro-batch's loss would make the
         # CPU wait for the GPU every micro-batch instead of queueing the next one's work
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.tokens = 0
         for micro in range(accum):
             if micro and self.world.size == 1 and should_stop():
                 return None
             # the ranks take turns through one stream, so every rank's loader stays at the same place
             drawn = [batches.next_batch() for _ in range(self.world.size)]
             inputs, targets = (t.to(self.device) for t in drawn[self.world.rank])
+            self.tokens += inputs.numel()
             with autocast_for(self.device):
                 loss = self.step_model(inputs, targets)
             (loss / accum).backward()

@@ -1,0 +1,160 @@
+"""Conversations in nanochat's chat format: reading them, checking them, and rendering them into
+token ids with the mask that says which tokens the model learns to write.
+
+    <|bos|> <|user_start|> … <|user_end|> <|assistant_start|> … <|assistant_end|> …
+
+A system message is merged into the first user turn; roles alternate, user first. The mask is 1
+on the assistant's text, its python blocks (<|python_start|> … <|python_end|>) and
+<|assistant_end|>; 0 on bos, the user turns, <|assistant_start|> and the tool's output
+(<|output_start|> … <|output_end|>), which at chat time comes from the calculator, not the model.
+The format is nanochat's (karpathy/nanochat, nanochat/tokenizer.py at commit fae3aca); a test
+proves the ids and mask equal its render_conversation where that code is at hand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from onecard.errors import UsageError
+from onecard.tokenizer import Tokenizer
+
+PART_TYPES = ("text", "python", "python_output")
+
+
+class BadConversation(ValueError):
+    """A conversation onecard cannot train on; the message says why in a few words."""
+
+
+@dataclass
+class Rendered:
+    ids: list[int]
+    mask: list[int]
+    truncated: bool  # longer than the context: cut at max_tokens
+
+
+def _check_content(content: object, role: str, index: int) -> None:
+    if role == "user" or isinstance(content, str):
+        if not isinstance(content, str):
+            raise BadConversation(f"message {index} (user) has content that is not text")
+        if role == "assistant" and not content.strip():
+            raise BadConversation(f"message {index} is an empty assistant turn")
+        return
+    if not isinstance(content, list) or not content:
+        raise BadConversation(f"message {index} (assistant) has content that is neither text nor a list of parts")
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
+            raise BadConversation(f"message {index} has a part that is not {{type: {'|'.join(PART_TYPES)}, "
+                                  "text: ...}")
+    if not any(p["text"].strip() for p in content if p["type"] != "python_output"):
+        raise BadConversation(f"message {index} is an empty assistant turn")
+
+
+def normalize(raw: object) -> list[dict]:
+    """{"messages": [...]} or a bare list of messages -> the messages, checked, system merged into
+    the first user turn. Raises BadConversation."""
+    messages = raw.get("messages") if isinstance(raw, dict) else raw
+    if not isinstance(messages, list) or not messages:
+        raise BadConversation("no messages (expected {\"messages\": [...]} or a list of messages)")
+    if not all(isinstance(m, dict) for m in messages):
+        raise BadConversation("a message is not an object with role and content")
+    messages = [dict(m) for m in messages]
+    if messages[0].get("role") == "system":
+        if len(messages) < 2 or messages[1].get("role") != "user":
+            raise BadConversation("a system message must be followed by a user message")
+        if not isinstance(messages[0].get("content"), str) or not isinstance(messages[1].get("content"), str):
+            raise BadConversation("system and user messages hold text")
+        messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
+        messages = messages[1:]
+    for i, message in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.get("role") != expected:
+            raise BadConversation(f"roles out of order: message {i} is {message.get('role')!r}, expected {expected}")
+        _check_content(message.get("content"), expected, i)
+    return messages
+
+
+def render(tokenizer: Tokenizer, messages: list[dict], max_tokens: int | None = None) -> Rendered:
+    """Token ids and mask of normalized messages, cut at max_tokens."""
+    special = tokenizer.special_id
+    ids, mask = [tokenizer.bos_id], [0]
+
+    def add(tokens: list[int], value: int) -> None:
+        ids.extend(tokens)
+        mask.extend([value] * len(tokens))
+
+    for message in messages:
+        content = message["content"]
+        if message["role"] == "user":
+            add([special("<|user_start|>")] + tokenizer.encode(content) + [special("<|user_end|>")], 0)
+            continue
+        add([special("<|assistant_start|>")], 0)
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            tokens = tokenizer.encode(part["text"])
+            if part["type"] == "text":
+                add(tokens, 1)
+            elif part["type"] == "python":
+                add([special("<|python_start|>")] + tokens + [special("<|python_end|>")], 1)
+            else:  # the tool's output: written by the calculator at chat time, not learned
+                add([special("<|output_start|>")] + tokens + [special("<|output_end|>")], 0)
+        add([special("<|assistant_end|>")], 1)
+    truncated = max_tokens is not None and len(ids) > max_tokens
+    if truncated:
+        ids, mask = ids[:max_tokens], mask[:max_tokens]
+    return Rendered(ids, mask, truncated)
+
+
+def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """The conversation so far, ending with <|assistant_start|>: what the model continues in a chat.
+    `messages` ends with a user turn."""
+    return render(tokenizer, messages).ids + [tokenizer.special_id("<|assistant_start|>")]
+
+
+# ---------------------------------------------------------------- files
+
+def read_file(path: Path) -> Iterator[tuple[int, object]]:
+    """(line or row number, raw conversation) of a .jsonl file (an object with "messages", or a bare
+    list of messages, per line) or a .parquet file with a `messages` column (lists of structs, or
+    JSON text). Malformed JSON raises BadConversation naming the line."""
+    if path.suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    if path.suffix not in (".jsonl", ".json"):
+        raise UsageError(f"{path}: conversations come as .jsonl or .parquet files")
+    try:
+        with path.open("rb") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except ValueError as error:
+                    raise BadConversation(f"{path}, line {number}: not JSON ({error})") from None
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+        if "messages" not in table.schema_arrow.names:
+            raise UsageError(f"{path} has no 'messages' column (columns: {', '.join(table.schema_arrow.names)})")
+        row = 0
+        for group in range(table.num_row_groups):
+            for value in table.read_row_group(group, columns=["messages"]).column("messages").to_pylist():
+                row += 1
+                if isinstance(value, str):
+                    try:
+                        value = json.loads(value)
+                    except ValueError as error:
+                        raise BadConversation(f"{path}, row {row}: not JSON ({error})") from None
+                yield row, value
+    except UsageError:
+        raise
+    except (OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{path} is not a readable parquet file ({first})") from None

@@ -1,0 +1,187 @@
+"""The pre-training shard sets onecard downloads, and how many shards (and how much disk) a token
+budget needs. Plain Python, no PyTorch and no network: the planner and the command line share it.
+
+Every figure names its public source (docs/data.md lists them with their commits). Shard sizes and
+characters per shard are averages for planning; a download reports the real sizes as it goes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from onecard.errors import UsageError
+
+# Characters per token of nanochat's 65,536-token tokenizer on FineWeb-EDU: nanochat's own planning
+# figure ("Assume our tokenizer is 4.8 chars/token"), karpathy/nanochat commit
+# 00f1a3219d0dd945fada1c50182377c4c38ac5d4, speedrun.sh. Not measured here (no FineWeb on this
+# machine); `onecard data download --chars-per-token` takes a measured one.
+CHARS_PER_TOKEN = 4.8
+MANIFEST = "onecard-dataset.json"  # written by `onecard data download` in the shard folder
+MANIFEST_FORMAT = "onecard-shards"
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A numbered set of parquet shards shard_00000.parquet ... whose last shard is the validation split."""
+
+    name: str
+    title: str
+    base_url: str
+    last: int  # index of the last shard: the validation shard
+    shard_bytes: float  # average size on disk, for planning
+    shard_chars: float  # average characters of text, for planning
+    source: str  # where the figures come from
+
+    def filename(self, index: int) -> str:
+        return f"shard_{index:05d}.parquet"
+
+    @property
+    def train_shards(self) -> int:
+        return self.last  # shards 0 .. last-1
+
+    def url(self, index: int, base_url: str | None = None) -> str:
+        """The shard's URL: `base_url` is a folder URL, or a pattern with {index} / {name} in it."""
+        base = base_url or self.base_url
+        if "{" in base:
+            return base.format(index=index, name=self.filename(index))
+        return f"{base.rstrip('/')}/{self.filename(index)}"
+
+    def indices(self, train_shards: int) -> list[int]:
+        """The validation shard first (a run needs it from the start), then training shards 0 .. n-1."""
+        if not 0 < train_shards <= self.train_shards:
+            raise UsageError(f"{self.name} has {self.train_shards:,} training shards (and 1 validation shard): "
+                             f"ask for 1 to {self.train_shards:,}, not {train_shards:,}")
+        return [self.last, *range(train_shards)]
+
+
+# FineWeb-EDU, as nanochat repackaged it: 1,823 shuffled shards, shard_01822 the last.
+# URL and count: karpathy/nanochat commit 030de3a71a80a3cf65fe406d8cd1115bf4a550fe, nanochat/dataset.py
+# (BASE_URL, MAX_SHARD = 1822). ~250 M characters and ~100 MB a shard: karpathy/nanochat commit
+# 00f1a3219d0dd945fada1c50182377c4c38ac5d4, speedrun.sh ("each data shard is ~250M chars",
+# "each shard is ~100MB of text (compressed)").
+FINEWEB_EDU = ShardSet(
+    name="fineweb-edu", title="FineWeb-EDU (karpathy/fineweb-edu-100b-shuffle)",
+    base_url="https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+    last=1822, shard_bytes=100e6, shard_chars=250e6,
+    source="nanochat dataset.py and speedrun.sh: 1,823 shards of ~250 M characters, ~100 MB each")
+
+# ClimbMix, the set nanochat moved to in 2026: 6,543 shards, shard_06542 the pinned validation shard.
+# URL and count: karpathy/autoresearch commit 00e01228eafead6563d9fbbafb11e1a3c9cfcdf3, prepare.py
+# (BASE_URL, MAX_SHARD = 6542, VAL_SHARD = MAX_SHARD). Sizes are not published there: assumed like
+# FineWeb-EDU's (400 B tokens / 6,543 shards = 61 M tokens, ~250 M characters at ~4 a token).
+CLIMBMIX = ShardSet(
+    name="climbmix", title="ClimbMix (karpathy/climbmix-400b-shuffle)",
+    base_url="https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
+    last=6542, shard_bytes=100e6, shard_chars=250e6,
+    source="autoresearch prepare.py: 6,543 shards; size per shard assumed like FineWeb-EDU's (estimate)")
+
+SHARD_SETS = {s.name: s for s in (FINEWEB_EDU, CLIMBMIX)}
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    name: str
+    url: str
+    filename: str
+    approx_bytes: float
+    source: str
+
+
+# The CORE evaluation bundle (22 tasks, DCLM's): karpathy/nanochat scripts/base_eval.py, EVAL_BUNDLE_URL
+# ("~162MB of data needed to evaluate the CORE metric"); the copy read carried no commit id.
+EVAL_BUNDLE = SingleFile(name="eval-bundle", url="https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip",
+                         filename="eval_bundle.zip", approx_bytes=162e6,
+                         source="nanochat scripts/base_eval.py EVAL_BUNDLE_URL (~162 MB)")
+
+DATASETS = [*SHARD_SETS, EVAL_BUNDLE.name]
+
+
+def find(name: str) -> ShardSet | SingleFile:
+    key = name.strip().lower()
+    if key in SHARD_SETS:
+        return SHARD_SETS[key]
+    if key == EVAL_BUNDLE.name:
+        return EVAL_BUNDLE
+    raise UsageError(f"unknown dataset {name!r}: onecard downloads {', '.join(DATASETS)}")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How many shards a token budget reads: tokens x characters per token / characters per shard."""
+
+    shard_set: ShardSet
+    tokens: float
+    chars_per_token: float
+    train_shards: int  # capped at what the set holds
+    wanted: int  # before the cap
+
+    @property
+    def chars(self) -> float:
+        return self.tokens * self.chars_per_token
+
+    @property
+    def shards(self) -> int:
+        return self.train_shards + 1  # the validation shard
+
+    @property
+    def bytes(self) -> float:
+        return self.shards * self.shard_set.shard_bytes
+
+    def line(self) -> str:
+        """One line for `plan` and `train --dry-run`."""
+        s = self.shard_set
+        text = (f"{self.tokens:.3g} tokens x {self.chars_per_token:g} chars/token = {self.chars:.3g} characters = "
+                f"{self.train_shards:,} {s.name} shards + 1 validation shard, about {format_bytes(self.bytes)} "
+                f"(~{s.shard_chars / 1e6:.0f} M characters, ~{format_bytes(s.shard_bytes)} a shard)")
+        if self.wanted > self.train_shards:
+            text += (f"; the set holds only {s.train_shards:,} training shards, so the run repeats them "
+                     f"{self.wanted / s.train_shards:.1f} times")
+        return text
+
+
+def plan_shards(tokens: float, shard_set: ShardSet = FINEWEB_EDU,
+                chars_per_token: float = CHARS_PER_TOKEN) -> ShardPlan:
+    if not (math.isfinite(tokens) and tokens > 0):
+        raise UsageError(f"a token budget must be a positive number, got {tokens!r}")
+    if not (math.isfinite(chars_per_token) and 0.5 <= chars_per_token <= 64):
+        raise UsageError(f"characters per token must be between 0.5 and 64, got {chars_per_token!r}")
+    wanted = max(1, math.ceil(tokens * chars_per_token / shard_set.shard_chars))
+    return ShardPlan(shard_set, float(tokens), chars_per_token, min(wanted, shard_set.train_shards), wanted)
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units, as disks are sold: 23.8 GB, 512 MB, 12 kB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+# ---------------------------------------------------------------- the manifest of a shard folder
+
+def read_manifest(folder: Path) -> dict | None:
+    """The shard folder's manifest (which set, which shard is validation), or None if it has none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is unreadable ({e}): delete it and rerun `onecard data download`") from None
+    if (not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT
+            or not isinstance(data.get("validation"), list)
+            or not all(isinstance(n, str) for n in data["validation"])):
+        raise UsageError(f"{path} is not an onecard shard manifest: delete it and rerun `onecard data download`")
+    return data
+
+
+def write_manifest(folder: Path, data: dict) -> None:
+    """Atomically: a crash leaves the old manifest or the new one, never half of one."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "version": 1, **data}, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,202 @@
+"""The conversations SFT trains on: sources mixed by weight, checked, rendered with their mask,
+split for validation, and served as batches that resume exactly.
+
+`--data a.jsonl:2 --data b.parquet` takes every conversation of a.jsonl twice per epoch and
+those of b.parquet once (a fraction such as `:0.5` takes that share of them). Conversations that
+cannot be trained on (roles out of order, an empty assistant turn) are counted and reported,
+and those longer than the context are cut and counted; a line that is not JSON stops with its
+file and line unless `skip_bad`, which counts it instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onecard.conversations import BadConversation, normalize, read_file, render
+from onecard.errors import UsageError
+from onecard.tokenizer import Tokenizer
+
+DEFAULT_VAL_FRACTION = 0.02
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    weight: float = 1.0  # epochs of this source per epoch of the mixture
+
+    @classmethod
+    def parse(cls, text: str) -> Source:
+        """'a.jsonl', 'a.jsonl:2', 'b.parquet:0.5'."""
+        path, sep, weight = text.rpartition(":")
+        if not sep or not _is_number(weight):
+            return cls(Path(text))
+        value = float(weight)
+        if not 0 < value <= 100:
+            raise UsageError(f"--data {text}: the weight after ':' must be above 0 and at most 100")
+        return cls(Path(path), value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity")
+
+
+class Conversations:
+    """Rendered conversations (ids as int32, mask as int8) of one split, with the counts of what
+    was dropped or cut and a fingerprint that a resume checks."""
+
+    def __init__(self, rendered: list[tuple[np.ndarray, np.ndarray]], counts: Counter, label: str) -> None:
+        self.items, self.counts, self.label = rendered, counts, label
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _held_out(key: str, fraction: float) -> bool:
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fraction: float = DEFAULT_VAL_FRACTION,
+         skip_bad: bool = False, raw: list | None = None, label: str | None = None
+         ) -> tuple[Conversations, Conversations]:
+    """(train, val). `raw` gives the conversations directly (the embedded set) instead of files."""
+    counts: Counter = Counter()
+    train, val = [], []
+    fingerprint = hashlib.sha256()
+    for source, number, conversation in _each(sources, raw, counts, skip_bad):
+        try:
+            rendered = render(tokenizer, normalize(conversation), max_tokens)
+        except BadConversation as error:
+            counts[str(error).split(":")[0]] += 1
+            continue
+        if rendered.truncated:
+            counts["cut at the context"] += 1
+        if not any(rendered.mask[1:]):  # nothing left to learn once cut
+            counts["no assistant tokens within the context"] += 1
+            continue
+        item = (np.asarray(rendered.ids, dtype=np.int32), np.asarray(rendered.mask, dtype=np.int8))
+        fingerprint.update(item[0].tobytes())
+        if _held_out(f"{source}:{number}", val_fraction):
+            val.append(item)
+        else:
+            train += [item] * int(source.weight) + _share(item, source, number)
+    if not train:
+        raise UsageError(f"no conversation to train on in {label or _names(sources)} ({_report(counts)})")
+    if val_fraction > 0 and not val:
+        val = train[-1:]  # a tiny set: validate on one of the training conversations rather than none
+    name = label or _names(sources)
+    described = f"{name}, fingerprint {fingerprint.hexdigest()[:8]}, validation fraction {val_fraction:g}"
+    return Conversations(train, counts, described), Conversations(val, counts, described)
+
+
+def _share(item, source: Source, number: int) -> list:
+    """The fractional part of a weight: that share of the source's conversations, chosen by hash."""
+    part = source.weight - int(source.weight)
+    return [item] if part and _held_out(f"share:{source}:{number}", part) else []
+
+
+def _names(sources: list[Source]) -> str:
+    return ", ".join(f"{s.path}" + (f":{s.weight:g}" if s.weight != 1 else "") for s in sources)
+
+
+def _each(sources: list[Source], raw: list | None, counts: Counter, skip_bad: bool):
+    if raw is not None:
+        for number, conversation in enumerate(raw):
+            yield Source(Path("embedded")), number, conversation
+        return
+    for source in sources:
+        if not source.path.is_file():
+            raise UsageError(f"--data {source.path}: no such file")
+        try:
+            for number, conversation in read_file(source.path):
+                yield source, number, conversation
+        except BadConversation as error:
+            if not skip_bad:
+                raise UsageError(f"{error} (or give --skip-bad to count such lines and go on)") from None
+            counts["not JSON"] += 1
+
+
+def _report(counts: Counter) -> str:
+    return ", ".join(f"{n:,} {reason}" for reason, n in sorted(counts.items())) or "none dropped"
+
+
+def report(train: Conversations, val: Conversations) -> str:
+    """One line: how many conversations of each split, and what was dropped or cut and why."""
+    return f"{len(train):,} training and {len(val):,} validation conversations; {_report(train.counts)}"
+
+
+class ConversationBatches:
+    """Micro-batches of `batch_size` conversations in an order shuffled per epoch by (seed, epoch),
+    padded to the longest one; targets are -1 where the mask is 0 and on the padding, so only the
+    assistant's tokens are learned. With `pack`, conversations go back to back into rows of
+    seq_len + 1 tokens instead (as midtraining does), none split across rows."""
+
+    def __init__(self, data: Conversations, batch_size: int, seq_len: int, pad_id: int, seed: int = 0,
+                 pack: bool = False, shuffle: bool = True) -> None:
+        self.data, self.batch_size, self.seq_len, self.pad_id = data, batch_size, seq_len, pad_id
+        self.seed, self.pack, self.shuffle = seed, pack, shuffle
+        self.epoch, self.index = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(len(self.data)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order
+
+    def _peek(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.index == len(self._order):  # the next epoch, in its own order
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._make_order()
+        return self.data.items[self._order[self.index]]
+
+    def _next_item(self) -> tuple[np.ndarray, np.ndarray]:
+        item = self._peek()
+        self.index += 1
+        return item
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._packed_rows() if self.pack else [self._next_item() for _ in range(self.batch_size)]
+        width = self.seq_len + 1 if self.pack else max(len(ids) for ids, _ in rows)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        targets = np.full((len(rows), width), -1, dtype=np.int64)
+        for r, (row_ids, row_mask) in enumerate(rows):
+            ids[r, :len(row_ids)] = row_ids
+            targets[r, :len(row_ids)] = np.where(row_mask == 1, row_ids, -1)
+        return torch.from_numpy(ids[:, :-1]).contiguous(), torch.from_numpy(targets[:, 1:]).contiguous()
+
+    def _packed_rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        rows, width = [], self.seq_len + 1
+        for _ in range(self.batch_size):
+            ids_parts, mask_parts, used = [], [], 0
+            while used < width:
+                ids, mask = self._peek()
+                if used and used + len(ids) > width:
+                    break  # it starts the next row; this one is padded
+                self.index += 1
+                ids_parts.append(ids[:width - used])
+                mask_parts.append(mask[:width - used])
+                used += len(ids_parts[-1])
+            rows.append((np.concatenate(ids_parts), np.concatenate(mask_parts)))
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "size": len(self.data)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed") != self.seed or state.get("size") != len(self.data):
+            raise UsageError("the saved position in the conversations does not match this data and seed: resume "
+                             "with the same --data and --seed")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._make_order()

@@ -1,0 +1,81 @@
+"""Conversations render exactly as nanochat's render_conversation (ids and mask), and bad ones are
+refused with a reason."""
+
+import pytest
+
+from onecard.conversations import BadConversation, normalize, prompt_ids, render
+from onecard.data import Corpus, iter_texts
+from onecard.tokenizer import Tokenizer
+from tests.reference import nanochat
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}]},
+    {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}]},
+    {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                  {"role": "user", "content": "three"}, {"role": "assistant", "content": "four, five"}]},
+    {"messages": [{"role": "user", "content": "What is 37*12?"},
+                  {"role": "assistant", "content": [
+                      {"type": "text", "text": "Let me compute. "},
+                      {"type": "python", "text": "37*12"},
+                      {"type": "python_output", "text": "444"},
+                      {"type": "text", "text": " The answer is 444."}]}]},
+    {"messages": [{"role": "user", "content": "Ünïcödé — 日本語 🙂?"},
+                  {"role": "assistant", "content": "Ja: 🙂 ça va."}]},
+    {"messages": [{"role": "user", "content": "long " * 300}, {"role": "assistant", "content": "ok " * 300}]},
+    [{"role": "user", "content": "a bare list, as nanochat's CustomJSON"}, {"role": "assistant", "content": "yes"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(iter_texts(Corpus.embedded(), 200_000), 512)
+
+
+@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("max_tokens", [2048, 40])
+def test_ids_and_mask_equal_nanochats(tok, index, max_tokens):
+    reference = nanochat("fae3aca", "tokenizer").RustBPETokenizer(tok.enc, "<|bos|>")
+    raw = CONVERSATIONS[index]
+    theirs = reference.render_conversation(raw if isinstance(raw, dict) else {"messages": raw}, max_tokens)
+    ours = render(tok, normalize(raw), max_tokens)
+    assert (ours.ids, ours.mask) == (list(theirs[0]), list(theirs[1]))
+    assert ours.truncated == (len(render(tok, normalize(raw)).ids) > max_tokens)
+
+
+def test_mask_by_hand(tok):
+    """1 on the assistant's text, python blocks and <|assistant_end|>; 0 elsewhere (output included)."""
+    rendered = render(tok, normalize(CONVERSATIONS[3]))
+    name = {tok.special_id(s): s for s in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
+                                           "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
+                                           "<|output_start|>", "<|output_end|>")}
+    masked = {name[i]: m for i, m in zip(rendered.ids, rendered.mask, strict=True) if i in name}
+    assert masked == {"<|bos|>": 0, "<|user_start|>": 0, "<|user_end|>": 0, "<|assistant_start|>": 0,
+                      "<|python_start|>": 1, "<|python_end|>": 1, "<|output_start|>": 0, "<|output_end|>": 0,
+                      "<|assistant_end|>": 1}
+    learned = tok.decode([i for i, m in zip(rendered.ids, rendered.mask, strict=True) if m and i not in name])
+    assert learned == "Let me compute. 37*12 The answer is 444."
+
+
+def test_prompt_for_a_reply(tok):
+    messages = normalize([{"role": "user", "content": "Hi"}])
+    ids = prompt_ids(tok, messages)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.special_id("<|assistant_start|>")
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ({}, "no messages"),
+    ({"messages": []}, "no messages"),
+    ([{"role": "assistant", "content": "x"}], "roles out of order"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "roles out of order"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}], "empty assistant turn"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": []}], "neither text nor"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "html", "text": "x"}]}], "part"),
+    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}], "system message"),
+    ([{"role": "user", "content": 3}], "not text"),
+    (["hello"], "not an object"),
+    ("text", "no messages"),
+])
+def test_bad_conversations_say_why(raw, reason):
+    with pytest.raises(BadConversation, match=reason):
+        normalize(raw)
