@@ -102,3 +102,55 @@ def text_arg(text: str) -> str:
     if not str(text).strip():
         raise argparse.ArgumentTypeError("expected a value, got an empty string")
     return text
+
+
+# ---------------------------------------------------------------- flag groups every training stage shares
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    from onecard.recipe import CHOICES, NAMED
+
+    lean = p.add_argument_group(
+        "recipe: how the run spends memory and time (onecard/recipe.py; onecard plan predicts each)")
+    lean.add_argument("--recipe", type=text_arg, help=f"a named recipe: {', '.join(NAMED)} (default: the fastest "
+                                                      "that fits --gpu/--vram or this machine's CUDA card; on the "
+                                                      "CPU baseline)")
+    lean.add_argument("--gpu", type=text_arg,
+                      help="card to fit the recipe to, e.g. rtx4070 (default: this machine's CUDA card)")
+    lean.add_argument("--vram", type=gigabytes, help="memory to fit in, e.g. 12GB or 8GB (default: the card's)")
+    for key, allowed in CHOICES.items():
+        lean.add_argument("--" + key.replace("_", "-"), choices=allowed, help=f"override the recipe's {key}")
+    lean.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model "
+                                                                                "(default off)")
+    lean.add_argument("--dry-run", action="store_true", help="print the chosen recipe with its predicted memory "
+                                                             "and step time, and exit")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Checkpoints, resuming, energy and cost."""
+    from onecard import defaults
+
+    saving = p.add_argument_group("checkpoints and resuming")
+    saving.add_argument("--save-every-min", type=non_negative_float,
+                        help=f"write a checkpoint every M minutes (default {defaults.SAVE_EVERY_MIN:g}; 0: off)")
+    saving.add_argument("--save-every-steps", type=non_negative_int,
+                        help="write a checkpoint every K steps (default 0: off); always one at the end")
+    saving.add_argument("--keep", type=positive_int, help=f"checkpoints kept (default {defaults.KEEP})")
+    saving.add_argument("--force-new", action="store_true",
+                        help="start a new run although --run-dir holds one (its files move to previous-<time>/)")
+    energy = p.add_argument_group("energy and cost")
+    energy.add_argument("--price", type=non_negative_float, help="electricity price per kWh, for the cost")
+    energy.add_argument("--currency", type=text_arg, help=f"currency of --price (default {defaults.CURRENCY})")
+    energy.add_argument("--power", type=positive_float,
+                        help="power draw in watts, for an energy estimate where NVML cannot measure it")
+
+
+def recipe_request(args: argparse.Namespace):
+    """The recipe flags as the planner's RecipeRequest."""
+    from onecard.plan.choose import RecipeRequest
+    from onecard.recipe import CHOICES
+
+    overrides = {key: getattr(args, key) for key in CHOICES if getattr(args, key, None) is not None}
+    if args.compile is not None:
+        overrides["compile"] = args.compile
+    return RecipeRequest(recipe=args.recipe, overrides=overrides, gpu=args.gpu, vram_gib=args.vram,
+                         dry_run=args.dry_run, power_watts=args.power)

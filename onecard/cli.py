@@ -20,6 +20,7 @@ COMMANDS = [
      "onecard.report", "add_arguments", "run"),
     ("sample", "continue a prompt with a trained model", "onecard.sample", "add_arguments", "run"),
     ("tokenizer", "tokenizer tools", "onecard.datasets", "add_tokenizer_arguments", "run_tokenizer"),
+    ("data", "download pre-training shards and the eval bundle", "onecard.datasets", "add_data_arguments", "run_data"),
     ("info", "a model's dimensions, parameters and FLOPs", "onecard.planning", "add_info_arguments", "run_info"),
     ("plan", "predict memory, time, energy and cost of training a model on a card",
      "onecard.planning", "add_plan_arguments", "run_plan"),

@@ -10,9 +10,12 @@ read one chunk at a time, so a parquet shard is never read whole and a run resum
 without rereading anything before it.
 
 Whether a document is held out for validation depends only on its address, so the split is the
-same on every machine and for every seed. A corpus whose only text is one .txt file (a book, say)
-has no second document to hold out, so its text is cut: read in 1 MiB blocks of whole lines like a
-.jsonl file, each block cut at line ends into pieces (the documents), some of each block held out.
+same on every machine and for every seed. A folder that `onecard data download` filled has a
+manifest naming the dataset's own validation shard (FineWeb-EDU's last shard, say): then that
+shard is the validation split, whole, and every other file is training text. A corpus whose only
+text is one .txt file (a book, say) has no second document to hold out, so its text is cut: read in
+1 MiB blocks of whole lines like a .jsonl file, each block cut at line ends into pieces (the
+documents), some of each block held out.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from onecard.datasources import read_manifest
 from onecard.errors import UsageError
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -56,6 +60,8 @@ class Corpus:
 
     def __init__(self, path: str | Path, val_fraction: float = DEFAULT_VAL_FRACTION):
         given = Path(path).expanduser()
+        manifest = read_manifest(given) if given.is_dir() else None
+        self.val_names = set(manifest["validation"]) if manifest else set()  # the dataset's own split
         if not given.exists():
             raise UsageError(f"corpus {path} does not exist: give a file or folder of {ACCEPTED}")
         if given.is_file():
@@ -92,6 +98,7 @@ class Corpus:
             raise UsageError(f"found no Python sources under {stdlib} for the embedded corpus: give --data")
         label = f"embedded: Python {platform.python_version()} standard library .py sources in {stdlib}"
         corpus = cls.__new__(cls)
+        corpus.val_names = set()
         corpus._setup(stdlib, files, ["txt"] * len(files), label, val_fraction)
         return corpus
 
@@ -117,6 +124,10 @@ class Corpus:
                         if kind == "parquet"}
         if not any(self.sizes):
             raise UsageError(f"corpus {label} holds only empty files: onecard reads {ACCEPTED}")
+        missing = sorted(self.val_names - set(self.names))
+        if missing:
+            raise UsageError(f"corpus {label} lacks its validation shard {', '.join(missing)}: rerun "
+                             "`onecard data download` for this folder")
         # A .txt file is one document, so a hash threshold would often hold out none of a few files:
         # hold out exactly round(fraction * n) of them (at least one, if there are two or more).
         txt = [i for i, kind in enumerate(self.kinds) if kind == "txt"]
@@ -133,6 +144,9 @@ class Corpus:
         for name, size in zip(self.names, self.sizes, strict=True):
             digest.update(f"{name}\0{size}\0".encode())
         cut = ""
+        if self.val_names:  # another split than the hash's: a resume must see the change
+            digest.update(("validation files\0" + "\0".join(sorted(self.val_names))).encode())
+            cut = f", validation split: {', '.join(sorted(self.val_names))}"
         if self.cut_file is not None:  # other documents than the whole file: a resume must see the change
             digest.update(b"text cut into pieces v1\0")
             cut = f", its text cut into pieces of at most {PIECE_CHARS:,} characters"
@@ -165,6 +179,8 @@ class Corpus:
 
     def held_out(self, file: int, chunk: int, texts: Sequence[str]) -> list[bool]:
         """Which documents of a chunk are validation documents."""
+        if self.val_names:
+            return [self.names[file] in self.val_names and self.val_fraction > 0] * len(texts)
         if self.kinds[file] == "txt" and file != self.cut_file:
             return [file in self._txt_val] * len(texts)
         if file != self.cut_file:
@@ -232,6 +248,26 @@ def _row_groups(path: Path) -> int:
         if "text" not in names:
             raise UsageError(f"{path} has no 'text' column (it has {', '.join(names)})")
         return parquet.num_row_groups
+
+
+def check_shard(path: Path) -> str:
+    """A parquet shard that reads: its footer, a 'text' column of strings, its first and last row groups
+    decoded. Returns what was checked; ValueError (one line) otherwise. `onecard data download` runs it
+    before a shard counts as complete."""
+    try:
+        with pq.ParquetFile(path) as parquet:
+            names = parquet.schema_arrow.names
+            if "text" not in names:
+                raise ValueError(f"no 'text' column (it has {', '.join(names)})")
+            groups = parquet.num_row_groups
+            for group in sorted({0, groups - 1}) if groups else []:
+                column = parquet.read_row_group(group, columns=["text"]).column(0)
+                if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                    raise ValueError(f"the 'text' column holds {column.type}, not strings")
+            rows = parquet.metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+    return f"parquet: {groups} row groups, {rows:,} rows"
 
 
 def _read_row_group(path: Path, group: int) -> list[str]:

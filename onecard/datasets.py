@@ -1,4 +1,5 @@
-"""The data stage on the command line: `onecard tokenizer train` (a BPE tokenizer from a corpus)."""
+"""The data stage on the command line: `onecard tokenizer train` (a BPE tokenizer from a corpus) and
+`onecard data download` (pre-training shards and the CORE eval bundle, resumable and verified)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import time
 from pathlib import Path
 
 from onecard import defaults
-from onecard.args import positive_int, text_arg
+from onecard.args import positive_float, positive_int, text_arg
+from onecard.errors import UsageError
 
 
 def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,3 +38,83 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     tokenizer.save(Path(args.out))
     print(f"done in {time.perf_counter() - started:.1f} s: {tokenizer.vocab_size:,} tokens saved to {args.out}/")
     return 0
+
+
+# ---------------------------------------------------------------- data download
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    from onecard.datasources import CHARS_PER_TOKEN, DATASETS
+
+    sub = p.add_subparsers(dest="data_command", required=True)
+    d = sub.add_parser(
+        "download", help="download pre-training shards or the CORE eval bundle",
+        description="Download FineWeb-EDU or ClimbMix parquet shards (nanochat's sets: the last shard is the "
+                    "validation split) or the CORE eval bundle: parallel, resumed after a dropped connection or a "
+                    "restart, retried with backoff, each file verified before it counts; a rerun skips what is "
+                    "complete.")
+    d.add_argument("dataset", type=text_arg, help=f"what to download: {', '.join(DATASETS)}")
+    d.add_argument("--dir", type=text_arg, help="where to put it (default data/DATASET; data/eval_bundle for the "
+                                                "eval bundle, which is unpacked there)")
+    how = d.add_mutually_exclusive_group()
+    how.add_argument("--shards", type=positive_int, help="this many training shards (the validation shard comes too)")
+    how.add_argument("--tokens", type=positive_float, help="enough shards for this many training tokens, e.g. 11.2B")
+    how.add_argument("--for-model", type=text_arg, metavar="dN",
+                     help="enough shards to train model dN at --ratio tokens per parameter")
+    d.add_argument("--ratio", type=positive_float,
+                   help=f"tokens per parameter with --for-model (default {defaults.RATIO}, Chinchilla)")
+    d.add_argument("--chars-per-token", type=positive_float, default=CHARS_PER_TOKEN,
+                   help=f"your tokenizer's compression, to turn tokens into shards (default {CHARS_PER_TOKEN}: "
+                        "nanochat's tokenizer on FineWeb-EDU)")
+    d.add_argument("--base-url", type=text_arg, help="a mirror: the folder URL of the shards, or a pattern with "
+                                                     "{index} or {name} (default: Hugging Face)")
+    d.add_argument("--workers", type=positive_int, default=4, help="files fetched at once (default 4)")
+    d.add_argument("--retries", type=positive_int, default=8,
+                   help="failed attempts in a row (without new bytes) before a file is given up (default 8)")
+    d.add_argument("--timeout", type=positive_float, default=60.0,
+                   help="seconds without a byte before a connection counts as stalled and is resumed (default 60)")
+    d.add_argument("--no-checksum", action="store_true",
+                   help="do not check the SHA-256 that Hugging Face names (size and content are still checked)")
+    d.add_argument("--dry-run", action="store_true", help="say what would be fetched and how much, and exit")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from onecard import datasources as ds
+    from onecard.download import Settings
+    from onecard.fetch import download_eval_bundle, download_shards
+
+    source = ds.find(args.dataset)
+    if args.base_url and not args.base_url.lower().startswith(("http://", "https://")):
+        raise UsageError(f"--base-url {args.base_url!r} is not an http:// or https:// URL")
+    if args.ratio is not None and not args.for_model:
+        raise UsageError("--ratio goes with --for-model dN")
+    settings = Settings(workers=min(args.workers, 64), attempts=args.retries, timeout_s=args.timeout,
+                        checksums=not args.no_checksum)
+    single = isinstance(source, ds.SingleFile)
+    folder = Path(args.dir) if args.dir else Path("data") / ("eval_bundle" if single else source.name)
+    if single:
+        if args.shards or args.tokens or args.for_model:
+            raise UsageError("the eval bundle is one file: drop --shards, --tokens and --for-model")
+        download_eval_bundle(folder, settings, args.base_url, args.dry_run)
+        return 0
+    download_shards(source, folder, _train_shards(args, source), settings, args.base_url, args.dry_run)
+    return 0
+
+
+def _train_shards(args: argparse.Namespace, source) -> int:
+    from onecard import datasources as ds
+    from onecard.model_config import GPTConfig, param_counts, parse_model_name
+
+    if args.shards:
+        return args.shards
+    if args.tokens:
+        tokens, what = args.tokens, f"{args.tokens:.4g} tokens"
+    elif args.for_model:
+        depth = parse_model_name(args.for_model)
+        params = sum(param_counts(GPTConfig.from_depth(depth)).values())
+        ratio = args.ratio if args.ratio is not None else defaults.RATIO
+        tokens, what = ratio * params, f"d{depth} ({params:,} parameters) at {ratio:g} tokens per parameter"
+    else:
+        raise UsageError(f"say how much {source.name} to fetch: --shards N, --tokens T (e.g. 11.2B) or --for-model dN")
+    plan = ds.plan_shards(tokens, source, args.chars_per_token)
+    print(f"plan: {what}: {plan.line()}")
+    return plan.train_shards

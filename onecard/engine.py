@@ -29,6 +29,16 @@ def evaluate_bpb(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
     Special tokens (0 bytes) and ignored targets (-1) count neither loss nor bytes, so the figure
     does not depend on the vocabulary size.
     """
+    was_training = model.training
+    model.eval()
+    try:
+        return _bpb(model, batches, token_bytes, device)
+    finally:
+        model.train(was_training)
+
+
+def _bpb(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
+         device: str) -> float:
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.float64, device=device)
     token_bytes = token_bytes.to(device)

@@ -21,19 +21,16 @@ from pathlib import Path
 
 from onecard import defaults
 from onecard.args import (
-    gigabytes,
-    non_negative_float,
+    add_recipe_arguments,
+    add_run_arguments,
     non_negative_int,
     positive_float,
     positive_int,
+    recipe_request,
     seed,
     text_arg,
 )
 from onecard.errors import UsageError
-from onecard.recipe import CHOICES, NAMED
-
-# From the plain nanochat way towards the leanest in memory: what to try after running out.
-LEANER = ("baseline", "recompute", "bf16", "lean", "offload-states", "offload", "offload-max")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,33 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=positive_int,
                    help=f"validation micro-batches per evaluation (default {defaults.EVAL_BATCHES})")
     p.add_argument("--sample-prompt", help="prompt for the sample printed at the end")
-    lean = p.add_argument_group(
-        "recipe: how the run spends memory and time (onecard/recipe.py; onecard plan predicts each)")
-    lean.add_argument("--recipe", type=text_arg, help=f"a named recipe: {', '.join(NAMED)} (default: the fastest "
-                                                      "that fits --gpu/--vram or this machine's CUDA card; on the "
-                                                      "CPU baseline)")
-    lean.add_argument("--gpu", type=text_arg,
-                      help="card to fit the recipe to, e.g. rtx4070 (default: this machine's CUDA card)")
-    lean.add_argument("--vram", type=gigabytes, help="memory to fit in, e.g. 12GB or 8GB (default: the card's)")
-    for key, allowed in CHOICES.items():
-        lean.add_argument("--" + key.replace("_", "-"), choices=allowed, help=f"override the recipe's {key}")
-    lean.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model "
-                                                                                "(default off)")
-    lean.add_argument("--dry-run", action="store_true", help="print the chosen recipe with its predicted memory "
-                                                             "and step time, and exit")
-    saving = p.add_argument_group("checkpoints and resuming")
-    saving.add_argument("--save-every-min", type=non_negative_float,
-                        help=f"write a checkpoint every M minutes (default {defaults.SAVE_EVERY_MIN:g}; 0: off)")
-    saving.add_argument("--save-every-steps", type=non_negative_int,
-                        help="write a checkpoint every K steps (default 0: off); always one at the end")
-    saving.add_argument("--keep", type=positive_int, help=f"checkpoints kept (default {defaults.KEEP})")
-    saving.add_argument("--force-new", action="store_true",
-                        help="start a new run although --run-dir holds one (its files move to previous-<time>/)")
-    energy = p.add_argument_group("energy and cost")
-    energy.add_argument("--price", type=non_negative_float, help="electricity price per kWh, for the cost")
-    energy.add_argument("--currency", type=text_arg, help=f"currency of --price (default {defaults.CURRENCY})")
-    energy.add_argument("--power", type=positive_float,
-                        help="power draw in watts, for an energy estimate where NVML cannot measure it")
+    add_recipe_arguments(p)
+    add_run_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,16 +152,6 @@ def _steps(args: argparse.Namespace, params: int, total_batch: int, before, demo
     return defaults.DEMO["steps"] if demo else max(1, round(defaults.RATIO * params / total_batch))
 
 
-def _request(args: argparse.Namespace):
-    from onecard.plan.choose import RecipeRequest
-
-    overrides = {key: getattr(args, key) for key in CHOICES if getattr(args, key, None) is not None}
-    if args.compile is not None:
-        overrides["compile"] = args.compile
-    return RecipeRequest(recipe=args.recipe, overrides=overrides, gpu=args.gpu, vram_gib=args.vram,
-                         dry_run=args.dry_run, power_watts=args.power)
-
-
 def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
     """`onecard train` on this rank (rank 0 alone prints)."""
     from onecard.data import Corpus
@@ -216,7 +178,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     total_batch = pick(args.total_batch, "total_batch", defaults.DEMO["total_batch"] if demo else defaults.TOTAL_BATCH)
     params = sum(param_counts(config).values())
     steps = _steps(args, params, total_batch, before, demo)
-    choice = choose_recipe(_request(args), config, device, seq_len=seq_len, micro_batch=micro_batch,
+    choice = choose_recipe(recipe_request(args), config, device, seq_len=seq_len, micro_batch=micro_batch,
                            total_batch=total_batch, tokens=steps * total_batch,
                            resumed=saved.recipe if saved else None, gpus=world.size, local=local_card(),
                            host_bytes=host_memory_available() if device == "cuda" else None,
@@ -319,33 +281,6 @@ def grad_accum_steps(total_batch: int, micro_batch: int, seq_len: int, ranks: in
     return total_batch // per_micro
 
 
-def leaner_recipe(recipe) -> str:
-    name = recipe.name if recipe.name in LEANER else "baseline"
-    return LEANER[min(LEANER.index(name) + 1, len(LEANER) - 1)]
-
-
-def out_of_memory_message(model_config, recipe, device: str, saved: int | None) -> str:
-    """What ran out, the planner's breakdown of where the memory goes, and what to try next."""
-    import torch
-
-    from onecard.plan.memory import predict_memory
-    from onecard.plan.search import breakdown
-
-    lines = [f"CUDA ran out of memory training with recipe {recipe.name} "
-             f"(micro-batch {recipe.micro_batch}, seq-len {recipe.seq_len})"]
-    if saved:
-        lines[0] += f"; step {saved} is saved, and resuming with a leaner recipe goes on from there"
-    if device == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        lines.append(f"  measured: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated of the "
-                     f"card's {total / 2**30:.2f} GiB")
-    lines.append(f"  planner's prediction: {breakdown(predict_memory(model_config, recipe))}")
-    smaller = f" or --micro-batch {recipe.micro_batch // 2}" if recipe.micro_batch > 1 else ""
-    lines.append(f"  try --recipe {leaner_recipe(recipe)}{smaller} (the same total batch, more accumulation); "
-                 f"`onecard plan --model d{model_config.n_layer} --gpu <your card>` shows what fits")
-    return "\n".join(lines)
-
-
 def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=print, prediction=None,
           world=None) -> dict:
     """Train, or resume from the run directory's checkpoint, and save.
@@ -356,14 +291,10 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
     `stopped` (None when the run finished; "signal", "nonfinite", "limit" or "failed") with a message.
     With several ranks (onecard/distributed.py) every rank trains and rank 0 alone writes and logs.
     """
-    import torch
-
-    from onecard import checkpoint, session
+    from onecard import session
     from onecard.distributed import SINGLE
     from onecard.engine import evaluate_bpb
     from onecard.loader import TokenLoader
-    from onecard.model import build_model
-    from onecard.optim import build_optimizer
     from onecard.plan.choose import Prediction
     from onecard.schedule import lr_multiplier, muon_momentum
 
@@ -373,26 +304,15 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
     accum = grad_accum_steps(settings.total_batch, recipe.micro_batch, recipe.seq_len, world.size)
     if recipe.seq_len > model_config.sequence_len:
         raise UsageError(f"seq-len {recipe.seq_len} exceeds the model's context {model_config.sequence_len}")
-    found = session.find_checkpoint(settings, world, log)
-    torch.manual_seed(settings.seed)
-    model = build_model(model_config, device=settings.device) if model is None else model.to(settings.device)
-    model.set_policies(recipe.activations, recipe.loss)
-    config = session.run_config(model, recipe, settings, corpus, prediction)
-    if found:
-        session.check_resume(found, config)
-        checkpoint.load_weights(found, model)  # before the optimizer: a cpu_master recipe copies them
-    opt = build_optimizer(model, recipe, matrix_lr=settings.matrix_lr, embedding_lr=settings.embedding_lr,
-                          unembedding_lr=settings.unembedding_lr)
+    found, model, config, opt = session.prepare(model_config, recipe, settings, corpus.describe(), prediction,
+                                                model, world, log)
     loader = TokenLoader(corpus, tokenizer, recipe.micro_batch, recipe.seq_len, split="train", seed=settings.seed)
     token_bytes = tokenizer.token_bytes()
 
     def validation_bpb() -> float:
         val = TokenLoader(corpus, tokenizer, recipe.micro_batch, recipe.seq_len, split="val")
-        model.eval()
-        bpb = evaluate_bpb(model, (val.next_batch() for _ in range(settings.eval_batches)), token_bytes,
-                           settings.device)
-        model.train()
-        return bpb
+        batches = (val.next_batch() for _ in range(settings.eval_batches))
+        return evaluate_bpb(model, batches, token_bytes, settings.device)
 
     def schedule(step: int) -> float:
         multiplier = lr_multiplier(step, settings.steps)
@@ -400,5 +320,4 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
         opt.set_muon_momentum(muon_momentum(step))
         return multiplier
 
-    return session.run(model, opt, loader, accum, validation_bpb, schedule, config, tokenizer, found, world, log,
-                       out_of_memory=lambda saved: out_of_memory_message(model_config, recipe, settings.device, saved))
+    return session.run(model, opt, loader, accum, validation_bpb, schedule, config, tokenizer, found, world, log)

@@ -77,11 +77,14 @@ class RunConfig:
     flops_per_token: int
     prediction: Prediction | None = None
     results: dict | None = None
+    stage: str = "pretrain"  # pretrain | sft
+    init_from: str | None = None  # the run or checkpoint the weights came from
     format: int = FORMAT
     extra: dict = field(default_factory=dict)  # keys a newer onecard wrote: kept, not read
 
     def to_dict(self) -> dict:
-        out = {"format": self.format, "model_config": self.model_config.to_dict(), "recipe": self.recipe.to_dict(),
+        out = {"format": self.format, "stage": self.stage, "init_from": self.init_from,
+               "model_config": self.model_config.to_dict(), "recipe": self.recipe.to_dict(),
                "train": self.train.to_dict(), "corpus": self.corpus, "params": self.params,
                "flops_per_token": self.flops_per_token,
                "prediction": self.prediction.to_dict() if self.prediction else None, **self.extra}
@@ -100,6 +103,7 @@ class RunConfig:
                        train=TrainSettings.from_dict(data["train"]), corpus=str(data["corpus"]),
                        params=int(data.get("params", 0)), flops_per_token=int(data.get("flops_per_token", 0)),
                        prediction=Prediction.from_dict(data.get("prediction")), results=data.get("results"),
+                       stage=str(data.get("stage", "pretrain")), init_from=data.get("init_from"),
                        format=int(data.get("format", 0)), extra={k: v for k, v in data.items() if k not in known})
         except UsageError as error:
             raise UsageError(f"{where}: {error}") from None

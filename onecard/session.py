@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from onecard import checkpoint, distributed
@@ -17,10 +18,41 @@ from onecard.engine import sample_text
 from onecard.errors import UsageError
 from onecard.loop import Loop, StopRequest
 from onecard.meters import Meters, PowerMeter, Progress, nvml_power_reader
-from onecard.model import GPT
+from onecard.model import GPT, build_model
+from onecard.model_config import GPTConfig
+from onecard.optim import Optimizers, build_optimizer
 from onecard.plan.choose import Prediction
+from onecard.plan.memory import predict_memory
+from onecard.plan.search import breakdown
 from onecard.recipe import Recipe
 from onecard.run import RunConfig, TrainSettings, conflicts, set_aside, truncate_log, write_json
+from onecard.step import TrainStep
+
+# From the plain nanochat way towards the leanest in memory: what to try after running out.
+LEANER = ("baseline", "recompute", "bf16", "lean", "offload-states", "offload", "offload-max")
+
+
+def leaner_recipe(recipe: Recipe) -> str:
+    name = recipe.name if recipe.name in LEANER else "baseline"
+    return LEANER[min(LEANER.index(name) + 1, len(LEANER) - 1)]
+
+
+def out_of_memory_message(model_config: GPTConfig, recipe: Recipe, device: str, saved: int | None) -> str:
+    """What ran out, the planner's breakdown of where the memory goes, and what to try next."""
+
+    lines = [f"CUDA ran out of memory training with recipe {recipe.name} "
+             f"(micro-batch {recipe.micro_batch}, seq-len {recipe.seq_len})"]
+    if saved:
+        lines[0] += f"; step {saved} is saved, and resuming with a leaner recipe goes on from there"
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        lines.append(f"  measured: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated of the "
+                     f"card's {total / 2**30:.2f} GiB")
+    lines.append(f"  planner's prediction: {breakdown(predict_memory(model_config, recipe))}")
+    smaller = f" or --micro-batch {recipe.micro_batch // 2}" if recipe.micro_batch > 1 else ""
+    lines.append(f"  try --recipe {leaner_recipe(recipe)}{smaller} (the same total batch, more accumulation); "
+                 f"`onecard plan --model d{model_config.n_layer} --gpu <your card>` shows what fits")
+    return "\n".join(lines)
 
 
 def find_checkpoint(settings: TrainSettings, world: World, log: Callable[..., None]) -> checkpoint.Found | None:
@@ -41,10 +73,30 @@ def find_checkpoint(settings: TrainSettings, world: World, log: Callable[..., No
     return found
 
 
-def run_config(model: GPT, recipe: Recipe, settings: TrainSettings, corpus, prediction: Prediction | None
-               ) -> RunConfig:
-    return RunConfig(model_config=model.config, recipe=recipe, train=settings, corpus=corpus.describe(),
-                     params=model.num_params(), flops_per_token=model.estimate_flops(), prediction=prediction)
+def run_config(model: GPT, recipe: Recipe, settings: TrainSettings, data_label: str, prediction: Prediction | None,
+               stage: str = "pretrain", init_from: str | None = None) -> RunConfig:
+    return RunConfig(model_config=model.config, recipe=recipe, train=settings, corpus=data_label,
+                     params=model.num_params(), flops_per_token=model.estimate_flops(), prediction=prediction,
+                     stage=stage, init_from=init_from)
+
+
+def prepare(model_config: GPTConfig, recipe: Recipe, settings: TrainSettings, data_label: str,
+            prediction: Prediction | None, model: GPT | None, world: World, log: Callable[..., None],
+            stage: str = "pretrain", init_from: str | None = None
+            ) -> tuple[checkpoint.Found | None, GPT, RunConfig, Optimizers]:
+    """The checkpoint to resume (checked against this run), the model on its device with the
+    recipe's policies (and the checkpoint's weights), the run's config, and its optimizer."""
+    found = find_checkpoint(settings, world, log)
+    torch.manual_seed(settings.seed)
+    model = build_model(model_config, device=settings.device) if model is None else model.to(settings.device)
+    model.set_policies(recipe.activations, recipe.loss)
+    config = run_config(model, recipe, settings, data_label, prediction, stage, init_from)
+    if found:
+        check_resume(found, config)
+        checkpoint.load_weights(found, model)  # before the optimizer: a cpu_master recipe copies them
+    opt = build_optimizer(model, recipe, matrix_lr=settings.matrix_lr, embedding_lr=settings.embedding_lr,
+                          unembedding_lr=settings.unembedding_lr)
+    return found, model, config, opt
 
 
 def check_resume(found: checkpoint.Found, config: RunConfig) -> None:
@@ -101,11 +153,9 @@ def _meters(settings: TrainSettings, model: GPT, found, world: World, log: Calla
 
 def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], schedule: Callable[[int], float],
         config: RunConfig, tokenizer, found: checkpoint.Found | None, world: World, log: Callable[..., None],
-        out_of_memory: Callable[[int | None], str]) -> dict:
+        sample: Callable[[], str] | None = None) -> dict:
     """Train from the checkpoint (or the start) to the horizon or a stop; see train() in pretrain.py
     for what it returns."""
-    from onecard.step import TrainStep
-
     settings, main = config.train, world.main
     run_dir = settings.run_dir
     if not main:
@@ -113,8 +163,9 @@ def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], sch
     loop_log: list[str] = []  # compile failures go to the log file once it is open
     step = TrainStep(model, opt, settings.device, compile_model=config.recipe.compile, grad_clip=settings.grad_clip,
                      world=world, on_compile_failed=loop_log.append)
-    loop = Loop(model, opt, step, batches, accum, evaluate, schedule, config, meters=None, out_of_memory=out_of_memory,
-                world=world, log=log)
+    recipe, device = config.recipe, settings.device
+    loop = Loop(model, opt, step, batches, accum, evaluate, schedule, config, meters=None, world=world, log=log,
+                out_of_memory=lambda saved: out_of_memory_message(config.model_config, recipe, device, saved))
     if found:
         _restore(loop, found, config, log)
     else:
@@ -135,7 +186,8 @@ def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], sch
     _run_files(loop, found, main, run_dir)
     sample = None
     if loop.step >= settings.steps and main:  # trained to the horizon, even if the last checkpoint failed
-        sample = sample_text(model, tokenizer, settings.sample_prompt, settings.sample_tokens, seed=settings.seed)
+        sample = sample() if sample else sample_text(model, tokenizer, settings.sample_prompt, settings.sample_tokens,
+                                                     seed=settings.seed)
         config.results = {"val_bpb_start": loop.first_bpb, "val_bpb_end": loop.last_bpb, "steps": loop.step,
                           "tokens": loop.meters.tokens, "sample": sample}
         try:

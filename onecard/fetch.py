@@ -1,0 +1,201 @@
+"""What `onecard data download` fetches, and what it does around the transfer: which shards, which
+are already complete, the disk they need, the folder's manifest, the eval bundle's unpacking.
+The bytes themselves move in onecard/download.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onecard import datasources as ds
+from onecard.byteprogress import Progress
+from onecard.data import check_shard
+from onecard.download import DownloadError, Job, Result, Settings, check_disk, download_all, part_paths
+from onecard.errors import UsageError
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Survey:
+    """A shard folder against a list of wanted shards."""
+
+    complete: dict[str, dict] = field(default_factory=dict)  # name -> manifest record
+    jobs: list[Job] = field(default_factory=list)
+    partial_bytes: int = 0
+    damaged: list[str] = field(default_factory=list)
+
+    @property
+    def need_bytes(self) -> float:
+        return max(sum(job.estimate for job in self.jobs) - self.partial_bytes, 0.0)
+
+
+def survey(shard_set: ds.ShardSet, folder: Path, indices: list[int], base_url: str | None,
+           recorded: dict, dry_run: bool) -> Survey:
+    """Which wanted shards are complete (recorded with the same size, or passing the shard check) and
+    which must be fetched. A damaged file is moved aside to NAME.damaged (kept where it is in a dry run)."""
+    out = Survey()
+    for index in indices:
+        name = shard_set.filename(index)
+        dest = folder / name
+        if dest.is_file():
+            size = dest.stat().st_size
+            if (recorded.get(name) or {}).get("bytes") == size:
+                out.complete[name] = recorded[name]
+                continue
+            try:  # not recorded by a download of ours (nanochat's, or copied in): check it now
+                out.complete[name] = {"bytes": size, "checks": ["size", check_shard(dest)]}
+                continue
+            except ValueError as e:
+                out.damaged.append(f"{name} ({e})")
+                if not dry_run:
+                    os.replace(dest, dest.with_name(name + ".damaged"))
+        part, _ = part_paths(dest)
+        out.partial_bytes += part.stat().st_size if part.is_file() else 0
+        out.jobs.append(Job(shard_set.url(index, base_url), dest, shard_set.shard_bytes, check_shard))
+    return out
+
+
+def download_shards(shard_set: ds.ShardSet, folder: Path, train_shards: int, settings: Settings,
+                    base_url: str | None = None, dry_run: bool = False, say: Say = print,
+                    stream=None) -> dict:
+    """Bring `folder` to hold the validation shard and training shards 0 .. train_shards-1, each verified.
+
+    Returns the manifest; raises DownloadError (one line) if some file could not be fetched whole.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--dir {folder} is a file, not a folder")
+    manifest = ds.read_manifest(folder) or {}
+    if manifest.get("dataset") not in (None, shard_set.name):
+        raise UsageError(f"{folder} holds {manifest['dataset']} shards: give another --dir for {shard_set.name}")
+    indices = shard_set.indices(train_shards)
+    found = survey(shard_set, folder, indices, base_url, manifest.get("files") or {}, dry_run)
+    val = shard_set.filename(shard_set.last)
+    say(f"{shard_set.title}: {len(indices):,} files = {train_shards:,} training shards "
+        f"(shard_00000 .. {shard_set.filename(train_shards - 1)[:-8]}) + {val[:-8]} for validation")
+    say(f"source: {shard_set.url(0, base_url)}, ...")
+    partial = f" ({ds.format_bytes(found.partial_bytes)} of it already in .part files)" if found.partial_bytes else ""
+    free = shutil.disk_usage(_existing(folder)).free
+    say(f"in {folder}: {len(found.complete):,} complete, {len(found.jobs):,} to fetch, about "
+        f"{ds.format_bytes(found.need_bytes)} to download{partial} (estimated at "
+        f"~{ds.format_bytes(shard_set.shard_bytes)} a shard until the server says); {ds.format_bytes(free)} free there")
+    for damaged in found.damaged:
+        say(f"damaged, fetched again: {damaged}")
+    record = {"dataset": shard_set.name, "base_url": base_url or shard_set.base_url,
+              "validation": [val], "files": {**(manifest.get("files") or {}), **found.complete}}
+    if dry_run:
+        say("dry run: nothing downloaded")
+        return record
+    if not found.jobs:
+        if folder.is_dir():
+            ds.write_manifest(folder, record)
+        say(f"nothing to do: all {len(indices):,} files are complete in {folder}")
+        return record
+    folder.mkdir(parents=True, exist_ok=True)
+    check_disk(folder, found.need_bytes, settings, f"{len(found.jobs):,} shards")
+    ds.write_manifest(folder, record)  # the split is known before the first byte: a run may start early
+    results, failed = _run(found.jobs, found.partial_bytes, settings, stream, folder, record)
+    _record(record, results)
+    ds.write_manifest(folder, record)
+    done = sum(1 for i in indices if (folder / shard_set.filename(i)).is_file())
+    if failed:
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise DownloadError(f"{len(failed)} of {len(found.jobs)} files could not be fetched: {failed[0]}{more}; "
+                            f"{done:,} of {len(indices):,} are complete in {folder}: rerun the same command to "
+                            "resume")
+    size = sum(r.size for r in results)
+    say(f"done: {len(results):,} files fetched and verified ({ds.format_bytes(size)}); all {done:,} complete in "
+        f"{folder}; train with --data {folder}")
+    return record
+
+
+def _run(jobs: list[Job], partial: int, settings: Settings, stream, folder: Path,
+         record: dict) -> tuple[list[Result], list[str]]:
+    with Progress(jobs, partial, stream) as progress:
+        try:
+            return download_all(jobs, settings, progress)
+        except KeyboardInterrupt:  # what finished is complete: say so in the manifest, keep the .part files
+            record["files"].update({j.dest.name: {"bytes": j.dest.stat().st_size} for j in jobs if j.dest.is_file()})
+            ds.write_manifest(folder, record)
+            progress.note(f"interrupted: partial files kept in {folder}; rerun the same command to resume")
+            raise
+
+
+def _record(record: dict, results: list[Result]) -> None:
+    for r in results:
+        record["files"][r.job.dest.name] = {"bytes": r.size, "sha256": r.sha256, "checks": r.checks}
+
+
+def _existing(path: Path) -> Path:
+    """The folder itself or the nearest folder above it that exists: where free space is measured."""
+    return next(p for p in (path, *path.parents) if p.is_dir())
+
+
+# ---------------------------------------------------------------- the CORE eval bundle
+
+def check_zip(path: Path) -> str:
+    """The eval bundle's zip reads and every member matches its CRC-32; ValueError (one line) otherwise."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            bad = z.testzip()
+    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, zlib.error) as e:
+        raise ValueError(f"not a readable zip: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    if bad is not None:
+        raise ValueError(f"{bad} fails its CRC-32")
+    if not any(Path(n).name == "core.yaml" for n in names):
+        raise ValueError("no core.yaml in it: not the CORE eval bundle")
+    return f"zip: {len(names)} members, CRC-32 of each checked"
+
+
+def download_eval_bundle(folder: Path, settings: Settings, url: str | None = None, dry_run: bool = False,
+                         say: Say = print, stream=None) -> None:
+    """Fetch and verify eval_bundle.zip, then unpack it so that `folder` holds core.yaml, eval_data/ and
+    eval_meta_data.csv (nanochat's layout). `folder` appears whole or not at all."""
+    folder = Path(folder).expanduser()
+    url = url or ds.EVAL_BUNDLE.url
+    if (folder / "core.yaml").is_file():
+        say(f"nothing to do: the eval bundle is complete in {folder}")
+        return
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UsageError(f"--dir {folder} exists and is not an eval bundle: give a new folder")
+    zip_path = folder.with_name(folder.name + ".zip")
+    part, _ = part_paths(zip_path)
+    have = part.stat().st_size if part.is_file() else 0
+    say(f"CORE eval bundle: {url} (~{ds.format_bytes(ds.EVAL_BUNDLE.approx_bytes)}) into {folder}"
+        + (f"; {ds.format_bytes(have)} already in {part.name}" if have else ""))
+    if dry_run:
+        say("dry run: nothing downloaded")
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not zip_path.is_file():
+        check_disk(folder.parent, 2 * ds.EVAL_BUNDLE.approx_bytes - have, settings, "the bundle and its unpacked copy")
+        job = Job(url, zip_path, ds.EVAL_BUNDLE.approx_bytes, check_zip)
+        with Progress([job], have, stream) as progress:
+            _, failed = download_all([job], settings, progress)
+        if failed:
+            raise DownloadError(f"the eval bundle could not be fetched: {failed[0]}; rerun the same command to resume")
+    _unpack(zip_path, folder)
+    say(f"done: the eval bundle is in {folder} (verified: every member's CRC-32)")
+
+
+def _unpack(zip_path: Path, folder: Path) -> None:
+    tmp = folder.with_name(f".{folder.name}.unpacking-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
+        inner = [p for p in tmp.iterdir()]
+        top = inner[0] if len(inner) == 1 and inner[0].is_dir() else tmp  # the zip's own eval_bundle/ folder
+        if folder.is_dir():
+            folder.rmdir()  # empty, checked above
+        os.replace(top, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    zip_path.unlink(missing_ok=True)
