@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from onecard.datasources import format_bytes
 from onecard.units import format_duration
 
 
@@ -73,7 +74,7 @@ class Progress:
         rate = self.received / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         share = self.done / self.total if self.total else 1.0
-        return (f"{self.done / 1e9:,.2f} of {self.total / 1e9:,.2f} GB ({share:.0%}), {rate / 1e6:,.1f} MB/s, "
+        return (f"{format_bytes(self.done)} of {format_bytes(self.total)} ({share:.0%}), {format_bytes(rate)}/s, "
                 f"ETA {format_duration(eta) if eta != float('inf') else '?'}, {self.files_left} files left")
 
     def file_done(self, result) -> None:

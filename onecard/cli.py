@@ -16,6 +16,10 @@ from onecard.errors import UsageError
 COMMANDS = [
     ("train", "train a model (no arguments: a small demo on the embedded corpus)",
      "onecard.pretrain", "add_arguments", "run"),
+    ("sft", "fine-tune a base model into a chat model on conversations (no arguments: the newest base run "
+     "and the embedded chat set)", "onecard.sft", "add_arguments", "run"),
+    ("chat", "talk to a chat model (an onecard SFT run or a nanochat chat checkpoint)", "onecard.chat",
+     "add_arguments", "run"),
     ("report", "draw a run's loss, throughput, memory, power and energy as PNG files and one HTML page",
      "onecard.report", "add_arguments", "run"),
     ("sample", "continue a prompt with a trained model", "onecard.sample", "add_arguments", "run"),

@@ -83,8 +83,8 @@ def run_data(args: argparse.Namespace) -> int:
     from onecard.fetch import download_eval_bundle, download_shards
 
     source = ds.find(args.dataset)
-    if args.base_url and not args.base_url.lower().startswith(("http://", "https://")):
-        raise UsageError(f"--base-url {args.base_url!r} is not an http:// or https:// URL")
+    if args.base_url:
+        ds.check_base_url(args.base_url)
     if args.ratio is not None and not args.for_model:
         raise UsageError("--ratio goes with --for-model dN")
     settings = Settings(workers=min(args.workers, 64), attempts=args.retries, timeout_s=args.timeout,
@@ -102,14 +102,18 @@ def run_data(args: argparse.Namespace) -> int:
 
 def _train_shards(args: argparse.Namespace, source) -> int:
     from onecard import datasources as ds
-    from onecard.model_config import GPTConfig, param_counts, parse_model_name
+    from onecard.model_config import MAX_DEPTH, GPTConfig, param_counts, parse_model_name
 
     if args.shards:
         return args.shards
     if args.tokens:
         tokens, what = args.tokens, f"{args.tokens:.4g} tokens"
     elif args.for_model:
-        depth = parse_model_name(args.for_model)
+        try:
+            depth = parse_model_name(args.for_model)
+        except UsageError:
+            raise UsageError(f"--for-model {args.for_model!r}: give dN with N from 1 to {MAX_DEPTH}, "
+                             "e.g. d20") from None
         params = sum(param_counts(GPTConfig.from_depth(depth)).values())
         ratio = args.ratio if args.ratio is not None else defaults.RATIO
         tokens, what = ratio * params, f"d{depth} ({params:,} parameters) at {ratio:g} tokens per parameter"

@@ -100,6 +100,16 @@ EVAL_BUNDLE = SingleFile(name="eval-bundle", url="https://karpathy-public.s3.us-
 DATASETS = [*SHARD_SETS, EVAL_BUNDLE.name]
 
 
+def check_base_url(url: str) -> None:
+    """A mirror's URL: http(s), and a pattern that names only {index} and {name}."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise UsageError(f"--base-url {url!r} is not an http:// or https:// URL")
+    try:
+        url.format(index=0, name="shard_00000.parquet")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"--base-url {url!r}: a pattern may name only {{index}} and {{name}} ({e})") from None
+
+
 def find(name: str) -> ShardSet | SingleFile:
     key = name.strip().lower()
     if key in SHARD_SETS:
@@ -142,6 +152,17 @@ class ShardPlan:
                      f"{self.wanted / s.train_shards:.1f} times")
         return text
 
+    def coverage(self, corpus) -> str:
+        """How a downloaded shard folder (a Corpus with a validation shard) measures up, or ''."""
+        if not getattr(corpus, "val_names", None):
+            return ""
+        have = sum(1 for n, kind in zip(corpus.names, corpus.kinds, strict=True)
+                   if kind == "parquet" and n not in corpus.val_names)
+        if have >= self.train_shards:
+            return f"; the corpus holds {have:,} training shards: enough"
+        return (f"; the corpus holds {have:,} training shards, so the run would read them "
+                f"{self.train_shards / max(have, 1):.1f} times (`onecard data download {self.shard_set.name} "
+                f"--shards {self.train_shards}` fetches the rest)")
 
 def plan_shards(tokens: float, shard_set: ShardSet = FINEWEB_EDU,
                 chars_per_token: float = CHARS_PER_TOKEN) -> ShardPlan:

@@ -20,12 +20,14 @@ import os
 import random
 import re
 import shutil
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from http.client import HTTPException
@@ -92,6 +94,37 @@ class _Cancelled(Exception):
     pass
 
 
+class Cancel(threading.Event):
+    """Ctrl-C for the workers: set, it also shuts the sockets they are reading from, so that a worker
+    waiting on a slow server stops at once instead of after its stall timeout."""
+
+    def __init__(self):
+        super().__init__()
+        self._reading: set = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def watch(self, response) -> Iterator[None]:
+        with self._lock:
+            self._reading.add(response)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reading.discard(response)
+
+    def set(self) -> None:
+        super().set()
+        with self._lock:
+            for response in self._reading:
+                # http.client's response reads from a socket file: fp.raw._sock (CPython since 3.0)
+                sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except (AttributeError, OSError):
+                    pass  # then the worker stops at its next byte or its stall timeout
+
+
 def part_paths(dest: Path) -> tuple[Path, Path]:
     part = dest.with_name(dest.name + ".part")
     return part, part.with_name(part.name + ".json")
@@ -123,7 +156,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_Redirects)
 
 
-def fetch(job: Job, settings: Settings, progress: Progress, cancel: threading.Event) -> Result:
+def fetch(job: Job, settings: Settings, progress: Progress, cancel: Cancel) -> Result:
     """Fetch one file to job.dest, verified, or raise _Fatal / _Cancelled (the .part stays for a rerun)."""
     part, side = part_paths(job.dest)
     failures, furthest, retries = 0, _size(part), 0
@@ -158,7 +191,7 @@ def _delay(retry: _Retry, failures: int, s: Settings) -> float:
     return backoff * random.uniform(0.75, 1.25)  # jitter: parallel workers do not retry in lockstep
 
 
-def _transfer(job: Job, part: Path, side: Path, s: Settings, progress: Progress, cancel: threading.Event) -> None:
+def _transfer(job: Job, part: Path, side: Path, s: Settings, progress: Progress, cancel: Cancel) -> None:
     """One attempt: append what the server sends to the .part, or raise _Retry / _Fatal."""
     meta = _read_side(side, job.url)
     if not meta and part.exists():  # bytes of unknown origin: start over
@@ -176,7 +209,8 @@ def _transfer(job: Job, part: Path, side: Path, s: Settings, progress: Progress,
     with response:
         total, meta = _accept(response, job, have, meta, part, side, progress, s.checksums)
         _check_room(job, part.parent, (total or job.estimate) - _size(part), s)
-        _copy(response, part, total, s, progress, cancel)
+        with cancel.watch(response):
+            _copy(response, part, total, s, progress, cancel)
     got = _size(part)
     if total is not None and got < total:
         raise _Retry(f"connection closed at {got:,} of {total:,} bytes")
@@ -238,7 +272,7 @@ def _accept(response, job: Job, have: int, meta: dict, part: Path, side: Path, p
 
 
 def _copy(response, part: Path, total: int | None, s: Settings, progress: Progress,
-          cancel: threading.Event) -> None:
+          cancel: Cancel) -> None:
     at = _size(part)
     with open(part, "ab") as f:
         try:
@@ -388,7 +422,7 @@ def download_all(jobs: Sequence[Job], settings: Settings, progress: Progress) ->
     Ctrl-C stops every worker within one chunk (or one stall timeout), keeps their .part files for
     the next run, and re-raises KeyboardInterrupt.
     """
-    cancel = threading.Event()
+    cancel = Cancel()
     results: list[Result] = []
     failed: list[str] = []
     with ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="onecard-download") as pool:

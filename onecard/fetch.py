@@ -69,8 +69,7 @@ def download_shards(shard_set: ds.ShardSet, folder: Path, train_shards: int, set
     Returns the manifest; raises DownloadError (one line) if some file could not be fetched whole.
     """
     folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--dir {folder} is a file, not a folder")
+    _check_folder(folder)
     manifest = ds.read_manifest(folder) or {}
     if manifest.get("dataset") not in (None, shard_set.name):
         raise UsageError(f"{folder} holds {manifest['dataset']} shards: give another --dir for {shard_set.name}")
@@ -97,7 +96,7 @@ def download_shards(shard_set: ds.ShardSet, folder: Path, train_shards: int, set
             ds.write_manifest(folder, record)
         say(f"nothing to do: all {len(indices):,} files are complete in {folder}")
         return record
-    folder.mkdir(parents=True, exist_ok=True)
+    _make(folder)
     check_disk(folder, found.need_bytes, settings, f"{len(found.jobs):,} shards")
     ds.write_manifest(folder, record)  # the split is known before the first byte: a run may start early
     results, failed = _run(found.jobs, found.partial_bytes, settings, stream, folder, record)
@@ -110,7 +109,8 @@ def download_shards(shard_set: ds.ShardSet, folder: Path, train_shards: int, set
                             f"{done:,} of {len(indices):,} are complete in {folder}: rerun the same command to "
                             "resume")
     size = sum(r.size for r in results)
-    say(f"done: {len(results):,} files fetched and verified ({ds.format_bytes(size)}); all {done:,} complete in "
+    files = f"{len(results):,} file" + ("s" if len(results) != 1 else "")
+    say(f"done: {files} fetched and verified ({ds.format_bytes(size)}); all {done:,} complete in "
         f"{folder}; train with --data {folder}")
     return record
 
@@ -130,6 +130,21 @@ def _run(jobs: list[Job], partial: int, settings: Settings, stream, folder: Path
 def _record(record: dict, results: list[Result]) -> None:
     for r in results:
         record["files"][r.job.dest.name] = {"bytes": r.size, "sha256": r.sha256, "checks": r.checks}
+
+
+def _check_folder(folder: Path) -> None:
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"cannot use --dir {folder}: {blocker} is a file, not a folder")
+
+
+def _make(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --dir {folder}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write in --dir {folder}")
 
 
 def _existing(path: Path) -> Path:
@@ -160,6 +175,7 @@ def download_eval_bundle(folder: Path, settings: Settings, url: str | None = Non
     eval_meta_data.csv (nanochat's layout). `folder` appears whole or not at all."""
     folder = Path(folder).expanduser()
     url = url or ds.EVAL_BUNDLE.url
+    _check_folder(folder.parent)
     if (folder / "core.yaml").is_file():
         say(f"nothing to do: the eval bundle is complete in {folder}")
         return
@@ -173,7 +189,7 @@ def download_eval_bundle(folder: Path, settings: Settings, url: str | None = Non
     if dry_run:
         say("dry run: nothing downloaded")
         return
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    _make(folder.parent)
     if not zip_path.is_file():
         check_disk(folder.parent, 2 * ds.EVAL_BUNDLE.approx_bytes - have, settings, "the bundle and its unpacked copy")
         job = Job(url, zip_path, ds.EVAL_BUNDLE.approx_bytes, check_zip)

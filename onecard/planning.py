@@ -10,6 +10,7 @@ import json
 
 from onecard import defaults
 from onecard.args import fraction, gigabytes, non_negative_float, positive_float, positive_int, text_arg
+from onecard.datasources import plan_shards
 from onecard.errors import UsageError
 from onecard.model_config import GPTConfig, depth_from, flops_per_token, param_counts
 from onecard.recipe import NAMED
@@ -165,10 +166,15 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
         line = f"{tokens:,} ({ratio:g} tokens/param)"
     line += (f" = {shown_tokens / s.total_batch:,.0f} steps of {s.total_batch:,} tokens, sequence {s.seq_len}"
              + (f", {s.gpus} GPUs" if s.gpus > 1 else ""))
+    data = plan_shards(shown_tokens)  # the disk the run's text takes, at nanochat's chars/token (datasources.py)
+    data_line = f"{data.line()}; `onecard data download fineweb-edu --shards {data.train_shards}`"
     if args.json:
-        print(json.dumps(report.plan_json(config, s, cands, best, shown_tokens, notes, why, nearest), indent=2))
+        out = report.plan_json(config, s, cands, best, shown_tokens, notes, why, nearest)
+        out["data"] = {"dataset": data.shard_set.name, "chars_per_token": data.chars_per_token,
+                       "train_shards": data.train_shards, "validation_shards": 1, "bytes": data.bytes}
+        print(json.dumps(out, indent=2))
     else:
-        print(report.plan_text(config, s, cands, best, line, notes, why, nearest))
+        print(report.plan_text(config, s, cands, best, line, notes, why, nearest, data_line))
     if args.plot:
         report.plot(cands, s, args.plot, f"d{depth} on {s.gpu.name}, {shown_tokens:,} tokens")
         if not args.json:

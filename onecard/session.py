@@ -153,7 +153,7 @@ def _meters(settings: TrainSettings, model: GPT, found, world: World, log: Calla
 
 def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], schedule: Callable[[int], float],
         config: RunConfig, tokenizer, found: checkpoint.Found | None, world: World, log: Callable[..., None],
-        sample: Callable[[], str] | None = None) -> dict:
+        make_sample: Callable[[], str] | None = None) -> dict:
     """Train from the checkpoint (or the start) to the horizon or a stop; see train() in pretrain.py
     for what it returns."""
     settings, main = config.train, world.main
@@ -186,8 +186,8 @@ def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], sch
     _run_files(loop, found, main, run_dir)
     sample = None
     if loop.step >= settings.steps and main:  # trained to the horizon, even if the last checkpoint failed
-        sample = sample() if sample else sample_text(model, tokenizer, settings.sample_prompt, settings.sample_tokens,
-                                                     seed=settings.seed)
+        sample = make_sample() if make_sample else sample_text(model, tokenizer, settings.sample_prompt,
+                                                               settings.sample_tokens, seed=settings.seed)
         config.results = {"val_bpb_start": loop.first_bpb, "val_bpb_end": loop.last_bpb, "steps": loop.step,
                           "tokens": loop.meters.tokens, "sample": sample}
         try:

@@ -264,6 +264,67 @@ CASES = [
     case("tokenizer-train-valid", "tokenizer", "train", "--data", T + "/tiny.txt", "--vocab-size", "280",
          "--out", T + "/tok", code=OK),
 
+    # ---- data download (nothing here reaches the network: every case fails first or is a dry run)
+    case("data-help", "data", "--help", code=OK),
+    case("data-download-help", "data", "download", "--help", code=OK),
+    case("data-no-command", "data"),
+    case("data-unknown-command", "data", "frob"),
+    case("data-download-no-dataset", "data", "download"),
+    case("data-download-unknown-dataset", "data", "download", "imagenet", "--shards", "1", has="imagenet"),
+    case("data-download-empty-dataset", "data", "download", ""),
+    case("data-download-no-amount", "data", "download", "fineweb-edu", "--dir", T + "/d", has="--shards"),
+    case("data-download-shards-0", "data", "download", "fineweb-edu", "--shards", "0", has="--shards"),
+    case("data-download-shards-inf", "data", "download", "fineweb-edu", "--shards", "inf", has="--shards"),
+    case("data-download-shards-huge", "data", "download", "fineweb-edu", "--shards", HUGE_INT, has="--shards"),
+    case("data-download-shards-beyond-set", "data", "download", "fineweb-edu", "--shards", "1823", "--dir",
+         T + "/d", "--dry-run", has="1,822"),
+    case("data-download-shards-and-tokens", "data", "download", "fineweb-edu", "--shards", "2", "--tokens", "1B"),
+    case("data-download-tokens-0", "data", "download", "fineweb-edu", "--tokens", "0", has="--tokens"),
+    case("data-download-tokens-nan", "data", "download", "fineweb-edu", "--tokens", "nan", has="--tokens"),
+    case("data-download-for-model-bad", "data", "download", "fineweb-edu", "--for-model", "x20"),
+    case("data-download-for-model-d0", "data", "download", "fineweb-edu", "--for-model", "d0"),
+    case("data-download-ratio-alone", "data", "download", "fineweb-edu", "--shards", "2", "--ratio", "20",
+         has="--ratio"),
+    case("data-download-ratio-0", "data", "download", "fineweb-edu", "--for-model", "d12", "--ratio", "0",
+         has="--ratio"),
+    case("data-download-chars-per-token-0", "data", "download", "fineweb-edu", "--tokens", "1B",
+         "--chars-per-token", "0", has="--chars-per-token"),
+    case("data-download-chars-per-token-1000", "data", "download", "fineweb-edu", "--tokens", "1B",
+         "--chars-per-token", "1000", "--dir", T + "/d", "--dry-run", has="characters per token"),
+    case("data-download-base-url-ftp", "data", "download", "fineweb-edu", "--shards", "1", "--base-url",
+         "ftp://mirror/x", has="--base-url"),
+    case("data-download-base-url-bad-pattern", "data", "download", "fineweb-edu", "--shards", "1", "--base-url",
+         "http://127.0.0.1:9/{foo}", has="--base-url"),
+    case("data-download-base-url-empty", "data", "download", "fineweb-edu", "--shards", "1", "--base-url", ""),
+    case("data-download-dir-file", "data", "download", "fineweb-edu", "--shards", "1", "--dir", T + "/afile",
+         has="afile"),
+    case("data-download-dir-under-file", "data", "download", "fineweb-edu", "--shards", "1", "--dir",
+         T + "/afile/sub", has="afile"),
+    case("data-download-dir-empty", "data", "download", "fineweb-edu", "--shards", "1", "--dir", ""),
+    case("data-download-dir-proc", "data", "download", "fineweb-edu", "--shards", "1", "--dir", "/proc/x/y",
+         "--base-url", "http://127.0.0.1:9"),
+    case("data-download-workers-0", "data", "download", "fineweb-edu", "--shards", "1", "--workers", "0",
+         has="--workers"),
+    case("data-download-retries-inf", "data", "download", "fineweb-edu", "--shards", "1", "--retries", "inf",
+         has="--retries"),
+    case("data-download-timeout-0", "data", "download", "fineweb-edu", "--shards", "1", "--timeout", "0",
+         has="--timeout"),
+    case("data-download-timeout-nan", "data", "download", "fineweb-edu", "--shards", "1", "--timeout", "nan",
+         has="--timeout"),
+    case("data-download-eval-bundle-shards", "data", "download", "eval-bundle", "--shards", "3", has="--shards"),
+    case("data-download-eval-bundle-dir-file", "data", "download", "eval-bundle", "--dir", T + "/afile",
+         "--dry-run", has="afile"),
+    case("data-download-eval-bundle-dir-full", "data", "download", "eval-bundle", "--dir", T + "/goodlog",
+         "--dry-run", has="goodlog"),
+    case("data-download-manifest-garbage", "data", "download", "fineweb-edu", "--shards", "1", "--dir",
+         T + "/badmanifest", "--dry-run", has="onecard-dataset.json"),
+    case("data-download-dry-run-valid", "data", "download", "fineweb-edu", "--shards", "2", "--dir", T + "/d",
+         "--dry-run", code=OK),
+    case("data-download-for-model-dry-run-valid", "data", "download", "climbmix", "--for-model", "d20",
+         "--ratio", "8", "--dir", T + "/d", "--dry-run", code=OK),
+    case("data-download-eval-bundle-dry-run-valid", "data", "download", "eval-bundle", "--dir", T + "/eb",
+         "--dry-run", code=OK),
+
     # ---- info
     case("info-no-model", "info"),
     case("info-model-empty", "info", "--model", ""),
@@ -417,6 +478,7 @@ def tmp(tmp_path, monkeypatch):
         "badjson": {"config.json": "{", "model.safetensors": "not safetensors"},
         "listcfg": {"config.json": "[1, 2]", "model.safetensors": "not safetensors"},
         "fakenano": {"model_000010.pt": "not a torch file", "meta_000010.json": '{"model_config": {"n_layer": "x"}}'},
+        "badmanifest": {"onecard-dataset.json": '{"format": "onecard-shards", "validation": 3}'},
     }.items():
         (tmp_path / name).mkdir()
         for file, text in files.items():
@@ -511,7 +573,7 @@ def test_case_table_is_wide():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 150
     commands = {c.values[0][0] for c in CASES if c.values[0]}
-    assert {"train", "report", "sample", "tokenizer", "info", "plan", "bench"} <= commands
+    assert {"train", "report", "sample", "tokenizer", "info", "plan", "bench", "data"} <= commands
 
 
 # ---------------------------------------------------------------- the console script, once

@@ -122,19 +122,19 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
     return lines
 
 
-def header(config: GPTConfig, s: Settings, tokens_line: str, notes: list[str]) -> list[str]:
+def header(config: GPTConfig, s: Settings, tokens_line: str, notes: list[str], data_line: str = "") -> list[str]:
     params = config_params(config)
     lines = [f"model   d{config.n_layer}: {params:,} parameters, {flops_per_token(config):.4e} training FLOPs/token "
              f"(nanochat's 6N + 12LHQT), width {config.n_embd}, {config.n_head} heads, vocab {config.vocab_size:,}",
              f"card    {gpu_line(s.gpu, s.gpus)}",
              f"        source: {s.gpu.source}",
-             f"tokens  {tokens_line}"]
+             f"tokens  {tokens_line}"] + ([f"data    {data_line}"] if data_line else [])
     return lines + [f"note    {n}" for n in notes if n]
 
 
 def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Candidate | None,
-              tokens_line: str, notes: list[str], why_none: str = "", nearest=None) -> str:
-    lines = header(config, s, tokens_line, notes) + [""] + table(cands, s) + [""]
+              tokens_line: str, notes: list[str], why_none: str = "", nearest=None, data_line: str = "") -> str:
+    lines = header(config, s, tokens_line, notes, data_line) + [""] + table(cands, s) + [""]
     if best is None:
         lines.append(f"Nothing fits: {why_none}")
         if nearest:

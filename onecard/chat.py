@@ -1,0 +1,142 @@
+"""`onecard chat`: talk to a chat model — an onecard SFT run or a nanochat chat checkpoint
+(`chatsft_checkpoints/dNN`, read without unpickling code).
+
+Interactive by default: the conversation is kept, `/clear` starts over, `/temperature T` and
+`/topk K` change the sampling, `/quit` (or Ctrl-D) leaves; Ctrl-C stops a reply, not the program.
+`-p PROMPT` answers once and exits, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from onecard.args import fraction, positive_int, seed, temperature, text_arg
+from onecard.errors import UsageError
+
+HELP = "commands: /clear  /temperature T  /topk K  /quit   (Ctrl-C stops a reply)"
+# How the calculator's tokens show on screen: [calculator: 6*7 = 42]
+SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "]"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", nargs="?", type=text_arg,
+                   help="an onecard SFT run or a nanochat chat checkpoint directory (default: the newest "
+                        "`onecard sft` run under ./runs)")
+    p.add_argument("-p", "--prompt", type=text_arg, help="answer this one message and exit")
+    p.add_argument("--system", help="a system message, merged into the first user message as nanochat does")
+    p.add_argument("--temperature", type=temperature, default=0.6, help="0 for greedy, at most 2 (default 0.6)")
+    p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default 50)")
+    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling share (default 1: off)")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per reply at most (default 512)")
+    p.add_argument("--seed", type=seed, default=0, help="default 0")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cpu, cuda or auto (default)")
+    p.add_argument("--tokenizer", type=text_arg, help="tokenizer.pkl or directory, for a nanochat checkpoint kept "
+                                                      "elsewhere")
+
+
+def newest_chat_run():
+    from pathlib import Path
+
+    from onecard.run import read_config
+
+    root, found = Path("runs"), []
+    for path in root.glob("*/model.safetensors") if root.is_dir() else []:
+        try:
+            if read_config(path.parent / "config.json").stage == "sft":
+                found.append((path.stat().st_mtime, path.parent))
+        except (UsageError, OSError):
+            continue
+    if not found:
+        raise UsageError("no `onecard sft` run under ./runs: give the run directory (onecard chat RUN_DIR)")
+    return max(found)[1]
+
+
+class Chat:
+    """A conversation with the model: its messages, and replies streamed to `out`."""
+
+    def __init__(self, engine, tokenizer, sampling, system: str | None, out=None) -> None:
+        self.engine, self.tokenizer, self.sampling, self.system = engine, tokenizer, sampling, system
+        self.out = out or sys.stdout
+        self.messages: list[dict] = []
+
+    def reply(self, text: str) -> str:
+        from onecard.conversations import normalize, prompt_ids
+
+        messages = self.messages + [{"role": "user", "content": text}]
+        if self.system:
+            messages = [{"role": "system", "content": self.system}] + messages
+        prompt = prompt_ids(self.tokenizer, normalize(messages))
+        room = self.engine.model.rotary_len - len(prompt)
+        if room < 1:
+            raise UsageError("the conversation has outgrown the model's context: /clear to start over")
+        pieces: list[str] = []
+
+        def show(_sample: int, piece: str) -> None:
+            pieces.append(piece)
+            for token, shown in SHOWN.items():
+                piece = piece.replace(token, shown)
+            self.out.write(piece)
+            self.out.flush()
+        try:
+            self.engine.complete(prompt, self.sampling, on_text=show)
+        except KeyboardInterrupt:
+            self.out.write(" [stopped]")
+        self.out.write("\n")
+        answer = "".join(pieces)
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer or "…"}]
+        return answer
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; False to quit."""
+        name, _, value = line.partition(" ")
+        try:
+            if name == "/quit":
+                return False
+            if name == "/clear":
+                self.messages = []
+                self.out.write("(new conversation)\n")
+            elif name == "/temperature":
+                self.sampling.temperature = temperature(value)
+                self.out.write(f"(temperature {self.sampling.temperature:g})\n")
+            elif name == "/topk":
+                self.sampling.top_k = positive_int(value)
+                self.out.write(f"(top-k {self.sampling.top_k})\n")
+            else:
+                self.out.write(f"(unknown command {name}; {HELP})\n")
+        except argparse.ArgumentTypeError as error:
+            self.out.write(f"({name}: {error})\n")
+        return True
+
+
+def run(args: argparse.Namespace) -> int:
+    from onecard.device import resolve_device
+    from onecard.engine import Engine, Sampling
+    from onecard.weights import load_weights
+
+    device = resolve_device(args.device)
+    model, tokenizer, info = load_weights(args.run_dir or newest_chat_run(), device, tokenizer_path=args.tokenizer)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        max_tokens=args.max_tokens, seed=args.seed)
+    chat = Chat(Engine(model, tokenizer), tokenizer, sampling, args.system)
+    if args.prompt:
+        chat.reply(args.prompt)
+        return 0
+    print(f"chatting with {info['path']} ({info['layout']}, d{model.config.n_layer}); {HELP}")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not chat.command(line):
+                return 0
+            continue
+        sys.stdout.write("model> ")
+        try:
+            chat.reply(line)
+        except UsageError as error:
+            print(f"({error})")

@@ -1,0 +1,150 @@
+"""`onecard sft` fine-tunes a base run on conversations (mixtures, bad input, exact resume) and
+`onecard chat` talks to the result."""
+
+import io
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onecard.chat import Chat
+from onecard.cli import main
+from onecard.engine import Engine, Sampling
+from onecard.errors import UsageError
+from onecard.sft_data import ConversationBatches, Source, load
+from onecard.weights import load_weights
+
+TINY = ["--device", "cpu", "--depth", "1", "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len", "32",
+        "--micro-batch", "2", "--total-batch", "128", "--eval-every", "0", "--eval-batches", "1", "--steps", "2"]
+
+
+def conversation(i):
+    return {"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                         {"role": "assistant", "content": [{"type": "text", "text": "Let me see: "},
+                                                           {"type": "python", "text": f"{i} + {i}"},
+                                                           {"type": "python_output", "text": str(2 * i)},
+                                                           {"type": "text", "text": f" it is {2 * i}."}]}]}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    assert main(["train", "--run-dir", str(run_dir), *TINY]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def chats(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(40)))
+    return path
+
+
+SFT = ["--device", "cpu", "--batch", "4", "--micro-batch", "2", "--eval-batches", "1", "--eval-every", "0"]
+
+
+def test_sft_then_chat(base, chats, tmp_path, capsys):
+    out = tmp_path / "sft"
+    assert main(["sft", "--from", str(base), "--data", str(chats), "--run-dir", str(out), *SFT, "--steps", "3"]) == 0
+    said = capsys.readouterr().out
+    assert "training and" in said and "onecard chat" in said
+    config = json.loads((out / "config.json").read_text())
+    assert config["stage"] == "sft" and config["init_from"] == str(base)
+    assert config["train"]["matrix_lr"] == pytest.approx(0.02 * 0.02)  # nanochat's fraction for user data
+    assert main(["chat", str(out), "-p", "What is 3 + 3?", "--max-tokens", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def fine_tune_run(base, chats, run_dir, **changes):
+    from onecard.recipe import named_recipe
+    from onecard.run import TrainSettings
+    from onecard.sft import fine_tune
+
+    model, tokenizer, _ = load_weights(base)
+    train_set, val_set = load([Source(chats)], tokenizer, 33)
+    settings = TrainSettings(run_dir=run_dir, steps=6, total_batch=4, eval_every=0, eval_batches=1,
+                             matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, sample_prompt="What is 2 + 2?")
+    for key, value in changes.items():
+        setattr(settings, key, value)
+    recipe = named_recipe("bf16", seq_len=32, micro_batch=2)  # stochastic rounding: every RNG must be restored
+    return fine_tune(model, tokenizer, train_set, val_set, recipe, settings, log=lambda *_: None)
+
+
+def test_sft_stopped_and_resumed_equals_uninterrupted(base, chats, tmp_path):
+    straight = fine_tune_run(base, chats, tmp_path / "straight")
+    first = fine_tune_run(base, chats, tmp_path / "resumed", stop_after=3)
+    assert first["stopped"] == "limit" and first["step"] == 3
+    second = fine_tune_run(base, chats, tmp_path / "resumed")
+    assert second["stopped"] is None and second["step"] == 6
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), \
+        load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["loss"] for r in straight["history"]]
+    assert losses[3:] == [r["loss"] for r in second["history"]]
+
+
+def test_mixture_weights_and_the_split(base, tmp_path):
+    _, tokenizer, _ = load_weights(base)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    one.write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(50)))
+    two.write_text("".join(json.dumps(conversation(100 + i)) + "\n" for i in range(50)))
+    alone = {path: load([Source(path)], tokenizer, 64, val_fraction=0.1) for path in (one, two)}
+    train, val = load([Source.parse(f"{one}:2"), Source.parse(str(two))], tokenizer, 64, val_fraction=0.1)
+    assert len(train) == 2 * len(alone[one][0]) + len(alone[two][0])  # two epochs of one, one of two
+    assert len(val) == len(alone[one][1]) + len(alone[two][1])  # the split does not depend on the weight
+    half, _ = load([Source.parse(f"{one}:0.5")], tokenizer, 64, val_fraction=0.0)
+    assert 10 < len(half) < 40  # about half of the 50, chosen by hash
+    for bad in ("a.jsonl:0", "a.jsonl:-1", "a.jsonl:1000"):
+        with pytest.raises(UsageError, match="weight"):
+            Source.parse(bad)
+
+
+def test_padding_masks_and_packing(base, chats):
+    _, tokenizer, _ = load_weights(base)
+    train, _ = load([Source(chats)], tokenizer, 33, val_fraction=0.0)
+    inputs, targets = ConversationBatches(train, 3, 32, tokenizer.bos_id, shuffle=False).next_batch()
+    assert inputs.shape == targets.shape and inputs.shape[0] == 3
+    first = train.items[0]
+    learned = [int(t) for t, m in zip(first[0][1:], first[1][1:], strict=True) if m]
+    assert [int(t) for t in targets[0] if t >= 0] == learned  # only the assistant's tokens are targets
+    long, _ = load([Source(chats)], tokenizer, 129, val_fraction=0.0)
+    packed = ConversationBatches(long, 2, 128, tokenizer.bos_id, shuffle=False, pack=True)
+    inputs, targets = packed.next_batch()
+    assert inputs.shape == (2, 128)
+    assert int((inputs[0] == tokenizer.bos_id).sum()) >= 2  # several conversations in one row
+    state = packed.state_dict()
+    after = packed.next_batch()
+    packed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(packed.next_batch(), after, strict=True))
+
+
+def test_chat_commands_and_stop(base):
+    model, tokenizer, _ = load_weights(base)
+    out = io.StringIO()
+    chat = Chat(Engine(model, tokenizer), tokenizer, Sampling(max_tokens=4), None, out=out)
+    chat.reply("hello")
+    assert len(chat.messages) == 2 and chat.messages[0] == {"role": "user", "content": "hello"}
+    assert chat.command("/temperature 0") and chat.sampling.temperature == 0
+    assert chat.command("/temperature nan") and chat.sampling.temperature == 0  # refused, said so
+    assert chat.command("/topk 3") and chat.sampling.top_k == 3
+    assert chat.command("/clear") and chat.messages == []
+    assert not chat.command("/quit")
+    assert "(/temperature:" in out.getvalue()
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+    chat.engine.complete = interrupted  # Ctrl-C during a reply stops the reply, not the chat
+    chat.reply("again")
+    assert "[stopped]" in out.getvalue() and len(chat.messages) == 2
+
+
+def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(conversation(1)) + "\n{not json\n" + json.dumps(conversation(2)) + "\n")
+    assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl, line 2" in err and "--skip-bad" in err and len(err.strip().splitlines()) == 1
+    assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
+                 "--skip-bad", "--steps", "1", "--batch", "2", "--dry-run"]) == 0
+    assert "1 not JSON" in capsys.readouterr().out
