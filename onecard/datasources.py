@@ -164,6 +164,7 @@ class ShardPlan:
                 f"{self.train_shards / max(have, 1):.1f} times (`onecard data download {self.shard_set.name} "
                 f"--shards {self.train_shards}` fetches the rest)")
 
+
 def plan_shards(tokens: float, shard_set: ShardSet = FINEWEB_EDU,
                 chars_per_token: float = CHARS_PER_TOKEN) -> ShardPlan:
     if not (math.isfinite(tokens) and tokens > 0):
@@ -175,10 +176,10 @@ def plan_shards(tokens: float, shard_set: ShardSet = FINEWEB_EDU,
 
 
 def format_bytes(n: float) -> str:
-    """Decimal units, as disks are sold: 23.8 GB, 512 MB, 12 kB."""
+    """Decimal units, as disks are sold, three significant digits: 21.7 GB, 100 MB, 1.5 kB."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.1f} {unit}"
+            return f"{n / scale:.3g} {unit}"
     return f"{n:.0f} B"
 
 

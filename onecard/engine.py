@@ -124,7 +124,7 @@ class Engine:
         with autocast_for(self.model.lm_head.weight.device.type):
             return self.model.logits(self.model.trunk(ids, cache))[:, -1, :].float()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompt: list[int], sampling: Sampling, num_samples: int = 1
                  ) -> Iterator[list[tuple[int, bool] | None]]:
         """Yield, each step, one (token, forced) per sample, or None for a sample that has stopped."""

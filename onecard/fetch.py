@@ -87,7 +87,7 @@ def download_shards(shard_set: ds.ShardSet, folder: Path, train_shards: int, set
     for damaged in found.damaged:
         say(f"damaged, fetched again: {damaged}")
     record = {"dataset": shard_set.name, "base_url": base_url or shard_set.base_url,
-              "validation": [val], "files": {**(manifest.get("files") or {}), **found.complete}}
+              "validation": [val], "files": {**_records(manifest, found), **found.complete}}
     if dry_run:
         say("dry run: nothing downloaded")
         return record
@@ -125,6 +125,12 @@ def _run(jobs: list[Job], partial: int, settings: Settings, stream, folder: Path
             ds.write_manifest(folder, record)
             progress.note(f"interrupted: partial files kept in {folder}; rerun the same command to resume")
             raise
+
+
+def _records(manifest: dict, found: Survey) -> dict:
+    """The manifest's records, less those of files about to be fetched (moved aside or never finished)."""
+    fetching = {job.dest.name for job in found.jobs}
+    return {name: r for name, r in (manifest.get("files") or {}).items() if name not in fetching}
 
 
 def _record(record: dict, results: list[Result]) -> None:

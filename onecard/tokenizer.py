@@ -113,18 +113,6 @@ class Tokenizer:
         ]
         return torch.tensor(counts, dtype=torch.int64)
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        """bos, then each message's content between its role's start and end tokens."""
-        ids = [self.bos_id]
-        for i, message in enumerate(messages):
-            role = message.get("role")
-            if role not in ("user", "assistant"):
-                raise UsageError(f"message {i} has role {role!r}: a chat message's role is user or assistant")
-            ids.append(self.special_id(f"<|{role}_start|>"))
-            ids.extend(self.encode(message.get("content", "")))
-            ids.append(self.special_id(f"<|{role}_end|>"))
-        return ids
-
     # ---- storage
 
     def save(self, directory: str | Path) -> None:

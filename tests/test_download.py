@@ -332,7 +332,7 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(server, shard
     assert "files left" in terminal.getvalue() and "kB" in terminal.getvalue()  # rich: bytes, rate, ETA
     plain = Progress([dl.Job("u", tmp_path / "x", 2000.0)], stream=io.StringIO(), every_s=0)
     plain.advance(500)
-    assert plain.stream.getvalue().startswith("500 B of 2.0 kB (25%), ") and "/s, ETA " in plain.stream.getvalue()
+    assert plain.stream.getvalue().startswith("500 B of 2 kB (25%), ") and "/s, ETA " in plain.stream.getvalue()
 
 
 def test_training_reads_a_shard_one_row_group_at_a_time(tmp_path, monkeypatch):
@@ -419,14 +419,18 @@ def test_shard_plan_for_d20_matches_nanochats_arithmetic():
     assert "repeats them" in ds.plan_shards(1e15).line()
 
 
-def test_plan_and_train_dry_run_say_shards_and_disk(capsys):
+def test_plan_and_train_dry_run_say_shards_and_disk(server, tmp_path, capsys):
     assert main(["plan", "--model", "d20", "--gpu", "rtx4070"]) == 0
     out = capsys.readouterr().out
     assert "data    " in out and "216 fineweb-edu shards + 1 validation shard, about 21.7 GB" in out
     assert main(["plan", "--model", "d20", "--gpu", "rtx4070", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["train_shards"] == 216
-    assert main(["train", "--model", "d20", "--gpu", "rtx4070", "--dry-run"]) == 0
+    assert main(["train", "--model", "d20", "--gpu", "rtx4070", "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
     assert "216 fineweb-edu shards" in capsys.readouterr().out
+    fetch(server, tmp_path / "d")
+    assert main(["train", "--model", "d20", "--gpu", "rtx4070", "--dry-run", "--data", str(tmp_path / "d"),
+                 "--run-dir", str(tmp_path / "r")]) == 0
+    assert "the corpus holds 3 training shards, so the run would read them 72.0 times" in capsys.readouterr().out
 
 
 def test_retry_after_and_url_patterns():
@@ -436,3 +440,18 @@ def test_retry_after_and_url_patterns():
     assert SET.url(7, "http://m/{index}.pq") == "http://m/7.pq"
     assert ds.FINEWEB_EDU.url(1822) == ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/"
                                         "main/shard_01822.parquet")
+
+
+def test_the_loader_benchmark_runs_and_records_its_machine(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "loader_throughput.py"), "--seconds", "0.2",
+                           "--vocab-size", "300", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [path] = tmp_path.glob("loader_throughput_*.json")
+    record = json.loads(path.read_text())
+    assert record["commit"] and record["command"] and record["machine"]["cores_used"] >= 1
+    assert record["loader"] and all(row["tokens_per_s"] > 0 for row in record["loader"].values())
+    assert set(record["planner_rtx4070"]) == {"d12", "d20"} and record["tiktoken_alone_1_core"]["tokens_per_s"] > 0

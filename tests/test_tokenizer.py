@@ -85,16 +85,6 @@ def test_numbers_split_into_groups_of_at_most_two_digits(tok):
     assert all(len(p) <= 2 for p in pieces if p.isdigit())
 
 
-def test_render_chat(tok):
-    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
-    ids = tok.render_chat(chat)
-    sid = tok.special_id
-    assert ids == [tok.bos_id, sid("<|user_start|>"), *tok.encode("hi there"), sid("<|user_end|>"),
-                   sid("<|assistant_start|>"), *tok.encode("hello"), sid("<|assistant_end|>")]
-    with pytest.raises(UsageError):
-        tok.render_chat([{"role": "wizard", "content": "x"}])
-
-
 def test_vocab_beyond_what_the_text_supports_is_a_usage_error():
     with pytest.raises(UsageError, match="lower --vocab-size"):
         Tokenizer.train(["the cat sat on the mat"] * 3, 5000)
