@@ -8,9 +8,12 @@ import os
 import shutil
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from onecard import datasources as ds
 from onecard.byteprogress import Progress
@@ -98,10 +101,11 @@ def download_shards(shard_set: ds.ShardSet, folder: Path, train_shards: int, set
         return record
     _make(folder)
     check_disk(folder, found.need_bytes, settings, f"{len(found.jobs):,} shards")
-    ds.write_manifest(folder, record)  # the split is known before the first byte: a run may start early
-    results, failed = _run(found.jobs, found.partial_bytes, settings, stream, folder, record)
-    _record(record, results)
-    ds.write_manifest(folder, record)
+    with _exclusive(folder / ".download.lock"):
+        ds.write_manifest(folder, record)  # the split is known before the first byte
+        results, failed = _run(found.jobs, found.partial_bytes, settings, stream, folder, record)
+        _record(record, results)
+        ds.write_manifest(folder, record)
     done = sum(1 for i in indices if (folder / shard_set.filename(i)).is_file())
     if failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
@@ -153,6 +157,17 @@ def _make(folder: Path) -> None:
         raise UsageError(f"cannot write in --dir {folder}")
 
 
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """One download at a time into a folder: two would write the same .part files."""
+    try:
+        with FileLock(str(lock), timeout=0):
+            yield
+    except Timeout:
+        raise UsageError(f"another `onecard data download` is writing into {lock.parent}: wait for it, "
+                         "or stop it first") from None
+
+
 def _existing(path: Path) -> Path:
     """The folder itself or the nearest folder above it that exists: where free space is measured."""
     return next(p for p in (path, *path.parents) if p.is_dir())
@@ -199,7 +214,7 @@ def download_eval_bundle(folder: Path, settings: Settings, url: str | None = Non
     if not zip_path.is_file():
         check_disk(folder.parent, 2 * ds.EVAL_BUNDLE.approx_bytes - have, settings, "the bundle and its unpacked copy")
         job = Job(url, zip_path, ds.EVAL_BUNDLE.approx_bytes, check_zip)
-        with Progress([job], have, stream) as progress:
+        with _exclusive(folder.with_name(f".{folder.name}.download.lock")), Progress([job], have, stream) as progress:
             _, failed = download_all([job], settings, progress)
         if failed:
             raise DownloadError(f"the eval bundle could not be fetched: {failed[0]}; rerun the same command to resume")

@@ -292,6 +292,15 @@ def test_a_partial_transfer_of_a_drop_forever_server_stays_a_part_file(server, t
     assert Corpus(tmp_path / "d").names == sorted(n for n in NAMES if n != name)  # a .part is never read
 
 
+def test_a_second_download_into_the_same_folder_is_refused(server, tmp_path):
+    from filelock import FileLock
+
+    (tmp_path / "d").mkdir()
+    with FileLock(str(tmp_path / "d" / ".download.lock")), pytest.raises(UsageError, match="another"):
+        fetch(server, tmp_path / "d")
+    assert server.requests == []
+
+
 def test_too_little_disk_is_refused_before_any_request(server, tmp_path, monkeypatch):
     from collections import namedtuple
 
@@ -367,7 +376,7 @@ def test_eval_bundle_downloads_verified_unpacks_and_reruns_as_a_no_op(server, tm
     out = tmp_path / "eval_bundle"
     download_eval_bundle(out, FAST, server.url + "/main/eval_bundle.zip", say=lambda _: None, stream=io.StringIO())
     assert (out / "core.yaml").is_file() and (out / "eval_data" / "task.jsonl").is_file()
-    assert not list(tmp_path.glob("*.zip*")) and not list(tmp_path.glob(".*"))
+    assert not list(tmp_path.glob("*.zip*")) and not list(tmp_path.glob(".*unpacking*"))
     before = len(server.requests)
     download_eval_bundle(out, FAST, server.url + "/main/eval_bundle.zip", say=lambda _: None)
     assert len(server.requests) == before

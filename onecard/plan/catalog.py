@@ -96,16 +96,19 @@ GPUS: list[GPU] = [
     _g("rtx4090", "NVIDIA GeForce RTX 4090", 24, 165.2, 330.3, 1008, 450, (8, 9), (4, 16), "consumer",
        ADA_WP + " (RTX 4090: 165.2 TFLOPS BF16 and 330.3 FP8 tensor with FP32 accumulate, "
        "1008 GB/s, 450 W)"),
-    # Blackwell GeForce (sm_120): FP8 with fp32 accumulate at the full fp8 rate (4x bf16-fp32acc).
-    _g("rtx5070", "NVIDIA GeForce RTX 5070", 12, 61.7, 246.9, 672, 250, (12, 0), (5, 16), "consumer",
+    # Blackwell GeForce (sm_120): FP8 with fp32 accumulate at twice the bf16 rate, as on Ada. The
+    # whitepaper's larger FP8 figures (838 dense for the 5090) are with FP16 accumulate, which
+    # training does not use; plain fp8 GEMMs on a 5090 measure ~370 TFLOP/s (main-horse.github.io/
+    # posts/5090-mm-perf), under 419 and far under 838.
+    _g("rtx5070", "NVIDIA GeForce RTX 5070", 12, 61.7, 123.4, 672, 250, (12, 0), (5, 16), "consumer",
        "GeForce RTX 5070 product page (48 SMs, 2.51 GHz boost, 672 GB/s, 250 W); "
-       + PER_SM.format(wp=BLACKWELL_WP) + "; fp8 = dense half of the whitepaper's sparse FP8 figure"),
-    _g("rtx5080", "NVIDIA GeForce RTX 5080", 16, 112.6, 450.2, 960, 360, (12, 0), (5, 16), "consumer",
+       + PER_SM.format(wp=BLACKWELL_WP) + "; fp8 with fp32 accumulate = 2 x bf16"),
+    _g("rtx5080", "NVIDIA GeForce RTX 5080", 16, 112.6, 225.2, 960, 360, (12, 0), (5, 16), "consumer",
        "GeForce RTX 5080 product page (84 SMs, 2.617 GHz boost, 960 GB/s, 360 W); "
-       + PER_SM.format(wp=BLACKWELL_WP) + "; fp8 = dense half of the whitepaper's sparse FP8 figure"),
-    _g("rtx5090", "NVIDIA GeForce RTX 5090", 32, 209.5, 838.0, 1792, 575, (12, 0), (5, 16), "consumer",
-       BLACKWELL_WP + " (RTX 5090: 209.5 TFLOPS FP16/BF16 tensor with FP32 accumulate; FP8 838 dense "
-       "= half of 1676 sparse; 1792 GB/s, 575 W)"),
+       + PER_SM.format(wp=BLACKWELL_WP) + "; fp8 with fp32 accumulate = 2 x bf16"),
+    _g("rtx5090", "NVIDIA GeForce RTX 5090", 32, 209.5, 419.0, 1792, 575, (12, 0), (5, 16), "consumer",
+       BLACKWELL_WP + " (RTX 5090: 209.5 TFLOPS FP16/BF16 and 419 FP8 tensor with FP32 accumulate, dense; "
+       "1792 GB/s, 575 W)"),
     # Datacenter.
     _g("a10", "NVIDIA A10", 24, 125.0, None, 600, 150, (8, 6), (4, 16), "datacenter",
        "NVIDIA A10 Tensor Core GPU datasheet (BF16 125 TFLOPS dense / 250 sparse, 600 GB/s, 150 W)"),
