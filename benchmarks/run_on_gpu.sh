@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent session, most important first, each under its own time limit so that
-# the whole fits a short lease. Results and logs go to $OUT (default benchmarks/results).
+# the whole fits a short lease (about 8 minutes; results written row by row). Results and logs go
+# to $OUT (default benchmarks/results).
 #
 #   OUT=benchmarks/results bash benchmarks/run_on_gpu.sh
 #   ONECARD_COMMIT=<hash> ...   where the copy has no git, to record what was measured
 #
 # Needs PyTorch with CUDA; rustbpe and torchao may come as wheels in .whl/ (installed to /tmp/site).
+# nanochat's reference code travels in shared/reference where the checkout has it (vs_nanochat).
 set -u
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -15,24 +17,26 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+ref=${ONECARD_NANOCHAT_REFERENCE:-shared/reference/nanochat-fae3aca}
 { date -u; git rev-parse HEAD 2>/dev/null || echo "commit ${ONECARD_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
   python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$log"
 
-echo "== 1. onecard train on CUDA: the planner's pick for 12 GiB, checkpoint, meters, predicted vs measured" | tee -a "$log"
-timeout 60 python3 -m onecard.cli train --model d20 --vram 12GB --vocab-size 8192 --tokenizer-chars 5000000 \
-  --steps 4 --total-batch 65536 --eval-every 0 --eval-batches 2 --run-dir /tmp/run --price 0.15 2>&1 | tee -a "$log"
-cp /tmp/run/summary.json "$out/train_d20_summary.json" 2>/dev/null
-cp /tmp/run/log.jsonl "$out/train_d20_log.jsonl" 2>/dev/null
+echo "== 1. onecard against nanochat's own code, compiled, d20 micro-batch 32 (issue 9 target 1)" | tee -a "$log"
+timeout 150 python3 benchmarks/vs_nanochat.py --device cuda --depth 20 --micro-batch 32 --rounds 6 --warmup 2 \
+  --recipes baseline,lean --reference "$ref" --out "$out" 2>&1 | tee -a "$log"
 
-echo "== 2. d32 under 8 and 12 GiB caps" | tee -a "$log"
-timeout 160 python3 benchmarks/recipes_gpu.py --depths 32 --caps 8 12 --steps 2 --budget-s 130 --out "$out" \
-  --recipes offload offload-max lean lean-fp8 2>&1 | tee -a "$log"
+echo "== 2. d32 under 12 and 8 GiB caps, compiled: offload-states for the first time, lean, lean-fp8" | tee -a "$log"
+timeout 170 python3 benchmarks/recipes_gpu.py --depths 32 --caps 12 8 --steps 2 --budget-s 150 --compile --out "$out" \
+  --recipes offload-states lean lean-fp8 offload 2>&1 | tee -a "$log"
 
-echo "== 3. d20 under 12 and 8 GiB caps" | tee -a "$log"
-timeout 100 python3 benchmarks/recipes_gpu.py --depths 20 --caps 12 8 --steps 2 --budget-s 80 --out "$out" \
-  --recipes lean offload offload-max bf16 recompute baseline 2>&1 | tee -a "$log"
+echo "== 3. SFT of d20 under a 12 GiB cap, predicted beside measured (issue 10)" | tee -a "$log"
+timeout 60 python3 -m onecard.cli train --model d20 --vocab-size 8192 --tokenizer-chars 2000000 --steps 1 \
+  --total-batch 16384 --micro-batch 8 --eval-every 0 --eval-batches 1 --run-dir /tmp/base --device cuda 2>&1 | tail -3 | tee -a "$log"
+timeout 90 python3 -m onecard.cli sft --from /tmp/base --vram 12GB --steps 4 --eval-every 0 --eval-batches 1 \
+  --run-dir /tmp/sft 2>&1 | tee -a "$log"
+cp /tmp/sft/summary.json "$out/sft_d20_summary.json" 2>/dev/null
 
-echo "== 4. torch.compile: d20 under 12 GiB" | tee -a "$log"
-timeout 60 python3 benchmarks/recipes_gpu.py --depths 20 --caps 12 --steps 2 --budget-s 30 --compile --out "$out" \
-  --recipes lean-fp8 lean 2>&1 | tee -a "$log"
+echo "== 4. eager against compiled, d20 under 12 GiB (the planner's compile factor)" | tee -a "$log"
+timeout 80 python3 benchmarks/recipes_gpu.py --depths 20 --caps 12 --steps 2 --budget-s 70 --out "$out" \
+  --recipes lean baseline 2>&1 | tee -a "$log"
 date -u | tee -a "$log"
