@@ -87,7 +87,8 @@ def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fract
             continue
         item = (np.asarray(rendered.ids, dtype=np.int32), np.asarray(rendered.mask, dtype=np.int8))
         fingerprint.update(item[0].tobytes())
-        if _held_out(f"{source.path}:{number}", val_fraction):  # the same split whatever the weight
+        # by file name and line: the same split whatever the weight, wherever the file is kept
+        if _held_out(f"{source.path.name}:{number}", val_fraction):
             val.append(item)
         else:
             train += [item] * int(source.weight) + _share(item, source, number)
@@ -103,7 +104,7 @@ def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fract
 def _share(item, source: Source, number: int) -> list:
     """The fractional part of a weight: that share of the source's conversations, chosen by hash."""
     part = source.weight - int(source.weight)
-    return [item] if part and _held_out(f"share:{source.path}:{number}", part) else []
+    return [item] if part and _held_out(f"share:{source.path.name}:{number}", part) else []
 
 
 def _names(sources: list[Source]) -> str:

@@ -148,3 +148,21 @@ def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
     assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
                  "--skip-bad", "--steps", "1", "--batch", "2", "--dry-run"]) == 0
     assert "1 not JSON" in capsys.readouterr().out
+
+
+def test_parquet_conversations_and_what_is_dropped_is_reported(base, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = [conversation(i)["messages"] for i in range(20)]
+    out_of_order = [[{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]] * 3
+    empty = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]] * 2
+    path = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"messages": [json.dumps(m) for m in good + out_of_order + empty]}), path)
+    assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
+                 "--dry-run", "--gpu", "rtx4070"]) == 0
+    said = capsys.readouterr().out
+    assert "3 roles out of order" in said and "2 message 1 is an empty assistant turn" in said
+    assert "recipe " in said and "RTX 4070" in said  # the planner's pick and its prediction
+    train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0)
+    assert len(train) == 20
