@@ -20,15 +20,19 @@ COMMANDS = [
      "and the embedded chat set)", "onecard.sft", "add_arguments", "run"),
     ("chat", "talk to a chat model (an onecard SFT run or a nanochat chat checkpoint)", "onecard.chat",
      "add_arguments", "run"),
+    ("serve", "serve a model: an OpenAI-compatible API and a web chat page", "onecard.serve", "add_arguments", "run"),
     ("report", "draw a run's loss, throughput, memory, power and energy as PNG files and one HTML page",
      "onecard.report", "add_arguments", "run"),
     ("sample", "continue a prompt with a trained model", "onecard.sample", "add_arguments", "run"),
+    ("eval", "measure a model: bits per byte, CORE, chat tasks, harness tasks", "onecard.evaluate", "add_arguments",
+     "run"),
     ("tokenizer", "tokenizer tools", "onecard.datasets", "add_tokenizer_arguments", "run_tokenizer"),
     ("data", "download pre-training shards and the eval bundle", "onecard.datasets", "add_data_arguments", "run_data"),
     ("info", "a model's dimensions, parameters and FLOPs", "onecard.planning", "add_info_arguments", "run_info"),
     ("plan", "predict memory, time, energy and cost of training a model on a card",
      "onecard.planning", "add_plan_arguments", "run_plan"),
     ("bench", "measure this machine's card to calibrate the planner", "onecard.bench", "add_arguments", "run"),
+    ("export", "write a model in transformers' or nanochat's format", "onecard.export", "add_arguments", "run"),
 ]
 
 

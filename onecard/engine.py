@@ -150,6 +150,8 @@ class Engine:
         cache.k[:, :, :, :len(prompt)] = prefill.k  # one prefill, copied to every sample
         cache.v[:, :, :, :len(prompt)] = prefill.v
         cache.pos = len(prompt)
+        if prefill.prev_embedding is not None:  # nanochat-2026's smear reads the last prompt token
+            cache.prev_embedding = prefill.prev_embedding.expand(num_samples, -1, -1)
         logits = logits.expand(num_samples, -1)
         rows = [Row() for _ in range(num_samples)]
         for _ in range(steps):

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from onecard.model import GPTConfig, build_model
-from onecard.optim import build_optimizer
+from onecard.family import build_model, build_optimizer
+from onecard.model import GPTConfig
 from onecard.recipe import Recipe
 from onecard.step import TrainStep
 

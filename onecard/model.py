@@ -58,6 +58,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
         self.max_len = max_len
+        self.prev_embedding: torch.Tensor | None = None  # nanochat-2026's smear: the last token's embedding
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.size(2)
@@ -282,6 +283,8 @@ class GPT(nn.Module):
 
 def build_model(config: GPTConfig, device: str | torch.device = "cpu", init: bool = True) -> GPT:
     """Make the model on `device` with nanochat's init; meta device gives shapes only."""
+    if config.arch != "classic":
+        raise ValueError(f"{config.arch} models are built by onecard.family.build_model")
     with torch.device("meta"):
         model = GPT(config)
     if str(device) == "meta":

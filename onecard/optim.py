@@ -393,7 +393,9 @@ class Optimizers:
             out["grads"][grads_place] += nbytes(slot.grad_buf)
         states_place = "cpu" if self.recipe.optim_place == "cpu" else "device"
         states = [s for opt in self.optimizers for s in opt.state_tensors()]
-        out["optimizer"][states_place] = sum(s.nbytes() for s in states)
+        plain = sum(nbytes(v) for opt in self.optimizers for stored in opt.stored.values()
+                    for v in stored.values() if isinstance(v, torch.Tensor))  # e.g. NorMuon's second moment
+        out["optimizer"][states_place] = sum(s.nbytes() for s in states) + plain
         return out
 
 
@@ -409,9 +411,11 @@ def make_slots(model: GPT, recipe: Recipe) -> dict[torch.nn.Parameter, Slot]:
             master = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
             master.copy_(p.detach())
         slots[p] = Slot(p, place, master=master, stochastic=recipe.params == "bf16_sr")
+    # nanochat keeps wte (nanochat-2026: and the value embeddings) in bf16 on CUDA (recipe.py)
+    bf16_on_cuda = {id(p) for p in getattr(model, "bf16_on_cuda", lambda: [model.transformer.wte.weight])()}
     for p in model.parameters():
-        # bf16 weights for bf16_sr and cpu_master; nanochat keeps wte in bf16 on CUDA (recipe.py)
-        if recipe.params != "fp32" or (device.type == "cuda" and p is model.transformer.wte.weight):
+        # bf16 weights for bf16_sr and cpu_master
+        if recipe.params != "fp32" or (device.type == "cuda" and id(p) in bf16_on_cuda):
             p.data = p.data.to(torch.bfloat16)
     for p, slot in slots.items():
         if recipe.grads == "cpu":
@@ -425,13 +429,15 @@ def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float =
                     embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
                     weight_decay: float = 0.0) -> Optimizers:
     """nanochat's optimizer setup, laid out as the recipe says; AdamW rates scale with
-    (n_embd/768)^-0.5, Muon's does not.
+    (n_embd/768)^-0.5, Muon's does not. (nanochat-2026 models: onecard.family.build_optimizer.)
 
     Casts the model's weights to the recipe's dtype and, for matmul=fp8, swaps the block linears
     for FP8 ones (or refuses with the reason). Load weights into the model before this: a
     cpu_master recipe copies them into its fp32 master here.
     """
     recipe = recipe or Recipe()
+    if model.config.arch != "classic":
+        raise ValueError(f"{model.config.arch} optimizers are built by onecard.family.build_optimizer")
     if recipe.matmul == "fp8":
         convert_to_fp8(model)
     slots = make_slots(model, recipe)

@@ -12,7 +12,7 @@ from onecard import defaults
 from onecard.args import fraction, gigabytes, non_negative_float, positive_float, positive_int, text_arg
 from onecard.datasources import plan_shards
 from onecard.errors import UsageError
-from onecard.model_config import GPTConfig, depth_from, flops_per_token, param_counts
+from onecard.model_config import ARCHS, GPTConfig, depth_from, flops_per_token, param_counts
 from onecard.recipe import NAMED
 
 # ---------------------------------------------------------------- info
@@ -86,6 +86,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     pick.add_argument("--fit", action="store_true", help="the fastest recipe that fits (the default)")
     parser.add_argument("--assume", action="append", metavar="NAME=VALUE",
                         help="override a planner assumption (see onecard/plan/assumptions.py); repeatable")
+    parser.add_argument("--target", choices=("gpt2",), help="gpt2: the fastest way this card trains a model "
+                        "that beats GPT-2's CORE, from nanochat's published runs (nanochat-2026 family)")
+    parser.add_argument("--arch", choices=ARCHS, default="classic", help="model family (default classic)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--plot", metavar="FILE.png", type=text_arg,
                         help="draw memory by component and time per recipe")
@@ -107,12 +110,48 @@ def run_plan(args: argparse.Namespace) -> int:
     s = build_settings(gpu, notes, gpus=args.gpus, seq_len=args.seq_len, total_batch=args.total_batch,
                        micro_batch=args.micro_batch, vocab_size=args.vocab_size, mfu=args.mfu, power=args.power,
                        price=args.price, currency=args.currency, assume=assume)
+    if args.arch != "classic":
+        from dataclasses import replace
+        s = replace(s, arch=args.arch)
     if args.plot:
         report.check_plot_path(args.plot)
+    if getattr(args, "target", None) == "gpt2":
+        return _plan_gpt2(args, s, notes, depth)
     ratio = args.ratio if args.ratio is not None else float(defaults.RATIO)
     if depth is None:
         return _plan_budget(args, s, notes, ratio)
     return _plan_model(args, s, notes, depth, ratio)
+
+
+def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None) -> int:
+    from onecard.plan import gpt2, report
+
+    if depth is not None or args.days is not None or args.tokens is not None or args.ratio is not None:
+        raise UsageError("--target gpt2 picks the model and the tokens itself: drop --model/--depth, --days, "
+                         "--tokens and --ratio")
+    opts = gpt2.options(s)
+    best = gpt2.fastest(opts)
+    if args.json:
+        print(json.dumps({"target": "gpt2", "core_source": "nanochat's published results, not measured by onecard",
+                          "runs": [{"depth": o.run.depth, "ratio": o.run.ratio, "core": o.run.core,
+                                    "commit": o.run.commit, "tokens": o.tokens, "total_batch": o.settings.total_batch,
+                                    "best": report.candidate_json(o.best, o.settings) if o.best else None}
+                                   for o in opts]}, indent=2))
+        return 0
+    lines = gpt2.summary_lines(opts)
+    if best is None:
+        lines.append("\nNone of these fits this card.")
+        print("\n".join(lines))
+        return 0
+    o = best
+    lines += ["", f"Fastest to GPT-2 on this card: d{o.run.depth} at ratio {o.run.ratio:g} "
+                  f"(nanochat-2026), recipe {o.best.recipe.name}", ""]
+    tokens_line = (f"{o.tokens:,} ({o.run.ratio:g} per scaling parameter: matrices + lm_head) = "
+                   f"{o.tokens / o.settings.total_batch:,.0f} steps of {o.settings.total_batch:,} tokens, "
+                   "sequence 2048")
+    lines.append(report.plan_text(o.config, o.settings, o.candidates, o.best, tokens_line, notes))
+    print("\n".join(lines))
+    return 0
 
 
 def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float) -> int:

@@ -31,11 +31,15 @@ from onecard.args import (
     text_arg,
 )
 from onecard.errors import UsageError
+from onecard.model_config import ARCH_2026, ARCHS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=text_arg, help="dN, e.g. d20 or d32 (default: a small demo model for the CPU)")
     p.add_argument("--depth", type=positive_int, help="depth N instead of --model dN")
+    p.add_argument("--arch", choices=ARCHS, help="model family: classic (nanochat Oct 2025, the default) or "
+                                                 "nanochat-2026 (nanochat 92d63d4: value embeddings, sliding "
+                                                 "windows, its optimizer and schedules)")
     p.add_argument("--data", type=text_arg, help="corpus: .txt/.jsonl/.parquet file or directory (default: "
                                                  "embedded corpus, the Python standard library's own source)")
     p.add_argument("--run-dir", type=text_arg, help="where the run is written (default runs/<date-time>); a "
@@ -114,34 +118,41 @@ def saved_run_config(run_dir: Path):
 
 def _shape(args: argparse.Namespace, saved, device: str, say):
     """(model config, model or None, tokenizer or None, seq_len, micro_batch, what was continued)."""
-    from onecard.model_config import GPTConfig, depth_from
+    from onecard.model_config import VOCAB_2026, GPTConfig, depth_from
     from onecard.weights import load_weights
 
     depth = depth_from(args.model, args.depth)
     demo = depth is None and not (args.init_from or saved)
+    arch = getattr(args, "arch", None)
     if saved:
         seq_len = args.seq_len or saved.recipe.seq_len
         vocab = args.vocab_size or saved.model_config.vocab_size
         context = args.seq_len or saved.model_config.sequence_len
-        config = GPTConfig.from_depth(depth, vocab, seq_len) if depth else \
-            GPTConfig(**{**saved.model_config.to_dict(), "vocab_size": vocab, "sequence_len": context})
+        arch = arch or saved.model_config.arch
+        config = GPTConfig.from_depth(depth, vocab, seq_len, arch=arch) if depth else \
+            GPTConfig(**{**saved.model_config.to_dict(), "vocab_size": vocab, "sequence_len": context, "arch": arch})
         return config, None, None, seq_len, args.micro_batch or saved.recipe.micro_batch, saved.train, demo
     if args.init_from:
         model, tokenizer, info = load_weights(args.init_from, device)
+        if arch and arch != model.config.arch:
+            raise UsageError(f"--init-from {args.init_from} holds a {model.config.arch} model, not --arch {arch}")
         say(f"starting from {info['layout']} weights in {info['path']}")
         before = info["config"].train if info["layout"] == "onecard" else None
         seq_len = args.seq_len or (info["config"].recipe.seq_len if before else model.config.sequence_len)
         micro = args.micro_batch or (info["config"].recipe.micro_batch if before and device == "cpu" else None)
         return model.config, model, tokenizer, seq_len, micro, before, demo
+    arch = arch or "classic"
     seq_len = args.seq_len or (defaults.DEMO["seq_len"] if demo else defaults.SEQ_LEN)
-    vocab = args.vocab_size or (defaults.DEMO["vocab_size"] if demo else defaults.VOCAB_SIZE)
-    config = GPTConfig.from_depth(depth, vocab, seq_len) if depth else GPTConfig(
+    full_vocab = VOCAB_2026 if arch == ARCH_2026 else defaults.VOCAB_SIZE
+    vocab = args.vocab_size or (defaults.DEMO["vocab_size"] if demo else full_vocab)
+    config = GPTConfig.from_depth(depth, vocab, seq_len, arch=arch) if depth else GPTConfig(
         sequence_len=seq_len, vocab_size=vocab, n_layer=defaults.DEMO["n_layer"], n_head=defaults.DEMO["n_head"],
-        n_kv_head=defaults.DEMO["n_head"], n_embd=defaults.DEMO["n_embd"])
+        n_kv_head=defaults.DEMO["n_head"], n_embd=defaults.DEMO["n_embd"], arch=arch)
     return config, None, None, seq_len, args.micro_batch, None, demo
 
 
-def _steps(args: argparse.Namespace, params: int, total_batch: int, before, demo: bool) -> int:
+def _steps(args: argparse.Namespace, params: int, total_batch: int, before, demo: bool,
+           ratio: float = defaults.RATIO) -> int:
     if args.steps:
         return args.steps
     if args.tokens or args.ratio:
@@ -149,7 +160,7 @@ def _steps(args: argparse.Namespace, params: int, total_batch: int, before, demo
         return max(1, round(tokens / total_batch))
     if before is not None and before.steps:
         return before.steps
-    return defaults.DEMO["steps"] if demo else max(1, round(defaults.RATIO * params / total_batch))
+    return defaults.DEMO["steps"] if demo else max(1, round(ratio * params / total_batch))
 
 
 def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
@@ -157,7 +168,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     from onecard.data import Corpus
     from onecard.datasources import plan_shards
     from onecard.device import host_memory_available, local_card, unrunnable_reason
-    from onecard.model_config import param_counts
+    from onecard.model_config import param_counts, scaling_params
     from onecard.plan.choose import choose_recipe
     from onecard.plan.report import dry_run_text
     from onecard.run import TrainSettings
@@ -176,9 +187,15 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
 
     data = pick(args.data, "data", None)
     corpus = Corpus(data) if data else Corpus.embedded()
-    total_batch = pick(args.total_batch, "total_batch", defaults.DEMO["total_batch"] if demo else defaults.TOTAL_BATCH)
     params = sum(param_counts(config).values())
-    steps = _steps(args, params, total_batch, before, demo)
+    if config.arch == ARCH_2026:  # its batch grows with depth; its ratio counts matrices + lm_head
+        from onecard import schedule_2026
+        full_batch, ratio_params, ratio = schedule_2026.auto_total_batch(config), scaling_params(config), \
+            schedule_2026.RATIO
+    else:
+        full_batch, ratio_params, ratio = defaults.TOTAL_BATCH, params, defaults.RATIO
+    total_batch = pick(args.total_batch, "total_batch", defaults.DEMO["total_batch"] if demo else full_batch)
+    steps = _steps(args, ratio_params, total_batch, before, demo, ratio)
     choice = choose_recipe(recipe_request(args), config, device, seq_len=seq_len, micro_batch=micro_batch,
                            total_batch=total_batch, tokens=steps * total_batch,
                            resumed=saved.recipe if saved else None, gpus=world.size, local=local_card(),
@@ -186,7 +203,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
                            why_not=lambda recipe: unrunnable_reason(recipe, device))
     recipe = choice.recipe
     grad_accum_steps(total_batch, recipe.micro_batch, recipe.seq_len, world.size)  # a dry run says it too
-    what = "demo model" if demo else f"d{config.n_layer}"
+    what = ("demo model" if demo else f"d{config.n_layer}") + (f" ({config.arch})" if config.arch != "classic" else "")
     say(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
         f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}, recipe {recipe.name}")
     say(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
@@ -319,6 +336,15 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
         return evaluate_bpb(model, batches, token_bytes, settings.device)
 
     def schedule(step: int) -> float:
+        if model_config.arch != "classic":  # nanochat-2026's schedules (onecard/schedule_2026.py)
+            from onecard import schedule_2026 as s26
+            multiplier = s26.lr_multiplier(step, settings.steps)
+            opt.set_lr_multiplier(multiplier)
+            opt.set_muon_momentum(s26.muon_momentum(step, settings.steps))
+            decay = s26.weight_decay_multiplier(step, settings.steps)
+            for group in opt.muon.param_groups:
+                group["weight_decay"] = group["initial_weight_decay"] * decay
+            return multiplier
         multiplier = lr_multiplier(step, settings.steps)
         opt.set_lr_multiplier(multiplier)
         opt.set_muon_momentum(muon_momentum(step))

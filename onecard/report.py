@@ -5,6 +5,11 @@ training loss, validation bits per byte, tokens/s, memory, power and cumulative 
 the run was given the planner's prediction (config.json / summary.json "prediction"), the
 predicted peak memory and throughput are drawn as dashed lines beside the measurement. A
 measurement the run could not take (VRAM and power on the CPU, say) gets a chart that says so.
+
+Where `onecard eval` has measured the model (RUN_DIR/eval.json), the page and the command's output
+carry a report card: one row for the base run and one for its SFT run (found through the SFT run's
+init_from), with CORE, ARC-E, ARC-C, MMLU, GSM8K, HumanEval and ChatCORE, the time, energy and cost of
+each stage, and GPT-2 1.5B's CORE as the reference line.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+from onecard import eval_results
 from onecard.args import text_arg
 from onecard.errors import UsageError
 from onecard.run import compare_rows
@@ -170,7 +176,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         steps = [r for r in log.records if "loss" in r]
         page.write_text(render_html(run_dir, config, summary, log, images,
                                     compare_rows(prediction, summary, steps, total_batch(config)) if prediction
-                                    else []), encoding="utf-8")
+                                    else [], card_html(report_card(run_dir))), encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot write the report in {out}: {e.strerror or e}") from None
     return page
@@ -208,7 +214,7 @@ def charts(log: Log, config: dict, summary: dict, prediction: dict) -> list[tupl
 
 
 def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: list[tuple[str, Path]],
-                predicted_rows: list[tuple[str, str, str]]) -> str:
+                predicted_rows: list[tuple[str, str, str]], card: str = "") -> str:
     """One page with everything inside it: the PNGs are embedded as base64."""
     def fmt(value, unit: str = "", digits: int = 4) -> str:
         if value is None:
@@ -263,10 +269,109 @@ td{{padding-right:1em}} img{{max-width:100%}}</style></head>
 {rows}
 <tr><th>sessions</th><td>{sessions}</td></tr>
 </table>
+{card}
 {predicted}
 {figures}
 </body></html>
 """
+
+
+# ---------------------------------------------------------------- the evaluation report card
+
+class CardRow(NamedTuple):
+    stage: str  # BASE, SFT or the reference
+    run_dir: Path | None
+    cells: list[tuple[float | None, bool]]  # (value, measured on --max-per-task examples only) per column
+    wall_s: float | None
+    energy_kwh: float | None
+    cost: str | None
+
+
+def stage_runs(run_dir: Path) -> dict[str, Path]:
+    """The base and SFT runs of one model: an SFT run names its base in config.json's init_from; a base
+    run's SFT is the newest run beside it that names it."""
+    config = read_json(run_dir / "config.json")
+    if config.get("stage") == "sft":
+        found = {"SFT": run_dir}
+        base = _existing_run(config.get("init_from"), run_dir)
+        return {"BASE": base, **found} if base else found
+    sfts = []
+    try:
+        beside = list(run_dir.parent.iterdir())
+    except OSError:
+        beside = []
+    for other in beside:
+        theirs = read_json(other / "config.json") if other != run_dir and other.is_dir() else {}
+        if theirs.get("stage") == "sft" and _existing_run(theirs.get("init_from"), other) == run_dir.resolve():
+            sfts.append((other.stat().st_mtime, other))
+    return {"BASE": run_dir, **({"SFT": max(sfts)[1]} if sfts else {})}
+
+
+def _existing_run(named: object, beside: Path) -> Path | None:
+    """init_from as written (relative to where onecard ran, or to the run's own folder), if it is a folder."""
+    if not isinstance(named, str) or not named:
+        return None
+    for candidate in (Path(named), beside.parent / Path(named).name):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def report_card(run_dir: Path) -> list[CardRow]:
+    """BASE and SFT rows with what `onecard eval` measured and what each stage cost, then GPT-2's line;
+    empty when neither run has been evaluated."""
+    rows = []
+    for stage, path in stage_runs(run_dir).items():
+        record, summary = eval_results.read(path), read_json(path / "summary.json")
+        cells = [(eval_results.card_value(record, key), eval_results.card_partial(record, key))
+                 for _, key in eval_results.CARD]
+        cost = number(summary.get("cost"))
+        rows.append(CardRow(stage, path, cells, number(summary.get("wall_s")), number(summary.get("energy_kwh")),
+                            None if cost is None else f"{cost:.2f} {summary.get('currency', '')}".strip()))
+    if not any(value is not None for row in rows for value, _ in row.cells):
+        return []
+    gpt2 = [(eval_results.GPT2_CORE if key == "core" else None, False) for _, key in eval_results.CARD]
+    return rows + [CardRow("GPT-2 1.5B (reference)", None, gpt2, None, None, None)]
+
+
+def verdict(rows: list[CardRow]) -> str:
+    """Does the model beat GPT-2 on CORE? One line, or '' where CORE was not measured."""
+    core = [(row.stage, row.cells[0][0]) for row in rows if row.run_dir is not None and row.cells[0][0] is not None]
+    if not core:
+        return ""
+    stage, value = core[0]
+    word = "beats" if value > eval_results.GPT2_CORE else "does not beat"
+    return f"{stage} CORE {value:.4f} {word} GPT-2 1.5B's {eval_results.GPT2_CORE:.4f}"
+
+
+def _cell(value: float | None, partial: bool) -> str:
+    return "—" if value is None else f"{value:.4f}" + ("*" if partial else "")
+
+
+def card_text(rows: list[CardRow]) -> str:
+    heads = [h for h, _ in eval_results.CARD] + ["time", "energy", "cost"]
+    table = [[row.stage, *(_cell(v, p) for v, p in row.cells),
+              format_duration(row.wall_s) if row.wall_s is not None else "—",
+              f"{row.energy_kwh:.4g} kWh" if row.energy_kwh is not None else "—", row.cost or "—"] for row in rows]
+    widths = [max(len(str(x)) for x in column) for column in zip(["", *heads], *table, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+             for line in (["", *heads], *table)]
+    notes = [verdict(rows)] + (["* on --max-per-task examples only"] if "*" in "".join(lines) else [])
+    return "\n".join(lines + [n for n in notes if n])
+
+
+def card_html(rows: list[CardRow]) -> str:
+    if not rows:
+        return "<h2>Evaluation</h2>\n<p>Not evaluated yet: <code>onecard eval RUN_DIR</code> (see README).</p>"
+    heads = "".join(f"<th>{html.escape(h)}</th>" for h, _ in eval_results.CARD)
+    body = "\n".join(
+        f"<tr><th>{html.escape(row.stage)}</th>" + "".join(f"<td>{html.escape(_cell(v, p))}</td>" for v, p in row.cells)
+        + f"<td>{format_duration(row.wall_s) if row.wall_s is not None else '—'}</td>"
+        + f"<td>{f'{row.energy_kwh:.4g} kWh' if row.energy_kwh is not None else '—'}</td>"
+        + f"<td>{html.escape(row.cost or '—')}</td></tr>" for row in rows)
+    notes = "".join(f"<p>{html.escape(n)}</p>" for n in card_text(rows).splitlines()[len(rows) + 1:])
+    return (f"<h2>Evaluation</h2>\n<table><tr><th></th>{heads}<th>time</th><th>energy</th><th>cost</th></tr>\n"
+            f"{body}</table>\n{notes}")
 
 
 # ---------------------------------------------------------------- the command
@@ -278,5 +383,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     page = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    card = report_card(Path(args.run_dir))
+    if card:
+        print(card_text(card))
     print(f"report written: {page} (and the PNG files beside it)")
     return 0

@@ -16,11 +16,12 @@ from onecard import checkpoint, distributed
 from onecard.distributed import World
 from onecard.engine import sample_text
 from onecard.errors import UsageError
+from onecard.family import build_model, build_optimizer
 from onecard.loop import Loop, StopRequest
 from onecard.meters import Meters, PowerMeter, Progress, nvml_power_reader
-from onecard.model import GPT, build_model
+from onecard.model import GPT
 from onecard.model_config import GPTConfig
-from onecard.optim import Optimizers, build_optimizer
+from onecard.optim import Optimizers
 from onecard.plan.choose import Prediction
 from onecard.plan.memory import predict_memory
 from onecard.plan.search import breakdown
@@ -95,7 +96,7 @@ def prepare(model_config: GPTConfig, recipe: Recipe, settings: TrainSettings, da
         check_resume(found, config)
         checkpoint.load_weights(found, model)  # before the optimizer: a cpu_master recipe copies them
     opt = build_optimizer(model, recipe, matrix_lr=settings.matrix_lr, embedding_lr=settings.embedding_lr,
-                          unembedding_lr=settings.unembedding_lr)
+                          unembedding_lr=settings.unembedding_lr, total_batch=settings.total_batch)
     return found, model, config, opt
 
 

@@ -1,8 +1,10 @@
-"""Load trained weights: an onecard run directory or a nanochat checkpoint directory.
+"""Load trained weights: an onecard run directory, a nanochat checkpoint directory, or a Hugging
+Face transformers `nanochat` model folder (config.json + model.safetensors + tokenizer.json).
 
 Nothing here executes code from the files: safetensors holds plain tensors, nanochat's
-`model_*.pt` is read with `torch.load(weights_only=True)`, and its `tokenizer.pkl` goes
-through the tokenizer's restricted unpickler.
+`model_*.pt` is read with `torch.load(weights_only=True)`, its `tokenizer.pkl` goes through the
+tokenizer's restricted unpickler, and a transformers folder is read as safetensors and JSON only
+(its pytorch_model.bin, a pickle, is refused).
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ import json
 import re
 from pathlib import Path
 
+import tiktoken
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from onecard import formats
 from onecard.errors import UsageError
-from onecard.model import GPT, GPTConfig, build_model
+from onecard.family import build_model
+from onecard.model import GPT, GPTConfig
 from onecard.run import read_config
-from onecard.tokenizer import Tokenizer
+from onecard.tokenizer import Tokenizer, _check_vocabulary
 
 NANOCHAT_MODEL = re.compile(r"model_(\d+)\.pt$")
 
@@ -31,11 +37,14 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
                          "directory")
     if tokenizer_path is not None and not Path(tokenizer_path).exists():
         raise UsageError(f"--tokenizer {tokenizer_path}: no such file or directory")
+    if _model_type(path / "config.json") is not None:
+        return load_transformers(path, device, tokenizer_path)
     if (path / "model.safetensors").exists():
         return _load_onecard(path, device, tokenizer_path)
     if any(NANOCHAT_MODEL.match(p.name) for p in path.iterdir()):
         return load_nanochat(path, device, tokenizer_path)
-    raise UsageError(f"{path} holds neither model.safetensors (onecard) nor model_*.pt (nanochat)")
+    raise UsageError(f"{path} is not a model: it holds neither model.safetensors (onecard), model_*.pt "
+                     "(nanochat) nor config.json with model.safetensors (transformers)")
 
 
 def _load_onecard(path: Path, device: str, tokenizer_path: str | Path | None = None
@@ -58,7 +67,7 @@ def _load_state(model: GPT, read, path: Path) -> None:
         model.load_state_dict(state)
     except UsageError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError, AttributeError) as error:
+    except (OSError, RuntimeError, ValueError, KeyError, AttributeError, SafetensorError) as error:
         first = (str(error).strip().splitlines() or [""])[0][:200]
         raise UsageError(f"cannot load the weights in {path}: {first}") from None
 
@@ -86,7 +95,10 @@ def load_nanochat(checkpoint_dir: Path, device: str = "cpu", tokenizer_path: str
         raise UsageError(f"{meta_path.name} is missing beside model_{step:06d}.pt: it holds the model config")
     try:
         meta = json.loads(meta_path.read_text())
-        config = GPTConfig(**meta["model_config"])
+        fields = dict(meta["model_config"])
+        if "window_pattern" in fields:  # nanochat 92d63d4 and later: the nanochat-2026 family
+            fields.setdefault("arch", "nanochat-2026")
+        config = GPTConfig(**fields)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise UsageError(f"cannot read the model config in {meta_path} ({type(error).__name__}: {error})") from None
     model = build_model(config, device=device, init=False)
@@ -105,3 +117,76 @@ def load_nanochat(checkpoint_dir: Path, device: str = "cpu", tokenizer_path: str
     if tokenizer.vocab_size != config.vocab_size:
         raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}")
     return model, tokenizer, {"layout": "nanochat", "path": str(checkpoint_dir), "step": step, "meta": meta}
+
+
+# ---------------------------------------------------------------- a transformers `nanochat` folder
+
+def _model_type(config_path: Path) -> str | None:
+    """config.json's model_type: transformers writes one, onecard's run config has none."""
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("model_type") if isinstance(data, dict) else None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json names; never a pickle."""
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UsageError(f"cannot read {index} ({type(error).__name__}: {error})") from None
+        return [folder / shard for shard in shards]
+    if (folder / "pytorch_model.bin").exists():
+        raise UsageError(f"{folder} holds pytorch_model.bin, a pickle onecard does not open: save the model with "
+                         "save_pretrained (safetensors, transformers' default) and try again")
+    raise UsageError(f"{folder} has a transformers config.json but no model.safetensors")
+
+
+def _transformers_tokenizer(path: Path) -> Tokenizer:
+    """transformers' tokenizer.json (byte-level BPE) as onecard's tiktoken tokenizer."""
+    ranks, specials, pattern = formats.read_hf_tokenizer(path)
+    try:
+        _check_vocabulary(ranks, specials)
+        return Tokenizer(tiktoken.Encoding(name=path.parent.name or "transformers", pat_str=pattern,
+                                           mergeable_ranks=ranks, special_tokens=specials))
+    except ValueError as error:
+        raise UsageError(f"{path} is not a tokenizer onecard can run ({error})") from None
+
+
+def load_transformers(folder: Path, device: str = "cpu", tokenizer_path: str | Path | None = None
+                      ) -> tuple[GPT, Tokenizer, dict]:
+    """A transformers `nanochat` folder: config.json, model.safetensors (or its shards), tokenizer.json."""
+    meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = formats.gpt_config(meta, str(folder / "config.json"))
+    model = build_model(config, device=device, init=False)
+    files = _safetensors_files(folder)
+
+    def read() -> dict:
+        state = {}
+        for file in files:
+            state.update({formats.onecard_name(k): v.float() for k, v in load_file(str(file), device=device).items()})
+        return state
+    _load_state(model, read, files[0])
+    tok = Path(tokenizer_path) if tokenizer_path else folder / "tokenizer.json"
+    if tok.is_file() and tok.suffix == ".json" and _is_transformers_tokenizer(tok):
+        tokenizer = _transformers_tokenizer(tok)
+    elif tokenizer_path:
+        tokenizer = Tokenizer.load(tok.parent if tok.name == "tokenizer.pkl" else tok)
+    else:
+        raise UsageError(f"{folder} has no tokenizer.json: pass --tokenizer PATH")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}")
+    return model, tokenizer, {"layout": "transformers", "path": str(folder), "meta": meta}
+
+
+def _is_transformers_tokenizer(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model" in data and "pre_tokenizer" in data

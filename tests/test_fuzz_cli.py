@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import json
 import math
 import re
 import signal
@@ -436,6 +437,45 @@ CASES = [
     case("bench-seq-len-nan", "bench", "--seq-len", "nan"),
     case("bench-micro-batch-inf", "bench", "--micro-batch", "inf"),
     case("bench-unknown-flag", "bench", "--frob"),
+
+    # ---- export (and transformers folders given to the commands that read models)
+    case("export-no-to", "export", T + "/goodlog", T + "/out", has="--to"),
+    case("export-to-gguf", "export", T + "/goodlog", "--to", "gguf", T + "/out", has="--to"),
+    case("export-dtype-fp16", "export", T + "/goodlog", "--to", "hf", T + "/out", "--dtype", "fp16", has="--dtype"),
+    case("export-phase-bad", "export", T + "/goodlog", "--to", "nanochat", T + "/out", "--phase", "x", has="--phase"),
+    case("export-one-folder", "export", T + "/goodlog", "--to", "hf"),
+    case("export-empty-out", "export", T + "/goodlog", "--to", "hf", ""),
+    case("export-not-a-model", "export", T + "/empty", "--to", "hf", T + "/out", has="not a model"),
+    case("export-source-missing", "export", T + "/nosuch", "--to", "hf", T + "/out", has="nosuch"),
+    case("export-out-file", "export", T + "/goodlog", "--to", "hf", T + "/afile", has="afile"),
+    case("export-out-under-file", "export", T + "/goodlog", "--to", "nanochat", T + "/afile/out", has="afile"),
+    case("export-out-not-empty", "export", T + "/empty", "--to", "hf", T + "/goodlog", has="--force"),
+    case("export-into-source", "export", T + "/goodlog", "--to", "hf", T + "/goodlog", "--force", has="goodlog"),
+    case("export-fakenano", "export", T + "/fakenano", "--to", "hf", T + "/out"),
+    case("export-emptycfg", "export", T + "/emptycfg", "--to", "nanochat", T + "/out"),
+    case("export-hf-llama", "export", T + "/hfllama", "--to", "nanochat", T + "/out", has="model_type"),
+    case("export-hf-tied", "export", T + "/hftied", "--to", "nanochat", T + "/out", has="tie_word_embeddings"),
+    case("export-hf-pickle", "export", T + "/hfpickle", "--to", "nanochat", T + "/out", has="pytorch_model.bin"),
+    case("export-hf-garbage", "export", T + "/hfgarbage", "--to", "nanochat", T + "/out", has="model.safetensors"),
+    case("export-hf-bad-config", "export", T + "/hfbadcfg", "--to", "hf", T + "/out", has="hidden_size"),
+    case("export-unknown-flag", "export", T + "/goodlog", "--to", "hf", T + "/out", "--frob"),
+    case("sample-hf-llama", "sample", "--run-dir", T + "/hfllama", has="model_type"),
+    case("sample-hf-garbage", "sample", "--run-dir", T + "/hfgarbage", "--device", "cpu"),
+    case("chat-hf-tied", "chat", T + "/hftied", "-p", "hi", has="tie_word_embeddings"),
+
+    # ---- serve (the bad ones fail before listening, or stop the server when the weights cannot load)
+    case("serve-no-run-dir", "serve"),
+    case("serve-run-dir-missing", "serve", "/nonexistent/run", has="not a directory"),
+    case("serve-port-too-big", "serve", T + "/empty", "--port", "70000", has="--port"),
+    case("serve-port-text", "serve", T + "/empty", "--port", "http", has="--port"),
+    case("serve-host-empty", "serve", T + "/empty", "--host", "", has="--host"),
+    case("serve-max-concurrent-zero", "serve", T + "/empty", "--max-concurrent", "0", has="--max-concurrent"),
+    case("serve-kind-bad", "serve", T + "/empty", "--kind", "instruct", has="--kind"),
+    case("serve-limit-unknown", "serve", T + "/empty", "--limit", "speed=3", has="--limit"),
+    case("serve-limit-negative", "serve", T + "/empty", "--limit", "max_tokens=-1", has="--limit"),
+    case("serve-bad-config", "serve", T + "/badjson", "--port", "0", has="config.json"),
+    case("serve-empty-dir", "serve", T + "/empty", "--port", "0", "--kind", "chat", has="neither"),
+    case("serve-fake-nanochat", "serve", T + "/fakenano", "--port", "0", "--device", "cpu"),
 ]
 
 
@@ -452,6 +492,12 @@ def warm_imports():
     import onecard.plan.report  # noqa: F401
     import onecard.pretrain  # noqa: F401
     import onecard.weights  # noqa: F401
+
+
+def hf_config(**changes) -> str:
+    """A transformers nanochat config.json, with changes."""
+    return json.dumps({"model_type": "nanochat", "num_hidden_layers": 1, "vocab_size": 300, "hidden_size": 64,
+                       "num_attention_heads": 1, "max_position_embeddings": 32, **changes})
 
 
 @pytest.fixture
@@ -479,6 +525,11 @@ def tmp(tmp_path, monkeypatch):
         "listcfg": {"config.json": "[1, 2]", "model.safetensors": "not safetensors"},
         "fakenano": {"model_000010.pt": "not a torch file", "meta_000010.json": '{"model_config": {"n_layer": "x"}}'},
         "badmanifest": {"onecard-dataset.json": '{"format": "onecard-shards", "validation": 3}'},
+        "hfllama": {"config.json": '{"model_type": "llama"}', "model.safetensors": "not safetensors"},
+        "hftied": {"config.json": hf_config(tie_word_embeddings=True), "model.safetensors": "not safetensors"},
+        "hfpickle": {"config.json": hf_config(), "pytorch_model.bin": "not a pickle"},
+        "hfgarbage": {"config.json": hf_config(), "model.safetensors": "not safetensors", "tokenizer.json": "{"},
+        "hfbadcfg": {"config.json": hf_config(hidden_size="x"), "model.safetensors": "not safetensors"},
     }.items():
         (tmp_path / name).mkdir()
         for file, text in files.items():

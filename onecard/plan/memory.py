@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onecard.model_config import GPTConfig
+from onecard.model_config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig, value_embedding_layers
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.recipe import INT8_BLOCK, LOSS_CHUNK_ROWS, Recipe
 
@@ -33,11 +33,16 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 def parameter_shapes(config: GPTConfig) -> dict[str, list[tuple[int, int]]]:
     """Every parameter's shape, by the group that decides its optimizer (see GPT.parameter_groups)."""
-    d, kv = config.n_embd, config.n_kv_head * config.head_dim
+    d, kv, v = config.n_embd, config.n_kv_head * config.head_dim, config.padded_vocab
     block = [(config.n_head * config.head_dim, d), (kv, d), (kv, d), (d, d), (4 * d, d), (d, 4 * d)]
-    return {"blocks": block * config.n_layer,
-            "wte": [(config.vocab_size, d)],
-            "lm_head": [(config.vocab_size, d)]}
+    shapes = {"blocks": block * config.n_layer, "wte": [(v, d)], "lm_head": [(v, d)]}
+    if config.arch != "classic":  # nanochat-2026: value embeddings (AdamW) and their gates (Muon)
+        ve = len(value_embedding_layers(config))
+        shapes["blocks"] += [(config.n_kv_head, VE_GATE_CHANNELS)] * ve
+        shapes["value_embeds"] = [(v, kv)] * ve
+        L = config.n_layer
+        shapes["scalars"] = [(L, 1), (L, 1), (1, SMEAR_CHANNELS), (1, 1), (1, 1)]
+    return shapes
 
 
 def state_bytes(numel: int, fmt: str) -> int:
@@ -50,9 +55,10 @@ def state_bytes(numel: int, fmt: str) -> int:
 def parameter_dtypes(recipe: Recipe, device: str) -> dict[str, str]:
     """dtype of the parameters the model computes with, per group."""
     if recipe.params == "fp32":
-        # nanochat keeps the embedding in bf16 on CUDA; on the CPU everything stays fp32
-        return {"blocks": "fp32", "lm_head": "fp32", "wte": "bf16" if device == "cuda" else "fp32"}
-    return dict.fromkeys(("blocks", "wte", "lm_head"), "bf16")  # bf16_sr, cpu_master
+        # nanochat keeps the embeddings in bf16 on CUDA; on the CPU everything stays fp32
+        emb = "bf16" if device == "cuda" else "fp32"
+        return {"blocks": "fp32", "lm_head": "fp32", "scalars": "fp32", "wte": emb, "value_embeds": emb}
+    return dict.fromkeys(("blocks", "wte", "lm_head", "value_embeds", "scalars"), "bf16")  # bf16_sr, cpu_master
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,9 @@ def persistent_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda") ->
     host_weights = 4 * sum(r * c for s in shapes.values() for r, c in s) if recipe.params == "cpu_master" else 0
     fmt = recipe.optim_states
     states = sum(state_bytes(r * c, fmt) for r, c in shapes["blocks"])  # Muon momentum
-    states += sum(2 * state_bytes(r * c, fmt) for g in ("wte", "lm_head") for r, c in shapes[g])
+    states += sum(2 * state_bytes(r * c, fmt) for g in shapes if g != "blocks" for r, c in shapes[g])  # AdamW
+    if config.arch != "classic":  # NorMuon's factored second moment, fp32, one per row or column
+        states += sum(4 * max(r, c) for r, c in shapes["blocks"])
     on_cpu = recipe.optim_place == "cpu"
     return Persistent(weights, grads, 0 if on_cpu else states, host_weights, host_grads,
                       states if on_cpu else 0, transient)
@@ -134,6 +142,17 @@ def _block_bytes(config: GPTConfig, numerics: str) -> tuple[float, float, float]
     return unique, per_save, mlp
 
 
+def _extra_2026(config: GPTConfig, numerics: str) -> float:
+    """Per-token bytes nanochat-2026 saves per block beyond the classic's (an estimate, not yet
+    checked against a measurement): the block's input before the resid/x0 mix (kept for the
+    lambdas' gradients), and on value-embedding layers (counted at their share of layers) the
+    looked-up embedding, the gate and the gated product."""
+    kv = config.n_kv_head * config.head_dim
+    b = 4 if numerics == "fp32" else 2
+    share = len(value_embedding_layers(config)) / config.n_layer
+    return 4 * config.n_embd + share * (2 * b * kv + 2 * 4 * config.n_kv_head)
+
+
 @dataclass(frozen=True)
 class Activations:
     """What one micro-batch's forward leaves for backward, and the transients around it."""
@@ -166,10 +185,13 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
     rows at a time, re-run in backward; fused: Liger's kernel (logits chunks plus fp32 grads).
     """
     n, T, L, V, d = (recipe.micro_batch * recipe.seq_len, recipe.seq_len, config.n_layer,
-                     config.vocab_size, config.n_embd)
+                     config.padded_vocab, config.n_embd)
     if params_fp32 is None:
         params_fp32 = recipe.params == "fp32"
     unique, per_save, mlp_part = _block_bytes(config, numerics)
+    if config.arch != "classic":
+        extra = _extra_2026(config, numerics)
+        unique, per_save = unique + extra, per_save + extra
     sin = 2 * T * config.head_dim  # -sin is made (bf16) for q and for k in every block
     keep_block = int(n * unique) + sin
     save_block = int(n * per_save) + sin

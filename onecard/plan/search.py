@@ -39,9 +39,10 @@ class Settings:
     price: float = defaults.PRICE  # per kWh: an example tariff, not a published rate (docs/time.md#tariff)
     currency: str = "USD"
     assume: Assumptions = DEFAULT
+    arch: str = "classic"  # the model family (model_config.ARCHS)
 
     def config(self, depth: int) -> GPTConfig:
-        return GPTConfig.from_depth(depth, vocab_size=self.vocab_size, sequence_len=self.seq_len)
+        return GPTConfig.from_depth(depth, vocab_size=self.vocab_size, sequence_len=self.seq_len, arch=self.arch)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onecard import defaults
-from onecard.model_config import GPTConfig, flops_per_token, param_counts
+from onecard.model_config import GPTConfig, flops_per_token, param_counts, window_sizes
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import GPU
 from onecard.plan.memory import DTYPE_BYTES, parameter_dtypes, parameter_shapes, persistent_bytes
@@ -35,7 +35,9 @@ def recompute_flops_per_token(config: GPTConfig, recipe: Recipe) -> int:
     d, L = config.n_embd, config.n_layer
     extra = 0
     if recipe.activations == "full":  # every block's forward again, attention included
-        extra += 2 * param_counts(config)["blocks"] + 4 * L * config.n_head * config.head_dim * config.sequence_len
+        t = config.sequence_len  # attention over each layer's window (the whole context for the classic)
+        extra += 2 * param_counts(config)["blocks"] + sum(4 * config.n_head * config.head_dim * min(w, t)
+                                                          for w in window_sizes(config))
     elif recipe.activations == "selective":  # every MLP's forward again
         extra += 2 * L * 8 * d * d
     if recipe.loss == "chunked":  # the head's forward again, chunk by chunk

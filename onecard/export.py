@@ -1,0 +1,161 @@
+"""`onecard export RUN_DIR --to hf|nanochat OUT_DIR`: a trained model in Hugging Face transformers'
+`nanochat` format or in nanochat's own checkpoint layout, so that it is not locked in onecard.
+
+  --to hf        config.json (model_type nanochat), model.safetensors in transformers' names,
+                 generation_config.json, tokenizer.json + tokenizer_config.json with the chat template
+  --to nanochat  a nanochat base directory: tokenizer/{tokenizer.pkl,token_bytes.pt} and
+                 <phase>_checkpoints/d<depth>/{model,meta}_<step>.* (NANOCHAT_BASE_DIR=OUT_DIR)
+
+The source may be anything `onecard sample` reads: an onecard run, a nanochat checkpoint directory
+or a transformers nanochat folder, so the command also converts between the other two.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from onecard.args import text_arg
+from onecard.errors import UsageError
+
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+              "rl": "chatrl_checkpoints"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", type=text_arg,
+                   help="an onecard run directory (or a nanochat checkpoint directory, or a transformers nanochat "
+                        "folder)")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=text_arg,
+                   help="the folder to write; it must not exist or be empty")
+    p.add_argument("--to", required=True, choices=("hf", "nanochat"),
+                   help="hf: Hugging Face transformers' nanochat format; nanochat: nanochat's checkpoint layout")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="weights as stored (default fp32; bf16 halves the files)")
+    p.add_argument("--force", action="store_true", help="write into OUT_DIR although it holds files "
+                                                        "(files of the same name are replaced)")
+    p.add_argument("--phase", choices=tuple(PHASE_DIRS), help="nanochat: which <phase>_checkpoints folder "
+                                                              "(default sft for a chat model, else base)")
+    p.add_argument("--tokenizer", type=text_arg, help="tokenizer.pkl or directory, for a nanochat checkpoint "
+                                                      "kept elsewhere")
+
+
+def check_out_dir(out: Path, source: Path, force: bool) -> None:
+    """Refuse before any work: OUT_DIR a file, inside the source, or holding files without --force."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder: choose another OUT_DIR")
+    if out.resolve() == source.resolve():
+        raise UsageError(f"{out} is the model being exported: choose another OUT_DIR")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out} exists and is not empty: choose another OUT_DIR or add --force")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"cannot write {out}: {blocker} is a file, not a folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from onecard.weights import load_weights
+
+    source, out = Path(args.run_dir), Path(args.out_dir)
+    check_out_dir(out, source, args.force)
+    model, tokenizer, info = load_weights(source, "cpu", tokenizer_path=args.tokenizer)
+    try:
+        if args.to == "hf":
+            written = write_hf(out, model, tokenizer, args.dtype)
+        else:
+            written = write_nanochat(out, model, tokenizer, args.dtype, args.phase or default_phase(info),
+                                     source_step(info), info)
+    except OSError as error:
+        raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
+    print(f"wrote {len(written)} files to {out}:")
+    for path in written:
+        print(f"  {path.relative_to(out)}")
+    print(usage_hint(out, args.to, written))
+    return 0
+
+
+def default_phase(info: dict) -> str:
+    if info["layout"] == "onecard":
+        return "sft" if info["config"].stage == "sft" else "base"
+    if info["layout"] == "nanochat":
+        folder = Path(info["path"]).parent.name
+        return next((phase for phase, name in PHASE_DIRS.items() if name == folder), "base")
+    return "base"
+
+
+def source_step(info: dict) -> int:
+    if info["layout"] == "onecard":
+        results = info["config"].results or {}
+        return int(results.get("steps") or info["config"].train.steps)
+    return int(info.get("step") or 0)
+
+
+def usage_hint(out: Path, target: str, written: list[Path]) -> str:
+    if target == "hf":
+        return (f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}) and "
+                f"AutoTokenizer.from_pretrained({str(out)!r})")
+    return f"use it with nanochat: NANOCHAT_BASE_DIR={out} (its loader reads {written[0].parent.relative_to(out)})"
+
+
+# ---------------------------------------------------------------- the writers
+
+def _write_json(path: Path, data: dict) -> Path:
+    import json
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _weights(model, dtype: str) -> dict:
+    import torch
+
+    wanted = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return {name: tensor.detach().to(wanted).contiguous() for name, tensor in model.state_dict().items()
+            if name not in ("cos", "sin")}  # the rotary tables are computed, not stored, everywhere
+
+
+def write_hf(out: Path, model, tokenizer, dtype: str) -> list[Path]:
+    from safetensors.torch import save_file
+
+    from onecard import formats
+
+    ranks, specials = formats.tokenizer_ranks(tokenizer.enc)
+    config = formats.hf_config(model.config, specials, dtype)  # first: it refuses what transformers lacks
+    state = {formats.hf_name(name): tensor for name, tensor in _weights(model, dtype).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "model.safetensors"
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(weights)
+    seq_len = model.config.sequence_len
+    return [
+        _write_json(out / "config.json", config),
+        _write_json(out / "generation_config.json", formats.generation_config(specials)),
+        weights,
+        _write_json(out / "tokenizer.json", formats.hf_tokenizer_json(ranks, specials, tokenizer.enc._pat_str)),
+        _write_json(out / "tokenizer_config.json", formats.hf_tokenizer_config(seq_len)),
+    ]
+
+
+def write_nanochat(out: Path, model, tokenizer, dtype: str, phase: str, step: int, info: dict) -> list[Path]:
+    import torch
+
+    folder = out / PHASE_DIRS[phase] / f"d{model.config.n_layer}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / f"model_{step:06d}.pt"
+    tmp = model_path.with_name(model_path.name + ".tmp")
+    torch.save(_weights(model, dtype), tmp)
+    tmp.replace(model_path)
+    # nanochat's GPTConfig has no `arch`: its code is the architecture (the classic at fae3aca,
+    # nanochat-2026 from 92d63d4 on, which reads window_pattern)
+    model_config = {k: v for k, v in model.config.to_dict().items() if k != "arch"}
+    meta = {"step": step, "model_config": model_config, "user_config": {},
+            "onecard": {"exported_from": info["path"], "layout": info["layout"]}}
+    meta_path = _write_json(folder / f"meta_{step:06d}.json", meta)
+    tok_dir = out / "tokenizer"
+    tokenizer.save(tok_dir)  # tokenizer.pkl is what nanochat reads; tokenizer.json is onecard's
+    # token_bytes.pt: UTF-8 bytes per token (0 for specials), nanochat's bits-per-byte evaluation reads it
+    torch.save(tokenizer.token_bytes().to(torch.int32), tok_dir / "token_bytes.pt")
+    return [model_path, meta_path, tok_dir / "tokenizer.pkl", tok_dir / "token_bytes.pt", tok_dir / "tokenizer.json"]

@@ -1,0 +1,33 @@
+"""Which model family a config names, and the model and optimizer it builds: the classic
+(nanochat's October 2025 GPT: model.py, optim.py) or nanochat-2026 (model_2026.py, optim_2026.py).
+The runtime builds through here; each family's module builds only its own."""
+
+from __future__ import annotations
+
+import torch
+
+from onecard.model import GPT
+from onecard.model import build_model as build_classic
+from onecard.model_config import GPTConfig
+from onecard.optim import Optimizers
+from onecard.optim import build_optimizer as build_classic_optimizer
+from onecard.recipe import Recipe
+
+
+def build_model(config: GPTConfig, device: str | torch.device = "cpu", init: bool = True) -> GPT:
+    """The model of the config's family on `device`, with its family's init (meta: shapes only)."""
+    if config.arch == "classic":
+        return build_classic(config, device, init)
+    from onecard.model_2026 import build_model_2026
+    return build_model_2026(config, device, init)
+
+
+def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float = 0.02, embedding_lr: float = 0.2,
+                    unembedding_lr: float = 0.004, total_batch: int | None = None) -> Optimizers:
+    """The family's optimizer setup laid out as the recipe says. The classic takes the learning
+    rates given; nanochat-2026 sets its own, scaled with total_batch (optim_2026.py)."""
+    if model.config.arch == "classic":
+        return build_classic_optimizer(model, recipe, matrix_lr=matrix_lr, embedding_lr=embedding_lr,
+                                       unembedding_lr=unembedding_lr)
+    from onecard.optim_2026 import build_optimizer_2026
+    return build_optimizer_2026(model, recipe, total_batch or 2 ** 19)

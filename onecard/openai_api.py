@@ -1,0 +1,273 @@
+"""The OpenAI API's request and response shapes, checked by hand: every bad request becomes an
+OpenAI error object with the right status (never FastAPI's own lists of validation details), and
+nothing here needs FastAPI, so the checks are tested without a server.
+
+Limits are nanochat's (its chat web server's): 500 messages, 8,000 characters a message, 32,000
+in all, temperature 0-2, top-k 1-200, at most 4,096 new tokens; bodies over 1 MB are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+
+from onecard.conversations import BadConversation, normalize
+from onecard.engine import Sampling
+
+# What the calculator's tokens look like in a reply (as `onecard chat` shows them), and back.
+SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
+         "<|output_end|>": "]"}
+CALCULATION = re.compile(r"\[calculator: ([^\]=]*?) = ([^\]]*)\]")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               408: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error", 503: "server_error"}
+SEED_RANGE = 2**63
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; `onecard serve --limit NAME=VALUE` changes any of them."""
+    max_messages: int = 500
+    max_message_chars: int = 8_000
+    max_total_chars: int = 32_000
+    max_tokens: int = 4_096
+    max_top_k: int = 200
+    max_n: int = 8
+    max_stops: int = 4
+    max_body_bytes: int = 1_000_000
+    body_timeout_s: float = 30.0
+
+    def with_overrides(self, pairs: list[str] | None) -> Limits:
+        """NAME=VALUE pairs over these limits; raises ValueError (one line) for a bad pair."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for pair in pairs or []:
+            name, sep, text = pair.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in values:
+                raise ValueError(f"--limit {pair!r}: expected NAME=VALUE with NAME one of {', '.join(values)}")
+            try:
+                value = float(text.replace("_", ""))
+            except ValueError:
+                raise ValueError(f"--limit {pair!r}: {text.strip()!r} is not a number") from None
+            whole = isinstance(values[name], int)
+            if not (math.isfinite(value) and 0 < value <= 2**53) or (whole and not value.is_integer()):
+                raise ValueError(f"--limit {pair!r}: expected a positive {'whole ' if whole else ''}number")
+            values[name] = int(value) if whole else value
+        return Limits(**values)
+
+
+class ApiError(Exception):
+    """An error the client gets as {"error": {...}} with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Request:
+    """A checked request for /v1/chat/completions (messages) or /v1/completions (prompt)."""
+    model: str | None
+    sampling: Sampling
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    messages: list[dict] | None = None
+    prompt: str | None = None
+
+
+# ---------------------------------------------------------------- parameters
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def _number(body: dict, name: str, default: float | None, low: float, high: float,
+            integer: bool = False, low_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (integer and isinstance(value, float) and math.isfinite(value) and not value.is_integer()):
+        raise ApiError(400, f"{name}: expected {kind}, got {value!r:.40}", param=name, code="invalid_type")
+    # (no float() of an int: a 400-digit integer is valid JSON and would overflow)
+    if (isinstance(value, float) and not math.isfinite(value)) or value > high or value < low or \
+            (low_open and value == low):
+        bound = f"above {low:g}" if low_open else f"from {low:g}"
+        raise _bad(name, f"expected {kind} {bound} to {high:g}, got {value!r:.40}")
+    return int(value) if integer else float(value)
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name}: expected true or false", param=name, code="invalid_type")
+    return value
+
+
+def _stop(body: dict, limits: Limits) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop: expected a non-empty string or a list of them", param="stop", code="invalid_type")
+    if len(stops) > limits.max_stops:
+        raise _bad("stop", f"at most {limits.max_stops} stop strings")
+    if any(len(s) > 200 for s in stops):
+        raise _bad("stop", "a stop string is longer than 200 characters")
+    return stops
+
+
+def _sampling(body: dict, limits: Limits) -> Sampling:
+    max_tokens = _number(body, "max_completion_tokens", None, 1, limits.max_tokens, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", min(512, limits.max_tokens), 1, limits.max_tokens, integer=True)
+    seed = _number(body, "seed", None, 0, SEED_RANGE - 1, integer=True)
+    return Sampling(temperature=_number(body, "temperature", 0.6, 0, 2),
+                    top_k=_number(body, "top_k", 50, 1, limits.max_top_k, integer=True),
+                    top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
+                    max_tokens=max_tokens,
+                    seed=secrets.randbelow(SEED_RANGE) if seed is None else seed)
+
+
+def _common(body: object, limits: Limits) -> Request:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "model: expected a string", param="model", code="invalid_type")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "stream_options: expected an object", param="stream_options", code="invalid_type")
+    return Request(model=model, sampling=_sampling(body, limits),
+                   n=_number(body, "n", 1, 1, limits.max_n, integer=True), stop=_stop(body, limits),
+                   stream=_flag(body, "stream"), include_usage=_flag(options or {}, "include_usage"))
+
+
+# ---------------------------------------------------------------- messages and prompts
+
+def _text(content: object, index: int) -> str:
+    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"messages[{index}].content: expected text or a list of text parts",
+                   param=f"messages[{index}].content", code="invalid_type")
+
+
+def _assistant_parts(text: str) -> str | list[dict]:
+    """A reply as the server showed it, calculator calls turned back into the model's tool parts."""
+    if not CALCULATION.search(text):
+        return text
+    parts, at = [], 0
+    for match in CALCULATION.finditer(text):
+        parts += [{"type": "text", "text": text[at:match.start()]}, {"type": "python", "text": match.group(1)},
+                  {"type": "python_output", "text": match.group(2)}]
+        at = match.end()
+    return [p for p in parts + [{"type": "text", "text": text[at:]}] if p["text"]]
+
+
+def check_messages(raw: object, limits: Limits) -> list[dict]:
+    """OpenAI messages -> onecard's normalized conversation, ending with a user turn."""
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "messages: expected a non-empty list", param="messages", code="invalid_type")
+    if len(raw) > limits.max_messages:
+        raise _bad("messages", f"at most {limits.max_messages} messages, got {len(raw)}")
+    messages, total = [], 0
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{i}]: expected an object with role and content",
+                           param=f"messages[{i}]", code="invalid_type")
+        role = {"developer": "system"}.get(message.get("role"), message.get("role"))
+        if role not in ("system", "user", "assistant"):
+            raise _bad(f"messages[{i}].role", f"expected system, user or assistant, got {message.get('role')!r}")
+        text = _text(message.get("content"), i)
+        if len(text) > limits.max_message_chars:
+            raise _bad(f"messages[{i}].content", f"at most {limits.max_message_chars:,} characters, got {len(text):,}")
+        total += len(text)
+        messages.append({"role": role, "content": _assistant_parts(text) if role == "assistant" else text})
+    if total > limits.max_total_chars:
+        raise _bad("messages", f"at most {limits.max_total_chars:,} characters in all, got {total:,}")
+    if messages[-1]["role"] != "user":
+        raise _bad("messages", "the last message must be the user's: the model answers it")
+    try:
+        return normalize(messages)
+    except BadConversation as error:
+        raise _bad("messages", str(error)) from None
+
+
+def parse_chat(body: object, limits: Limits) -> Request:
+    request = _common(body, limits)
+    request.messages = check_messages(body.get("messages"), limits)
+    return request
+
+
+def parse_completion(body: object, limits: Limits) -> Request:
+    request = _common(body, limits)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a batch of one
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt: expected a string (a list of prompts or token ids is not supported)",
+                       param="prompt", code="invalid_type")
+    if len(prompt) > limits.max_total_chars:
+        raise _bad("prompt", f"at most {limits.max_total_chars:,} characters, got {len(prompt):,}")
+    request.prompt = prompt
+    return request
+
+
+# ---------------------------------------------------------------- responses
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(chat: bool, rid: str, model: str, texts: list[str], reasons: list[str | None], used: dict) -> dict:
+    """The whole answer of a request that did not stream."""
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": used}
+
+
+def chunk(chat: bool, rid: str, model: str, index: int | None, text: str | None = None,
+          reason: str | None = None, first: bool = False, used: dict | None = None,
+          with_usage: bool = False) -> dict:
+    """One streamed event: a piece of choice `index`'s text, its end (reason), or (index None) the usage."""
+    if index is None:
+        choices = []
+    elif chat:
+        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+        choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]
+    else:
+        choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}]
+    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+           "model": model, "choices": choices}
+    if with_usage:
+        out["usage"] = used
+    return out

@@ -1,0 +1,170 @@
+"""The sandbox's child process (see onecard/sandbox.py): never imported by onecard, run as a script.
+
+    python -I -B sandbox_runner.py SCRATCH CONFIG_JSON
+
+Stage 1 (this file, started by the parent) forks once and waits: it is the namespace's first
+process where there is a PID namespace, so that when it ends the kernel ends everything inside.
+The forked child lowers its resource limits, restricts itself with Landlock where the kernel has
+it, and then execs stage 2 (this file again, with --run), a fresh interpreter that has never
+loaded ctypes. Stage 2 installs an audit hook and runs SCRATCH/program.py. Limits, Landlock and
+no_new_privs hold across exec; the audit hook cannot be removed from Python code.
+
+Only the standard library is used here.
+"""
+
+import json
+import os
+import resource
+import signal
+import sys
+
+REFUSED = "onecard-sandbox: refused"
+# Audit events that start processes, signal other processes, reach the network, load native code
+# or raise limits: refused outright.
+BLOCKED = {
+    "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
+    "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "os.setuid", "os.chroot",
+    "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
+    "socket.gethostbyname", "socket.gethostbyaddr", "http.client.connect", "urllib.Request", "ftplib.connect",
+    "smtplib.connect", "webbrowser.open", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
+    "resource.setrlimit", "resource.prlimit", "sqlite3.connect",
+}
+# Native modules that could do the above without an audit event.
+BLOCKED_IMPORTS = {"ctypes", "_ctypes", "_posixsubprocess", "_multiprocessing"}
+# Events that change the file system, and which of their arguments are paths that must lie in SCRATCH.
+WRITES = {
+    "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.symlink": (1,),
+    "os.link": (0, 1), "os.truncate": (0,), "os.chmod": (0,), "os.chown": (0,), "os.utime": (0,),
+    "os.setxattr": (0,), "os.removexattr": (0,), "shutil.rmtree": (0,), "shutil.copyfile": (1,),
+    "shutil.copytree": (1,), "shutil.move": (1,),
+}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+# Landlock (Linux 5.13+): syscall numbers are the same on every architecture onecard runs on.
+CREATE_RULESET, ADD_RULE, RESTRICT_SELF = 444, 445, 446
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def set_limits(config: dict) -> None:
+    memory, cpu = config["memory_bytes"], config["cpu_s"]
+    for name, value in (("RLIMIT_AS", (memory, memory)), ("RLIMIT_CPU", (cpu, cpu + 1)),
+                        ("RLIMIT_FSIZE", (config["file_bytes"],) * 2), ("RLIMIT_NOFILE", (config["open_files"],) * 2),
+                        ("RLIMIT_CORE", (0, 0)), ("RLIMIT_NPROC", (1, 1))):
+        try:
+            resource.setrlimit(getattr(resource, name), value)
+        except (ValueError, OSError):  # above the hard limit already set: keep the lower one
+            pass
+
+
+def landlock(scratch: str) -> list[str]:
+    """Writes only beneath SCRATCH (and to /dev/null); from ABI 4 no TCP bind or connect; from ABI 6
+    no signals to, nor abstract sockets of, processes outside. Returns what was applied."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return []
+    write = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write file, remove, make *
+    write |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # refer, truncate
+
+    class Ruleset(ctypes.Structure):
+        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    net = 0b11 if abi >= 4 else 0  # bind TCP, connect TCP: handled, and no rule allows them
+    scoped = 0b11 if abi >= 6 else 0  # abstract unix sockets, signals
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = Ruleset(write, net, scoped)
+    fd = libc.syscall(CREATE_RULESET, ctypes.byref(ruleset), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if fd < 0:
+        return []
+    for path, allowed in ((scratch, write), ("/dev/null", (1 << 1) | (1 << 14 if abi >= 3 else 0))):
+        target = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        rule = PathBeneath(allowed, target)
+        libc.syscall(ADD_RULE, ctypes.c_int(fd), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0))
+        os.close(target)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.syscall(RESTRICT_SELF, ctypes.c_int(fd),
+                                                                          ctypes.c_uint32(0)) != 0:
+        return []
+    os.close(fd)
+    return ["landlock-files"] + (["landlock-tcp"] if net else []) + (["landlock-signals"] if scoped else [])
+
+
+def stage1(scratch: str, config: dict) -> None:
+    child = os.fork()
+    if child == 0:
+        os.chdir(scratch)
+        layers = ["rlimits"]
+        set_limits(config)
+        if config["landlock"] and sys.platform == "linux":
+            try:
+                layers += landlock(scratch)
+            except (OSError, AttributeError):
+                pass
+        sys.stderr.write(f"onecard-sandbox: layers {','.join(layers)}\n")
+        sys.stderr.flush()
+        hook = ["--run"] if config["audit_hook"] else ["--run-unhooked"]  # the latter: tests of the kernel layers
+        os.execv(sys.executable, [sys.executable, "-I", "-B", __file__, *hook, scratch])
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        sys.stderr.write(f"onecard-sandbox: killed by {signal.Signals(number).name}\n")
+        os._exit(128 + number)
+    os._exit(os.WEXITSTATUS(status))
+
+
+def inside(path: object, scratch: str) -> bool:
+    if isinstance(path, int):  # an open descriptor: opened under these rules
+        return True
+    real = os.path.realpath(os.fsdecode(path))
+    return real == scratch or real.startswith(scratch + os.sep) or real == "/dev/null"
+
+
+def refuse(event: str, what: str = "") -> None:
+    sys.stderr.write(f"{REFUSED} {event}{' ' + what if what else ''}\n")
+    raise PermissionError(f"{REFUSED} {event}")
+
+
+def guard(scratch: str):
+    def hook(event: str, args: tuple) -> None:
+        if event in BLOCKED:
+            refuse(event)
+        elif event == "import" and args and args[0] in BLOCKED_IMPORTS:
+            refuse(event, args[0])
+        elif event == "open" and len(args) >= 3:
+            flags, mode = args[2], args[1]
+            writes = (isinstance(flags, int) and flags & WRITE_FLAGS) or (
+                isinstance(mode, str) and any(c in mode for c in "wax+"))
+            if writes and args[0] is not None and not inside(args[0], scratch):
+                refuse("open", f"{os.fsdecode(args[0])!r} for writing")
+        elif event in WRITES:
+            for i in WRITES[event]:
+                if i < len(args) and args[i] is not None and not inside(args[i], scratch):
+                    refuse(event, repr(os.fsdecode(args[i])))
+    return hook
+
+
+def stage2(scratch: str, hooked: bool) -> None:
+    with open(os.path.join(scratch, "program.py"), encoding="utf-8") as file:
+        source = file.read()
+    code = compile(source, "program.py", "exec")
+    if hooked:
+        sys.addaudithook(guard(scratch))
+        os._exit = lambda *_: refuse("os._exit")  # a program that exits early has not passed its tests
+    try:
+        exec(code, {"__name__": "__main__"})
+    except SystemExit as stop:
+        sys.stderr.write(f"onecard-sandbox: the program exited early ({stop.code!r})\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] in ("--run", "--run-unhooked"):
+        stage2(os.path.realpath(sys.argv[2]), sys.argv[1] == "--run")
+    else:
+        stage1(os.path.realpath(sys.argv[1]), json.loads(sys.argv[2]))

@@ -1,0 +1,139 @@
+"""`onecard serve RUN_DIR`: the model behind an OpenAI-compatible API and a web chat page.
+
+FastAPI and uvicorn are an optional extra (`pip install 'onecard[serve]'`). The server binds to
+127.0.0.1 unless told otherwise, answers at once (503 while the weights load in the background),
+and decodes up to --max-concurrent requests at a time; more wait in a queue (429 when it is full).
+The app itself is onecard/server.py; this module turns flags into its settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import threading
+from importlib.util import find_spec
+from pathlib import Path
+
+from onecard.args import non_negative_int, positive_int, text_arg
+from onecard.errors import UsageError
+
+KINDS = ("auto", "chat", "base")
+
+
+def port(text: str) -> int:
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=text_arg, help="an onecard run (SFT or base) or a nanochat checkpoint directory")
+    p.add_argument("--host", type=text_arg, default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every "
+                        "network, with --api-key)")
+    p.add_argument("--port", type=port, default=8000, help="default 8000; 0 picks a free port")
+    p.add_argument("--api-key", type=text_arg, default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $ONECARD_API_KEY, else none)")
+    p.add_argument("--max-concurrent", type=positive_int, default=4,
+                   help="requests decoded at the same time (default 4)")
+    p.add_argument("--max-queued", type=positive_int, default=64,
+                   help="requests that may wait for a turn; more get 429 (default 64)")
+    p.add_argument("--name", type=text_arg, help="the model's id in the API (default: the directory's name)")
+    p.add_argument("--kind", choices=KINDS, default="auto",
+                   help="chat (both endpoints) or base (/v1/completions only); default: from the run")
+    p.add_argument("--limit", action="append", metavar="NAME=VALUE",
+                   help="change a request limit, e.g. max_tokens=8192 (names: max_messages, max_message_chars, "
+                        "max_total_chars, max_tokens, max_top_k, max_n, max_stops, max_body_bytes, "
+                        "body_timeout_s)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cpu, cuda or auto (default)")
+    p.add_argument("--tokenizer", type=text_arg, help="tokenizer.pkl or directory, for a nanochat checkpoint kept "
+                                                      "elsewhere")
+    p.add_argument("--log-level", choices=("warning", "info", "debug"), default="warning",
+                   help="info also logs every request (default warning)")
+
+
+def model_kind(path: Path, asked: str) -> str:
+    """chat or base: an onecard run says its stage; other directories their name (base_checkpoints/...)."""
+    if asked != "auto":
+        return asked
+    if (path / "config.json").exists():
+        from onecard.run import read_config
+
+        try:
+            return "chat" if read_config(path / "config.json").stage == "sft" else "base"
+        except UsageError:  # not an onecard run (a transformers folder?): the loader says if it is broken
+            pass
+    return "base" if "base" in str(path.resolve()).lower() else "chat"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def announce(host: str, bound_port: int, api_key: str | None, path: Path) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    print(f"onecard serve: {path} at http://{shown}:{bound_port}/ (chat page) and "
+          f"http://{shown}:{bound_port}/v1 (OpenAI API); loading the weights...", flush=True)
+    if is_loopback(host):
+        print("listening on this machine only (--host 0.0.0.0 to share it, with --api-key)", flush=True)
+    elif api_key is None:
+        print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the "
+              "model", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    if find_spec("fastapi") is None or find_spec("uvicorn") is None:
+        raise UsageError("onecard serve needs FastAPI and uvicorn: pip install 'onecard[serve]'")
+    from onecard.openai_api import Limits
+    from onecard.server import Backend, bind, create_app, uvicorn_server
+
+    path = Path(args.run_dir)
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a directory: give an onecard run or a nanochat checkpoint directory")
+    try:
+        limits = Limits().with_overrides(args.limit)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    kind = model_kind(path, args.kind)
+    api_key = args.api_key or os.environ.get("ONECARD_API_KEY") or None
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    backend = Backend(args.name or path.resolve().name, workers=args.max_concurrent, max_queued=args.max_queued)
+    server = uvicorn_server(create_app(backend, limits, api_key), args.log_level)
+    announce(args.host, sock.getsockname()[1], api_key, path)
+    loader = threading.Thread(target=_load, args=(backend, server, path, kind, args), daemon=True)
+    loader.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        backend.close()
+        sock.close()
+    if backend.status == "failed":
+        raise UsageError(backend.error)
+    return 0
+
+
+def _load(backend, server, path: Path, kind: str, args: argparse.Namespace) -> None:
+    """Load the weights while the server answers 503; stop the server if they cannot be loaded."""
+    def loader():
+        from onecard.device import resolve_device
+        from onecard.weights import load_weights
+
+        model, tokenizer, _ = load_weights(path, resolve_device(args.device), tokenizer_path=args.tokenizer)
+        return model, tokenizer, kind
+    backend.load(loader)
+    if backend.status == "ready":
+        print(f"ready: {backend.name} ({kind} model, context {backend.context:,} tokens, "
+              f"{args.max_concurrent} at a time)", flush=True)
+    else:
+        server.should_exit = True

@@ -1,0 +1,366 @@
+"""The HTTP side of `onecard serve` (FastAPI): the OpenAI-compatible API and the chat page.
+
+The model loads in the background while the server already answers (503 until it is ready).
+Each generation request is checked (onecard/openai_api.py), then waits in the decode workers'
+bounded queue (onecard/workers.py; 429 when full); its text comes back through an asyncio queue
+and goes out as one JSON answer or as server-sent events. A client that disconnects cancels its
+job. The page (onecard/static/chat.html) is served with a Content-Security-Policy that allows
+only its own script and style, by hash: even text that slipped into the page as HTML could not
+run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from onecard.conversations import prompt_ids
+from onecard.engine import Engine
+from onecard.openai_api import ApiError, Limits, chunk, new_id, parse_chat, parse_completion, response, usage
+from onecard.workers import Job, QueueFull, Workers
+
+log = logging.getLogger("onecard.serve")
+DRAIN_BYTES = 16 * 2**20  # an oversized body is read (and dropped) up to this, so the client sees the 413
+
+
+class Backend:
+    """The served model: "loading" until `load` finishes, then "ready" (or "failed", with why)."""
+
+    def __init__(self, name: str, workers: int = 4, max_queued: int = 64) -> None:
+        self.name, self.count, self.max_queued = name, workers, max_queued
+        self.status, self.error, self.kind = "loading", None, None
+        self.tokenizer, self.context, self.workers = None, 0, None
+        self.created = int(time.time())
+
+    def load(self, loader: Callable[[], tuple]) -> None:
+        """loader() -> (model, tokenizer, kind); run in a thread while the server answers."""
+        try:
+            model, tokenizer, kind = loader()
+            model.eval()
+            self.ready(lambda tools: Engine(model, tokenizer, tools=tools), tokenizer, model.rotary_len, kind)
+        except Exception as error:  # shown to clients in /health and to the user by `onecard serve`
+            self.error = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self.status = "failed"
+            log.debug("loading failed", exc_info=True)
+
+    def ready(self, make_engine: Callable[[bool], Engine], tokenizer, context: int, kind: str) -> None:
+        self.tokenizer, self.context, self.kind = tokenizer, context, kind
+        self.workers = Workers(make_engine, self.count, self.max_queued)
+        self.status = "ready"
+
+    def require_ready(self) -> None:
+        if self.status == "loading":
+            raise ApiError(503, "the model is still loading: try again in a few seconds", code="model_loading")
+        if self.status != "ready":
+            raise ApiError(503, f"the model could not be loaded: {self.error}", code="model_failed")
+
+    def close(self) -> None:
+        if self.workers:
+            self.workers.close()
+
+
+class Page:
+    """The chat page, with a policy that lets only its own inline script and style run."""
+
+    def __init__(self, html: str) -> None:
+        self.html = html
+
+        def hashes(tag: str) -> str:
+            bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+            return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'"
+                            for b in bodies) or "'none'"
+        self.headers = {
+            "Content-Security-Policy": f"default-src 'none'; script-src {hashes('script')}; "
+                                       f"style-src {hashes('style')}; connect-src 'self'; img-src data:; "
+                                       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+    @classmethod
+    def shipped(cls) -> Page:
+        return cls(resources.files("onecard").joinpath("static/chat.html").read_text(encoding="utf-8"))
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def read_json(request: Request, limits: Limits) -> object:
+    """The body as JSON: 413 past the size limit, 408 when it does not arrive in time, 422 if not JSON."""
+    too_large = ApiError(413, f"the request body is larger than {limits.max_body_bytes:,} bytes",
+                         code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.strip().isdigit():
+        raise ApiError(400, "bad Content-Length header", code="invalid_value")
+    if declared is not None and int(declared) > DRAIN_BYTES:
+        raise too_large
+    pieces, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for piece in request.stream():
+            size += len(piece)
+            if size <= limits.max_body_bytes:
+                pieces.append(piece)
+            elif size > DRAIN_BYTES:
+                return
+    try:
+        await asyncio.wait_for(read(), limits.body_timeout_s)
+    except ClientDisconnect:  # nobody is left to answer
+        raise ApiError(400, "the client went away before its body arrived", code="client_disconnected") from None
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                       code="timeout") from None
+    if size > limits.max_body_bytes:
+        raise too_large
+    try:
+        return json.loads(b"".join(pieces))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise ApiError(422, f"the request body is not valid JSON ({first})", code="invalid_json") from None
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so the job is cancelled at once."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+class Generation:
+    """One request's job and the events its worker sends back to this event loop."""
+
+    def __init__(self, backend: Backend, parsed, chat: bool) -> None:
+        tokenizer = backend.tokenizer
+        if chat:
+            self.prompt = prompt_ids(tokenizer, parsed.messages)
+        else:
+            self.prompt = tokenizer.encode(parsed.prompt, prepend_bos=True)
+        if len(self.prompt) >= backend.context:
+            raise ApiError(400, f"the prompt is {len(self.prompt):,} tokens; this model's context is "
+                                f"{backend.context:,}", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        self.parsed, self.chat, self.model = parsed, chat, backend.name
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def emit(event: tuple) -> None:
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                self.job.cancelled.set()
+        self.job = Job(self.prompt, parsed.sampling, emit, n=parsed.n, stops=parsed.stop, tools=chat)
+        try:
+            backend.workers.submit(self.job)
+        except QueueFull:
+            raise ApiError(429, f"the server is busy ({backend.count} generating, {backend.max_queued} waiting): "
+                                "try again shortly", code="rate_limit_exceeded") from None
+
+    def usage(self, completion_tokens: int) -> dict:
+        return usage(len(self.prompt), completion_tokens)
+
+    async def stream(self) -> AsyncIterator[str]:
+        p, rid, chat = self.parsed, self.id, self.chat
+        try:
+            if chat:
+                for i in range(p.n):
+                    yield sse(chunk(True, rid, self.model, i, first=True, with_usage=p.include_usage))
+            while True:
+                kind, *rest = await self.events.get()
+                if kind == "text":
+                    yield sse(chunk(chat, rid, self.model, rest[0], text=rest[1], with_usage=p.include_usage))
+                elif kind == "finish":
+                    yield sse(chunk(chat, rid, self.model, rest[0], reason=rest[1], with_usage=p.include_usage))
+                elif kind == "done":
+                    if p.include_usage:
+                        yield sse(chunk(chat, rid, self.model, None, used=self.usage(rest[0]), with_usage=True))
+                    break
+                else:
+                    yield sse(ApiError(500, rest[0]).body())
+                    break
+            yield sse("[DONE]")
+        finally:
+            self.job.cancelled.set()
+
+    async def collect(self, request: Request) -> JSONResponse | None:
+        """The whole answer; None if the client went away first (its job is cancelled)."""
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            self.job.cancelled.set()
+            self.events.put_nowait(("gone",))
+        watcher = asyncio.create_task(watch())
+        texts, reasons = [[] for _ in range(self.parsed.n)], [None] * self.parsed.n
+        try:
+            while True:
+                kind, *rest = await self.events.get()
+                if kind == "text":
+                    texts[rest[0]].append(rest[1])
+                elif kind == "finish":
+                    reasons[rest[0]] = rest[1]
+                elif kind == "done":
+                    return JSONResponse(response(self.chat, self.id, self.model, ["".join(t) for t in texts],
+                                                 reasons, self.usage(rest[0])))
+                elif kind == "gone":
+                    return None
+                else:
+                    raise ApiError(500, rest[0], code="generation_failed")
+        finally:
+            watcher.cancel()
+            self.job.cancelled.set()
+
+
+def create_app(backend: Backend, limits: Limits | None = None, api_key: str | None = None,
+               page: Page | None = None) -> FastAPI:
+    limits = limits or Limits()
+    page = page or Page.shipped()
+    app = FastAPI(title="onecard", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.backend = backend
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, error: ApiError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(ApiError(error.status_code, str(error.detail), code="not_found"
+                                       if error.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def crashed(_request: Request, error: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return error_response(ApiError(500, f"internal error: {type(error).__name__}", code="internal_error"))
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'" if not given else
+                           "wrong API key", code="invalid_api_key")
+
+    def model_card() -> dict:
+        return {"id": backend.name, "object": "model", "created": backend.created, "owned_by": "onecard",
+                "onecard": {"kind": backend.kind, "context": backend.context}}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page.html, headers=page.headers)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        workers = backend.workers
+        body = {"status": {"ready": "ok"}.get(backend.status, backend.status), "model": backend.name,
+                "kind": backend.kind, "error": backend.error, "auth": api_key is not None,
+                "generating": workers.running if workers else 0, "waiting": workers.waiting if workers else 0}
+        return JSONResponse(body, status_code=200 if backend.status == "ready" else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        authorize(request)
+        backend.require_ready()
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict:
+        authorize(request)
+        backend.require_ready()
+        if model_id != backend.name:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves {backend.name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    async def generate(request: Request, chat: bool):
+        authorize(request)
+        backend.require_ready()
+        parsed = (parse_chat if chat else parse_completion)(await read_json(request, limits), limits)
+        if parsed.model not in (None, backend.name):
+            raise ApiError(404, f"the model {parsed.model!r} does not exist; this server serves {backend.name!r}",
+                           param="model", code="model_not_found")
+        if chat and backend.kind != "chat":
+            raise ApiError(400, f"{backend.name} is a base model: it continues text at /v1/completions",
+                           param="messages", code="base_model")
+        generation = Generation(backend, parsed, chat)
+        if parsed.stream:
+            return EventStream(generation.stream(), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        answer = await generation.collect(request)
+        return answer if answer is not None else JSONResponse({}, status_code=499)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one); OSError if it cannot be had."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def uvicorn_server(app: FastAPI, log_level: str = "warning"):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug"),
+                            timeout_keep_alive=5, timeout_graceful_shutdown=3, limit_concurrency=1024,
+                            lifespan="off")
+    return uvicorn.Server(config)
+
+
+class Running:
+    """A server in a background thread (tests and benchmarks): `url`, then `stop()`."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.sock = bind(host, port)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.app, self.server = app, uvicorn_server(app)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+        self.app.state.backend.close()

@@ -1,0 +1,407 @@
+"""`onecard export` and importing a transformers folder, checked by the other side's own code:
+Hugging Face transformers' `nanochat` model and tokenizer (AutoModelForCausalLM, AutoTokenizer,
+apply_chat_template, and its own TikTokenConverter for the reverse direction), and nanochat's own
+checkpoint loader and GPT (../shared/reference/nanochat-fae3aca; skipped, with the reason, where
+absent).
+
+Tolerances. transformers' nanochat is onecard's network op for op, except that it computes the
+rotary cos/sin tables in the model's dtype (fp32 here) where onecard keeps them in bf16, as
+nanochat does. With fp32 tables put into onecard's model (`fp32_rotary`) both sides do the same
+float32 arithmetic, and the logits agree to 1e-5 (measured: bitwise on this CPU): that is the proof.
+With onecard's own bf16 tables the only difference is the tables' rounding (relative 2^-9 per
+entry), which moves the attention scores of unit-RMS queries and keys by up to about
+2^-8·sqrt(head_dim); measured here it moves the logits (bounded by ±15) by at most 0.012, asserted
+below 0.05. nanochat's GPT keeps bf16 tables too: there the logits are compared bitwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from onecard import formats
+from onecard.cli import main
+from onecard.conversations import normalize, prompt_ids, render
+from onecard.data import Corpus, iter_texts
+from onecard.engine import Engine, Sampling
+from onecard.errors import UsageError
+from onecard.export import write_hf, write_nanochat
+from onecard.family import build_model
+from onecard.model import ROTARY_BASE, GPTConfig
+from onecard.tokenizer import SPECIAL_TOKENS, Tokenizer
+from onecard.weights import load_weights
+from tests.reference import nanochat
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
+
+TINY_TRAIN = ["--device", "cpu", "--depth", "1", "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len",
+              "32", "--micro-batch", "2", "--total-batch", "128", "--eval-every", "0", "--eval-batches", "1",
+              "--steps", "2"]
+FP32_ATOL = 1e-5  # same float32 arithmetic on both sides; only kernels' summation order may differ
+BF16_TABLE_ATOL = 0.05  # onecard's bf16 rotary tables against transformers' fp32 ones (see the docstring)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    assert main(["train", "--run-dir", str(run), *TINY_TRAIN]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def hf_dir(run_dir):
+    out = run_dir.parent / "hf"
+    assert main(["export", str(run_dir), "--to", "hf", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def onecard_model(run_dir):
+    return load_weights(run_dir)[:2]
+
+
+@pytest.fixture(scope="module")
+def hf_model(hf_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(hf_dir):
+    return transformers.AutoTokenizer.from_pretrained(hf_dir)
+
+
+def fp32_rotary(model):
+    """A copy of `model` whose rotary tables are float32, as transformers computes them."""
+    copy = build_model(model.config, init=False)
+    copy.load_state_dict(model.state_dict())
+    channels = torch.arange(0, model.config.head_dim, 2, dtype=torch.float32)
+    inv_freq = 1.0 / (ROTARY_BASE ** (channels / model.config.head_dim))
+    freqs = torch.outer(torch.arange(copy.rotary_len, dtype=torch.float32), inv_freq)
+    copy.cos, copy.sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+    return copy.eval()
+
+
+def random_model(config: GPTConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # the init zeroes the head: logits would all be 0
+    return model.eval()
+
+
+@torch.no_grad()
+def logits_of(model, idx):
+    """Logits of onecard's or nanochat's GPT (a tensor) or of a transformers model (an output object)."""
+    out = model(idx)
+    return (out if isinstance(out, torch.Tensor) else out.logits).float()
+
+
+# ---------------------------------------------------------------- onecard -> transformers
+
+def test_export_writes_transformers_nanochat_files(hf_dir, onecard_model):
+    model, tokenizer = onecard_model
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                         "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["model_type"] == "nanochat" and config["architectures"] == ["NanoChatForCausalLM"]
+    assert config["final_logit_softcapping"] == 15.0 and config["hidden_act"] == "relu2"
+    assert config["rope_parameters"]["rope_theta"] == 10000.0 and config["tie_word_embeddings"] is False
+    assert config["num_attention_heads"] == model.config.n_head and config["dtype"] == "float32"
+    # transformers reads back the same shape
+    loaded = transformers.AutoConfig.from_pretrained(hf_dir)
+    assert formats.gpt_config(loaded.to_dict()) == model.config
+
+
+def test_transformers_logits_equal_onecard_fp32(onecard_model, hf_model):
+    model, _ = onecard_model
+    idx = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    theirs = logits_of(hf_model, idx)
+    torch.testing.assert_close(logits_of(fp32_rotary(model), idx), theirs, rtol=0, atol=FP32_ATOL)
+    torch.testing.assert_close(logits_of(model, idx), theirs, rtol=0, atol=BF16_TABLE_ATOL)
+
+
+def test_transformers_greedy_32_tokens_equal_onecard(onecard_model, hf_model, hf_tokenizer):
+    model, tokenizer = onecard_model
+    prompt = tokenizer.encode("def main():\n    ", prepend_bos=True)
+    assert hf_tokenizer("def main():\n    ")["input_ids"] == prompt  # <|bos|> in front, as onecard samples
+    # onecard's own sampling path: KV cache, its bf16 rotary tables, greedy, stopping where it stops
+    ours = [token for token, _ in (step[0] for step in Engine(model, tokenizer, tools=False).generate(
+        prompt, Sampling(temperature=0, max_tokens=32)))]
+    theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+    assert len(ours) == 32 and theirs == ours
+
+
+def test_bf16_export(run_dir, onecard_model, tmp_path):
+    from safetensors.torch import load_file
+
+    assert main(["export", str(run_dir), "--to", "hf", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    state = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    back, _, _ = load_weights(tmp_path / "bf16")  # and onecard reads it back: the same weights, rounded
+    for name, tensor in onecard_model[0].state_dict().items():
+        if name not in ("cos", "sin"):
+            assert torch.equal(back.state_dict()[name], tensor.bfloat16().float()), name
+
+
+def test_grouped_query_attention_model_exports_with_equal_logits(onecard_model, tmp_path):
+    _, tokenizer = onecard_model
+    config = GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    model = random_model(config)
+    write_hf(tmp_path, model, tokenizer, "fp32")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert theirs.config.num_key_value_heads == 2
+    idx = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits_of(fp32_rotary(model), idx), logits_of(theirs, idx), rtol=0, atol=FP32_ATOL)
+    torch.testing.assert_close(logits_of(model, idx), logits_of(theirs, idx), rtol=0, atol=BF16_TABLE_ATOL)
+
+
+# ---------------------------------------------------------------- the tokenizer and the chat template
+
+EDGE_TEXTS = [
+    "", " ", "  ", "\n", "\r\n\r\n", "\t\t x", "hello world", "Hello, World!!!   \n\n\n  end",
+    "1234567890 3.14159 1,000,000 -42 0x1F", "٣٤٥ １２３ ²³ Ⅻ", "héllo wörld ñandú Ærøskøbing",
+    "日本語のテキスト、中文，한국어", "🙂🙃 👩‍👩‍👧 🇫🇷", "a\u00a0b\u2009c\u3000d\u200be\u2028f\ufeffg",
+    "def f(x):\n    return x ** 2  # square\n", "it's we've they're I'M YOU'LL", "<|bos|", "|>", "e\u0301 \u0627\u0644",
+]
+
+
+@pytest.fixture(scope="module")
+def big_tokenizer(tmp_path_factory):
+    """A tokenizer with thousands of merges (the demo run's has few), loaded by transformers."""
+    tokenizer = Tokenizer.train(iter_texts(Corpus.embedded(), 300_000), 2048)
+    folder = tmp_path_factory.mktemp("tok")
+    ranks, specials = formats.tokenizer_ranks(tokenizer.enc)
+    (folder / "tokenizer.json").write_text(json.dumps(formats.hf_tokenizer_json(ranks, specials,
+                                                                                 tokenizer.enc._pat_str)))
+    (folder / "tokenizer_config.json").write_text(json.dumps(formats.hf_tokenizer_config(256)))
+    return tokenizer, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_transformers_tokenizer_encodes_as_onecard(big_tokenizer, onecard_model, hf_tokenizer):
+    texts = EDGE_TEXTS + [text for text, _ in zip(iter_texts(Corpus.embedded(), 600_000), range(60), strict=False)]
+    for ours, theirs in (big_tokenizer, (onecard_model[1], hf_tokenizer)):
+        for text in texts:
+            ids = theirs(text, add_special_tokens=False)["input_ids"]
+            assert ids == ours.encode(text), repr(text[:80])
+            assert theirs.decode(ids) == text
+        assert theirs.convert_tokens_to_ids(SPECIAL_TOKENS) == [ours.special_id(name) for name in SPECIAL_TOKENS]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text())
+def test_transformers_tokenizer_encodes_any_text_as_onecard(big_tokenizer, text):
+    assume(not any(name in text for name in SPECIAL_TOKENS))  # transformers reads those as special tokens
+    ours, theirs = big_tokenizer
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+
+
+CONVERSATIONS = {
+    "one-question": [{"role": "user", "content": "What is 2 + 2?"}],
+    "system-merged": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
+    "calculator-parts": [{"role": "user", "content": "What is 123 * 45?"},
+                         {"role": "assistant", "content": [
+                             {"type": "text", "text": "Let me calculate: "}, {"type": "python", "text": "123 * 45"},
+                             {"type": "python_output", "text": "5535"}, {"type": "text", "text": " So 5535."}]}],
+    "unicode-and-whitespace": [{"role": "user", "content": "  héllo\n\n\tworld 12345  "},
+                               {"role": "assistant", "content": "日本語 🙂\n\n- a\n- b  "},
+                               {"role": "user", "content": "ok\r\n"}],
+}
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False], ids=["prompt", "no-prompt"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_chat_template_renders_as_onecard(onecard_model, hf_tokenizer, name, generation_prompt):
+    _, tokenizer = onecard_model
+    messages = CONVERSATIONS[name]
+    out = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    ids = out if isinstance(out, list) else out["input_ids"]
+    normalized = normalize(messages)
+    expected = prompt_ids(tokenizer, normalized) if generation_prompt else render(tokenizer, normalized).ids
+    assert ids == expected
+
+
+def test_chat_template_refuses_roles_out_of_order(hf_tokenizer):
+    with pytest.raises(Exception, match="alternate"):
+        hf_tokenizer.apply_chat_template([{"role": "assistant", "content": "hi"}], tokenize=False)
+
+
+# ---------------------------------------------------------------- transformers -> onecard
+
+def _transformers_made_tokenizer(tokenizer: Tokenizer, folder, monkeypatch):
+    """The tokenizer as transformers' own converter (TikTokenConverter) makes it, saved by transformers."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the local file, cache nothing
+    ranks, specials = formats.tokenizer_ranks(tokenizer.enc)
+    bpe = folder / "ranks.tiktoken"
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()]
+    bpe.write_text("".join(lines))  # tiktoken's .tiktoken format
+    converted = TikTokenConverter(vocab_file=str(bpe), pattern=tokenizer.enc._pat_str,
+                                  extra_special_tokens=sorted(specials, key=specials.get)).converted()
+    bpe.unlink()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<|bos|>",
+                                                eos_token="<|assistant_end|>")
+
+
+def test_transformers_saved_model_imports_into_onecard(onecard_model, tmp_path, monkeypatch):
+    _, tokenizer = onecard_model
+    config = transformers.NanoChatConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=32)  # transformers' defaults otherwise
+    torch.manual_seed(3)
+    theirs = transformers.NanoChatForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+    theirs.save_pretrained(tmp_path)
+    _transformers_made_tokenizer(tokenizer, tmp_path, monkeypatch).save_pretrained(tmp_path)
+    ours, imported, info = load_weights(tmp_path)
+    assert info["layout"] == "transformers" and ours.config.n_kv_head == 2
+    idx = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    # transformers' default rms_norm_eps is 1e-6 where onecard adds float32's 1.2e-7: five norms a layer
+    # move these logits by up to ~6e-5 (measured). With transformers' norms given onecard's epsilon
+    # the two sides are the same float32 arithmetic again, so that is all the difference there is.
+    torch.testing.assert_close(logits_of(fp32_rotary(ours), idx), logits_of(theirs, idx), rtol=0, atol=1e-3)
+    torch.testing.assert_close(logits_of(ours, idx), logits_of(theirs, idx), rtol=0, atol=BF16_TABLE_ATOL)
+    for module in theirs.modules():
+        if hasattr(module, "eps"):
+            module.eps = formats.FLOAT32_EPS
+    torch.testing.assert_close(logits_of(fp32_rotary(ours), idx), logits_of(theirs, idx), rtol=0, atol=FP32_ATOL)
+    for text in EDGE_TEXTS:
+        assert imported.encode(text) == tokenizer.encode(text)
+    assert [imported.special_id(n) for n in SPECIAL_TOKENS] == [tokenizer.special_id(n) for n in SPECIAL_TOKENS]
+    sharded = tmp_path / "sharded"  # a large model comes in shards, named by model.safetensors.index.json
+    theirs.save_pretrained(sharded, max_shard_size="100KB")
+    (sharded / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1 and not (sharded / "model.safetensors").exists()
+    torch.testing.assert_close(logits_of(load_weights(sharded)[0], idx), logits_of(ours, idx), rtol=0, atol=0)
+
+
+def test_commands_read_a_transformers_folder(hf_dir, run_dir, tmp_path, capsys):
+    sample = ["--prompt", "def ", "--temperature", "0", "--max-tokens", "12", "--device", "cpu"]
+    assert main(["sample", "--run-dir", str(run_dir), *sample]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["sample", "--run-dir", str(hf_dir), *sample]) == 0
+    assert capsys.readouterr().out == from_run
+    assert main(["chat", str(hf_dir), "-p", "hello", "--temperature", "0", "--max-tokens", "4",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init-from", str(hf_dir), "--run-dir", str(tmp_path / "more"), "--device", "cpu",
+                 "--micro-batch", "2", "--total-batch", "128", "--eval-every", "0", "--eval-batches", "1",
+                 "--steps", "1"]) == 0
+    assert (tmp_path / "more" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- onecard -> nanochat, read by nanochat
+
+def test_nanochat_loader_reads_the_export(run_dir, onecard_model, tmp_path, monkeypatch):
+    checkpoint_manager = nanochat("fae3aca", "checkpoint_manager")
+    model, tokenizer = onecard_model
+    gqa = random_model(GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                                 n_embd=64))
+    assert main(["export", str(run_dir), "--to", "nanochat", str(tmp_path / "base")]) == 0
+    write_nanochat(tmp_path / "gqa", gqa, tokenizer, "fp32", "sft", 7, {"path": "test", "layout": "onecard"})
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 32), generator=torch.Generator().manual_seed(4))
+    for base, phase, ours in ((tmp_path / "base", "base", model), (tmp_path / "gqa", "sft", gqa)):
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+        theirs, their_tokenizer, meta = checkpoint_manager.load_model(phase, "cpu", phase="eval")
+        assert meta["model_config"] == ours.config.to_dict()
+        torch.testing.assert_close(logits_of(theirs, idx), logits_of(ours, idx), rtol=0, atol=0)  # same bf16 tables
+        text = "Hello wörld 12345\n\n  def f(): pass"
+        assert their_tokenizer.encode(text) == tokenizer.encode(text)
+        assert their_tokenizer.get_bos_token_id() == tokenizer.bos_id
+
+
+def test_nanochat_2026_model_exports_to_nanochat_not_to_transformers(onecard_model, tmp_path, monkeypatch):
+    """transformers' nanochat is the classic; nanochat's own code from 92d63d4 reads the 2026 family."""
+    _, tokenizer = onecard_model
+    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=1,
+                       n_embd=128, arch="nanochat-2026")
+    torch.manual_seed(5)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # its init zeroes some matrices and sets the scalars to 0 or 1
+    with pytest.raises(UsageError, match="arch"):
+        write_hf(tmp_path / "hf", model, tokenizer, "fp32")
+    assert not (tmp_path / "hf").exists()
+    checkpoint_manager = nanochat("92d63d4", "checkpoint_manager")
+    write_nanochat(tmp_path / "nc", model, tokenizer, "fp32", "base", 3, {"path": "test", "layout": "onecard"})
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "nc"))
+    theirs, _, meta = checkpoint_manager.load_model("base", torch.device("cpu"), phase="eval")
+    assert meta["model_config"]["window_pattern"] == config.window_pattern and "arch" not in meta["model_config"]
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 64), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(logits_of(theirs, idx), logits_of(model, idx), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_export_refuses_a_folder_with_files_unless_forced(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", str(run_dir), "--to", "hf", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not empty" in err and "--force" in err
+    assert main(["export", str(run_dir), "--to", "hf", str(out), "--force"]) == 0
+    assert (out / "keep.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+    assert main(["export", str(tmp_path), "--to", "hf", str(tmp_path / "x")]) == 2
+    assert "not a model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tie_word_embeddings", True), ("attention_bias", True), ("hidden_act", "gelu"),
+    ("final_logit_softcapping", 30.0), ("intermediate_size", 100), ("rms_norm_eps", 1e-3),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 500000.0}),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}), ("model_type", "llama"),
+])
+def test_import_names_the_field_onecard_cannot_express(hf_dir, tmp_path, field, value):
+    for file in hf_dir.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((hf_dir / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    name = "rope_type" if field == "rope_parameters" and value["rope_type"] != "default" else field
+    name = "rope_theta" if field == "rope_parameters" and name == field else name
+    with pytest.raises(UsageError, match=name):
+        load_weights(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"normalizer": {"type": "NFC"}}, "normalizes"),
+    ({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}},
+     "pre-tokenizers"),
+    ({"added_tokens": []}, "special tokens"),
+])
+def test_import_refuses_a_tokenizer_that_would_encode_otherwise(hf_dir, tmp_path, change, message):
+    for file in hf_dir.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    data = json.loads((hf_dir / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**data, **change}))
+    with pytest.raises(UsageError, match=message):
+        load_weights(tmp_path)
+
+
+def test_import_refuses_pickled_weights_without_opening_them(hf_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": Payload()}, f)
+    with pytest.raises(UsageError, match="pytorch_model.bin"):
+        load_weights(tmp_path)
+    assert not marker.exists()

@@ -1,0 +1,381 @@
+"""`onecard serve`: a real server on a free 127.0.0.1 port, driven by the official `openai` client
+(streaming and not, n=2, stop strings, seeds, and every error status mapped to the client's
+exception class), plus disconnects, malformed requests and the command line itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from onecard.conversations import normalize, prompt_ids  # noqa: E402
+from onecard.errors import UsageError  # noqa: E402
+from onecard.openai_api import Limits  # noqa: E402
+from onecard.server import Backend, Running, create_app  # noqa: E402
+from tests.serve_helpers import Record, make_runs, model_backend, scripted_backend  # noqa: E402
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def chat_server(runs):
+    server = Running(create_app(model_backend(runs[1], "chat")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def base_server(runs):
+    server = Running(create_app(model_backend(runs[0], "base")))
+    yield server
+    server.stop()
+
+
+def client(server, **kw) -> openai.OpenAI:
+    kw.setdefault("api_key", "unused")
+    return openai.OpenAI(base_url=server.url + "/v1", max_retries=0, timeout=30, **kw)
+
+
+def test_health_models_and_a_chat_answer(chat_server, runs):
+    assert httpx.get(chat_server.url + "/health").json()["status"] == "ok"
+    c = client(chat_server)
+    assert [m.id for m in c.models.list().data] == ["chat"]
+    answer = c.chat.completions.create(model="chat", messages=HELLO, max_tokens=8, seed=1)
+    assert answer.object == "chat.completion" and len(answer.choices) == 1
+    assert isinstance(answer.choices[0].message.content, str)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    from onecard.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(runs[1] / "tokenizer")
+    assert answer.usage.prompt_tokens == len(prompt_ids(tokenizer, normalize(HELLO)))
+    assert 1 <= answer.usage.completion_tokens <= 8
+
+
+def test_streaming_equals_the_whole_answer_for_the_same_seed(chat_server):
+    c = client(chat_server)
+    whole = c.chat.completions.create(model="chat", messages=HELLO, max_tokens=20, seed=7, temperature=1.0)
+    chunks = list(c.chat.completions.create(model="chat", messages=HELLO, max_tokens=20, seed=7, temperature=1.0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    ends = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert ends == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+
+def test_seed_reproduces_and_n_gives_several_choices(chat_server):
+    c = client(chat_server)
+    ask = dict(model="chat", messages=HELLO, max_tokens=16, temperature=1.0, n=2)
+    first, again = c.chat.completions.create(seed=3, **ask), c.chat.completions.create(seed=3, **ask)
+    other = c.chat.completions.create(seed=4, **ask)
+    texts = [ch.message.content for ch in first.choices]
+    assert len(texts) == 2 and [ch.index for ch in first.choices] == [0, 1]
+    assert texts == [ch.message.content for ch in again.choices]
+    assert texts != [ch.message.content for ch in other.choices]
+    streamed = {0: "", 1: ""}
+    for ch in c.chat.completions.create(seed=3, stream=True, **ask):
+        for choice in ch.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert [streamed[0], streamed[1]] == texts
+
+
+def test_stop_cuts_before_the_stop_string(chat_server):
+    c = client(chat_server)
+    ask = dict(model="chat", messages=HELLO, max_tokens=40, temperature=0)
+    free = c.chat.completions.create(**ask).choices[0].message.content
+    assert len(free) >= 8, free
+    stop = free[5:8]
+    cut = c.chat.completions.create(stop=[stop, "never-written-\u2603"], **ask).choices[0]
+    assert cut.message.content == free[:free.find(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in
+                       c.chat.completions.create(stop=stop, stream=True, **ask) if ch.choices)
+    assert streamed == cut.message.content
+
+
+def test_base_models_complete_text_and_refuse_chat(base_server):
+    c = client(base_server)
+    done = c.completions.create(model="base", prompt="def ", max_tokens=6, seed=0)
+    assert done.object == "text_completion" and isinstance(done.choices[0].text, str)
+    streamed = "".join(ch.choices[0].text for ch in
+                       c.completions.create(model="base", prompt="def ", max_tokens=6, seed=0, stream=True))
+    assert streamed == done.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="base model"):
+        c.chat.completions.create(model="base", messages=HELLO)
+
+
+def test_chat_models_also_complete_text(chat_server):
+    assert client(chat_server).completions.create(model="chat", prompt="x", max_tokens=3).choices[0].finish_reason
+
+
+BAD = [
+    ({"temperature": 3}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 5000}, "max_tokens"), ({"n": 0}, "n"), ({"n": 9}, "n"),
+    ({"seed": -1}, "seed"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"),
+    ({"stream": "yes"}, "stream"), ({"extra_body": {"top_k": 500}}, "top_k"),
+    ({"extra_body": {"top_k": 1.5}}, "top_k"), ({"messages": []}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    ({"messages": [{"role": "user", "content": "x" * 8_001}]}, "8,000"),
+    ({"messages": [{"role": "user", "content": "x" * 7_000}] * 5}, "32,000"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 250
+      + [{"role": "user", "content": "c"}]}, "500 messages"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "roles out of order"),
+]
+
+
+@pytest.mark.parametrize("change,says", BAD, ids=[says for _, says in BAD])
+def test_bad_parameters_are_400(chat_server, change, says):
+    ask = {"model": "chat", "messages": HELLO, "max_tokens": 2, **change}
+    with pytest.raises(openai.BadRequestError, match=says) as caught:
+        client(chat_server).chat.completions.create(**ask)
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_errors_map_to_the_clients_exceptions(chat_server, runs):
+    c = client(chat_server)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.chat.completions.create(model="gpt-4o", messages=HELLO)
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-4o")
+    with pytest.raises(openai.APIStatusError) as caught:  # 413 has no class of its own
+        c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x" * 1_100_000}])
+    assert caught.value.status_code == 413
+    with pytest.raises(openai.UnprocessableEntityError, match="not valid JSON"):
+        c.post("/chat/completions", cast_to=object, content=b'{"model": "chat", "messages": [',
+               options={"headers": {"Content-Type": "application/json"}})
+    with pytest.raises(openai.BadRequestError, match="context"):
+        c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "word " * 1500}])
+    assert httpx.get(chat_server.url + "/nowhere").json()["error"]["code"] == "not_found"
+
+
+def test_api_key(runs):
+    server = Running(create_app(model_backend(runs[1], "chat", workers=1), api_key="s3cret"))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client(server, api_key="wrong").models.list()
+        response = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert client(server, api_key="s3cret").chat.completions.create(model="chat", messages=HELLO, max_tokens=2)
+        assert httpx.get(server.url + "/health").json()["auth"] is True  # health needs no key
+    finally:
+        server.stop()
+
+
+def test_503_while_loading_and_429_when_the_queue_is_full(runs):
+    from onecard.tokenizer import Tokenizer
+
+    loading = Running(create_app(Backend("later")))
+    try:
+        assert httpx.get(loading.url + "/health").status_code == 503
+        with pytest.raises(openai.InternalServerError, match="loading") as caught:
+            client(loading).chat.completions.create(model="later", messages=HELLO)
+        assert caught.value.status_code == 503
+    finally:
+        loading.stop()
+    record = Record()
+    busy = Running(create_app(scripted_backend(Tokenizer.load(runs[1] / "tokenizer"), "slow " * 200, 0.02,
+                                               record, workers=1, max_queued=1)))
+    try:
+        c = client(busy)
+        running = c.chat.completions.create(model="scripted", messages=HELLO, stream=True)
+        next(iter(running))  # generating
+        waiting = c.chat.completions.create(model="scripted", messages=HELLO, stream=True)  # queued
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            c.chat.completions.create(model="scripted", messages=HELLO)
+        running.close()
+        waiting.close()
+    finally:
+        busy.stop()
+
+
+def test_a_client_that_disconnects_stops_its_generation(runs):
+    from onecard.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(runs[1] / "tokenizer")
+    for stream in (True, False):
+        record = Record()
+        server = Running(create_app(scripted_backend(tokenizer, "word " * 400, 0.01, record, workers=1)))
+        try:
+            body = {"model": "scripted", "messages": HELLO, "stream": stream}
+            if stream:  # read a few events, then hang up
+                with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=5) as r:
+                    lines = r.iter_lines()
+                    assert [next(lines) for _ in range(6)][-2].startswith("data: ")
+            else:  # give up waiting for the whole answer
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.3)
+            assert record.closed.wait(5), "the generation went on after the client left"
+            steps = record.steps
+            assert not record.finished.is_set() and steps < 300
+            time.sleep(0.2)
+            assert record.steps == steps
+            assert httpx.get(server.url + "/health").json()["generating"] == 0
+        finally:
+            server.stop()
+
+
+def raw(port: int, request: bytes, timeout: float = 5) -> bytes:
+    """Send bytes as they are (httpx refuses to send a malformed request) and read the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        return sock.recv(65536)
+
+
+def test_malformed_requests_never_take_the_server_down(runs, chat_server):
+    from onecard.tokenizer import Tokenizer
+
+    url = chat_server.url + "/v1/chat/completions"
+    storm = [b"", b"null", b"[]", b"{", b"\xff\xfe\x00", b"[" * 100_000, b'{"n": ' + b"9" * 5000 + b"}",
+             json.dumps({"messages": HELLO, "temperature": float("nan")}).encode(),
+             json.dumps({"messages": [[]]}).encode(), json.dumps({"messages": HELLO, "stream_options": 1}).encode(),
+             json.dumps({"messages": [{"role": "assistant", "content": [{"type": "image"}]}]}).encode()]
+    for body in storm:
+        response = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code in (400, 422), (body[:40], response.text)
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.post(url, content=b"x" * 2_000_000).status_code == 413
+    port = int(chat_server.url.rsplit(":", 1)[1])
+    assert raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}") \
+        .startswith(b"HTTP/1.1 400")
+    assert httpx.request("DELETE", url).status_code == 405
+    failing = Running(create_app(scripted_backend(Tokenizer.load(runs[1] / "tokenizer"), "x", fail=True)))
+    try:
+        with pytest.raises(openai.InternalServerError, match="scripted failure"):
+            client(failing).chat.completions.create(model="scripted", messages=HELLO)
+        events = [line for line in httpx.post(failing.url + "/v1/chat/completions", timeout=10, json={
+            "messages": HELLO, "stream": True}).text.splitlines() if line.startswith("data: ")]
+        assert "scripted failure" in events[-2] and events[-1] == "data: [DONE]"
+        assert httpx.get(failing.url + "/health").status_code == 200
+    finally:
+        failing.stop()
+    assert client(chat_server).chat.completions.create(model="chat", messages=HELLO, max_tokens=2)
+
+
+def test_the_page_is_served_with_a_policy_that_runs_only_its_own_script(chat_server):
+    import base64
+    import hashlib
+
+    response = httpx.get(chat_server.url + "/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    policy = response.headers["content-security-policy"]
+    script = re.search(r"<script>(.*?)</script>", response.text, flags=re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}';" in policy and "unsafe-inline" not in policy
+    assert "innerHTML" not in response.text and "http" not in script  # text only, nothing from the internet
+
+
+def test_stop_filter_holds_back_only_what_might_begin_a_stop_string():
+    from onecard.workers import StopFilter
+
+    f = StopFilter(["END", "xyz"])
+    assert f.push("abc E") == ("abc ", False)
+    assert f.push("N") == ("", False)
+    assert f.push("X") == ("ENX", False)  # not END after all
+    assert f.push("hello EN") == ("hello ", False)
+    assert f.push("D and more") == ("", True)
+    assert StopFilter([]).push("anything") == ("anything", False)
+
+
+def test_calculator_calls_in_the_history_go_back_to_the_model_as_tool_calls():
+    from onecard.openai_api import check_messages
+
+    messages = check_messages([{"role": "user", "content": "2+3?"},
+                               {"role": "assistant", "content": "Let me see: [calculator: 2+3 = 5] it is 5."},
+                               {"role": "user", "content": [{"type": "text", "text": "thanks"}]}], Limits())
+    assert messages[1]["content"] == [{"type": "text", "text": "Let me see: "}, {"type": "python", "text": "2+3"},
+                                      {"type": "python_output", "text": "5"}, {"type": "text", "text": " it is 5."}]
+    assert messages[2]["content"] == "thanks"
+
+
+def test_limits_from_the_command_line():
+    limits = Limits().with_overrides(["max_tokens=8192", "body_timeout_s=2.5"])
+    assert limits.max_tokens == 8192 and limits.body_timeout_s == 2.5
+    for bad in ("nope=1", "max_tokens", "max_tokens=1.5", "max_tokens=-3", "max_n=abc"):
+        with pytest.raises(ValueError, match="--limit"):
+            Limits().with_overrides([bad])
+
+
+def test_missing_extra_says_how_to_install(monkeypatch, tmp_path):
+    import onecard.serve
+
+    monkeypatch.setattr(onecard.serve, "find_spec", lambda name: None)
+    from onecard.cli import build_parser
+    with pytest.raises(UsageError, match=r"pip install 'onecard\[serve\]'"):
+        onecard.serve.run(build_parser().parse_args(["serve", str(tmp_path)]))
+
+
+def test_announce_warns_when_bound_beyond_this_machine_without_a_key(capsys, tmp_path):
+    from onecard.serve import announce
+
+    announce("127.0.0.1", 8000, None, tmp_path)
+    out = capsys.readouterr()
+    assert "this machine only" in out.out and not out.err
+    announce("0.0.0.0", 8000, None, tmp_path)
+    assert "without --api-key" in capsys.readouterr().err
+    announce("0.0.0.0", 8000, "key", tmp_path)
+    assert not capsys.readouterr().err
+
+
+def test_onecard_serve_on_the_command_line(runs):
+    """The real command: it says where it listens, loads, answers, and stops on Ctrl-C."""
+    process = subprocess.Popen([sys.executable, "-m", "onecard.cli", "serve", str(runs[1]), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        first = process.stdout.readline()
+        assert "http://127.0.0.1:" in first, first
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/ ", first).group(1)
+        assert "this machine only" in process.stdout.readline()
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health").status_code != 200:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "ready: chat (chat model" in process.stdout.readline()
+        answer = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="chat", messages=HELLO, max_tokens=3)
+        assert answer.choices[0].message.content is not None
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+    assert process.returncode in (0, 130) and "Traceback" not in out, out
+
+
+def test_load_benchmark_smoke_run(chat_server, tmp_path):
+    """benchmarks/serve_load.py, briefly, against the running test server: it records what it measured."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = bench.main(["--url", chat_server.url, "--clients", "3", "--seconds", "1", "--storm-seconds", "1",
+                         "--max-tokens", "4", "--out", str(tmp_path)])
+    assert record["load"]["requests"] >= 3 and record["load"]["failed"] == 0
+    assert record["load"]["ttft_p50_s"] > 0 and record["load"]["tokens_per_s"] > 0
+    storm = record["storm"]
+    assert storm["request_after_storm"] == 200 and storm["health_after_storm"] == 200
+    assert set(storm["statuses"]["bad JSON"]) == {"422"} and set(storm["statuses"]["huge body"]) == {"413"}
+    assert set(storm["statuses"]["wrong types"]) == {"400"} and set(storm["statuses"]["bad values"]) == {"400"}
+    assert json.loads(next(tmp_path.glob("serve_load_*.json")).read_text())["commit"]

@@ -1,0 +1,150 @@
+"""The chat page in a real browser: Debian's headless Chromium through Selenium (no browser is
+downloaded; where Chromium or its driver is missing the tests skip and say why).
+
+A scripted engine writes a known reply slowly, so the test can watch it stream in, stop it, and
+check that a reply holding <script> and <img onerror=...> is shown as text and never runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("selenium")
+
+from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+
+from onecard.data import Corpus, iter_texts  # noqa: E402
+from onecard.server import Running, create_app  # noqa: E402
+from onecard.tokenizer import Tokenizer  # noqa: E402
+from tests.serve_helpers import Record, scripted_backend  # noqa: E402
+
+XSS = 'Look: <script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> and <b>bold</b>. Done.'
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver)")
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download a browser
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1100,800"):
+        options.add_argument(flag)
+    try:
+        chrome = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
+    except WebDriverException as error:
+        pytest.skip(f"Chromium did not start: {(str(error).strip().splitlines() or ['?'])[0]}")
+    chrome.set_script_timeout(10)
+    yield chrome
+    chrome.quit()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(iter_texts(Corpus.embedded(), 20_000), 300)
+
+
+def wait(condition, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def replies(chrome) -> list[str]:
+    return chrome.execute_script(
+        "return [...document.querySelectorAll('.msg.assistant .text')].map(n => n.textContent)")
+
+
+def open_page(chrome, server) -> None:
+    chrome.get(server.url + "/")
+    wait(lambda: "scripted" in chrome.find_element(By.ID, "status").text, what="the page to connect")
+
+
+def send(chrome, text: str) -> None:
+    box = chrome.switch_to.active_element  # the page keeps the focus in the message box
+    assert box.get_attribute("id") == "input"
+    box.send_keys(text, Keys.ENTER)
+
+
+def test_a_reply_streams_in_and_markup_in_it_is_shown_as_text(browser, tokenizer):
+    record = Record()
+    server = Running(create_app(scripted_backend(tokenizer, XSS, 0.02, record)))
+    try:
+        open_page(browser, server)
+        send(browser, "Show me some HTML")
+        seen = set()
+        wait(lambda: seen.add(len((replies(browser) or [""])[-1])) or record.finished.is_set(), what="the reply")
+        assert len(seen - {0}) >= 3, f"the reply did not stream in: lengths seen {sorted(seen)}"
+        wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the end of the reply")
+        assert replies(browser) == [XSS]
+        assert browser.execute_script("return window.pwned") is None
+        assert browser.execute_script("return document.querySelectorAll('#log img, #log script, #log b').length") == 0
+        user = browser.find_element(By.CSS_SELECTOR, ".msg.user .text").text
+        assert user == "Show me some HTML"
+    finally:
+        server.stop()
+
+
+def test_stop_regenerate_edit_and_new_chat_by_keyboard(browser, tokenizer):
+    record = Record()
+    server = Running(create_app(scripted_backend(tokenizer, "word " * 300, 0.02, record, workers=1)))
+    try:
+        open_page(browser, server)
+        send(browser, "Talk for a long time")
+        wait(lambda: len((replies(browser) or [""])[-1]) > 20, what="the reply to begin")
+        browser.switch_to.active_element.send_keys(Keys.ESCAPE)  # Escape stops the reply
+        wait(lambda: browser.find_elements(By.XPATH, "//div[@class='note' and text()='(stopped)']"),
+             what="the reply to stop")
+        assert record.closed.wait(5) and not record.finished.is_set(), "the server went on generating"
+        stopped = replies(browser)[-1]
+        time.sleep(0.3)
+        assert replies(browser)[-1] == stopped and 0 < len(stopped) < len("word " * 300)
+
+        record.closed.clear()
+        press_tab_until(browser, "Regenerate").send_keys(Keys.ENTER)
+        wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the new reply")
+        browser.find_element(By.ID, "stop").click()
+        wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the stop button")
+        assert len(replies(browser)) == 1
+
+        press_tab_until(browser, "Edit").send_keys(Keys.ENTER)
+        editor = browser.switch_to.active_element
+        assert editor.get_attribute("aria-label") == "Edit message"
+        editor.send_keys(Keys.CONTROL, "a")
+        editor.send_keys("A new question", Keys.ENTER)
+        wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the edited question's reply")
+        browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+        wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the stop")
+        texts = [n.text for n in browser.find_elements(By.CSS_SELECTOR, ".msg .text")]
+        assert texts[0] == "A new question" and len(texts) == 2
+
+        press_tab_until(browser, "New chat", backwards=True).send_keys(Keys.ENTER)
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+    finally:
+        server.stop()
+
+
+def press_tab_until(chrome, label: str, backwards: bool = False, presses: int = 30):
+    """Move the focus with Tab (or Shift+Tab) alone until it is on the button `label`."""
+    for _ in range(presses):
+        focused = chrome.switch_to.active_element
+        if focused.tag_name == "button" and focused.text == label:
+            return focused
+        focused.send_keys(Keys.SHIFT, Keys.TAB) if backwards else focused.send_keys(Keys.TAB)
+    raise AssertionError(f"Tab never reached the {label!r} button")
