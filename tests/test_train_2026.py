@@ -120,3 +120,20 @@ def test_loads_a_nanochat_92d63d4_checkpoint(tmp_path):
     idx = torch.randint(0, vocab, (1, 40))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), ref(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_the_2026_family_goes_through_sft_chat_and_export(tmp_path, capsys):
+    """The stages after pre-training take this family as they take the classic."""
+    from onecard.cli import main
+
+    base, sft, out = tmp_path / "base", tmp_path / "sft", tmp_path / "out"
+    assert main(["train", "--arch", "nanochat-2026", "--run-dir", str(base), "--device", "cpu", "--depth", "2",
+                 "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len", "32", "--micro-batch", "2",
+                 "--total-batch", "128", "--eval-every", "0", "--eval-batches", "1", "--steps", "2"]) == 0
+    assert main(["sft", "--from", str(base), "--run-dir", str(sft), "--device", "cpu", "--steps", "2", "--batch", "4",
+                 "--micro-batch", "2", "--eval-batches", "1", "--eval-every", "0"]) == 0
+    assert json.loads((sft / "config.json").read_text())["model_config"]["arch"] == "nanochat-2026"
+    capsys.readouterr()
+    assert main(["chat", str(sft), "-p", "What is 2 + 3?", "--max-tokens", "6", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["export", str(sft), "--to", "nanochat", str(out)]) == 0
