@@ -119,8 +119,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     lean.add_argument("--vram", type=gigabytes, help="memory to fit in, e.g. 12GB or 8GB (default: the card's)")
     for key, allowed in CHOICES.items():
         lean.add_argument("--" + key.replace("_", "-"), choices=allowed, help=f"override the recipe's {key}")
-    lean.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model "
-                                                                                "(default off)")
+    lean.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                      help="torch.compile the model (default: on with CUDA, off on the CPU; --no-compile for eager)")
     lean.add_argument("--dry-run", action="store_true", help="print the chosen recipe with its predicted memory "
                                                              "and step time, and exit")
 
@@ -144,7 +144,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         help="power draw in watts, for an energy estimate where NVML cannot measure it")
 
 
-def recipe_request(args: argparse.Namespace):
+def recipe_request(args: argparse.Namespace, device: str = "cpu"):
     """The recipe flags as the planner's RecipeRequest."""
     from onecard.plan.choose import RecipeRequest
     from onecard.recipe import CHOICES
@@ -153,4 +153,4 @@ def recipe_request(args: argparse.Namespace):
     if args.compile is not None:
         overrides["compile"] = args.compile
     return RecipeRequest(recipe=args.recipe, overrides=overrides, gpu=args.gpu, vram_gib=args.vram,
-                         dry_run=args.dry_run, power_watts=args.power)
+                         dry_run=args.dry_run, power_watts=args.power, compile_by_default=device == "cuda")

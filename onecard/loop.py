@@ -39,12 +39,14 @@ log.jsonl holds one JSON object a line. Step lines (one per optimizer step):
   val_bpb           float       on evaluation steps only: validation bits per byte
 
 Event lines carry "event" instead of "loss": start, resume, checkpoint, checkpoint_failed,
-compile_failed, stop, end; each with step and time, and path or message where there is one. On resume, lines
-after the checkpoint's step are dropped, so each step appears once.
+compiled (seconds: the first compiled step, compiling included), compile_failed, stop, end;
+each with step and time, and path, message or seconds where there is one. On resume, lines after
+the checkpoint's step are dropped, so each step appears once.
 
 summary.json (rewritten at every checkpoint and at the end): status (running | stopped |
 finished | failed | interrupted), message, step, steps, val_bpb_start, val_bpb_end (the latest
-evaluation), last_checkpoint, prediction (as given to train, or null), and the meters' totals:
+evaluation), last_checkpoint, prediction (as given to train, or null), compile_s (null when not
+compiled), and the meters' totals:
 tokens, wall_s, skipped_steps, tokens_per_s_mean, device, gpu, peak_flops, vram_peak_bytes,
 host_peak_bytes, energy_kwh, energy_sources (["nvml"], ["estimate"], both, or []),
 energy_uncounted_s, stated_power_w, price_per_kwh, currency, cost.
@@ -134,6 +136,7 @@ class Loop:
     stop_reason: str | None = None  # why a session that did not finish stopped: signal, nonfinite, limit
     log_file: object = None  # log.jsonl, open while the session runs
     last_save_time: float = 0.0
+    compile_s: float | None = None  # how long the first compiled step took, compiling included
 
     @property
     def settings(self) -> TrainSettings:
@@ -150,6 +153,7 @@ class Loop:
                    "val_bpb_start": self.first_bpb, "val_bpb_end": self.last_bpb,
                    "last_checkpoint": None if self.last_saved is None else f"checkpoints/step_{self.last_saved:06d}",
                    "prediction": self.config.prediction.to_dict() if self.config.prediction else None,
+                   "compile_s": self.compile_s,
                    **self.meters.summary()}
         if self.world.main:
             write_json(self.run_dir / "summary.json", summary)
@@ -227,6 +231,9 @@ class Loop:
         record = {"step": self.step, "loss": finite(outcome.loss), "grad_norm": finite(outcome.grad_norm),
                   "lr_multiplier": multiplier, "skipped": outcome.skipped}
         record.update(self.meters.step(self.step, outcome.tokens, seconds, outcome.skipped))
+        if outcome.compile_s is not None:
+            self.compile_s = outcome.compile_s
+            self.event("compiled", seconds=outcome.compile_s)
         if self.step == settings.steps or (settings.eval_every > 0 and self.step % settings.eval_every == 0):
             self.last_bpb = record["val_bpb"] = self.evaluate()
         self.log_file.write(json.dumps(record) + "\n")

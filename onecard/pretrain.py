@@ -196,7 +196,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
         full_batch, ratio_params, ratio = defaults.TOTAL_BATCH, params, defaults.RATIO
     total_batch = pick(args.total_batch, "total_batch", defaults.DEMO["total_batch"] if demo else full_batch)
     steps = _steps(args, ratio_params, total_batch, before, demo, ratio)
-    choice = choose_recipe(recipe_request(args), config, device, seq_len=seq_len, micro_batch=micro_batch,
+    choice = choose_recipe(recipe_request(args, device), config, device, seq_len=seq_len, micro_batch=micro_batch,
                            total_batch=total_batch, tokens=steps * total_batch,
                            resumed=saved.recipe if saved else None, gpus=world.size, local=local_card(),
                            host_bytes=host_memory_available() if device == "cuda" else None,

@@ -148,7 +148,7 @@ def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, wor
     train_set, val_set = _data(args, tokenizer, seq_len)
     steps = args.steps or max(1, round(len(train_set) * args.epochs / args.batch))
     micro = args.micro_batch or (MICRO_BATCH if device == "cpu" and not (args.gpu or args.vram) else None)
-    choice = choose_recipe(recipe_request(args), config, device, seq_len=seq_len, micro_batch=micro,
+    choice = choose_recipe(recipe_request(args, device), config, device, seq_len=seq_len, micro_batch=micro,
                            total_batch=args.batch * seq_len, tokens=steps * args.batch * seq_len, gpus=world.size,
                            local=local_card(), host_bytes=host_memory_available() if device == "cuda" else None,
                            why_not=lambda recipe: unrunnable_reason(recipe, device))

@@ -6,6 +6,7 @@ the update; a snapshot of the step's start to rewind to; the out-of-memory and c
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +36,7 @@ class StepOutcome:
     grad_norm: float | None = None
     skipped: bool = False  # a non-finite loss or gradient norm skipped the update
     tokens: int = 0  # input tokens of the step, all ranks together
+    compile_s: float | None = None  # the first compiled step: its forward-backward, compiling included
 
     @property
     def abandoned(self) -> bool:
@@ -72,6 +74,7 @@ class TrainStep:
     def __call__(self, batches: BatchSource, accum: int, should_stop: Callable[[], bool] = lambda: False
                  ) -> StepOutcome:
         snapshot = Snapshot(batches)
+        compiling, started = not self.trusted, time.perf_counter()
         try:
             loss = self.forward_backward(batches, accum, should_stop)
         except torch.OutOfMemoryError:
@@ -92,6 +95,7 @@ class TrainStep:
             return StepOutcome(None)
         outcome = self.update(loss)
         outcome.tokens = self.tokens * self.world.size
+        outcome.compile_s = time.perf_counter() - started if compiling else None
         return outcome
 
     def forward_backward(self, batches: BatchSource, accum: int, should_stop: Callable[[], bool]) -> float | None:

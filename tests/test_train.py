@@ -82,7 +82,7 @@ STEP_FIELDS = {
     "power_w": (float, NULL), "energy_kwh": (float, NULL), "energy_estimated": bool, "cost": (float, NULL),
     "wall_s": float, "eta_s": (float, NULL), "time": float,
 }
-EVENTS = {"start", "resume", "checkpoint", "checkpoint_failed", "compile_failed", "stop", "end"}
+EVENTS = {"start", "resume", "checkpoint", "checkpoint_failed", "compiled", "compile_failed", "stop", "end"}
 
 
 def test_log_lines_follow_the_documented_schema(tiny_run):

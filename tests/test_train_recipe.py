@@ -135,8 +135,22 @@ def test_compiled_training_matches_eager(tmp_path):
                                  eval_batches=1, sample_tokens=1)
         result = train(config, tokenizer, corpus, recipe, settings, log=lambda *_: None)
         weights[compiled] = {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
+        assert (result["summary"]["compile_s"] is not None) == compiled  # the compile time is reported
     for key, eager in weights[False].items():
         torch.testing.assert_close(weights[True][key], eager, rtol=1e-4, atol=1e-5, msg=key)
+    events = [json.loads(line) for line in (tmp_path / "True" / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e.get("event") == "compiled"] == ["compiled"]
+
+
+def test_cuda_runs_compile_by_default_and_no_compile_opts_out():
+    """Planning for a card on CUDA: compiled unless --no-compile; a CPU run stays eager."""
+    from onecard.plan.choose import RecipeRequest, choose_recipe
+    config = GPTConfig.from_depth(4, vocab_size=1024, sequence_len=256)
+    kwargs = dict(seq_len=256, micro_batch=4, total_batch=1024, tokens=10**6)
+    assert choose_recipe(RecipeRequest(compile_by_default=True), config, "cpu", **kwargs).recipe.compile
+    opted_out = RecipeRequest(compile_by_default=True, overrides={"compile": False})
+    assert not choose_recipe(opted_out, config, "cpu", **kwargs).recipe.compile
+    assert not choose_recipe(RecipeRequest(), config, "cpu", **kwargs).recipe.compile
 
 
 def test_resumed_run_keeps_its_recipe():

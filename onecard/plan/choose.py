@@ -34,6 +34,7 @@ class RecipeRequest:
     vram_gib: float | None = None
     dry_run: bool = False
     power_watts: float | None = None
+    compile_by_default: bool = False  # CUDA runs compile unless --no-compile (not counted as a request)
 
     @property
     def asked(self) -> bool:
@@ -148,7 +149,16 @@ def _card_for(request: RecipeRequest, device: str, local: tuple[str, int] | None
         return None, [f"{error}; without it there is no prediction and the recipe is not fitted"]
 
 
-def choose_recipe(request: RecipeRequest, config: GPTConfig, device: str, *, seq_len: int,
+def choose_recipe(request: RecipeRequest, config: GPTConfig, device: str, **kwargs) -> Choice:
+    """The recipe this run executes (see _choose); compiled by default where the request says so."""
+    choice = _choose(request, config, device, **kwargs)
+    if request.compile_by_default and "compile" not in request.overrides and not choice.recipe.compile:
+        choice.recipe = choice.recipe.with_(compile=True)
+        choice.notes.append("torch.compile on (the default on CUDA; --no-compile for eager)")
+    return choice
+
+
+def _choose(request: RecipeRequest, config: GPTConfig, device: str, *, seq_len: int,
                   micro_batch: int | None, total_batch: int, tokens: int, resumed: Recipe | None = None,
                   gpus: int = 1, local: tuple[str, int] | None = None, host_bytes: int | None = None,
                   why_not: WhyNot | None = None) -> Choice:
