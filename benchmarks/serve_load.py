@@ -44,9 +44,13 @@ QUESTIONS = ["What does `json.dumps` do?", "What is 123 * 45?", "What does `os.p
 
 
 def commit() -> str:
+    """HEAD, marked when the working tree holds changes that it does not."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("ONECARD_COMMIT", "unknown")
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -235,8 +236,6 @@ def test_a_client_that_disconnects_stops_its_generation(runs):
 
 def raw(port: int, request: bytes, timeout: float = 5) -> bytes:
     """Send bytes as they are (httpx refuses to send a malformed request) and read the answer."""
-    import socket
-
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(request)
         return sock.recv(65536)
@@ -259,6 +258,15 @@ def test_malformed_requests_never_take_the_server_down(runs, chat_server):
     assert raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}") \
         .startswith(b"HTTP/1.1 400")
     assert httpx.request("DELETE", url).status_code == 405
+    half = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"mess"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(half)  # and hang up mid-body
+    slow = Running(create_app(scripted_backend(Tokenizer.load(runs[1] / "tokenizer"), "x"),
+                              Limits(body_timeout_s=0.3)))
+    try:  # a body that never arrives in full gets 408 when its time is up
+        assert raw(int(slow.url.rsplit(":", 1)[1]), half).startswith(b"HTTP/1.1 408")
+    finally:
+        slow.stop()
     failing = Running(create_app(scripted_backend(Tokenizer.load(runs[1] / "tokenizer"), "x", fail=True)))
     try:
         with pytest.raises(openai.InternalServerError, match="scripted failure"):
