@@ -244,6 +244,7 @@ def choose_letters(model, tokenizer: Tokenizer, problems: list[Problem], batch_t
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p.question}])[-model.rotary_len:]
                for p in problems]
     chosen: list[str] = [""] * len(problems)
+    ids_of: dict[tuple[str, ...], list[int]] = {}
     was_training = model.training
     model.eval()
     try:
@@ -258,7 +259,9 @@ def choose_letters(model, tokenizer: Tokenizer, problems: list[Problem], batch_t
                 logits = model.logits(last).float()
             for b, i in enumerate(group):
                 letters = problems[i].letters
-                chosen[i] = letters[int(logits[b, letter_ids(tokenizer, letters)].argmax())]
+                if letters not in ids_of:
+                    ids_of[letters] = letter_ids(tokenizer, letters)
+                chosen[i] = letters[int(logits[b, ids_of[letters]].argmax())]
             if on_batch:
                 on_batch(len(group))
     finally:

@@ -9,18 +9,24 @@ kind, data file, shots, continuation delimiter), `eval_data/**.jsonl` (the examp
                      mean loss wins
   language_modeling  the continuation must be exactly what greedy decoding writes
 
-The rules below are nanochat's (karpathy/nanochat at commit fae3aca: nanochat/core_eval.py for
-prompts, few-shot choice and scoring; scripts/base_eval.py for reading the bundle, the shuffle and
-the centering), written here anew; tests/test_core_metric.py proves that per-example choices and
-the score equal nanochat's own code on the same model.
+The rules below are nanochat's, written here anew: prompts, few-shot choice and scoring from
+nanochat/core_eval.py (karpathy/nanochat commit fae3aca, in ../shared/reference); reading the
+bundle, the shuffle, --max-per-task and the centering from scripts/base_eval.py (not in the
+reference copy: read in copies of that script found with the search tool, which agree).
+tests/test_core_metric.py proves that rendered tokens, per-example choices and the score equal
+nanochat's own core_eval.py on the same model.
 
   * Examples are shuffled with random.Random(1337) and cut to --max-per-task; example i's k
     few-shot examples are random.Random(1234 + i).sample of the others (after the cut).
   * Prompts: each few-shot example as "<context><delimiter><its gold continuation>\\n\\n", then the
     item; language modelling strips the contexts and the prompt without the continuation.
-  * Every prompt is encoded after a <|bos|>; the scored span is what follows the choices' common
-    prefix (multiple choice), what precedes their common suffix (schema), or the continuation.
+  * Every prompt is encoded after a <|bos|>; the scored span is what follows the options' common
+    prefix (multiple choice), their common suffix (schema), or the continuation.
   * centered accuracy = (accuracy - baseline/100) / (1 - baseline/100); CORE = their mean.
+
+Where nanochat's code stops with an assertion (a language-modelling prompt whose tokens without
+the continuation are not a prefix of those with it), onecard scores from the tokens the two share;
+rows longer than the model's rotary table are cut from the left (nanochat never cuts its own model's).
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from onecard.tokenizer import Tokenizer
 KINDS = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337  # base_eval.py: the order in which --max-per-task cuts
 FEWSHOT_SEED = 1234  # core_eval.py: example i draws its shots from Random(1234 + i)
-BUNDLE_HELP = "get it with `onecard data download eval-bundle --dir DIR` (about 162 MB) and pass --bundle DIR"
+DEFAULT_BUNDLE = Path("data") / "eval_bundle"  # where `onecard data download eval-bundle` puts it
+BUNDLE_HELP = (f"get it with `onecard data download eval-bundle` (about 162 MB, unpacked into {DEFAULT_BUNDLE}, "
+               "read from there by default) or give --bundle FOLDER")
 
 
 @dataclass

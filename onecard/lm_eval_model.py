@@ -28,6 +28,18 @@ from onecard.scoring import BATCH_TOKENS, Row, crop, score_rows
 DEFAULT_GEN_TOKENS = 256
 
 
+def pick_device(name: str | None) -> str:
+    """The harness's --device (default cuda:0, on every machine) as a device this machine has."""
+    import torch
+
+    from onecard.device import resolve_device
+
+    name = (name or "auto").lower()
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"  # as the harness's own Hugging Face model falls back
+    return resolve_device("auto") if name == "auto" else name
+
+
 @register_model("onecard")
 class OnecardLM(LM):
     """pretrained: an onecard run directory or a nanochat checkpoint directory; or pass model= and
@@ -37,12 +49,11 @@ class OnecardLM(LM):
                  max_length: int | None = None, tokenizer=None, model=None, **_harness_options) -> None:
         super().__init__()
         if model is None:
-            from onecard.device import resolve_device
             from onecard.weights import load_weights
 
             if not pretrained:
                 raise UsageError("the onecard model needs pretrained=RUN_DIR")
-            model, tokenizer, _ = load_weights(pretrained, resolve_device(device or "auto"), tokenizer_path=tokenizer)
+            model, tokenizer, _ = load_weights(pretrained, pick_device(device), tokenizer_path=tokenizer)
         self.model, self.tokenizer = model, tokenizer
         self.max_length = int(max_length or model.config.sequence_len)
         self.batch_tokens = int(batch_tokens)
@@ -96,7 +107,8 @@ class OnecardLM(LM):
         max_tokens = int(options.get("max_gen_toks", DEFAULT_GEN_TOKENS))
         temperature = float(options.get("temperature", 0.0)) if options.get("do_sample") else 0.0
         prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(context)]
-        prompt = prompt[-max(1, self.max_length - max_tokens):]
+        # at most the model's context of prompt, and room in the rotary table for the reply
+        prompt = prompt[-max(1, min(self.max_length, self.model.rotary_len - max_tokens)):]
         tokens: list[int] = []
         text = ""
         engine = Engine(self.model, self.tokenizer, tools=False)
@@ -118,9 +130,10 @@ def run_harness(model, tokenizer, tasks: list[str], include_path: str | None = N
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=include_path)  # the harness's own 14,000 tasks: seconds to index
+    unknown = [t for t in tasks if t not in set(manager.all_tasks)]
     if unknown:
         where = f" (with --lm-eval-include {include_path})" if include_path else ""
         raise UsageError(f"lm-evaluation-harness has no task {', '.join(map(repr, unknown))}{where}: "

@@ -38,6 +38,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from onecard.errors import UsageError
+
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 NAMESPACES = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"]
 
@@ -76,6 +78,9 @@ def run_python(program: str, limits: Limits = Limits(), namespaces: bool = True,
                audit_hook: bool = True) -> Outcome:
     """Run `program` confined; passed means it ran to its end and exited 0 within the limits.
     namespaces, landlock and audit_hook turn single layers off, for tests that prove each alone."""
+    if os.name != "posix":
+        raise UsageError("running model-written code (HumanEval) needs Linux or macOS: its sandbox uses POSIX "
+                         "resource limits and process groups")
     box = Path(tempfile.mkdtemp(prefix="onecard-sandbox-"))
     try:
         work = box / "work"

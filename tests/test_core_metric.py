@@ -237,7 +237,8 @@ def test_bad_bundles_are_one_line_errors(tmp_path, breakage, says):
     assert says in str(error.value) and "\n" not in str(error.value)
 
 
-def test_eval_core_command_writes_results(run_dir, tmp_path, capsys):
+def test_eval_core_command_writes_results(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/eval_bundle here to fall back on
     bundle = write_bundle(tmp_path / "bundle")
     assert main(["eval", str(run_dir), "--task", "core", "--bundle", str(bundle), "--max-per-task", "5",
                  "--device", "cpu"]) == 0
@@ -251,3 +252,30 @@ def test_eval_core_command_writes_results(run_dir, tmp_path, capsys):
     assert main(["eval", str(run_dir), "--task", "core", "--device", "cpu"]) == 2  # no bundle
     err = capsys.readouterr().err
     assert "onecard data download eval-bundle" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bpb_task_equals_nanochats_bits_per_byte(run_dir, tmp_path, capsys):
+    """`--task bpb`: the held-out split's bits per byte, special tokens (every document's <|bos|>)
+    counting no bytes, as nanochat's loss_eval.evaluate_bpb computes it on the same batches."""
+    loss_eval = nanochat("fae3aca", "loss_eval")
+    from onecard.data import Corpus
+    from onecard.loader import TokenLoader
+
+    rng = random.Random(3)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": phrase(rng, 60)}) + "\n" for _ in range(1500)))
+    assert main(["eval", str(run_dir), "--task", "bpb", "--data", str(corpus), "--bpb-tokens", "2048",
+                 "--batch-tokens", "1024", "--device", "cpu"]) == 0
+    entry = json.loads((run_dir / "eval.json").read_text())["tasks"]["bpb"]
+    assert entry["examples"] == 2048 and entry["unit"] == "tokens"
+    model, tokenizer, _ = load_weights(run_dir)
+
+    class Nanochat:  # the interface loss_eval calls
+        def get_device(self):
+            return torch.device("cpu")
+
+        def __call__(self, x, y, loss_reduction="mean"):
+            return model(x, y, loss_reduction=loss_reduction)
+    loader = TokenLoader(Corpus(corpus), tokenizer, 32, model.config.sequence_len, split="val")
+    theirs = loss_eval.evaluate_bpb(Nanochat(), iter(loader), 2, tokenizer.token_bytes())
+    assert entry["value"] == pytest.approx(theirs, rel=1e-5)

@@ -1,0 +1,53 @@
+"""`onecard report` carries the report card: BASE and SFT rows (the SFT run found through init_from,
+from either side), CORE and the chat tasks, ChatCORE, each stage's time, energy and cost, and GPT-2's
+CORE as the reference line."""
+
+import json
+
+from onecard.cli import main
+from onecard.eval_results import merge
+from onecard.report import card_text, report_card, write_report
+
+
+def make_run(path, stage, init_from=None, energy=None, cost=None):
+    path.mkdir()
+    (path / "log.jsonl").write_text('{"step": 1, "loss": 3.0, "wall_s": 1.0}\n')
+    (path / "config.json").write_text(json.dumps({"stage": stage, "init_from": init_from, "train": {}}))
+    (path / "summary.json").write_text(json.dumps({"status": "finished", "wall_s": 7200.0, "energy_kwh": energy,
+                                                   "cost": cost, "currency": "EUR"}))
+    return path
+
+
+def test_card_rows_from_both_sides(tmp_path, capsys):
+    base = make_run(tmp_path / "base", "pretrain", energy=1.5, cost=0.45)
+    sft = make_run(tmp_path / "base-sft", "sft", init_from=str(base), energy=0.1, cost=0.03)
+    make_run(tmp_path / "unrelated-sft", "sft", init_from=str(tmp_path / "elsewhere"))
+    merge(base, {"core": {"value": 0.0123, "max_per_task": None}, "bpb": {"value": 1.2}})
+    merge(sft, {"arc-easy": {"value": 0.31}, "arc-challenge": {"value": 0.26}, "mmlu": {"value": 0.27},
+                "gsm8k": {"value": 0.02, "max_per_task": 50}, "humaneval": {"value": 0.0}})
+    for start in (base, sft):
+        rows = report_card(start)
+        assert [r.stage for r in rows] == ["BASE", "SFT", "GPT-2 1.5B (reference)"]
+        assert rows[0].cells[0] == (0.0123, False) and rows[1].cells[4] == (0.02, True)
+        assert rows[2].cells[0][0] == 0.256525
+    chatcore = json.loads((sft / "eval.json").read_text())["chatcore"]
+    assert chatcore["partial"] and chatcore["value"] > 0
+    text = card_text(report_card(base))
+    assert "BASE CORE 0.0123 does not beat GPT-2 1.5B's 0.2565" in text
+    assert "0.0200*" in text and "* on --max-per-task examples only" in text and "1.5 kWh" in text
+    assert "0.45 EUR" in text and "2 h 00 min" in text
+    page = write_report(sft).read_text()
+    assert "<h2>Evaluation</h2>" in page and "<th>SFT</th>" in page and "<th>GPT-2 1.5B (reference)</th>" in page
+    assert main(["report", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "ChatCORE" in out and "does not beat GPT-2" in out
+
+
+def test_no_card_before_an_evaluation_and_a_damaged_file(tmp_path):
+    base = make_run(tmp_path / "base", "pretrain")
+    assert report_card(base) == []
+    assert "Not evaluated yet" in write_report(base).read_text()
+    (base / "eval.json").write_text("{not json")
+    assert report_card(base) == []
+    (base / "eval.json").write_text(json.dumps({"tasks": {"core": {"value": "NaN"}, "mmlu": {"value": 1e999}}}))
+    assert report_card(base) == []  # nothing it can show
