@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,29 +23,13 @@ from pathlib import Path
 
 import torch
 
-from onecard.data import Corpus, iter_texts
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this is loaded
+from common import commit, demo_model  # noqa: E402
+
 from onecard.engine import Engine, Sampling
-from onecard.model import GPTConfig, build_model
-from onecard.tokenizer import Tokenizer
 from onecard.weights import load_weights
 
 HERE = Path(__file__).resolve().parent
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ONECARD_COMMIT", "unknown")
-
-
-def demo_model():
-    """The CPU demo's shape (4 layers, width 128, context 128, vocabulary 2,048), random weights."""
-    tokenizer = Tokenizer.train(iter_texts(Corpus.embedded(), 300_000), 2048)
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=128, vocab_size=tokenizer.vocab_size, n_layer=4, n_head=2, n_kv_head=2, n_embd=128)
-    return build_model(config), tokenizer
 
 
 @torch.inference_mode()  # the same mode as the engine: the comparison is of the cache alone

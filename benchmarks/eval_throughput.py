@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,13 +26,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this is loaded
+from common import commit, demo_model  # noqa: E402
+
 from onecard import chat_tasks as ct
 from onecard import core_metric as cm
 from onecard.data import Corpus, iter_texts
 from onecard.engine import Engine
-from onecard.model import GPTConfig, build_model
 from onecard.sandbox import run_python
-from onecard.tokenizer import Tokenizer
 from onecard.weights import load_weights
 
 HERE = Path(__file__).resolve().parent
@@ -42,25 +42,6 @@ ROOT = HERE.parent
 CORE_SHAPES = [("hellaswag-like", "multiple_choice", 0, 40, 4, 20), ("hellaswag-like", "multiple_choice", 5, 40, 4, 20),
                ("winograd-like", "schema", 0, 20, 2, 8), ("winograd-like", "schema", 5, 20, 2, 8),
                ("lambada-like", "language_modeling", 0, 60, 1, 1), ("lambada-like", "language_modeling", 5, 60, 1, 1)]
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ONECARD_COMMIT", "unknown")
-
-
-def demo_model():
-    """The CPU demo's shape (4 layers, width 128, context 128, vocabulary 2,048), random weights."""
-    tokenizer = Tokenizer.train(iter_texts(Corpus.embedded(), 300_000), 2048)
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=128, vocab_size=tokenizer.vocab_size, n_layer=4, n_head=2, n_kv_head=2, n_embd=128)
-    model = build_model(config)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.02)  # nanochat's init zeroes the head: every logit would tie
-    return model, tokenizer
 
 
 def words(rng: random.Random, pool: list[str], n: int) -> str:
@@ -173,7 +154,7 @@ def main() -> int:
     parser.add_argument("--programs", type=int, default=20, help="HumanEval programs through the sandbox")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
-    model, tokenizer = load_weights(args.run_dir)[:2] if args.run_dir else demo_model()
+    model, tokenizer = load_weights(args.run_dir)[:2] if args.run_dir else demo_model(head_std=0.02)
     model.eval()
     pool = [w for text in iter_texts(Corpus.embedded(), 200_000) for w in text.split() if w.isalpha()][:5000]
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"onecard-eval-bench-{os.getpid()}"

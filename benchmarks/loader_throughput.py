@@ -26,7 +26,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -38,6 +37,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this is loaded
+from common import commit  # noqa: E402
+
 from onecard.data import Corpus, iter_texts
 from onecard.loader import TokenLoader
 from onecard.plan.choose import build_settings, choose_gpu
@@ -46,14 +48,6 @@ from onecard.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
 TARGET_D12 = 55_000  # the figure for a d12-sized model on a 4070-class card (tokens/s)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ONECARD_COMMIT", "unknown")
 
 
 def prose_of(path: Path) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -37,6 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this is loaded
+from common import commit  # noqa: E402
 
 from onecard.device import local_card
 from onecard.measure import time_recipe_steps
@@ -48,15 +50,6 @@ from onecard.plan.timing import predict_time
 from onecard.recipe import NAMED
 
 HERE = Path(__file__).resolve().parent
-
-
-def commit() -> str:
-    """The commit measured: git's HEAD, or ONECARD_COMMIT where the copy has no git (a lent machine)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ONECARD_COMMIT", "unknown")
 
 
 def run_steps(config: GPTConfig, recipe, accum: int, steps: int, device: str, total_batch: int) -> dict:

@@ -37,22 +37,13 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this is loaded
+from common import commit  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 QUESTIONS = ["What does `json.dumps` do?", "What is 123 * 45?", "What does `os.path.join` do?",
              "What is 17 + 25?", "What does `re.compile` do?", "What does `str.split` do?",
              "What is 9 * 9?", "What does `collections.Counter` do?"]
-
-
-def commit() -> str:
-    """HEAD, marked when the working tree holds changes that it does not."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ONECARD_COMMIT", "unknown")
 
 
 def percentile(values: list[float], share: float) -> float | None:

@@ -35,6 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import commit  # noqa: E402  benchmarks/common.py
+
 DEFAULT_REFERENCE = HERE.parents[1] / "shared" / "reference" / "nanochat-fae3aca"
 
 
@@ -193,7 +196,7 @@ def main() -> int:
         for row in rows.values():
             row["vs_nanochat_memory"] = row["peak_allocated_bytes"] / rows["nanochat"]["peak_allocated_bytes"]
     result = {"command": " ".join(["python", "benchmarks/vs_nanochat.py", *sys.argv[1:]]),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
               "machine": _machine(args.device), "torch": torch.__version__, "shape": shape, "micro_batch": micro,
               "model_flops_per_token": flops_per_token(GPTConfig(**shape)), "reference": "karpathy/nanochat fae3aca",
               "rows": rows}
@@ -206,15 +209,6 @@ def main() -> int:
         print(f"{name:<22} {row['tokens_per_s']:>10,.0f} tokens/s ({row['vs_nanochat_tokens_per_s']:.2f}x){memory}")
     print(f"written: {path}")
     return 0
-
-
-def _commit() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ONECARD_COMMIT", "unknown")
 
 
 def _machine(device: str) -> str:

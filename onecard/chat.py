@@ -36,20 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def newest_chat_run():
-    from pathlib import Path
+    from onecard.run import newest_run
 
-    from onecard.run import read_config
-
-    root, found = Path("runs"), []
-    for path in root.glob("*/model.safetensors") if root.is_dir() else []:
-        try:
-            if read_config(path.parent / "config.json").stage == "sft":
-                found.append((path.stat().st_mtime, path.parent))
-        except (UsageError, OSError):
-            continue
-    if not found:
+    found = newest_run("sft")
+    if found is None:
         raise UsageError("no `onecard sft` run under ./runs: give the run directory (onecard chat RUN_DIR)")
-    return max(found)[1]
+    return found
 
 
 class Chat:

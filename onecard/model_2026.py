@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from onecard.loss import chunked_cross_entropy, fused_cross_entropy
-from onecard.model import GPT, KVCache, OffloadActivations, apply_rotary, norm, recompute
+from onecard.model import GPT, MLP, KVCache, OffloadActivations, apply_rotary, norm, recompute
 from onecard.model_config import (
     SMEAR_CHANNELS,
     VE_GATE_CHANNELS,
@@ -143,21 +143,11 @@ class CausalSelfAttention2026(nn.Module):
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
 
-class MLP2026(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
-
-    def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
-
-
 class Block2026(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.attn = CausalSelfAttention2026(config, layer_idx)
-        self.mlp = MLP2026(config)
+        self.mlp = MLP(config)  # the classic's ReLU² MLP
 
     def forward(self, x, ve, cos, sin, window: int, kv_cache: KVCache | None = None,
                 recompute_mlp: bool = False):

@@ -120,6 +120,19 @@ def read_config(path: Path) -> RunConfig:
     return RunConfig.from_dict(data, str(path))
 
 
+def newest_run(stage: str, root: Path = Path("runs")) -> Path | None:
+    """The newest finished run of a stage (pretrain | sft) under ./runs: what `onecard sft` and
+    `onecard chat` take when no run is named."""
+    found = []
+    for path in root.glob("*/model.safetensors") if root.is_dir() else []:
+        try:
+            if read_config(path.parent / "config.json").stage == stage:
+                found.append((path.stat().st_mtime, path.parent))
+        except (UsageError, OSError):
+            continue
+    return max(found)[1] if found else None
+
+
 def write_json(path: Path, data: dict) -> None:
     """Replace a small JSON file atomically: a reader never sees half of it."""
     tmp = path.with_name(path.name + ".tmp")

@@ -70,21 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
 
 
-def newest_base_run(root: Path = Path("runs")) -> Path:
+def newest_base_run() -> Path:
     """The newest finished `onecard train` run under ./runs: what `onecard sft` starts from by default."""
-    from onecard.run import read_config
+    from onecard.run import newest_run
 
-    found = []
-    for path in root.glob("*/model.safetensors") if root.is_dir() else []:
-        try:
-            if read_config(path.parent / "config.json").stage == "pretrain":
-                found.append((path.stat().st_mtime, path.parent))
-        except (UsageError, OSError):
-            continue
-    if not found:
-        raise UsageError(f"no finished `onecard train` run under {root}/: train one first (`onecard train`), or "
+    found = newest_run("pretrain")
+    if found is None:
+        raise UsageError("no finished `onecard train` run under runs/: train one first (`onecard train`), or "
                          "give --from RUN_DIR")
-    return max(found)[1]
+    return found
 
 
 def run(args: argparse.Namespace) -> int:
