@@ -6,8 +6,8 @@ planner only predicts the memory, time, energy and cost of training the same mod
 number of tokens here. Sources (karpathy/nanochat):
 - README.md leaderboard table: run 6, commit a825e63 (Mar 14 2026), 1.65 h on 8xH100, CORE 0.2626,
   val bpb 0.71800 ("autoresearch round 2"); GPT-2's CORE 0.256525 (dev/LEADERBOARD.md).
-  That run 6 is d24 at ratio 8 comes from onecard's issue 15; the run's command line could not
-  be read here (not verified).
+  That run 6 is d24 at ratio 8 is what onecard was told of it; the run's command line could not
+  be read in a public source (not verified), and the output says so.
 - dev/LEADERBOARD.md (at commit 00932d1): d26 ratio 8.25, batch 1,048,576, fp8, CORE 0.26024
   (commit 2c062aa); d26 ratio 8.5, batch 524,288, fp8, CORE 0.2578 (commit a67eba3). These two
   predate the 92d63d4 architecture and the ClimbMix data (README table, run 4): their CORE may
@@ -37,7 +37,7 @@ class Run:
 
 
 RUNS = (
-    Run(24, 8.0, 0.2626, "a825e63", "leaderboard run 6, 1.65 h on 8xH100 (depth and ratio: issue 15, unverified)"),
+    Run(24, 8.0, 0.2626, "a825e63", "leaderboard run 6, 1.65 h on 8xH100 (its depth and ratio not verified in a public source)"),
     Run(26, 8.25, 0.26024, "2c062aa", "dev/LEADERBOARD.md, fp8, 2.76 h on 8xH100", 1_048_576),
     Run(26, 8.5, 0.2578, "a67eba3", "dev/LEADERBOARD.md, fp8, 2.91 h on 8xH100", 524_288),
 )
