@@ -37,7 +37,8 @@ class Run:
 
 
 RUNS = (
-    Run(24, 8.0, 0.2626, "a825e63", "leaderboard run 6, 1.65 h on 8xH100 (its depth and ratio not verified in a public source)"),
+    Run(24, 8.0, 0.2626, "a825e63",
+        "leaderboard run 6, 1.65 h on 8xH100 (its depth and ratio not verified in a public source)"),
     Run(26, 8.25, 0.26024, "2c062aa", "dev/LEADERBOARD.md, fp8, 2.76 h on 8xH100", 1_048_576),
     Run(26, 8.5, 0.2578, "a67eba3", "dev/LEADERBOARD.md, fp8, 2.91 h on 8xH100", 524_288),
 )
