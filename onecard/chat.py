@@ -15,8 +15,6 @@ from onecard.args import fraction, positive_int, seed, temperature, text_arg
 from onecard.errors import UsageError
 
 HELP = "commands: /clear  /temperature T  /topk K  /quit   (Ctrl-C stops a reply)"
-# How the calculator's tokens show on screen: [calculator: 6*7 = 42]
-SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "]"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +51,7 @@ class Chat:
         self.messages: list[dict] = []
 
     def reply(self, text: str) -> str:
-        from onecard.conversations import normalize, prompt_ids
+        from onecard.conversations import normalize, prompt_ids, show_tool_calls
 
         messages = self.messages + [{"role": "user", "content": text}]
         if self.system:
@@ -66,9 +64,7 @@ class Chat:
 
         def show(_sample: int, piece: str) -> None:
             pieces.append(piece)
-            for token, shown in SHOWN.items():
-                piece = piece.replace(token, shown)
-            self.out.write(piece)
+            self.out.write(show_tool_calls(piece))
             self.out.flush()
         try:
             self.engine.complete(prompt, self.sampling, on_text=show)

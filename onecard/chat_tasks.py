@@ -40,8 +40,6 @@ from onecard.scoring import BATCH_TOKENS, Row, batches
 from onecard.tokenizer import Tokenizer
 
 CATEGORICAL = ("arc-easy", "arc-challenge", "mmlu")
-GENERATIVE = ("gsm8k", "humaneval")
-TASKS = CATEGORICAL + GENERATIVE
 LETTERS = ("A", "B", "C", "D")
 ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
 CODE_BLOCK = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)

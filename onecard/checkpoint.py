@@ -25,7 +25,6 @@ file that cannot be read for want of permission is not damage: an error, and not
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -40,6 +39,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from onecard.hashing import sha256
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -129,14 +130,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_bytes(obj) -> int:

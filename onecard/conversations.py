@@ -22,6 +22,9 @@ from onecard.errors import UsageError
 from onecard.tokenizer import Tokenizer
 
 PART_TYPES = ("text", "python", "python_output")
+# How the calculator's tokens read on a screen or in an API reply: [calculator: 6*7 = 42]
+TOOL_SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
+              "<|output_end|>": "]"}
 
 
 class BadConversation(ValueError):
@@ -50,6 +53,13 @@ def _check_content(content: object, role: str, index: int) -> None:
                                   "text: ...}")
     if not any(p["text"].strip() for p in content if p["type"] != "python_output"):
         raise BadConversation(f"message {index} is an empty assistant turn")
+
+
+def show_tool_calls(text: str) -> str:
+    """Decoded model text with its calculator tokens written as people read them (TOOL_SHOWN)."""
+    for token, shown in TOOL_SHOWN.items():
+        text = text.replace(token, shown)
+    return text
 
 
 def normalize(raw: object) -> list[dict]:

@@ -277,7 +277,7 @@ def score_task(model, tokenizer: Tokenizer, task: CoreTask, examples: list[dict]
                      correct)
 
 
-def rows_in(tokenizer: Tokenizer, task: CoreTask, examples: list[dict]) -> int:
+def rows_in(task: CoreTask, examples: list[dict]) -> int:
     """How many rows scoring the task runs: one per option, one per language-modelling example."""
     if task.kind == "language_modeling":
         return len(examples)

@@ -14,7 +14,6 @@ Standard library only (urllib in threads): no dependency for the one job of movi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from onecard.byteprogress import Progress
 from onecard.errors import UsageError
+from onecard.hashing import sha256
 
 USER_AGENT = "onecard-download/1"
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -306,7 +306,7 @@ def _finish(job: Job, part: Path, side: Path, progress: Progress) -> Result:
     if meta.get("size") is not None:
         checks.append(f"size {size:,} B")
     if meta.get("sha256"):
-        digest = _sha256(part)
+        digest = sha256(part)
         if digest != meta["sha256"]:
             _discard(part, side, progress)
             raise _Retry("SHA-256 differs from the server's: fetching it again")
@@ -382,14 +382,6 @@ def _network_reason(e: BaseException) -> str:
     reason = getattr(e, "reason", None) or e
     text = str(reason).strip() or type(reason).__name__
     return f"network error ({text.splitlines()[0]})"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -19,11 +19,11 @@ the four-way multiple-choice tasks and 0 for the open-ended ones, given only whe
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from onecard.errors import UsageError
+from onecard.units import finite_number
 
 FILE = "eval.json"
 FORMAT = 1
@@ -47,7 +47,7 @@ def read(run_dir: Path) -> dict:
 
 def chatcore(tasks: dict) -> dict | None:
     """ChatCORE from the five chat tasks' accuracies, or None unless all five were measured."""
-    values = {name: _number(tasks.get(name, {}).get("value")) for name in CHAT_BASELINES}
+    values = {name: finite_number(tasks.get(name, {}).get("value")) for name in CHAT_BASELINES}
     if any(v is None for v in values.values()):
         return None
     centered = {name: (v - CHAT_BASELINES[name]) / (1 - CHAT_BASELINES[name]) for name, v in values.items()}
@@ -77,7 +77,7 @@ def merge(run_dir: Path, results: dict[str, dict]) -> dict:
 def card_value(record: dict, key: str) -> float | None:
     """A report-card cell's value, or None where it was not measured."""
     entry = _entry(record, key)
-    return _number(entry.get("value")) if entry else None
+    return finite_number(entry.get("value")) if entry else None
 
 
 def card_partial(record: dict, key: str) -> bool:
@@ -90,9 +90,3 @@ def _entry(record: dict, key: str) -> dict | None:
     tasks = record.get("tasks")
     entry = record.get(key) if key == "chatcore" else tasks.get(key) if isinstance(tasks, dict) else None
     return entry if isinstance(entry, dict) else None
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)

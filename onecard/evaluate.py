@@ -221,7 +221,7 @@ def run_core(args, model, tokenizer, device: str) -> dict:
     for task in tasks:
         data = examples[task.label]
         begun = time.perf_counter()
-        with progress(f"core {task.label}", cm.rows_in(tokenizer, task, data)) as advance:
+        with progress(f"core {task.label}", cm.rows_in(task, data)) as advance:
             score = cm.score_task(model, tokenizer, task, data, args.batch_tokens, advance)
         took = time.perf_counter() - begun
         print(f"  {task.label:<38} {task.num_fewshot}-shot {task.kind:<18} accuracy {score.accuracy:.4f}  "

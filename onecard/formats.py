@@ -38,29 +38,30 @@ _ONECARD_LAYER = {hf: ours for ours, hf in _HF_LAYER.items()}
 _LAYER_KEY = re.compile(r"^(transformer\.h|model\.layers)\.(\d+)\.(.+)\.weight$")
 
 
-def hf_name(name: str) -> str:
-    """onecard (= nanochat) parameter name -> transformers' name."""
-    if name == "transformer.wte.weight":
-        return "model.embed_tokens.weight"
+def _rename(name: str, embed: tuple[str, str], prefixes: tuple[str, str], layer: dict[str, str],
+            refusal: str) -> str:
+    """A parameter name from one naming (embed[0], prefixes[0], layer's keys) to the other."""
+    if name == embed[0]:
+        return embed[1]
     if name == "lm_head.weight":
         return name
     found = _LAYER_KEY.match(name)
-    if not found or found.group(1) != "transformer.h" or found.group(3) not in _HF_LAYER:
-        raise UsageError(f"parameter {name!r} has no place in transformers' nanochat model")
-    return f"model.layers.{found.group(2)}.{_HF_LAYER[found.group(3)]}.weight"
+    if not found or found.group(1) != prefixes[0] or found.group(3) not in layer:
+        raise UsageError(f"parameter {name!r} {refusal}")
+    return f"{prefixes[1]}.{found.group(2)}.{layer[found.group(3)]}.weight"
+
+
+def hf_name(name: str) -> str:
+    """onecard (= nanochat) parameter name -> transformers' name."""
+    return _rename(name, ("transformer.wte.weight", "model.embed_tokens.weight"), ("transformer.h", "model.layers"),
+                   _HF_LAYER, "has no place in transformers' nanochat model")
 
 
 def onecard_name(name: str) -> str:
     """transformers' nanochat parameter name -> onecard's."""
-    if name == "model.embed_tokens.weight":
-        return "transformer.wte.weight"
-    if name == "lm_head.weight":
-        return name
-    found = _LAYER_KEY.match(name)
-    if not found or found.group(1) != "model.layers" or found.group(3) not in _ONECARD_LAYER:
-        raise UsageError(f"parameter {name!r} of the transformers model has no place in onecard's model "
-                         "(biases, norm weights and tied heads are not part of it)")
-    return f"transformer.h.{found.group(2)}.{_ONECARD_LAYER[found.group(3)]}.weight"
+    return _rename(name, ("model.embed_tokens.weight", "transformer.wte.weight"), ("model.layers", "transformer.h"),
+                   _ONECARD_LAYER, "of the transformers model has no place in onecard's model "
+                   "(biases, norm weights and tied heads are not part of it)")
 
 
 # ---------------------------------------------------------------- config.json
@@ -249,11 +250,13 @@ def hf_tokenizer_config(sequence_len: int) -> dict:
     }
 
 
-def read_hf_tokenizer(path: Path) -> tuple[dict[bytes, int], dict[str, int], str]:
+def read_hf_tokenizer(path: Path, data: dict | None = None) -> tuple[dict[bytes, int], dict[str, int], str]:
     """A `tokenizers` byte-level BPE tokenizer.json (as transformers writes for nanochat) ->
-    (tiktoken ranks, special tokens, split pattern). UsageError if tiktoken would encode otherwise."""
+    (tiktoken ranks, special tokens, split pattern). UsageError if tiktoken would encode otherwise.
+    `data`: the file's JSON when the caller has parsed it already."""
     try:
-        data = json.loads(path.read_bytes())
+        if data is None:
+            data = json.loads(path.read_bytes())
         pattern = _split_pattern(data)
         model = data["model"]
         if model.get("type") != "BPE":

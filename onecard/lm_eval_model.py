@@ -99,7 +99,7 @@ class OnecardLM(LM):
         return [self._generate(*request.args) for request in requests]
 
     def _generate(self, context: str, options: dict | None) -> str:
-        from onecard.engine import Engine, Sampling
+        from onecard.engine import Engine, Sampling, TextStream
 
         options = dict(options or {})
         until = options.get("until") or []
@@ -109,17 +109,16 @@ class OnecardLM(LM):
         prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(context)]
         # at most the model's context of prompt, and room in the rotary table for the reply
         prompt = prompt[-max(1, min(self.max_length, self.model.rotary_len - max_tokens)):]
-        tokens: list[int] = []
-        text = ""
+        text, stream = "", TextStream(self.tokenizer)
         engine = Engine(self.model, self.tokenizer, tools=False)
         for step in engine.generate(prompt, Sampling(temperature=temperature, top_k=None, max_tokens=max_tokens)):
             item = step[0]
             if item is None or item[0] in engine.stop_ids:
                 break
-            tokens.append(item[0])
-            text = self.tokenizer.decode(tokens)
+            text += stream.push(item[0])  # whole characters only: a stop string is text
             if any(stop in text for stop in until):
                 break
+        text += stream.flush()
         cut = min((text.index(stop) for stop in until if stop in text), default=len(text))
         return text[:cut]
 

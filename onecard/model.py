@@ -247,10 +247,14 @@ class GPT(nn.Module):
         if self.loss == "chunked":
             return chunked_cross_entropy(self.logits, hidden, targets, loss_reduction, self.loss_chunk_rows)
         if self.loss == "fused":
-            return fused_cross_entropy(hidden, self.lm_head.weight, targets, LOGIT_SOFTCAP, loss_reduction)
+            return fused_cross_entropy(hidden, self.head_weight(), targets, LOGIT_SOFTCAP, loss_reduction)
         logits = self.logits(hidden)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
+
+    def head_weight(self) -> torch.Tensor:
+        """The head's weight as the fused loss takes it (a family with a padded vocabulary trims it)."""
+        return self.lm_head.weight
 
     def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Everything before the head: embedding, blocks, final norm. Returns (B, T, n_embd)."""

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from onecard.loss import chunked_cross_entropy, fused_cross_entropy
 from onecard.model import GPT, MLP, KVCache, OffloadActivations, apply_rotary, norm, recompute
 from onecard.model_config import (
     SMEAR_CHANNELS,
@@ -235,19 +234,9 @@ class GPT2026(GPT):
         """Kept in bf16 on CUDA even with fp32 weights, as nanochat stores them (init_weights)."""
         return [self.transformer.wte.weight, *self.value_embeds.parameters()]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
-        hidden = self.trunk(idx, kv_cache)
-        if targets is None:
-            return self.logits(hidden)
-        if self.loss == "chunked":
-            return chunked_cross_entropy(self.logits, hidden, targets, loss_reduction, self.loss_chunk_rows)
-        if self.loss == "fused":
-            weight = self.lm_head.weight[:self.config.vocab_size]
-            return fused_cross_entropy(hidden, weight, targets, LOGIT_SOFTCAP, loss_reduction)
-        logits = self.logits(hidden)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+    def head_weight(self) -> torch.Tensor:
+        """The head's rows of real tokens: the padding rows never score (the fused loss takes them)."""
+        return self.lm_head.weight[:self.config.vocab_size]
 
     def smear(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         """Add each position's gated previous-token embedding; a decode step takes it from the cache."""

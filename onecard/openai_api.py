@@ -17,10 +17,9 @@ from dataclasses import dataclass, field, fields
 
 from onecard.conversations import BadConversation, normalize
 from onecard.engine import Sampling
+from onecard.units import NumberError, parse_number
 
-# What the calculator's tokens look like in a reply (as `onecard chat` shows them), and back.
-SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
-         "<|output_end|>": "]"}
+# A calculator call as a reply shows it (conversations.TOOL_SHOWN), read back from the history.
 CALCULATION = re.compile(r"\[calculator: ([^\]=]*?) = ([^\]]*)\]")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -51,8 +50,8 @@ class Limits:
             if not sep or name not in values:
                 raise ValueError(f"--limit {pair!r}: expected NAME=VALUE with NAME one of {', '.join(values)}")
             try:
-                value = float(text.replace("_", ""))
-            except ValueError:
+                value = parse_number(text)
+            except NumberError:
                 raise ValueError(f"--limit {pair!r}: {text.strip()!r} is not a number") from None
             whole = isinstance(values[name], int)
             if not (math.isfinite(value) and 0 < value <= 2**53) or (whole and not value.is_integer()):

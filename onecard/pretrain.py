@@ -312,12 +312,11 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
     `stopped` (None when the run finished; "signal", "nonfinite", "limit" or "failed") with a message.
     With several ranks (onecard/distributed.py) every rank trains and rank 0 alone writes and logs.
     """
-    from onecard import session
+    from onecard import schedule, schedule_2026, session
     from onecard.distributed import SINGLE
     from onecard.engine import evaluate_bpb
     from onecard.loader import TokenLoader
     from onecard.plan.choose import Prediction
-    from onecard.schedule import lr_multiplier, muon_momentum
 
     world = world or SINGLE
     if isinstance(prediction, dict):
@@ -335,19 +334,9 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
         batches = (val.next_batch() for _ in range(settings.eval_batches))
         return evaluate_bpb(model, batches, token_bytes, settings.device)
 
-    def schedule(step: int) -> float:
-        if model_config.arch != "classic":  # nanochat-2026's schedules (onecard/schedule_2026.py)
-            from onecard import schedule_2026 as s26
-            multiplier = s26.lr_multiplier(step, settings.steps)
-            opt.set_lr_multiplier(multiplier)
-            opt.set_muon_momentum(s26.muon_momentum(step, settings.steps))
-            decay = s26.weight_decay_multiplier(step, settings.steps)
-            for group in opt.muon.param_groups:
-                group["weight_decay"] = group["initial_weight_decay"] * decay
-            return multiplier
-        multiplier = lr_multiplier(step, settings.steps)
-        opt.set_lr_multiplier(multiplier)
-        opt.set_muon_momentum(muon_momentum(step))
-        return multiplier
+    family_schedule = schedule_2026 if model_config.arch != "classic" else schedule
 
-    return session.run(model, opt, loader, accum, validation_bpb, schedule, config, tokenizer, found, world, log)
+    def schedule_step(step: int) -> float:
+        return family_schedule.apply(opt, step, settings.steps)
+
+    return session.run(model, opt, loader, accum, validation_bpb, schedule_step, config, tokenizer, found, world, log)

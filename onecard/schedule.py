@@ -21,3 +21,11 @@ def muon_momentum(step: int, warmup_steps: int = 300) -> float:
     """Muon momentum warms from 0.85 to 0.95 over the first 300 steps."""
     frac = min(step / warmup_steps, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
+
+
+def apply(opt, step: int, total_steps: int) -> float:
+    """Set the step's learning rates and Muon momentum; returns the lr factor."""
+    multiplier = lr_multiplier(step, total_steps)
+    opt.set_lr_multiplier(multiplier)
+    opt.set_muon_momentum(muon_momentum(step))
+    return multiplier

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from onecard import schedule
 from onecard.model_config import GPTConfig, scaling_params
 
 B_REF = 2 ** 19  # tokens per step tuned at d12 (base_train.py B_REF)
@@ -53,13 +54,9 @@ def scaled_weight_decay(config: GPTConfig, total_batch: int, weight_decay: float
 
 
 def lr_multiplier(step: int, total_steps: int) -> float:
-    warmdown = round(WARMDOWN_RATIO * total_steps)
-    if step < WARMUP_STEPS:
-        return (step + 1) / WARMUP_STEPS
-    if step <= total_steps - warmdown:
-        return 1.0
-    progress = (total_steps - step) / warmdown
-    return progress + (1 - progress) * FINAL_LR_FRAC
+    """The classic's shape (onecard/schedule.py) with this family's warm-up, warm-down and floor."""
+    return schedule.lr_multiplier(step, total_steps, warmup_ratio=WARMUP_STEPS / total_steps,
+                                  warmdown_ratio=WARMDOWN_RATIO, final_fraction=FINAL_LR_FRAC)
 
 
 def muon_momentum(step: int, total_steps: int) -> float:
@@ -76,3 +73,14 @@ def muon_momentum(step: int, total_steps: int) -> float:
 
 def weight_decay_multiplier(step: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
+def apply(opt, step: int, total_steps: int) -> float:
+    """Set the step's learning rates, Muon momentum and weight decay; returns the lr factor."""
+    multiplier = lr_multiplier(step, total_steps)
+    opt.set_lr_multiplier(multiplier)
+    opt.set_muon_momentum(muon_momentum(step, total_steps))
+    decay = weight_decay_multiplier(step, total_steps)
+    for group in opt.muon.param_groups:
+        group["weight_decay"] = group["initial_weight_decay"] * decay
+    return multiplier

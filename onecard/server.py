@@ -263,6 +263,11 @@ def create_app(backend: Backend, limits: Limits | None = None, api_key: str | No
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'" if not given else
                            "wrong API key", code="invalid_api_key")
 
+    def check_model(model_id: str | None) -> None:
+        if model_id not in (None, backend.name):
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves {backend.name!r}",
+                           param="model", code="model_not_found")
+
     def model_card() -> dict:
         return {"id": backend.name, "object": "model", "created": backend.created, "owned_by": "onecard",
                 "onecard": {"kind": backend.kind, "context": backend.context}}
@@ -289,18 +294,14 @@ def create_app(backend: Backend, limits: Limits | None = None, api_key: str | No
     async def model(request: Request, model_id: str) -> dict:
         authorize(request)
         backend.require_ready()
-        if model_id != backend.name:
-            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves {backend.name!r}",
-                           param="model", code="model_not_found")
+        check_model(model_id)
         return model_card()
 
     async def generate(request: Request, chat: bool):
         authorize(request)
         backend.require_ready()
         parsed = (parse_chat if chat else parse_completion)(await read_json(request, limits), limits)
-        if parsed.model not in (None, backend.name):
-            raise ApiError(404, f"the model {parsed.model!r} does not exist; this server serves {backend.name!r}",
-                           param="model", code="model_not_found")
+        check_model(parsed.model)
         if chat and backend.kind != "chat":
             raise ApiError(400, f"{backend.name} is a base model: it continues text at /v1/completions",
                            param="messages", code="base_model")

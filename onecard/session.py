@@ -161,9 +161,8 @@ def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], sch
     run_dir = settings.run_dir
     if not main:
         log = _quiet
-    loop_log: list[str] = []  # compile failures go to the log file once it is open
     step = TrainStep(model, opt, settings.device, compile_model=config.recipe.compile, grad_clip=settings.grad_clip,
-                     world=world, on_compile_failed=loop_log.append)
+                     world=world)  # its compile-failure report is set below, once the log file is open
     recipe, device = config.recipe, settings.device
     loop = Loop(model, opt, step, batches, accum, evaluate, schedule, config, meters=None, world=world, log=log,
                 out_of_memory=lambda saved: out_of_memory_message(config.model_config, recipe, device, saved))

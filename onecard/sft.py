@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from onecard import defaults
@@ -100,17 +101,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--run-dir {run_dir} is a file, not a directory")
         if run_dir.resolve() == source.resolve():
             raise UsageError("--run-dir must differ from --from: SFT writes a new run beside the base model")
-        with RunLock(run_dir) if world.main and not args.dry_run else _nothing():
+        with RunLock(run_dir) if world.main and not args.dry_run else nullcontext():
             code = _sft(args, source, run_dir, device, world)
         distributed.barrier(world)
         return code
     finally:
         distributed.finish(world)
-
-
-def _nothing():
-    from contextlib import nullcontext
-    return nullcontext()
 
 
 def _data(args: argparse.Namespace, tokenizer, seq_len: int):

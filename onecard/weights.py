@@ -147,9 +147,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
     raise UsageError(f"{folder} has a transformers config.json but no model.safetensors")
 
 
-def _transformers_tokenizer(path: Path) -> Tokenizer:
-    """transformers' tokenizer.json (byte-level BPE) as onecard's tiktoken tokenizer."""
-    ranks, specials, pattern = formats.read_hf_tokenizer(path)
+def _transformers_tokenizer(path: Path, data: dict) -> Tokenizer:
+    """transformers' tokenizer.json (byte-level BPE, `data` its parsed JSON) as onecard's tiktoken tokenizer."""
+    ranks, specials, pattern = formats.read_hf_tokenizer(path, data)
     try:
         _check_vocabulary(ranks, specials)
         return Tokenizer(tiktoken.Encoding(name=path.parent.name or "transformers", pat_str=pattern,
@@ -173,8 +173,9 @@ def load_transformers(folder: Path, device: str = "cpu", tokenizer_path: str | P
         return state
     _load_state(model, read, files[0])
     tok = Path(tokenizer_path) if tokenizer_path else folder / "tokenizer.json"
-    if tok.is_file() and tok.suffix == ".json" and _is_transformers_tokenizer(tok):
-        tokenizer = _transformers_tokenizer(tok)
+    data = _transformers_tokenizer_json(tok) if tok.is_file() and tok.suffix == ".json" else None
+    if data is not None:
+        tokenizer = _transformers_tokenizer(tok, data)
     elif tokenizer_path:
         tokenizer = Tokenizer.load(tok.parent if tok.name == "tokenizer.pkl" else tok)
     else:
@@ -184,9 +185,10 @@ def load_transformers(folder: Path, device: str = "cpu", tokenizer_path: str | P
     return model, tokenizer, {"layout": "transformers", "path": str(folder), "meta": meta}
 
 
-def _is_transformers_tokenizer(path: Path) -> bool:
+def _transformers_tokenizer_json(path: Path) -> dict | None:
+    """The parsed tokenizer.json if it is transformers' (a `tokenizers` file), else None."""
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "model" in data and "pre_tokenizer" in data
+        return None
+    return data if isinstance(data, dict) and "model" in data and "pre_tokenizer" in data else None

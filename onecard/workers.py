@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from onecard.conversations import show_tool_calls
 from onecard.engine import Engine, Sampling, TextStream
-from onecard.openai_api import SHOWN
 
 log = logging.getLogger("onecard.serve")
 
@@ -64,12 +64,6 @@ class StopFilter:
         return out
 
 
-def shown(text: str) -> str:
-    for token, replacement in SHOWN.items():
-        text = text.replace(token, replacement)
-    return text
-
-
 class _Sample:
     """One sample's text on its way out."""
 
@@ -85,7 +79,7 @@ def run_job(engine: Engine, job: Job) -> None:
 
     def finish(i: int, sample: _Sample, reason: str, flush: bool = True) -> None:
         if flush:  # the last bytes of a character, and text held back for a stop string
-            text, hit = sample.filter.push(shown(sample.stream.flush()))
+            text, hit = sample.filter.push(show_tool_calls(sample.stream.flush()))
             tail = text if hit else text + sample.filter.flush()
             if tail:
                 job.emit(("text", i, tail))
@@ -105,7 +99,7 @@ def run_job(engine: Engine, job: Job) -> None:
                 if token in engine.stop_ids and not forced:
                     finish(i, sample, "stop")
                     continue
-                text, hit = sample.filter.push(shown(sample.stream.push(token)))
+                text, hit = sample.filter.push(show_tool_calls(sample.stream.push(token)))
                 if text:
                     job.emit(("text", i, text))
                 if hit:
@@ -127,7 +121,6 @@ class Workers:
         self.make_engine = make_engine
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queued)
         self.running = 0
-        self.served = 0
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()
         self.threads = [threading.Thread(target=self._loop, name=f"onecard-decode-{i}", daemon=True)
@@ -163,7 +156,6 @@ class Workers:
             finally:
                 with self._lock:
                     self.running -= 1
-                    self.served += 1
                     self._jobs.discard(job)
 
     def close(self, timeout: float = 5.0) -> None:

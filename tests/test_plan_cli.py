@@ -188,5 +188,9 @@ def test_bench_times_the_recipes_own_step_with_its_own_optimizer(tmp_path, monke
     assert states and all(t.fmt == "int8" for t in states)
     train = record["train"]
     assert train["update_s"] > 0 and train["forward_backward_s"] > 0
-    assert train["step_s"] == pytest.approx(train["forward_backward_s"] + train["update_s"], rel=0.05)
+    # the CPU shape (d2, 2 x 128 tokens) and the MFU basis: model FLOPs of forward-backward only
+    from onecard.model_config import GPTConfig, flops_per_token
+    assert (train["depth"], train["tokens"]) == (2, 2 * 128)
+    expected = 2 * 128 / train["forward_backward_s"] * flops_per_token(GPTConfig.from_depth(2, sequence_len=128))
+    assert train["model_flops_per_s"] == pytest.approx(expected, rel=1e-9)
 

@@ -155,7 +155,7 @@ def test_errors_map_to_the_clients_exceptions(chat_server, runs):
     c = client(chat_server)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         c.chat.completions.create(model="gpt-4o", messages=HELLO)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
         c.models.retrieve("gpt-4o")
     with pytest.raises(openai.APIStatusError) as caught:  # 413 has no class of its own
         c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x" * 1_100_000}])
@@ -319,7 +319,8 @@ def test_calculator_calls_in_the_history_go_back_to_the_model_as_tool_calls():
 def test_limits_from_the_command_line():
     limits = Limits().with_overrides(["max_tokens=8192", "body_timeout_s=2.5"])
     assert limits.max_tokens == 8192 and limits.body_timeout_s == 2.5
-    for bad in ("nope=1", "max_tokens", "max_tokens=1.5", "max_tokens=-3", "max_n=abc"):
+    assert Limits().with_overrides(["max_tokens=8k", "max_body_bytes=2_000_000"]).max_tokens == 8000  # units' grammar
+    for bad in ("nope=1", "max_tokens", "max_tokens=1.5", "max_tokens=-3", "max_n=abc", "max_n=inf"):
         with pytest.raises(ValueError, match="--limit"):
             Limits().with_overrides([bad])
 
