@@ -99,9 +99,9 @@ def measure_row(args, card, total: int, depth: int, cap_gib: float, name: str) -
     if cuda:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
     settings = Settings(gpu=with_vram(card, cap / GiB), seq_len=args.seq_len, vocab_size=args.vocab_size,
-                        total_batch=args.total_batch)
+                        total_batch=args.total_batch, compile=args.compile)
     config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
-    planned = evaluate(config, NAMED[name].with_(compile=args.compile), settings, tokens=1)
+    planned = evaluate(config, NAMED[name], settings, tokens=1)
     recipe = planned.recipe
     if recipe.matmul == "fp8" and (not cuda or torch.cuda.get_device_capability() < (8, 9)):
         return None

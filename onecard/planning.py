@@ -84,6 +84,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     pick.add_argument("--recipe", type=text_arg, help=f"plan one recipe: {', '.join(NAMED)} "
                                                       "(baseline = nanochat's way)")
     pick.add_argument("--fit", action="store_true", help="the fastest recipe that fits (the default)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="plan compiled training, as `onecard train` runs on CUDA (default); "
+                             "--no-compile plans eager mode")
     parser.add_argument("--assume", action="append", metavar="NAME=VALUE",
                         help="override a planner assumption (see onecard/plan/assumptions.py); repeatable")
     parser.add_argument("--target", choices=("gpt2",), help="gpt2: the fastest way this card trains a model "
@@ -109,7 +112,7 @@ def run_plan(args: argparse.Namespace) -> int:
     gpu, notes = choose_gpu(args.gpu, args.vram, None if args.gpu else local_card())
     s = build_settings(gpu, notes, gpus=args.gpus, seq_len=args.seq_len, total_batch=args.total_batch,
                        micro_batch=args.micro_batch, vocab_size=args.vocab_size, mfu=args.mfu, power=args.power,
-                       price=args.price, currency=args.currency, assume=assume)
+                       price=args.price, currency=args.currency, assume=assume, compile=args.compile)
     if args.arch != "classic":
         from dataclasses import replace
         s = replace(s, arch=args.arch)

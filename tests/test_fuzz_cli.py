@@ -405,7 +405,7 @@ CASES = [
     case("plan-assume-empty-value", "plan", "--model", "d12", "--gpu", "rtx4070", "--assume", "fragmentation="),
     case("plan-assume-equals", "plan", "--model", "d12", "--gpu", "rtx4070", "--assume", "="),
     case("plan-assume-neg", "plan", "--model", "d12", "--gpu", "rtx4070", "--assume", "pcie_overlap=-1"),
-    case("plan-assume-divisor-0", "plan", "--model", "d12", "--gpu", "rtx4070", "--assume", "mfu_consumer=0"),
+    case("plan-assume-divisor-0", "plan", "--model", "d12", "--gpu", "rtx4070", "--assume", "matmul_ceiling=0"),
     case("plan-assume-context-huge", "plan", "--model", "d12", "--gpu", "rtx4070", "--assume",
          "cuda_context_bytes=1e18"),
     case("plan-assume-bandwidth-1e-300", "plan", "--model", "d12", "--gpu", "rtx4070", "--recipe", "offload-states",

@@ -77,8 +77,9 @@ def test_fp8_runs_block_linears_at_the_fp8_peak_with_its_efficiency():
     assert 1.15 < slower.compute_s / t.compute_s < 1.5  # torchao-like end-to-end gains, not 2x
     # without compile the fp8 GEMMs run slower than bf16 ones (measured on an H200, see assumptions.py)
     eager = predict_time(D32, r.with_(compile=False), gpu, utilization=0.4)
-    assert eager.compute_s == pytest.approx(BATCH * (bf16 / (165.2e12 * 0.4) + fp8 / (165.2e12 * 0.4 * 0.45)))
-    assert 1.7 < eager.compute_s / slower.compute_s < 2.2
+    eager_rate = 165.2e12 * 0.4 * DEFAULT.fp8_eager_efficiency
+    assert eager.compute_s == pytest.approx(BATCH * (bf16 / (165.2e12 * 0.4) + fp8 / eager_rate))
+    assert 1.7 < eager.compute_s / slower.compute_s < 2.5  # measured: 1.8-2.1x (benchmarks/README.md)
 
 
 def test_fp8_on_a_card_without_fp8_runs_in_bf16():
@@ -96,8 +97,11 @@ def test_pcie_bytes_of_cpu_gradients_and_cpu_optimizer_by_hand():
     expected = micro * 2 * n + 2 * n + 4 * param_counts(D32)["blocks"]  # bf16 grads out; weights in; NS
     assert t.pcie_bytes == expected
     assert t.pcie_s == pytest.approx(expected / (16e9 * 16 * 128 / 130 / 8 * 0.8))
-    # and each micro-batch's gradients are added up on the CPU at the measured cost per parameter
-    assert t.grad_fold_s == pytest.approx(micro * n * 1.7e-9)
+    # and each micro-batch's gradients are added up on the CPU at the fitted cost per parameter,
+    # the part the backward pass does not hide exposed
+    inline = predict_time(D32, r, gpu, utilization=0.4, assume=Assumptions(grad_fold_overlap=0.0))
+    assert inline.grad_fold_s == pytest.approx(micro * n * DEFAULT.grad_fold_s_per_param)
+    assert t.grad_fold_s <= inline.grad_fold_s
     assert t.step_s == pytest.approx(t.compute_s + t.optimizer_s + t.pcie_s + t.grad_fold_s)
 
 
@@ -136,23 +140,67 @@ def test_energy_and_cost():
     assert energy_kwh(3600, 200, assume=Assumptions(power_fraction=0.9)) == pytest.approx(0.18)
 
 
-def test_default_utilization_is_named_and_sourced():
-    u, why = default_utilization(CATALOG["h100-sxm"])
-    assert u == 0.51 and "nanochat" in why
-    u, why = default_utilization(CATALOG["rtx4070"])
-    assert u == 0.40 and "bench" in why
-    assert default_utilization(CATALOG["rtx4070-laptop"])[0] < 0.40
+def test_utilization_model_by_hand():
+    """docs/time.md#utilization: ceiling x d / (d + width x FLOPs per byte), per card and mode."""
+    a = DEFAULT
+    for key in ("h100-sxm", "h200", "rtx4070", "rtx4090"):
+        gpu = CATALOG[key]
+        intensity = gpu.peak_bf16 / gpu.memory_bandwidth
+        for compiled, width in ((True, a.compiled_overhead_width), (False, a.eager_overhead_width)):
+            u, why = default_utilization(gpu, D32, compiled, a)
+            assert u == pytest.approx(a.matmul_ceiling * 2048 / (2048 + width * intensity))
+            assert ("compiled" if compiled else "eager") in why
+    laptop, why = default_utilization(CATALOG["rtx4070-laptop"], D32, True)
+    assert "laptop" in why and laptop < default_utilization(CATALOG["rtx4070"], D32, True)[0]
+    assert "bench" in default_utilization(CATALOG["rtx4070"], D32, True)[1]
+
+
+def test_compile_wider_models_and_fewer_flops_per_byte_all_raise_utilization():
+    h100, rtx4070 = CATALOG["h100-sxm"], CATALOG["rtx4070"]
+    d20 = GPTConfig.from_depth(20)
+    for gpu in (h100, rtx4070):
+        assert default_utilization(gpu, D32, True)[0] > default_utilization(gpu, D32, False)[0]
+        assert default_utilization(gpu, D32, True)[0] > default_utilization(gpu, d20, True)[0]
+    # the RTX 4070 has 116 FLOPs per byte of bandwidth, the H100 295: elementwise work costs it less
+    assert default_utilization(rtx4070, D32, False)[0] > default_utilization(h100, D32, False)[0]
+
+
+def test_eager_micro_batches_pay_a_fixed_time_per_layer_and_the_optimizer_per_tensor():
+    gpu = CATALOG["h200"]
+    one = predict_time(D32, named_recipe("lean", micro_batch=1), gpu, total_batch=4096)
+    u = default_utilization(gpu, D32, False)[0]
+    flops = 4096 * (flops_per_token(D32) + recompute_flops_per_token(D32, named_recipe("lean")))
+    assert one.compute_s == pytest.approx(flops / (gpu.peak_bf16 * u) + 2 * 32 * DEFAULT.eager_layer_overhead_s)
+    tensors = 32 * 6 + 2
+    assert one.optimizer_s >= tensors * DEFAULT.optimizer_tensor_overhead_s
+    # a measured utilization (onecard bench, --mfu) already holds that fixed time
+    given = predict_time(D32, named_recipe("lean", micro_batch=1), gpu, total_batch=4096, utilization=u)
+    assert given.compute_s == pytest.approx(flops / (gpu.peak_bf16 * u))
+
+
+def test_cpu_gradient_folding_hides_behind_backward_on_a_slow_card():
+    r = named_recipe("offload", micro_batch=4)
+    slow, fast = CATALOG["rtx4070"], CATALOG["h200"]
+    n = sum(param_counts(D32).values())
+    inline = Assumptions(grad_fold_overlap=0.0)
+    for gpu in (slow, fast):
+        assert predict_time(D32, r, gpu, assume=inline).grad_fold_s == pytest.approx(64 * n * 1.9e-9)
+    # d32 at micro-batch 4 computes for seconds on an RTX 4070: the fold (3.6 s) hides behind it ...
+    assert predict_time(D32, r, slow).grad_fold_s < 0.3 * predict_time(D32, r, slow, assume=inline).grad_fold_s
+    # ... while an H200 finishes the backward long before the CPU has added the gradients up
+    assert predict_time(D32, r, fast).grad_fold_s > 0.7 * predict_time(D32, r, fast, assume=inline).grad_fold_s
 
 
 def test_nanochat_d32_run_on_8_h100s_is_reproduced():
     """docs/architecture.md#published-d32-run: d32 on 8 x H100, 71,680 steps of 524,288 tokens, ~1.57 s
-    per step, ~31 hours.
-    The utilization default comes from that run; this checks the rest of the arithmetic around it."""
-    t = predict_time(D32, Recipe(micro_batch=8), CATALOG["h100-sxm"], gpus=8)
-    assert t.compute_s == pytest.approx(1.57, rel=0.02)
+    per step, ~31 hours, compiled. The compiled utilization is fitted to that run and nanochat's
+    d20 (docs/time.md#utilization); this checks the arithmetic around it."""
+    t = predict_time(D32, Recipe(micro_batch=8, compile=True), CATALOG["h100-sxm"], gpus=8)
+    assert t.compute_s == pytest.approx(1.57, rel=0.10)
     # onecard's ranks each run the whole Newton-Schulz (nanochat's DistMuon shares it out), which
     # costs its FLOPs at the same utilization on every step: onecard's run is that much longer
-    newton_schulz_s = newton_schulz_flops(D32) / (989.4e12 * 0.51)
-    assert newton_schulz_s < t.optimizer_s < newton_schulz_s + 0.03  # + streaming ~30 GB of fp32 state
+    newton_schulz_s = newton_schulz_flops(D32) / (989.4e12 * t.utilization)
+    tensors_s = (32 * 6 + 2) * DEFAULT.optimizer_tensor_overhead_s
+    assert newton_schulz_s + tensors_s < t.optimizer_s < newton_schulz_s + tensors_s + 0.03  # + ~30 GB of state
     hours = 71_680 * t.step_s / 3600
     assert 31 < hours < 37

@@ -1,9 +1,9 @@
 """Every number the planner assumes rather than derives, in one place, each with its reason.
 
 Hardware figures live in catalog.py (each with its vendor source); byte layouts live in
-onecard/recipe.py. What is left are the judgement calls below. Each can be overridden from the
-command line with `--assume NAME=VALUE`, and calibration (`onecard bench`) replaces the
-utilization guesses with a measurement on the user's own card.
+onecard/recipe.py. What is left are the judgement calls and fitted constants below. Each can be
+overridden from the command line with `--assume NAME=VALUE`, and calibration (`onecard bench`) replaces the
+modelled utilization with a measurement on the user's own card.
 """
 
 from __future__ import annotations
@@ -43,28 +43,63 @@ class Assumptions:
     # loops; we take the low end because the update also converts dtypes.
     cpu_memory_bandwidth: float = 20e9
     # CPU time per parameter to fold one micro-batch's gradient into the fp32 buffer in CPU RAM
-    # (grads=cpu): the copy off the card and the add, done in backward's gradient hooks.
-    # Measured, not guessed: on an H200 machine with 16 CPU cores, d32 with the offload recipe
-    # spent 2.7-3.8 s per micro-batch beyond its GPU compute for 1.88e9 parameters, 1.45-2.0 ns
-    # each (benchmarks/results/gpu_session2, benchmarks/README.md); we take the middle, 1.7 ns.
-    # It does not shrink with a faster card: it is what makes grads=cpu slow.
-    grad_fold_s_per_param: float = 1.7e-9
+    # (grads=cpu): the copy off the card and the add. Fitted by benchmarks/fit_planner.py to the six
+    # grads=cpu rows measured on an H200 machine with 16 CPU cores, when the fold ran inside backward
+    # (benchmarks/results/gpu_session1, gpu_session2). They disagree: d20 folded at about 0.9 ns a
+    # parameter, d32 at 1.5-2.0 ns, so these rows are predicted only within 37 %. It does not
+    # shrink with a faster card: it is what makes grads=cpu slow.
+    grad_fold_s_per_param: float = 1.9e-9
+    # Share of that folding hidden behind the backward pass. The trainer folds on a background
+    # thread from pinned staging buffers while backward goes on (onecard/grad_fold.py): the fold
+    # of each micro-batch overlaps its own backward, so what exceeds the backward's time stays
+    # exposed. 1 = that overlap; 0 = folding inside backward, as the trainer did when the rows of
+    # benchmarks/results/gpu_session1 and gpu_session2 were measured. Not yet measured on a GPU.
+    grad_fold_overlap: float = 1.0
     # Share of the data-parallel gradient all-reduce hidden behind backward. onecard averages the
     # gradients once per optimizer step, after the last micro-batch's backward
     # (onecard/distributed.py): nothing overlaps.
     dp_overlap: float = 0.0
-    # Utilization of the bf16 peak on the FLOPs a step really executes (recompute included).
-    # Datacenter default: nanochat's published d32 run reached ~51 % MFU on H100s at 8 x 2048
-    # tokens per micro-batch with nothing recomputed (docs/architecture.md#published-d32-run).
-    mfu_datacenter: float = 0.51
-    # Desktop GeForce default: 40 %, an assumption with no measurement behind it (an earlier
-    # "realistic 40-50 %" had none either and is withdrawn: docs/time.md#utilization), kept
-    # because boards hold their boost clock only within their power limit and micro-batches
-    # are small. Calibrate with `onecard bench` to replace it.
-    mfu_consumer: float = 0.40
+    # ---- How fast a step runs (docs/time.md#utilization). Fitted by benchmarks/fit_planner.py to
+    # onecard's eager rows measured on an H200 (benchmarks/results/gpu_session1, gpu_session2) and
+    # checked against the published compiled runs named below; every measured row's prediction is
+    # listed in benchmarks/README.md. The share of the bf16 peak a micro-batch reaches is
+    #     matmul_ceiling x d / (d + overhead_width x peak_bf16 / memory_bandwidth)
+    # plus a fixed time per layer per micro-batch: the work that is not matrix multiplication
+    # (norms, rotary, activations, soft-cap, loss) grows with the width d while matmul FLOPs grow
+    # with d squared, and it is paid in memory traffic, so it costs more on a card with more FLOPs
+    # per byte of bandwidth (H100 295, H200 206, RTX 4090 164, RTX 4070 116).
+    # The share of the peak the matrix multiplications and attention themselves reach, the
+    # ceiling the width term approaches. Fitted with eager_overhead_width, eager_layer_overhead_s
+    # and optimizer_tensor_overhead_s to the 11 measured H200 rows that keep everything on the card:
+    # every one predicted within 16 %. With compiled_overhead_width it gives nanochat's compiled
+    # d20 and d32 runs 45.9 % and 55.2 % (published 48 % and 50.9 %) and nanoGPT's compiled GPT-2
+    # 124M on an RTX 4090 47.5 % (published 55 %, karpathy/nanoGPT pull request 225; checked, not
+    # fitted): conservative for GeForce cards.
+    matmul_ceiling: float = 0.83
+    # Eager mode: each elementwise operation reads and writes its whole tensor (fitted, above).
+    eager_overhead_width: float = 6.4
+    # Compiled: torch.compile fuses the elementwise work into few kernels. Fitted to nanochat's
+    # compiled runs on 8 x H100: d20 at micro-batch 32, MFU 47.4-48.7 % (the report.md that
+    # nanochat's speedrun.sh writes, commit af82c3a, 2025-10-16), and d32 at micro-batch 8, 50.9 %
+    # (run1000.sh at commit fae3aca). onecard's own compiled step is not yet measured: the planner
+    # assumes it matches nanochat's (benchmarks/run_on_gpu.sh measures it).
+    compiled_overhead_width: float = 3.5
+    # Eager mode also pays a fixed time per layer per micro-batch (kernel launches from Python, the
+    # recompute and loss-chunk bookkeeping): what makes micro-batch 1 slow (d32 `lean` at
+    # micro-batch 1 ran at 8.4 % MFU on an H200). Fitted, above; a fixed time, so it matters less on
+    # a slower card.
+    eager_layer_overhead_s: float = 2.8e-3
+    # Compiled: not measured. nanochat's compiled d32 ran 4 micro-batches of 16,384 tokens and d20 one
+    # of 65,536, and the width model fits both without one, so it is below what they resolve: taken
+    # as 0 until benchmarks/run_on_gpu.sh measures a compiled micro-batch 1.
+    compiled_layer_overhead_s: float = 0.0
+    # onecard's optimizer runs eagerly, parameter by parameter: a fixed time per parameter tensor per
+    # step beyond its FLOPs and bytes. Fitted, above, chiefly to d20 `lean`'s update timed alone on
+    # an H200 (0.158 s for 122 tensors, benchmarks/results/gpu_session2).
+    optimizer_tensor_overhead_s: float = 1.0e-3
     # Laptop parts are rated at a top boost clock they rarely hold under sustained tensor load
-    # (35-115 W for an RTX 4070 Laptop): three quarters of the desktop default.
-    mfu_laptop: float = 0.30
+    # (35-115 W for an RTX 4070 Laptop): three quarters of the ceiling, an assumption.
+    laptop_clock_factor: float = 0.75
     # FP8 matmuls run this fraction of the way to the FP8 peak relative to how bf16 runs to its
     # own: per-tensor scaling, amax reductions and casts around every GEMM eat the rest.
     # torchao's float8 training reports 1.2-1.5x end-to-end speedups on H100 rather than 2x;
@@ -75,7 +110,7 @@ class Assumptions:
     # Measured here: lean-fp8 in eager mode ran at 0.47-0.54x the tokens/s of lean on an H200
     # (benchmarks/results/gpu_session1). 0.45 of the bf16 rate on the fp8 FLOPs (~80 % of them)
     # reproduces that ~0.5x. Used for recipes with matmul=fp8 and compile off.
-    fp8_eager_efficiency: float = 0.45
+    fp8_eager_efficiency: float = 0.39
     # Average board power as a fraction of the rated board power while training: sustained
     # tensor-core work keeps a card at its power limit.
     power_fraction: float = 1.0
@@ -109,11 +144,11 @@ class Assumptions:
 
 
 # Shares of a whole: a value above 1 would be a typo, not an assumption.
-FRACTIONS = ("fragmentation", "pcie_efficiency", "pcie_overlap", "dp_overlap", "mfu_datacenter", "mfu_consumer",
-             "mfu_laptop", "fp8_efficiency", "fp8_eager_efficiency", "power_fraction")
+FRACTIONS = ("fragmentation", "pcie_efficiency", "pcie_overlap", "dp_overlap", "matmul_ceiling",
+             "laptop_clock_factor", "grad_fold_overlap", "fp8_efficiency", "fp8_eager_efficiency", "power_fraction")
 
 # Rates the planner divides by.
-DIVISORS = ("pcie_efficiency", "cpu_memory_bandwidth", "mfu_datacenter", "mfu_consumer", "mfu_laptop",
+DIVISORS = ("pcie_efficiency", "cpu_memory_bandwidth", "matmul_ceiling", "laptop_clock_factor",
             "fp8_efficiency", "fp8_eager_efficiency")
 
 DEFAULT = Assumptions()

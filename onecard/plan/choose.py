@@ -111,7 +111,7 @@ def choose_gpu(name: str | None, vram_gib: float | None, local: tuple[str, int] 
 def build_settings(gpu: GPU, notes: list[str], *, gpus: int = 1, seq_len: int, total_batch: int,
                    micro_batch: int | None, vocab_size: int, mfu: float | None = None, power: float | None = None,
                    price: float = defaults.PRICE, currency: str = defaults.CURRENCY,
-                   assume: Assumptions = DEFAULT) -> Settings:
+                   assume: Assumptions = DEFAULT, compile: bool = True) -> Settings:
     """Planner settings for a card, using its `onecard bench` calibration unless --mfu/--power say
     otherwise (appends what it used to `notes`)."""
     floor = assume.cuda_context_bytes + assume.workspace_bytes
@@ -131,7 +131,7 @@ def build_settings(gpu: GPU, notes: list[str], *, gpus: int = 1, seq_len: int, t
         notes.append(f"board power {power:.0f} W as measured by `onecard bench`")
     s = Settings(gpu=gpu, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
                  vocab_size=vocab_size, utilization=utilization, utilization_source=source, power_watts=power,
-                 price=price, currency=currency, assume=assume)
+                 price=price, currency=currency, assume=assume, compile=compile)
     check_batch(s)
     return s
 
@@ -178,11 +178,14 @@ def _choose(request: RecipeRequest, config: GPTConfig, device: str, *, seq_len: 
             raise UsageError(f"recipe {recipe.name} cannot run here: {reason}")
         return Choice(recipe, notes=notes)
 
+    # compiled where this run compiles (CUDA), and for a dry run that plans for a card
+    compiled = request.overrides.get("compile", device == "cuda" or request.dry_run)
     s = build_settings(gpu, notes, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
-                       vocab_size=config.vocab_size, power=request.power_watts)
+                       vocab_size=config.vocab_size, power=request.power_watts, compile=compiled)
     if resumed and not request.asked:
         recipe = resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch)
-        return Choice(recipe, evaluate(config, recipe, replace(s, micro_batch=recipe.micro_batch), tokens), s, notes)
+        planned = evaluate(config, recipe, replace(s, micro_batch=recipe.micro_batch, compile=recipe.compile), tokens)
+        return Choice(recipe, planned, s, notes)
     name = request.recipe.strip().lower() if request.recipe else None
     candidate = pick_recipe(config, s, tokens, name, request.overrides, host_bytes,
                             why_not=None if request.dry_run else why_not)

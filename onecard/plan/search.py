@@ -40,6 +40,7 @@ class Settings:
     currency: str = "USD"
     assume: Assumptions = DEFAULT
     arch: str = "classic"  # the model family (model_config.ARCHS)
+    compile: bool = True  # every recipe compiled, as the trainer runs on CUDA unless --no-compile
 
     def config(self, depth: int) -> GPTConfig:
         return GPTConfig.from_depth(depth, vocab_size=self.vocab_size, sequence_len=self.seq_len, arch=self.arch)
@@ -77,6 +78,7 @@ def evaluate(config: GPTConfig, recipe: Recipe, s: Settings, tokens: int | None 
              seconds: float | None = None) -> Candidate:
     """One recipe at the largest micro-batch that fits; tokens given, or as many as fit in `seconds`."""
     note = ""
+    recipe = recipe.with_(compile=s.compile)
     if recipe.matmul == "fp8" and not s.gpu.peak_fp8:
         note = f"no FP8 tensor cores on {s.gpu.sm}"
     chosen, memory = None, None

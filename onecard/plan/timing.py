@@ -20,14 +20,34 @@ from onecard.recipe import Recipe
 NS_STEPS = 5  # Newton-Schulz iterations per Muon update (nanochat)
 
 
-def default_utilization(gpu: GPU, assume: Assumptions = DEFAULT) -> tuple[float, str]:
-    """The assumed share of the bf16 peak a step achieves on this kind of card, and why."""
-    if gpu.kind == "datacenter":
-        return assume.mfu_datacenter, "nanochat's d32 run reached ~51% MFU on H100 (docs/time.md#utilization)"
+def default_utilization(gpu: GPU, config: GPTConfig, compiled: bool,
+                        assume: Assumptions = DEFAULT) -> tuple[float, str]:
+    """The share of the bf16 peak a large micro-batch's FLOPs reach on this card, and why
+    (docs/time.md#utilization): matmul_ceiling x d / (d + overhead_width x FLOPs per byte)."""
+    width = assume.compiled_overhead_width if compiled else assume.eager_overhead_width
+    flops_per_byte = gpu.peak_bf16 / gpu.memory_bandwidth
+    d = config.n_embd
+    u = assume.matmul_ceiling * d / (d + width * flops_per_byte)
+    mode = "compiled" if compiled else "eager"
+    why = (f"{mode} model at width {d} on a card with {flops_per_byte:.0f} FLOPs per byte of bandwidth, "
+           "fitted to measured H200 runs and published nanochat runs (docs/time.md#utilization)")
     if gpu.kind == "laptop":
-        return assume.mfu_laptop, "laptop default: 3/4 of the desktop 40%, clocks are power-limited"
-    return assume.mfu_consumer, ("consumer-card default, not a measurement "
-                                 "(docs/time.md#utilization); run `onecard bench` to measure yours")
+        u *= assume.laptop_clock_factor
+        why += f"; x{assume.laptop_clock_factor:g} for a laptop's power-limited clock"
+    if gpu.kind != "datacenter":
+        why += "; run `onecard bench` to measure yours"
+    return u, why
+
+
+def layer_overhead_s(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFAULT) -> float:
+    """Fixed time of one micro-batch's pass through the layers beyond its FLOPs. Eager fp8 pays it
+    over again in the casts and scalings around every fp8 matrix multiply, as slowly as its FLOPs."""
+    if recipe.compile:
+        return config.n_layer * assume.compiled_layer_overhead_s
+    per_layer = assume.eager_layer_overhead_s
+    if recipe.matmul == "fp8":
+        per_layer /= assume.fp8_eager_efficiency
+    return config.n_layer * per_layer
 
 
 def recompute_flops_per_token(config: GPTConfig, recipe: Recipe) -> int:
@@ -56,6 +76,12 @@ def fp8_flops_per_token(config: GPTConfig, recipe: Recipe) -> int:
     elif recipe.activations == "selective":
         fp8 += 2 * L * 8 * d * d
     return fp8
+
+
+def backward_share(config: GPTConfig, recipe: Recipe) -> float:
+    """Share of a micro-batch's hardware FLOPs spent after its forward pass (backward + recompute)."""
+    forward = flops_per_token(config) / 3
+    return 1 - forward / (flops_per_token(config) + recompute_flops_per_token(config, recipe))
 
 
 def newton_schulz_flops(config: GPTConfig) -> int:
@@ -89,16 +115,20 @@ class Timing:
 
 def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, total_batch: int = defaults.TOTAL_BATCH,
                  utilization: float | None = None, source: str = "", assume: Assumptions = DEFAULT) -> Timing:
-    """Seconds per optimizer step of `total_batch` tokens, and what follows from it."""
+    """Seconds per optimizer step of `total_batch` tokens, and what follows from it. A given
+    `utilization` (measured by `onecard bench` or set with --mfu) is the whole micro-batch's and
+    replaces the modelled one and its fixed per-layer time."""
+    overhead = 0.0
     if utilization is None:
-        utilization, source = default_utilization(gpu, assume)
+        utilization, source = default_utilization(gpu, config, recipe.compile, assume)
+        overhead = layer_overhead_s(config, recipe, assume)
     u = utilization
     per_gpu_tokens = total_batch // gpus
     micro_steps = max(1, per_gpu_tokens // (recipe.micro_batch * recipe.seq_len))
     model = flops_per_token(config)
     hardware = model + recompute_flops_per_token(config, recipe)
     fp8 = fp8_flops_per_token(config, recipe) if gpu.peak_fp8 else 0
-    compute = per_gpu_tokens * (hardware - fp8) / (gpu.peak_bf16 * u)
+    compute = per_gpu_tokens * (hardware - fp8) / (gpu.peak_bf16 * u) + micro_steps * overhead
     if fp8 and recipe.compile:
         compute += per_gpu_tokens * fp8 / (gpu.peak_fp8 * u * assume.fp8_efficiency)
     elif fp8:  # eager fp8: slower than bf16 (see the assumption)
@@ -112,7 +142,8 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
     numel = sum(param_counts(config).values())
     matrices = param_counts(config)["blocks"]
     ns = newton_schulz_flops(config)
-    optimizer = ns / (gpu.peak_bf16 * u)
+    tensors = sum(len(shapes) for shapes in parameter_shapes(config).values())
+    optimizer = ns / (gpu.peak_bf16 * u) + tensors * assume.optimizer_tensor_overhead_s
     persistent = persistent_bytes(config, recipe, "cuda")
     pbytes = DTYPE_BYTES[parameter_dtypes(recipe, "cuda")["blocks"]]
     pcie = 0.0
@@ -128,9 +159,11 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
         optimizer += 2 * host / assume.cpu_memory_bandwidth
         pcie += numel * pbytes + 2 * 2 * matrices  # updated weights back; matrices to/from NS
     grad_fold = 0.0
-    if recipe.grads == "cpu":
-        pcie += micro_steps * numel * pbytes  # every micro-batch's gradients go out ...
-        grad_fold = micro_steps * numel * assume.grad_fold_s_per_param  # ... and are added up on the CPU
+    if recipe.grads == "cpu":  # every micro-batch's gradients go out and are added up on the CPU,
+        pcie += micro_steps * numel * pbytes  # on a background thread while backward goes on
+        fold = numel * assume.grad_fold_s_per_param
+        hidden = min(fold, backward_share(config, recipe) * compute / micro_steps) * assume.grad_fold_overlap
+        grad_fold = micro_steps * (fold - hidden)
     if recipe.activations == "offload":
         from onecard.plan.memory import activation_bytes
         pcie += micro_steps * activation_bytes(config, recipe, "bf16").pcie_bytes
