@@ -14,6 +14,8 @@ Each parameter has a Slot saying where the recipe keeps its pieces (recipe.py ha
              dtype or place differs from the weight's (bf16 weights with grads=fp32; grads=cpu).
              A buffer is filled by a hook as soon as autograd has each parameter's gradient, and
              the device's .grad is freed at once, so a full set of device gradients never exists.
+             With grads=cpu the hook only queues the fold (grad_fold.py) and a worker thread does
+             it while backward goes on; whatever reads a buffer first waits for the queue.
   states     StateTensors (fp32 | bf16 | 8-bit, lowbit.py) on the device or on the CPU
              (optim_place); the elementwise update runs where the states are.
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from onecard.fp8 import convert_to_fp8
+from onecard.grad_fold import STAGING_BYTES, GradFolder
 from onecard.lowbit import StateTensor, stochastic_round_bf16
 from onecard.model import GPT
 from onecard.recipe import Recipe
@@ -71,29 +74,42 @@ class Slot:
     grad_buf: torch.Tensor | None = None    # accumulation buffer when it differs from .grad
     stochastic: bool = False                # bf16 weight written back with stochastic rounding
     grad_empty: bool = True                 # grad_buf holds nothing yet this step
+    folder: GradFolder | None = None        # folds into grad_buf on a worker thread (grads=cpu)
 
     def grad(self) -> torch.Tensor | None:
         """The gradient accumulated so far this step (None when there is none)."""
         if self.grad_buf is None:
             return self.param.grad
+        self.drain()
         return None if self.grad_empty else self.grad_buf
 
     @torch.no_grad()
     def fold_grad(self) -> None:
-        """Move .grad into the accumulation buffer (if this slot has one) and free it."""
+        """Move .grad into the accumulation buffer (if this slot has one) and free it; with a
+        folder, the move is queued (the buffer is complete after drain())."""
         g = self.param.grad
         if self.grad_buf is None or g is None:
             return
-        if self.grad_empty:
+        if self.folder is not None:  # copy or add is decided here, in hook order, not by the worker
+            self.folder.submit(self.grad_buf, g, first=self.grad_empty)
+        elif self.grad_empty:
             self.grad_buf.copy_(g)
         else:
             self.grad_buf.add_(g.to(self.grad_buf.device))
         self.grad_empty = False
         self.param.grad = None
 
+    def drain(self) -> None:
+        """Wait for the folds queued into grad_buf (and re-raise a failed one)."""
+        if self.folder is not None:
+            self.folder.drain()
+
     def zero_grad(self) -> None:
-        self.param.grad = None
-        self.grad_empty = True
+        try:
+            self.drain()  # a late fold must not land in the next step's buffer
+        finally:
+            self.param.grad = None
+            self.grad_empty = True
 
     @torch.no_grad()
     def apply(self, lo: int, hi: int, update: torch.Tensor, decay: float, alpha: float) -> None:
@@ -283,7 +299,8 @@ class AdamW(StatefulOptimizer):
 
 
 def _hook_grad(slot: Slot) -> None:
-    """Fold each gradient into the slot's buffer as soon as autograd has it (or stop doing so)."""
+    """Fold (grads=cpu: queue the fold of) each gradient into the slot's buffer as soon as autograd
+    has it (or stop doing so)."""
     param = slot.param
     old = getattr(param, "_onecard_grad_hook", None)
     if old is not None:  # a previous build_optimizer on this model: its buffers are no longer used
@@ -302,6 +319,16 @@ def _hook_grad(slot: Slot) -> None:
         param._onecard_grad_hook = param.register_post_accumulate_grad_hook(fold)
 
 
+def _folder_for(slots: list[Slot]) -> GradFolder:
+    """One folder for the slots whose buffers are on the CPU; staging no larger than the largest."""
+    largest = max((nbytes(slot.grad_buf) for slot in slots), default=0)
+    folder = GradFolder(staging_bytes=max(8, min(STAGING_BYTES, largest)))
+    for slot in slots:
+        if slot.grad_buf is not None and slot.grad_buf.device.type == "cpu":
+            slot.folder = folder
+    return folder
+
+
 class Optimizers:
     """The run's optimizers stepped together, with the schedule knobs the trainer turns."""
 
@@ -312,6 +339,7 @@ class Optimizers:
         for opt in optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
+        self.folder = _folder_for(self.slots) if self.recipe.grads == "cpu" else None
         for slot in self.slots:
             _hook_grad(slot)
 
@@ -324,10 +352,16 @@ class Optimizers:
 
     def accumulate(self) -> None:
         """Called after each micro-batch's backward. Gradients in the weights' dtype accumulate in
-        .grad by autograd; buffered ones were already folded by their hooks: this folds any that
-        reached .grad some other way."""
+        .grad by autograd; buffered ones were already folded (or queued) by their hooks: this folds
+        any that reached .grad some other way, and waits for the queued folds."""
         for slot in self.slots:
             slot.fold_grad()
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait until the gradient buffers hold every fold queued so far (grads=cpu)."""
+        if self.folder is not None:
+            self.folder.drain()
 
     def gradients(self) -> list[torch.Tensor]:
         """The step's accumulated gradients, wherever the recipe keeps them (to average across ranks)."""
@@ -352,12 +386,17 @@ class Optimizers:
         return total
 
     def step(self) -> None:
+        self.drain()
         for opt in self.optimizers:
             opt.step()
 
     def zero_grad(self) -> None:
-        for slot in self.slots:
-            slot.zero_grad()
+        """Empty the buffers for the next step (or a rewound one), after any fold still queued."""
+        try:
+            self.drain()
+        finally:
+            for slot in self.slots:
+                slot.zero_grad()
 
     def set_lr_multiplier(self, multiplier: float) -> None:
         for opt in self.optimizers:
@@ -369,6 +408,7 @@ class Optimizers:
             group["momentum"] = momentum
 
     def state_dict(self) -> list[dict]:
+        self.drain()
         return [opt.state_dict() for opt in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
@@ -384,6 +424,7 @@ class Optimizers:
         any .grad autograd holds now. optimizer: states with their 8-bit scales. Buffers such as
         the rotary tables are not parameters and are not counted.
         """
+        self.drain()
         out = {kind: {"device": 0, "cpu": 0} for kind in ("weights", "grads", "optimizer")}
         grads_place = "cpu" if self.recipe.grads == "cpu" else "device"
         for slot in self.slots:
