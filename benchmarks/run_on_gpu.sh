@@ -36,7 +36,10 @@ timeout 90 python3 -m onecard.cli sft --from /tmp/base --vram 12GB --steps 4 --e
   --run-dir /tmp/sft 2>&1 | tee -a "$log"
 cp /tmp/sft/summary.json "$out/sft_d20_summary.json" 2>/dev/null
 
-echo "== 4. eager against compiled, d20 under 12 GiB (the planner's compile factor)" | tee -a "$log"
+echo "== 4. asynchronous grads=cpu folding on CUDA: bit-identity (the d32 offload rows of step 2 time it)" | tee -a "$log"
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_grad_fold.py -k cuda 2>&1 | tail -3 | tee -a "$log"
+
+echo "== 5. eager against compiled, d20 under 12 GiB (the planner's compile factor)" | tee -a "$log"
 timeout 80 python3 benchmarks/recipes_gpu.py --depths 20 --caps 12 --steps 2 --budget-s 70 --out "$out" \
   --recipes lean baseline 2>&1 | tee -a "$log"
 date -u | tee -a "$log"
