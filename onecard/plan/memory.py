@@ -14,8 +14,16 @@ parameters, gradients and optimizer states follow onecard/recipe.py and onecard/
 Where CUDA may differ from what the CPU tests can check, the model takes the larger figure:
 fp8 recipes are counted with bf16 activations (torchao may keep smaller fp8 casts); a fused CUDA
 rms_norm saves its input once per call where the CPU composite saves it twice, which only changes
-what offload copies out; torch.compile (recipe.compile) usually saves less than eager and is not
-modelled.
+what offload copies out.
+
+Compiled recipes (recipe.compile, the default on CUDA) save what torch.compile's partition of the
+forward and backward keeps for backward, which differs from eager autograd: the residual stream in
+bf16 (the embedding is bf16 on CUDA), one bf16 copy of each normed input, pointwise results
+recomputed, and for the full loss only the bf16 logits and two numbers per row (the soft-cap,
+float cast and log-softmax are recomputed in the fused backward). tests/test_plan_memory.py checks
+these counts against the partition inductor makes of onecard's model (traced on the CPU with
+inductor's decompositions and min-cut partitioner; the CUDA partition can differ where kernels
+do); the whole step is checked against nanochat's published d20 peak.
 """
 
 from __future__ import annotations
@@ -142,6 +150,20 @@ def _block_bytes(config: GPTConfig, numerics: str) -> tuple[float, float, float]
     return unique, per_save, mlp
 
 
+def _block_bytes_compiled(config: GPTConfig) -> tuple[float, float]:
+    """Per-token bytes one block keeps for backward under torch.compile: (all, the MLP's part).
+
+    bf16: the block's input and its middle (after attention), the normed input (one copy for c_q,
+    c_k and c_v), q and k after rotary, q, k and v after the QK norm (attention's inputs), attention's
+    output and its contiguous copy for c_proj, the MLP's normed input, c_fc's output and its square
+    (c_proj's input). fp32 per row: the two block norms' and the per-head QK norms' rsqrt, and
+    attention's log-sum-exp."""
+    d, kv, f = config.n_embd, config.n_kv_head * config.head_dim, 4 * config.n_embd
+    H, Hkv = config.n_head, config.n_kv_head
+    mlp = 2 * (d + 2 * f) + 4
+    return 2 * (8 * d + 3 * kv + 2 * f) + 4 * (2 + H + Hkv) + 4 * H, mlp
+
+
 def _extra_2026(config: GPTConfig, numerics: str) -> float:
     """Per-token bytes nanochat-2026 saves per block beyond the classic's (an estimate, not yet
     checked against a measurement): the block's input before the resid/x0 mix (kept for the
@@ -172,7 +194,7 @@ class Activations:
 
 
 def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
-                     params_fp32: bool | None = None) -> Activations:
+                     params_fp32: bool | None = None, compiled: bool | None = None) -> Activations:
     """Bytes autograd saves for one micro-batch under the recipe's activation policy and loss.
 
     keep      every block keeps all it saves
@@ -183,7 +205,12 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
               blocks' worth at a time (one coming back, one in use)
     loss full: fp32 logits (bf16 soft-capped ones too under autocast); chunked: LOSS_CHUNK_ROWS
     rows at a time, re-run in backward; fused: Liger's kernel (logits chunks plus fp32 grads).
+    compiled (default: the recipe's, under bf16; offload stays eager): what torch.compile keeps.
     """
+    if compiled is None:
+        compiled = recipe.compile and numerics == "bf16" and recipe.activations != "offload"
+    if compiled:
+        return _compiled_activation_bytes(config, recipe, params_fp32)
     n, T, L, V, d = (recipe.micro_batch * recipe.seq_len, recipe.seq_len, config.n_layer,
                      config.padded_vocab, config.n_embd)
     if params_fp32 is None:
@@ -241,6 +268,53 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
                                "per_block_keep": keep_block, "per_block_saves": save_block})
 
 
+def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: bool | None) -> Activations:
+    """activation_bytes under torch.compile with bf16 autocast (see the module docstring).
+
+    Counted as inductor's partition keeps them: block 0's input is the embedding itself; a
+    checkpointed region (a recomputed block or MLP, a loss chunk) keeps neither its bf16 weight
+    copies nor inputs that can be recomputed from what is kept (the final norm's output under a
+    chunked loss, the last block's output under full recompute)."""
+    n, T, L, V, d = (recipe.micro_batch * recipe.seq_len, recipe.seq_len, config.n_layer,
+                     config.padded_vocab, config.n_embd)
+    per_block, mlp_part = _block_bytes_compiled(config)
+    if config.arch != "classic":
+        per_block += _extra_2026(config, "bf16")
+    keep_block = int(n * per_block)
+    mlp = int(n * mlp_part)
+    policy, full_loss = recipe.activations, recipe.loss == "full"
+    shapes = parameter_shapes(config)["blocks"]
+    kept_matrices = {"keep": shapes, "selective": [s for i, s in enumerate(shapes) if i % 6 < 4], "full": []}[policy]
+    params_fp32 = recipe.params == "fp32" if params_fp32 is None else params_fp32
+    copies = 2 * (sum(r * c for r, c in kept_matrices) + (V * d if full_loss else 0)) if params_fp32 else 0
+
+    trunk = 8 * n + 2 * n * d + 4 * n + T * config.head_dim  # ids; bf16 embedding and rsqrt; -sin
+    input_size = 2 * n * d  # a block's bf16 input (block 0's is the embedding, counted above)
+    recompute = 0
+    if policy == "keep":
+        blocks = L * keep_block - input_size
+    elif policy == "selective":
+        blocks = L * (keep_block - mlp) - input_size
+        recompute = mlp
+    else:  # full: each block's bf16 input
+        blocks = (L - 1) * input_size
+        recompute = keep_block
+    final = (0 if policy == "full" else input_size) + 4 * n  # the final norm's input and rsqrt
+    head = input_size if full_loss else 0  # lm_head's bf16 input
+    targets = 8 * n + 4
+    if full_loss:  # bf16 logits and each row's max and log-sum-exp; backward's fused kernel then
+        logits_saved = 2 * n * V + 8 * n + targets  # makes their bf16 gradient
+        logits_peak = logits_saved + 2 * n * V
+    else:  # chunked and fused: one chunk's logits at a time, as in eager mode
+        eager = activation_bytes(config, recipe, "bf16", params_fp32, compiled=False)
+        logits_saved, logits_peak = targets, eager.logits_peak
+    working = n * (2 * 2 * 4 * d + 2 * 2 * d)  # two MLP-sized and two residual bf16 grads alive
+    return Activations(saved=blocks + trunk + final + head, weight_copies=copies, recompute=recompute,
+                       working=working, logits_saved=logits_saved, logits_peak=logits_peak,
+                       detail={"blocks": blocks, "trunk": trunk, "final_norm": final, "head": head,
+                               "per_block_keep": keep_block, "per_block_saves": keep_block})
+
+
 # ---------------------------------------------------------------- the whole step
 
 @dataclass(frozen=True)
@@ -279,7 +353,8 @@ class Memory:
                 "total": self.total}
 
 
-def predict_memory(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFAULT) -> Memory:
+def predict_memory(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFAULT,
+                   micro_steps: int = 2) -> Memory:
     """Peak CUDA memory of one card (one data-parallel rank) training `config` with `recipe`.
     With several cards each holds the same: onecard averages the recipe's own gradient buffers
     in place (onecard/distributed.py), with no bucketed second copy as DDP keeps.
@@ -287,11 +362,15 @@ def predict_memory(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFA
     The peak is at the start of backward: parameters, gradients (accumulated from the previous
     micro-batch) and optimizer states, everything the forward saved, the loss at its peak, plus
     the transients of one block's backward. Summing them is exact for the persistent part and
-    slightly high for the transients, which do not all peak at the same instant.
+    slightly high for the transients, which do not all peak at the same instant. With one
+    micro-batch per optimizer step (`micro_steps` 1) no gradient exists yet at that point: they
+    are made as backward frees the activations, and the peak is the larger of the two.
     """
     p = persistent_bytes(config, recipe, "cuda")
     a = activation_bytes(config, recipe, "bf16")
     grads = p.grads + p.grad_transient
+    if micro_steps == 1:
+        grads = max(0, grads - a.on_device - a.logits_peak)
     buffers = 2 * 2 * (10 * recipe.seq_len) * (config.head_dim // 2)  # rotary cos/sin tables, bf16
     allocated = p.weights + grads + p.optimizer + a.on_device + a.logits_peak + buffers
     return Memory(weights=p.weights, grads=grads, optimizer=p.optimizer, activations=a.on_device,
