@@ -2,10 +2,13 @@
 
 It times a large bf16 matmul (the card's practical peak), then a few training steps of a
 nanochat-class GPT with a named recipe's own model, optimizer and step function — the program
-`onecard train` runs — sampling board power through NVML (the meters' reader). The utilization
-`plan` assumes covers forward and backward (it models the optimizer's update apart), so the MFU
-stored is model FLOPs per second of forward-backward over the catalog's peak; the whole step,
-update included, is reported beside it.
+`onecard train` runs — sampling board power through NVML (the meters' reader). On CUDA the
+step is compiled, as `onecard train` runs it (--no-compile for eager). What `plan` takes from it is
+how fast the measured forward-backward ran against the planner's own model of it for the same
+model, recipe and micro-batch on this card (the speed factor): later plans scale their modelled
+utilization by it, so a calibration made at one depth and micro-batch carries to others. The MFU
+of forward-backward (model FLOPs per second over the catalog's peak) and the whole step, update
+included, are reported beside it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=positive_int, help="sequence length (default 2048; CPU 128)")
     parser.add_argument("--steps", type=positive_int, help="training steps, the last one timed (default 10; CPU 3)")
     parser.add_argument("--size", type=positive_int, help="matmul size (default 8192 on CUDA, 1024 on the CPU)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the model (default: on with CUDA, as `onecard train`; off on the CPU)")
     parser.add_argument("--no-save", action="store_true", help="measure only, do not store the calibration")
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
 
@@ -49,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
              **{k: getattr(args, k) for k in CPU_SHAPE if getattr(args, k) is not None}}
     config = GPTConfig.from_depth(shape["depth"], sequence_len=shape["seq_len"])
     recipe = named_recipe(args.recipe, seq_len=shape["seq_len"], micro_batch=shape["micro_batch"])
+    compiled = args.compile if args.compile is not None else device == "cuda" or recipe.compile
+    recipe = recipe.with_(compile=compiled)
     if args.steps is not None and args.steps < 2:
         raise UsageError("--steps must be at least 2: the first step warms up, the last is timed")
     record, text = measure(device, args.gpu, config, recipe, shape["steps"], args.size)
@@ -56,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
         from onecard.plan import calibrate
         key = record.get("key", "cpu")
         text.append(f"stored under '{key}' in {calibrate.save(key, record)}"
-                    + ("; `onecard plan` on this card now uses MFU " + f"{record['mfu']:.1%}" if "mfu" in record
-                       else "; `onecard plan` uses calibrations of CUDA cards only"))
+                    + (f"; `onecard plan` on this card now scales its modelled speed by {record['speed_factor']:.2f}"
+                       if "speed_factor" in record else "; `onecard plan` uses calibrations of CUDA cards only"))
     print(json.dumps(record, indent=2) if args.json else "\n".join(text))
     return 0
 
@@ -96,9 +103,11 @@ def measure(device: str, gpu_name: str | None, config, recipe, steps: int, size:
     watts = joules / (time.monotonic() - started) if joules else None
     fb_flops = train["forward_backward_tokens_per_s"] * flops_per_token(config)
     train |= {"depth": config.n_layer, "micro_batch": recipe.micro_batch, "seq_len": recipe.seq_len,
-              "steps": steps, "recipe": recipe.name, "model_flops_per_s": fb_flops, "power_watts": watts}
+              "steps": steps, "recipe": recipe.name, "compile": recipe.compile, "model_flops_per_s": fb_flops,
+              "power_watts": watts}
     record |= {"recipe": recipe.name, "train": train, "power_watts": watts}
-    shape = f"d{config.n_layer}, recipe {recipe.name}, micro-batch {recipe.micro_batch} x {recipe.seq_len}"
+    mode = "compiled" if recipe.compile else "eager"
+    shape = f"d{config.n_layer}, recipe {recipe.name} ({mode}), micro-batch {recipe.micro_batch} x {recipe.seq_len}"
     step = (f"step {train['step_s']:.3f} s = forward-backward {train['forward_backward_s']:.3f} s + update "
             f"{train['update_s']:.3f} s")
     if gpu is None:
@@ -106,10 +115,20 @@ def measure(device: str, gpu_name: str | None, config, recipe, steps: int, size:
         return record, [f"no CUDA GPU here: fp32 matmul {flops / 1e9:,.1f} GFLOP/s ({size}^3); training {shape}: "
                         f"{train['tokens_per_s']:,.0f} tokens/s, {step}"]
     mfu = fb_flops / gpu.peak_bf16
-    record |= {"matmul_flops_bf16": flops, "matmul_efficiency": flops / gpu.peak_bf16, "mfu": mfu}
+    factor = speed_factor(config, recipe, gpu, train["forward_backward_s"])
+    record |= {"matmul_flops_bf16": flops, "matmul_efficiency": flops / gpu.peak_bf16, "mfu": mfu,
+               "speed_factor": factor}
     shown = f"{watts:.0f} W" if watts else "unknown (pip install nvidia-ml-py)"
     return record, [f"{record['device']} (catalog: {gpu.name}, {gpu.peak_bf16 / 1e12:.1f} TFLOP/s bf16 peak)",
                     f"  matmul {size}^3 bf16: {flops / 1e12:.1f} TFLOP/s = {flops / gpu.peak_bf16:.0%} of peak",
                     f"  training {shape}: {train['tokens_per_s']:,.0f} tokens/s, {step}",
-                    f"  MFU of forward-backward {mfu:.1%}, board power {shown}",
+                    f"  MFU of forward-backward {mfu:.1%} ({factor:.2f}x the planner's model), board power {shown}",
                     f"  peak memory allocated {train['max_memory_allocated'] / 2**30:.2f} GiB"]
+
+
+def speed_factor(config, recipe, gpu, forward_backward_s: float) -> float:
+    """How much faster one micro-batch's forward-backward ran than the planner models it on this card."""
+    from onecard.plan.timing import predict_time
+
+    tokens = recipe.micro_batch * recipe.seq_len
+    return predict_time(config, recipe, gpu, 1, tokens).compute_s / forward_backward_s

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from onecard.cli import main
+from onecard.model_config import GPTConfig
 from onecard.recipe import NAMED
 
 CONTRACT_MEMORY = {"weights", "grads", "optimizer", "activations", "logits", "other", "total"}
@@ -106,6 +107,48 @@ def test_calibration_is_used_and_said(capsys, tmp_path, monkeypatch):
     assert "bench" in plan["utilization_source"]
     best = plan["best"]
     assert best["energy_kwh"] == pytest.approx(180 * best["time_s"] / 3.6e6)
+
+
+def test_a_measured_speed_factor_scales_the_model_for_every_recipe(capsys, tmp_path, monkeypatch):
+    """`onecard bench` stores how fast this card ran against the planner's model; later plans scale
+    every recipe's modelled utilization by it (and its fixed per-layer time), at any depth."""
+    from onecard.plan.catalog import CATALOG
+    from onecard.plan.timing import default_utilization
+
+    modelled = run_json(capsys, "--model", "d20", "--gpu", "rtx4070")
+    home = tmp_path / "cal"
+    home.mkdir()
+    (home / "calibration.json").write_text(json.dumps({"rtx4070": {
+        "speed_factor": 0.8, "mfu": 0.41, "date": "2026-11-01T00:00:00",
+        "train": {"depth": 12, "micro_batch": 8, "recipe": "baseline"}}}))
+    monkeypatch.setenv("ONECARD_HOME", str(home))
+    scaled = run_json(capsys, "--model", "d20", "--gpu", "rtx4070")
+    u = default_utilization(CATALOG["rtx4070"], GPTConfig.from_depth(20), True)[0]
+    for before, after in zip(modelled["candidates"], scaled["candidates"], strict=True):
+        assert after["utilization"] == pytest.approx(0.8 * u)
+        assert after["recipe"]["name"] == before["recipe"]["name"]
+    assert "measured by `onecard bench`" in scaled["utilization_source"] and "x0.80" in scaled["utilization_source"]
+    assert any("0.80x the modelled speed" in n for n in scaled["notes"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1, 0, "fast", True, 1e9])
+def test_a_damaged_speed_factor_is_ignored(capsys, tmp_path, monkeypatch, bad):
+    (tmp_path / "calibration.json").write_text(json.dumps({"rtx4070": {"speed_factor": bad}}))
+    monkeypatch.setenv("ONECARD_HOME", str(tmp_path))
+    plan = run_json(capsys, "--model", "d12", "--gpu", "rtx4070")
+    assert "measured by" not in plan["utilization_source"]
+
+
+def test_bench_speed_factor_is_the_models_time_over_the_measured():
+    from onecard.bench import speed_factor
+    from onecard.plan.catalog import CATALOG
+    from onecard.plan.timing import predict_time
+    from onecard.recipe import named_recipe
+
+    config, gpu = GPTConfig.from_depth(12), CATALOG["h100-sxm"]
+    recipe = named_recipe("baseline", micro_batch=8, compile=True)
+    modelled = predict_time(config, recipe, gpu, 1, 8 * 2048).compute_s
+    assert speed_factor(config, recipe, gpu, 2 * modelled) == pytest.approx(0.5)
 
 
 def test_plot(tmp_path, capsys):

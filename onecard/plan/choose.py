@@ -108,6 +108,11 @@ def choose_gpu(name: str | None, vram_gib: float | None, local: tuple[str, int] 
     return gpu, [note] if note else []
 
 
+def _positive(value, most: float = 100.0) -> bool:
+    """A usable number from a calibration file (which a user may have edited)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= most
+
+
 def build_settings(gpu: GPU, notes: list[str], *, gpus: int = 1, seq_len: int, total_batch: int,
                    micro_batch: int | None, vocab_size: int, mfu: float | None = None, power: float | None = None,
                    price: float = defaults.PRICE, currency: str = defaults.CURRENCY,
@@ -119,19 +124,26 @@ def build_settings(gpu: GPU, notes: list[str], *, gpus: int = 1, seq_len: int, t
         raise UsageError(f"--vram {gpu.vram_gib:g} GiB is below what the CUDA context and workspace take "
                          f"({floor / GiB:.2f} GiB): nothing can train there")
     utilization, source = mfu, "given with --mfu" if mfu is not None else ""
+    factor = 1.0
     cal = calibrate.load(gpu.key)
-    if cal and mfu is None and cal.get("mfu"):
-        utilization = cal["mfu"]
-        train = cal.get("train", {})
-        source = (f"measured by `onecard bench` on {str(cal.get('date', '?'))[:10]} (d{train.get('depth', '?')}, "
-                  f"micro-batch {train.get('micro_batch', '?')})")
-        notes.append(f"using calibration from {calibrate.calibration_path()}: MFU {utilization:.1%}")
+    if cal and mfu is None:
+        train = cal["train"] if isinstance(cal.get("train"), dict) else {}
+        recipe = train.get("recipe", cal.get("recipe", "?"))
+        measured = (f"measured by `onecard bench` on {str(cal.get('date', '?'))[:10]} (d{train.get('depth', '?')}, "
+                    f"recipe {recipe}, micro-batch {train.get('micro_batch', '?')})")
+        if _positive(cal.get("speed_factor")):  # the model, scaled to what this card measured
+            factor, source = cal["speed_factor"], measured
+            notes.append(f"using calibration from {calibrate.calibration_path()}: this card ran "
+                         f"{factor:.2f}x the modelled speed")
+        elif _positive(cal.get("mfu"), most=1.0):  # a record from before bench measured against the model
+            utilization, source = cal["mfu"], measured
+            notes.append(f"using calibration from {calibrate.calibration_path()}: MFU {utilization:.1%}")
     if cal and power is None and cal.get("power_watts"):
         power = cal["power_watts"]
         notes.append(f"board power {power:.0f} W as measured by `onecard bench`")
     s = Settings(gpu=gpu, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
                  vocab_size=vocab_size, utilization=utilization, utilization_source=source, power_watts=power,
-                 price=price, currency=currency, assume=assume, compile=compile)
+                 price=price, currency=currency, assume=assume, compile=compile, speed_factor=factor)
     check_batch(s)
     return s
 

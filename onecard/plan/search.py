@@ -33,8 +33,9 @@ class Settings:
     total_batch: int = defaults.TOTAL_BATCH
     micro_batch: int | None = None  # None: the largest that fits
     vocab_size: int = defaults.VOCAB_SIZE
-    utilization: float | None = None  # None: the card kind's default (see timing.py)
+    utilization: float | None = None  # None: modelled (timing.default_utilization)
     utilization_source: str = ""
+    speed_factor: float = 1.0  # measured / modelled speed on this card (`onecard bench`)
     power_watts: float | None = None  # None: the card's board power
     price: float = defaults.PRICE  # per kWh: an example tariff, not a published rate (docs/time.md#tariff)
     currency: str = "USD"
@@ -90,7 +91,7 @@ def evaluate(config: GPTConfig, recipe: Recipe, s: Settings, tokens: int | None 
             break
     fits = memory.total <= s.gpu.vram_bytes and not note
     timing = predict_time(config, chosen, s.gpu, s.gpus, s.total_batch, s.utilization,
-                          s.utilization_source, s.assume)
+                          s.utilization_source, s.assume, s.speed_factor)
     if not (math.isfinite(timing.step_s) and timing.tokens_per_s > 0):
         raise UsageError(f"recipe {chosen.name}: the predicted step time is not a finite number of seconds "
                          "(an assumed rate or utilization is too close to zero)")

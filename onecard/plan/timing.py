@@ -1,4 +1,4 @@
-"""How long a recipe takes: FLOPs the step really executes, at an assumed utilization, plus
+"""How long a recipe takes: FLOPs the step really executes, at a modelled utilization, plus
 the time of bytes that cross PCIe and of the optimizer, then energy and cost (docs/time.md).
 
 time per optimizer step = GPU compute (model FLOPs + recompute, bf16 and fp8 parts at their own
@@ -114,14 +114,21 @@ class Timing:
 
 
 def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, total_batch: int = defaults.TOTAL_BATCH,
-                 utilization: float | None = None, source: str = "", assume: Assumptions = DEFAULT) -> Timing:
+                 utilization: float | None = None, source: str = "", assume: Assumptions = DEFAULT,
+                 speed_factor: float = 1.0) -> Timing:
     """Seconds per optimizer step of `total_batch` tokens, and what follows from it. A given
-    `utilization` (measured by `onecard bench` or set with --mfu) is the whole micro-batch's and
-    replaces the modelled one and its fixed per-layer time."""
+    `utilization` (set with --mfu, or an older `onecard bench` record) is the whole micro-batch's
+    and replaces the modelled one and its fixed per-layer time. Otherwise the modelled compute runs
+    `speed_factor` times faster: what `onecard bench` measured on this card against the model
+    (`source` then says where it comes from)."""
     overhead = 0.0
     if utilization is None:
-        utilization, source = default_utilization(gpu, config, recipe.compile, assume)
-        overhead = layer_overhead_s(config, recipe, assume)
+        utilization, why = default_utilization(gpu, config, recipe.compile, assume)
+        overhead = layer_overhead_s(config, recipe, assume) / speed_factor
+        if speed_factor != 1.0:
+            utilization = min(1.0, utilization * speed_factor)
+            why = f"{why}; x{speed_factor:.2f}, {source}"
+        source = why
     u = utilization
     per_gpu_tokens = total_batch // gpus
     micro_steps = max(1, per_gpu_tokens // (recipe.micro_batch * recipe.seq_len))
