@@ -122,8 +122,11 @@ class _Fixed:
 
 def timed_rounds(steps: dict, inputs, targets, device: str, rounds: int, warmup: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps.items())
     for round_ in range(warmup + rounds):
-        for name, step in steps.items():  # interleaved: the machine's other work falls on every one alike
+        # interleaved, in alternating order: the machine's other work and any cost of going first or
+        # last (caches, clocks) fall on every one alike
+        for name, step in order if round_ % 2 == 0 else order[::-1]:
             start = sync(device)
             step(inputs, targets)
             if round_ >= warmup:
@@ -184,8 +187,13 @@ def main() -> int:
     tokens = micro * seq_len
     rows = {name: {"median_step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t),
                    "steps_timed": len(t)} for name, t in times.items()}
-    for row in rows.values():
+    for name, row in rows.items():
         row["vs_nanochat_tokens_per_s"] = row["tokens_per_s"] / rows["nanochat"]["tokens_per_s"]
+        # paired by round: nanochat's step time over this one's in the same round, a ratio the
+        # machine's slow drifts cannot tilt; its quartiles show the spread
+        paired = sorted(a / b for a, b in zip(times["nanochat"], times[name], strict=True))
+        row["paired_ratio_quartiles"] = [paired[len(paired) // 4], statistics.median(paired),
+                                         paired[(3 * len(paired)) // 4]]
     if cuda:
         del steps, nanochat
         makers = {"nanochat": lambda: NanochatStep(gpt, shape, args.device, True)}
@@ -206,7 +214,9 @@ def main() -> int:
     for name, row in rows.items():
         memory = f", peak {row['peak_allocated_bytes'] / 2**30:.2f} GiB ({row['vs_nanochat_memory']:.2f}x)" \
             if "peak_allocated_bytes" in row else ""
-        print(f"{name:<22} {row['tokens_per_s']:>10,.0f} tokens/s ({row['vs_nanochat_tokens_per_s']:.2f}x){memory}")
+        low, mid, high = row["paired_ratio_quartiles"]
+        print(f"{name:<22} {row['tokens_per_s']:>10,.0f} tokens/s ({row['vs_nanochat_tokens_per_s']:.2f}x; paired by "
+              f"round {mid:.2f}x, quartiles {low:.2f}-{high:.2f}){memory}")
     print(f"written: {path}")
     return 0
 
