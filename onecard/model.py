@@ -154,7 +154,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         def pack(t: torch.Tensor):
             if t.untyped_storage().data_ptr() in param_storages:
                 return t
-            host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
+            # the same strides where the tensor is dense: a compiled backward checks them
+            host = torch.empty_like(t, device="cpu", pin_memory=pin)
             host.copy_(t, non_blocking=pin)
             self.offloaded_bytes += host.numel() * host.element_size()
             return t.device, host
