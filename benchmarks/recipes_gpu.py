@@ -144,7 +144,8 @@ def main() -> int:
     parser.add_argument("--total-batch", type=int, default=524288,
                         help="tokens per optimizer step that tokens/s and MFU are scaled to (nanochat's 524288)")
     parser.add_argument("--vocab-size", type=int, default=65536)
-    parser.add_argument("--compile", action="store_true", help="run every recipe with torch.compile")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="run every recipe with torch.compile (default: eager)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: none)")
