@@ -62,7 +62,8 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_two_ranks_resume(tmp_pat
             "300", "--tokenizer-chars", "20000", "--seq-len", "16", "--micro-batch", "2", "--total-batch", "64",
             "--eval-every", "0", "--eval-batches", "1"]
     # torchrun itself exits 1 after a signal: the ranks' work is what counts
-    sigterm_once_training(argv + ["--steps", "1000000"], run_dir)
+    stopped = sigterm_once_training(argv + ["--steps", "1000000"], run_dir)
+    assert (run_dir / "summary.json").exists(), stopped.stdout[-3000:]  # what torchrun and the ranks said
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["last_checkpoint"]
     step = summary["step"]
