@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from onecard.model_2026 import GPT2026, compute_dtype
-from onecard.optim import AdamW, Muon, Optimizers, make_slots
+from onecard.optim import AdamW, Muon, Optimizers
 from onecard.recipe import Recipe
 from onecard.schedule_2026 import (
     EMBEDDING_LR,
@@ -28,6 +28,7 @@ from onecard.schedule_2026 import (
     batch_lr_scale,
     scaled_weight_decay,
 )
+from onecard.slots import make_slots
 
 # Polar Express coefficients for 5 iterations (arXiv 2505.16932; nanochat 92d63d4 optim.py)
 POLAR_EXPRESS = (

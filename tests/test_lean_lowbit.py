@@ -15,8 +15,8 @@ from onecard.lowbit import (
     quantize_log,
     stochastic_round_bf16,
 )
-from onecard.optim import Slot
 from onecard.recipe import INT8_BLOCK
+from onecard.slots import Slot
 
 
 def per_block(x: torch.Tensor) -> list[torch.Tensor]:
