@@ -43,7 +43,7 @@ class Assumptions:
     # loops; we take the low end because the update also converts dtypes.
     cpu_memory_bandwidth: float = 20e9
     # CPU time per parameter to fold one micro-batch's gradient into the fp32 buffer in CPU RAM
-    # (grads=cpu): the copy off the card and the add. Fitted by benchmarks/fit_planner.py to the six
+    # (grads=cpu): the copy off the card and the add. Fitted by benchmarks/fit_planner.py to the seven
     # grads=cpu rows measured on an H200 machine with 16 CPU cores, when the fold ran inside backward
     # (benchmarks/results/gpu_session1, gpu_session2). They disagree: d20 folded at about 0.9 ns a
     # parameter, d32 at 1.5-2.0 ns, so these rows are predicted only within 37 %. It does not
@@ -70,7 +70,7 @@ class Assumptions:
     # per byte of bandwidth (H100 295, H200 206, RTX 4090 164, RTX 4070 116).
     # The share of the peak the matrix multiplications and attention themselves reach, the
     # ceiling the width term approaches. Fitted with eager_overhead_width, eager_layer_overhead_s
-    # and optimizer_tensor_overhead_s to the 11 measured H200 rows that keep everything on the card:
+    # and optimizer_tensor_overhead_s to the 10 measured H200 rows that keep everything on the card:
     # every one predicted within 16 %. With compiled_overhead_width it gives nanochat's compiled
     # d20 and d32 runs 45.9 % and 55.2 % (published 48 % and 50.9 %) and nanoGPT's compiled GPT-2
     # 124M on an RTX 4090 47.5 % (published 55 %, karpathy/nanoGPT pull request 225; checked, not
