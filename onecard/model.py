@@ -221,6 +221,11 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
+        self.reset_rotary()
+
+    @torch.no_grad()
+    def reset_rotary(self) -> None:
+        """Fill the rotary tables (made from the config: checkpoints do not hold them)."""
         cos, sin = rotary_tables(self.rotary_len, self.config.head_dim, device=self.lm_head.weight.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -290,15 +295,19 @@ def build_model(config: GPTConfig, device: str | torch.device = "cpu", init: boo
     """Make the model on `device` with nanochat's init; meta device gives shapes only."""
     if config.arch != "classic":
         raise ValueError(f"{config.arch} models are built by onecard.family.build_model")
+    return materialize(GPT, config, device, init)
+
+
+def materialize(cls: type[GPT], config: GPTConfig, device: str | torch.device, init: bool) -> GPT:
+    """Build `cls` on the meta device, then allocate it on `device`: initialized, or (init False,
+    weights to come from a checkpoint) with only the rotary tables filled in."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = cls(config)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)
     if init:
         model.init_weights()
-    else:  # weights come from a checkpoint; the rotary tables are not in it
-        cos, sin = rotary_tables(model.rotary_len, config.head_dim, device=device)
-        model.cos.copy_(cos)
-        model.sin.copy_(sin)
+    else:
+        model.reset_rotary()
     return model

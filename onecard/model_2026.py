@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from onecard.model import GPT, MLP, KVCache, OffloadActivations, apply_rotary, norm, recompute
+from onecard.model import GPT, MLP, KVCache, OffloadActivations, apply_rotary, materialize, norm, recompute
 from onecard.model_config import (
     SMEAR_CHANNELS,
     VE_GATE_CHANNELS,
@@ -287,13 +287,4 @@ class GPT2026(GPT):
 
 
 def build_model_2026(config: GPTConfig, device: str | torch.device = "cpu", init: bool = True) -> GPT2026:
-    with torch.device("meta"):
-        model = GPT2026(config)
-    if str(device) == "meta":
-        return model
-    model.to_empty(device=device)
-    if init:
-        model.init_weights()
-    else:
-        model.reset_rotary()
-    return model
+    return materialize(GPT2026, config, device, init)

@@ -88,6 +88,20 @@ class StatefulOptimizer:
     def params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def momentum(self, p: torch.nn.Parameter, beta: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This step's gradient of `p` in fp32 where its states live, and its momentum buffer with
+        the gradient averaged in (stored back); None when `p` has no gradient this step."""
+        slot = self.slots[p]
+        grad = slot.grad()
+        if grad is None:
+            return None
+        g = grad.to(slot.place).float()
+        state = self.stored[p]["momentum_buffer"]
+        buf = state.read().view(g.shape)
+        buf.lerp_(g, 1 - beta)
+        state.write(buf)
+        return g, buf
+
     @property
     def state(self) -> DecodedStates:
         """Each parameter's states decoded to fp32 in its shape (for fp32, views of the storage)."""
@@ -147,15 +161,10 @@ class Muon(StatefulOptimizer):
         for group in self.param_groups:
             momentum = group["momentum"]
             for p in group["params"]:
-                slot = self.slots[p]
-                grad = slot.grad()
-                if grad is None:
+                if (found := self.momentum(p, momentum)) is None:
                     continue
-                g = grad.to(slot.place).float()
-                stored = self.stored[p]["momentum_buffer"]
-                buf = stored.read().view(g.shape)
-                buf.lerp_(g, 1 - momentum)
-                stored.write(buf)
+                g, buf = found
+                slot = self.slots[p]
                 update = g.lerp(buf, momentum) if group["nesterov"] else buf
                 # Newton-Schulz runs where the model is (bf16 either way: convert before moving)
                 update = orthogonalize(update.bfloat16().to(p.device), group["ns_steps"])

@@ -79,15 +79,10 @@ class NorMuon(Muon):
         for group in self.param_groups:
             m, beta2, wd = group["momentum"], group["beta2"], group["weight_decay"]
             for p in group["params"]:
-                slot = self.slots[p]
-                grad = slot.grad()
-                if grad is None:
+                if (found := self.momentum(p, m)) is None:
                     continue
-                g = grad.to(slot.place).float()
-                stored = self.stored[p]
-                buf = stored["momentum_buffer"].read().view(g.shape)
-                buf.lerp_(g, 1 - m)
-                stored["momentum_buffer"].write(buf)
+                g, buf = found
+                slot, stored = self.slots[p], self.stored[p]
                 g = g.lerp(buf, m)
                 x = polar_express(g.to(p.device), group["ns_steps"], compute_dtype(p.device))
                 u = x.float().to(slot.place)

@@ -140,15 +140,19 @@ def test_a_damaged_speed_factor_is_ignored(capsys, tmp_path, monkeypatch, bad):
 
 
 def test_bench_speed_factor_is_the_models_time_over_the_measured():
+    """By hand (docs/time.md#utilization): d12 compiled, nothing recomputed, on an H100 (989.4 TFLOP/s,
+    3.35 TB/s) runs 8 x 2048 tokens of 6N + 12LHQT FLOPs at 0.83 x 768 / (768 + 3.5 x 989.4/3.35)."""
     from onecard.bench import speed_factor
+    from onecard.model_config import flops_per_token
     from onecard.plan.catalog import CATALOG
-    from onecard.plan.timing import predict_time
     from onecard.recipe import named_recipe
 
-    config, gpu = GPTConfig.from_depth(12), CATALOG["h100-sxm"]
+    config = GPTConfig.from_depth(12)
     recipe = named_recipe("baseline", micro_batch=8, compile=True)
-    modelled = predict_time(config, recipe, gpu, 1, 8 * 2048).compute_s
-    assert speed_factor(config, recipe, gpu, 2 * modelled) == pytest.approx(0.5)
+    utilization = 0.83 * 768 / (768 + 3.5 * 989.4e12 / 3.35e12)
+    modelled_s = 8 * 2048 * flops_per_token(config) / (989.4e12 * utilization)
+    assert speed_factor(config, recipe, CATALOG["h100-sxm"], 2 * modelled_s) == pytest.approx(0.5)
+    assert speed_factor(config, recipe, CATALOG["h100-sxm"], modelled_s / 1.25) == pytest.approx(1.25)
 
 
 def test_plot(tmp_path, capsys):

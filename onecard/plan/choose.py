@@ -21,6 +21,7 @@ from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import CATALOG, GPU, GiB, find_gpu, with_vram
 from onecard.plan.search import Candidate, Settings, check_batch, evaluate, pick_recipe
 from onecard.recipe import Recipe, named_recipe
+from onecard.units import finite_number
 
 WhyNot = Callable[[Recipe], "str | None"]
 
@@ -110,7 +111,8 @@ def choose_gpu(name: str | None, vram_gib: float | None, local: tuple[str, int] 
 
 def _positive(value, most: float = 100.0) -> bool:
     """A usable number from a calibration file (which a user may have edited)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= most
+    number = finite_number(value)
+    return number is not None and 0 < number <= most
 
 
 def build_settings(gpu: GPU, notes: list[str], *, gpus: int = 1, seq_len: int, total_batch: int,

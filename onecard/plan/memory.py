@@ -237,11 +237,8 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
         logits_peak = cap * n * V + targets  # + the log-softmax's and the logits' gradients
     else:
         head = 4 * n * d  # the chunks' input, re-run chunk by chunk in backward
-        rows = min(LOSS_CHUNK_ROWS, n)
         logits_saved = targets
-        logits_peak = cap * rows * V + targets
-        if recipe.loss == "fused":  # the fused kernel also holds fp32 grads of hidden and lm_head
-            logits_peak += 4 * n * d + 4 * V * d
+        logits_peak = _chunked_loss_peak(config, recipe, n, cap) + targets
 
     policy = recipe.activations
     recompute, host, pcie = 0, 0, 0
@@ -268,6 +265,16 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
                                "per_block_keep": keep_block, "per_block_saves": save_block})
 
 
+def _chunked_loss_peak(config: GPTConfig, recipe: Recipe, n: int, bytes_per_logit: int) -> int:
+    """The chunked or fused loss at its peak: one chunk's logits with their gradients, and for the
+    fused kernel the fp32 gradients of the hidden states and of lm_head it holds."""
+    V, d = config.padded_vocab, config.n_embd
+    peak = bytes_per_logit * min(LOSS_CHUNK_ROWS, n) * V
+    if recipe.loss == "fused":
+        peak += 4 * n * d + 4 * V * d
+    return peak
+
+
 def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: bool | None) -> Activations:
     """activation_bytes under torch.compile with bf16 autocast (see the module docstring).
 
@@ -283,10 +290,10 @@ def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: b
     keep_block = int(n * per_block)
     mlp = int(n * mlp_part)
     policy, full_loss = recipe.activations, recipe.loss == "full"
-    shapes = parameter_shapes(config)["blocks"]
-    kept_matrices = {"keep": shapes, "selective": [s for i, s in enumerate(shapes) if i % 6 < 4], "full": []}[policy]
+    matrices = sum(r * c for r, c in parameter_shapes(config)["blocks"])
+    kept = {"keep": matrices, "selective": matrices - L * 2 * 4 * d * d, "full": 0}[policy]  # less the MLP's
     params_fp32 = recipe.params == "fp32" if params_fp32 is None else params_fp32
-    copies = 2 * (sum(r * c for r, c in kept_matrices) + (V * d if full_loss else 0)) if params_fp32 else 0
+    copies = 2 * (kept + (V * d if full_loss else 0)) if params_fp32 else 0
 
     trunk = 8 * n + 2 * n * d + 4 * n + T * config.head_dim  # ids; bf16 embedding and rsqrt; -sin
     input_size = 2 * n * d  # a block's bf16 input (block 0's is the embedding, counted above)
@@ -306,8 +313,7 @@ def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: b
         logits_saved = 2 * n * V + 8 * n + targets  # makes their bf16 gradient
         logits_peak = logits_saved + 2 * n * V
     else:  # chunked and fused: one chunk's logits at a time, as in eager mode
-        eager = activation_bytes(config, recipe, "bf16", params_fp32, compiled=False)
-        logits_saved, logits_peak = targets, eager.logits_peak
+        logits_saved, logits_peak = targets, _chunked_loss_peak(config, recipe, n, 14) + targets
     working = n * (2 * 2 * 4 * d + 2 * 2 * d)  # two MLP-sized and two residual bf16 grads alive
     return Activations(saved=blocks + trunk + final + head, weight_copies=copies, recompute=recompute,
                        working=working, logits_saved=logits_saved, logits_peak=logits_peak,
