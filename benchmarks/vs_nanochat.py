@@ -7,16 +7,20 @@ fused AdamW (`setup_optimizers`), bf16 autocast on CUDA and `torch.compile(model
 there, as its base_train.py does. onecard runs its recipes through its own step (onecard.step).
 Full optimizer steps (forward, backward, update) alternate between the implementations so that
 whatever else the machine does falls on both alike; the median step time of each gives tokens/s.
-On CUDA each implementation's peak allocated memory is measured alone afterwards.
+Each implementation's peak memory is then measured alone: on CUDA the allocator's peak of the
+whole process, on the CPU the most bytes a step holds above what it started with (PyTorch's
+profiler reports every CPU allocation with the running total), since the CPU keeps no peak.
 
     python benchmarks/vs_nanochat.py --device cpu                       # tiny config, minutes
+    python benchmarks/vs_nanochat.py --device cpu --compile             # both compiled by inductor
     python benchmarks/vs_nanochat.py --device cuda --depth 20 --micro-batch 32
     python benchmarks/vs_nanochat.py --device cuda --depth 32 --micro-batch 8 --recipes baseline,lean
 
-On the CPU, nanochat's `@torch.compile` on its Newton-Schulz is switched off (TORCHDYNAMO_DISABLE),
-so both run eagerly (compiling on a CPU takes minutes and measures the compiler, not the step),
-and nanochat's embedding is kept in fp32 as onecard's is there (nanochat casts it to bf16 for
-CUDA's autocast; without autocast the CPU cannot mix the two).
+On the CPU both run eagerly by default, with nanochat's `@torch.compile` on its Newton-Schulz
+switched off (TORCHDYNAMO_DISABLE): compiling takes minutes there and measures the compiler, not
+the step. `--compile` compiles both models as on CUDA (inductor's C++ code for the CPU), which
+shows what the compiler keeps for backward. nanochat's embedding is kept in fp32 as onecard's is
+there (nanochat casts it to bf16 for CUDA's autocast; without autocast the CPU cannot mix the two).
 """
 
 from __future__ import annotations
@@ -134,9 +138,12 @@ def timed_rounds(steps: dict, inputs, targets, device: str, rounds: int, warmup:
     return times
 
 
-def peak_memory(make, inputs, targets) -> int:
-    """Peak allocated bytes of one implementation alone: built, two steps, freed."""
+def peak_memory(make, inputs, targets, device: str) -> int:
+    """Peak allocated bytes of one implementation alone: built, two steps, freed. On the CPU: the
+    second step's peak above what was allocated when it began (weights and optimizer states)."""
     import torch
+    if device == "cpu":
+        return _cpu_step_peak(make(), inputs, targets)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -150,6 +157,28 @@ def peak_memory(make, inputs, targets) -> int:
     return peak
 
 
+def _cpu_step_peak(step, inputs, targets) -> int:
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    step(inputs, targets)  # the first step makes the optimizer's states
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(inputs, targets)
+
+    def walk(events):
+        for event in events:
+            yield event
+            yield from walk(event.children)
+
+    tree = prof.profiler.kineto_results.experimental_event_tree()  # every allocation, in order
+    allocations = sorted((e for e in walk(tree) if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns)
+    if not allocations:
+        return 0
+    first = allocations[0].extra_fields
+    before = first.total_allocated - first.alloc_size
+    return max(e.extra_fields.total_allocated for e in allocations) - before
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -158,13 +187,15 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, help="default 128 on the CPU, 2048 on CUDA")
     parser.add_argument("--vocab-size", type=int, help="default 2048 on the CPU, 65536 on CUDA")
     parser.add_argument("--recipes", default="baseline", help="onecard recipes, comma-separated")
+    parser.add_argument("--compile", action="store_true", help="on the CPU, compile both (CUDA always does)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     cuda = args.device == "cuda"
-    if not cuda:
+    compiled = cuda or args.compile
+    if not compiled:
         os.environ["TORCHDYNAMO_DISABLE"] = "1"  # before torch is imported: nanochat's @torch.compile runs eagerly
     import torch
 
@@ -175,11 +206,11 @@ def main() -> int:
     shape = GPTConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq_len).to_dict()
     gpt = load_nanochat(args.reference)
     torch.manual_seed(0)
-    nanochat = NanochatStep(gpt, shape, args.device, compile_model=cuda)
+    nanochat = NanochatStep(gpt, shape, args.device, compile_model=compiled)
     state = {k: v.detach().clone() for k, v in nanochat.model.state_dict().items()}
     steps = {"nanochat": nanochat}
     for name in args.recipes.split(","):
-        steps[f"onecard {name}"] = OnecardStep(name, state, shape, args.device, micro, seq_len, compile_model=cuda)
+        steps[f"onecard {name}"] = OnecardStep(name, state, shape, args.device, micro, seq_len, compile_model=compiled)
     generator = torch.Generator().manual_seed(1)
     idx = torch.randint(0, vocab, (micro, seq_len + 1), generator=generator).to(args.device)
     inputs, targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
@@ -194,26 +225,27 @@ def main() -> int:
         paired = sorted(a / b for a, b in zip(times["nanochat"], times[name], strict=True))
         row["paired_ratio_quartiles"] = [paired[len(paired) // 4], statistics.median(paired),
                                          paired[(3 * len(paired)) // 4]]
-    if cuda:
-        del steps, nanochat
-        makers = {"nanochat": lambda: NanochatStep(gpt, shape, args.device, True)}
-        for name in args.recipes.split(","):
-            makers[f"onecard {name}"] = (lambda n=name: OnecardStep(n, state, shape, args.device, micro, seq_len, True))
-        for name, make in makers.items():
-            rows[name]["peak_allocated_bytes"] = peak_memory(make, inputs, targets)
-        for row in rows.values():
-            row["vs_nanochat_memory"] = row["peak_allocated_bytes"] / rows["nanochat"]["peak_allocated_bytes"]
+    del steps, nanochat
+    makers = {"nanochat": lambda: NanochatStep(gpt, shape, args.device, compiled)}
+    for name in args.recipes.split(","):
+        makers[f"onecard {name}"] = (lambda n=name: OnecardStep(n, state, shape, args.device, micro, seq_len, compiled))
+    for name, make in makers.items():
+        rows[name]["peak_allocated_bytes"] = peak_memory(make, inputs, targets, args.device)
+    for row in rows.values():
+        row["vs_nanochat_memory"] = row["peak_allocated_bytes"] / rows["nanochat"]["peak_allocated_bytes"]
     result = {"command": " ".join(["python", "benchmarks/vs_nanochat.py", *sys.argv[1:]]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-              "machine": _machine(args.device), "torch": torch.__version__, "shape": shape, "micro_batch": micro,
+              "machine": _machine(args.device), "torch": torch.__version__, "compiled": compiled,
+              "peak_memory": "allocator peak" if cuda else "peak above the step's start",
+              "shape": shape, "micro_batch": micro,
               "model_flops_per_token": flops_per_token(GPTConfig(**shape)), "reference": "karpathy/nanochat fae3aca",
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"vs_nanochat_{args.device}_{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     for name, row in rows.items():
-        memory = f", peak {row['peak_allocated_bytes'] / 2**30:.2f} GiB ({row['vs_nanochat_memory']:.2f}x)" \
-            if "peak_allocated_bytes" in row else ""
+        peak = row["peak_allocated_bytes"] / 2**30 if cuda else row["peak_allocated_bytes"] / 2**20
+        memory = f", peak {peak:.2f} {'GiB' if cuda else 'MiB above the start'} ({row['vs_nanochat_memory']:.2f}x)"
         low, mid, high = row["paired_ratio_quartiles"]
         print(f"{name:<22} {row['tokens_per_s']:>10,.0f} tokens/s ({row['vs_nanochat_tokens_per_s']:.2f}x; paired by "
               f"round {mid:.2f}x, quartiles {low:.2f}-{high:.2f}){memory}")

@@ -255,14 +255,31 @@ def test_compiled_counts_match_inductors_partition(policy):
 
 def test_compiled_d20_against_nanochats_published_peak():
     """nanochat's d20 speedrun (8 x H100, micro-batch 32, compiled, one micro-batch per step) peaked at
-    75,422.02 MiB allocated (the report.md its speedrun.sh writes, commit af82c3a). The compiled model
-    predicts 83.0 GiB: 13 % over, beyond the 10 % the issue tolerates. The counts match inductor's
-    partition on the CPU exactly (above), so the CUDA partition keeps less than the CPU one (which
-    tensors is to be measured on a GPU); the eager model said 139.4 GiB."""
+    75,422.02 MiB allocated (the report.md its speedrun.sh writes, commit af82c3a). Its optimizers keep
+    each state on one rank of the eight (DistAdamW shards every state, DistMuon keeps each matrix's
+    momentum on its owner: nanochat/adamw.py and muon.py at fae3aca), where onecard's planner counts
+    one card holding all of them; with that taken out the compiled model says 79.0 GiB, 7.3 % over:
+    inside the 10 % the issue tolerates above, not the 5 % it aims for. The eager model said 139.4."""
     config = GPTConfig.from_depth(20)
     recipe = Recipe(micro_batch=32, compile=True)  # baseline: fp32 weights, keep, full loss
     published = 75_422.02 * 2**20
-    compiled = predict_memory(config, recipe, micro_steps=1).allocated
+    compiled = predict_memory(config, recipe, micro_steps=1)
+    sharded = compiled.allocated - compiled.optimizer * 7 / 8
     eager = predict_memory(config, recipe.with_(compile=False), micro_steps=1).allocated
-    assert 1.0 < compiled / published < 1.15
+    assert 1.0 < sharded / published < 1.10
     assert eager / published > 1.8
+
+
+def test_compiled_loss_peak_and_block_temporaries_counted_apart():
+    """Compiled, the loss's logits and their gradient are freed before a block's backward makes its
+    temporaries, so the peak holds the larger of the two, not their sum (eager keeps the sum)."""
+    config = GPTConfig.from_depth(4)
+    for loss in ("full", "chunked"):
+        recipe = Recipe(micro_batch=2, seq_len=256, loss=loss, compile=True)
+        a = activation_bytes(config, recipe, "bf16")
+        m = predict_memory(config, recipe)
+        held = a.saved + a.weight_copies + a.recompute
+        assert m.activations + m.logits == held + max(a.working, a.logits_peak)
+        eager = predict_memory(config, recipe.with_(compile=False))
+        e = activation_bytes(config, recipe.with_(compile=False), "bf16")
+        assert eager.activations + eager.logits == e.on_device + e.logits_peak

@@ -368,18 +368,24 @@ def predict_memory(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFA
     The peak is at the start of backward: parameters, gradients (accumulated from the previous
     micro-batch) and optimizer states, everything the forward saved, the loss at its peak, plus
     the transients of one block's backward. Summing them is exact for the persistent part and
-    slightly high for the transients, which do not all peak at the same instant. With one
+    slightly high for the transients, which do not all peak at the same instant; compiled, the
+    loss's peak and a block's temporaries are counted apart, as inductor's code frees one before
+    the other is made. With one
     micro-batch per optimizer step (`micro_steps` 1) no gradient exists yet at that point: they
     are made as backward frees the activations, and the peak is the larger of the two.
     """
     p = persistent_bytes(config, recipe, "cuda")
     a = activation_bytes(config, recipe, "bf16")
+    activations = a.on_device
+    if recipe.compile:  # one backward graph frees the loss's logits and their gradient before any
+        # block's backward makes its temporaries: the two peaks come apart (docs/memory.md#compiled)
+        activations += max(0, a.working - a.logits_peak) - a.working
     grads = p.grads + p.grad_transient
     if micro_steps == 1:
-        grads = max(0, grads - a.on_device - a.logits_peak)
+        grads = max(0, grads - activations - a.logits_peak)
     buffers = 2 * 2 * (10 * recipe.seq_len) * (config.head_dim // 2)  # rotary cos/sin tables, bf16
-    allocated = p.weights + grads + p.optimizer + a.on_device + a.logits_peak + buffers
-    return Memory(weights=p.weights, grads=grads, optimizer=p.optimizer, activations=a.on_device,
+    allocated = p.weights + grads + p.optimizer + activations + a.logits_peak + buffers
+    return Memory(weights=p.weights, grads=grads, optimizer=p.optimizer, activations=activations,
                   logits=a.logits_peak, buffers=buffers, context=assume.cuda_context_bytes,
                   workspace=assume.workspace_bytes,
                   fragmentation=int(assume.fragmentation * allocated),
