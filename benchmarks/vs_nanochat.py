@@ -5,8 +5,8 @@ nanochat runs from a reference copy of its code (karpathy/nanochat at commit fae
 default ../shared/reference/nanochat-fae3aca beside the checkout): its GPT, its init, its Muon and
 fused AdamW (`setup_optimizers`), bf16 autocast on CUDA and `torch.compile(model, dynamic=False)`
 there, as its base_train.py does. onecard runs its recipes through its own step (onecard.step).
-Full optimizer steps (forward, backward, update) alternate between the implementations so that
-whatever else the machine does falls on both alike; the median step time of each gives tokens/s.
+Full optimizer steps (forward, backward, update) take turns between the implementations so that
+whatever else the machine does falls on all alike; the median step time of each gives tokens/s.
 Each implementation's peak memory is then measured alone: on CUDA the allocator's peak of the
 whole process, on the CPU the most bytes a step holds above what it started with (PyTorch's
 profiler reports every CPU allocation with the running total), since the CPU keeps no peak.
@@ -128,9 +128,11 @@ def timed_rounds(steps: dict, inputs, targets, device: str, rounds: int, warmup:
     times: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps.items())
     for round_ in range(warmup + rounds):
-        # interleaved, in alternating order: the machine's other work and any cost of going first or
-        # last (caches, clocks) fall on every one alike
-        for name, step in order if round_ % 2 == 0 else order[::-1]:
+        # interleaved, the order rotating by one each round: the machine's other work and any cost
+        # of going first or last fall on every one alike, and none runs twice in a row on warm
+        # caches more often than another (alternating the order would favour the two at the ends)
+        shift = round_ % len(order)
+        for name, step in order[shift:] + order[:shift]:
             start = sync(device)
             step(inputs, targets)
             if round_ >= warmup:
