@@ -60,3 +60,43 @@ def test_geforce_compiled_run_is_not_over_predicted():
     stays under it, and within 15 %."""
     predicted = fit_planner.gpt2_124m_mfu(DEFAULT)
     assert 0.55 * 0.85 <= predicted <= 0.55
+
+
+def measured_peaks() -> list[tuple[str, float]]:
+    """predicted / measured torch.cuda.max_memory_allocated for every row the GPU sessions ran
+    (eager) before a grads=cpu row in the same process: those leaked their weights until ca1d5a3
+    (benchmarks/README.md), which inflated every later row's peak."""
+    import json
+
+    from onecard.model import GPTConfig
+    from onecard.plan.memory import predict_memory
+    from onecard.recipe import Recipe
+
+    ratios = {}
+    for path in sorted((ROOT / "benchmarks" / "results").glob("gpu_session*/recipes_gpu_*.json")):
+        leaked = False
+        for row in json.loads(path.read_text())["rows"]:
+            recipe = Recipe(**row["recipe"])
+            if leaked or row.get("outcome") != "ran":
+                continue
+            leaked = recipe.grads == "cpu"
+            micro_steps = max(1, 524_288 // (recipe.micro_batch * recipe.seq_len))
+            predicted = predict_memory(GPTConfig.from_depth(row["depth"]), recipe, micro_steps=micro_steps)
+            ratios[f"d{row['depth']} {recipe.name} mb{recipe.micro_batch}"] = \
+                predicted.allocated / row["max_memory_allocated"]
+    return sorted(ratios.items())
+
+
+def test_peak_memory_against_every_measured_row():
+    """The loss's backward frees its logits before a block's backward re-runs it: counting the two
+    apart, not summed, is what the measured peaks show. No row is under-predicted by more than 5 %
+    (the planner adds a 10 % allocator margin on top), 6 of 14 are within 5 % (4 when summed), the
+    median 6.5 % over. Summed, d32 lean at micro-batch 1 was 2.3 % over and d20 lean at 32 6.1 %."""
+    rows = measured_peaks()
+    assert len(rows) == 14
+    ratios = sorted(r for _, r in rows)
+    assert ratios[0] > 0.95, rows
+    assert sum(abs(r - 1) <= 0.05 for r in ratios) >= 6, rows
+    assert abs((ratios[6] + ratios[7]) / 2 - 1) <= 0.07, rows
+    assert dict(rows)["d32 lean mb1"] == pytest.approx(1.0, abs=0.01)
+    assert dict(rows)["d20 lean mb32"] == pytest.approx(1.0, abs=0.01)

@@ -367,19 +367,20 @@ def predict_memory(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFA
 
     The peak is at the start of backward: parameters, gradients (accumulated from the previous
     micro-batch) and optimizer states, everything the forward saved, the loss at its peak, plus
-    the transients of one block's backward. Summing them is exact for the persistent part and
-    slightly high for the transients, which do not all peak at the same instant; compiled, the
-    loss's peak and a block's temporaries are counted apart, as inductor's code frees one before
-    the other is made. With one
+    what one block's backward adds (its re-run and temporaries) where that exceeds the loss's peak:
+    the loss's backward frees its logits and their gradient before any block's backward begins
+    (docs/memory.md#the-step). With activation offload the window of copies in flight may overlap
+    the loss, and both are counted. With one
     micro-batch per optimizer step (`micro_steps` 1) no gradient exists yet at that point: they
     are made as backward frees the activations, and the peak is the larger of the two.
     """
     p = persistent_bytes(config, recipe, "cuda")
     a = activation_bytes(config, recipe, "bf16")
     activations = a.on_device
-    if recipe.compile:  # one backward graph frees the loss's logits and their gradient before any
-        # block's backward makes its temporaries: the two peaks come apart (docs/memory.md#compiled)
-        activations += max(0, a.working - a.logits_peak) - a.working
+    if recipe.activations != "offload":  # the loss's backward frees its logits and their gradient
+        # before the last block's backward re-runs it or makes temporaries: the peaks come apart
+        transients = a.recompute + a.working
+        activations += max(0, transients - a.logits_peak) - transients
     grads = p.grads + p.grad_transient
     if micro_steps == 1:
         grads = max(0, grads - activations - a.logits_peak)
