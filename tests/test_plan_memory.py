@@ -13,6 +13,7 @@ from onecard.model import GPTConfig, build_model
 from onecard.optim import build_optimizer
 from onecard.plan.memory import activation_bytes, persistent_bytes, predict_memory, state_bytes
 from onecard.recipe import INT8_BLOCK, Recipe
+from tests.reference import nanochat
 
 SHAPES = [  # (n_layer, n_embd, n_head, vocab, T, B)
     (2, 64, 1, 256, 32, 1),
@@ -251,6 +252,28 @@ def test_compiled_counts_match_inductors_partition(policy):
     a = activation_bytes(config, recipe, params_fp32=True)
     measured = compiled_saved_bytes(model, *batch(config, B, T))
     assert a.saved + a.weight_copies + a.logits_saved == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("policy", [("keep", "full"), ("keep", "chunked")], ids=lambda p: "-".join(p))
+def test_compiled_graph_keeps_what_nanochats_keeps(policy):
+    """Parity with nanochat's own model (fae3aca, the architecture of its published d20 and d32):
+    traced through the same partition, onecard's baseline keeps the same bytes for backward; its
+    chunked loss keeps less."""
+    gpt = nanochat("fae3aca", "gpt")
+    n_layer, n_embd, n_head, vocab, T, B = 2, 128, 2, 1000, 64, 4
+    torch.manual_seed(0)
+    theirs = gpt.GPT(gpt.GPTConfig(sequence_len=T, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                                   n_kv_head=n_head, n_embd=n_embd))
+    theirs.init_weights()  # its embedding is bf16, as onecard's on CUDA
+    config, ours = make(n_layer, n_embd, n_head, vocab, T)
+    ours.transformer.wte.to(torch.bfloat16)
+    ours.set_policies(*policy)
+    inputs = batch(config, B, T)
+    kept_theirs, kept_ours = compiled_saved_bytes(theirs, *inputs), compiled_saved_bytes(ours, *inputs)
+    if policy[1] == "full":
+        assert kept_ours == kept_theirs
+    else:
+        assert kept_ours < kept_theirs - 2 * B * T * vocab  # no whole-batch bf16 logits kept
 
 
 def test_compiled_d20_against_nanochats_published_peak():
