@@ -235,6 +235,10 @@ def main() -> int:
         rows[name]["peak_allocated_bytes"] = peak_memory(make, inputs, targets, args.device)
     for row in rows.values():
         row["vs_nanochat_memory"] = row["peak_allocated_bytes"] / rows["nanochat"]["peak_allocated_bytes"]
+    if cuda:  # the planner's peak beside each: one micro-batch per step, as measured (nanochat's is baseline's)
+        for name, row in rows.items():
+            recipe = "baseline" if name == "nanochat" else name.removeprefix("onecard ")
+            row["predicted_allocated_bytes"] = predicted_peak(shape, recipe, micro, seq_len)
     result = {"command": " ".join(["python", "benchmarks/vs_nanochat.py", *sys.argv[1:]]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
               "machine": _machine(args.device), "torch": torch.__version__, "compiled": compiled,
@@ -248,11 +252,23 @@ def main() -> int:
     for name, row in rows.items():
         peak = row["peak_allocated_bytes"] / 2**30 if cuda else row["peak_allocated_bytes"] / 2**20
         memory = f", peak {peak:.2f} {'GiB' if cuda else 'MiB above the start'} ({row['vs_nanochat_memory']:.2f}x)"
+        if "predicted_allocated_bytes" in row:
+            memory += f", planner {row['predicted_allocated_bytes'] / 2**30:.2f} GiB"
         low, mid, high = row["paired_ratio_quartiles"]
         print(f"{name:<22} {row['tokens_per_s']:>10,.0f} tokens/s ({row['vs_nanochat_tokens_per_s']:.2f}x; paired by "
               f"round {mid:.2f}x, quartiles {low:.2f}-{high:.2f}){memory}")
     print(f"written: {path}")
     return 0
+
+
+def predicted_peak(shape: dict, recipe_name: str, micro_batch: int, seq_len: int) -> int:
+    """What onecard's planner says torch.cuda.max_memory_allocated reads for this compiled step."""
+    from onecard.model_config import GPTConfig
+    from onecard.plan.memory import predict_memory
+    from onecard.recipe import named_recipe
+
+    recipe = named_recipe(recipe_name, micro_batch=micro_batch, seq_len=seq_len, compile=True)
+    return predict_memory(GPTConfig(**shape), recipe, micro_steps=1).allocated
 
 
 def _machine(device: str) -> str:
