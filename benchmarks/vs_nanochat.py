@@ -217,48 +217,58 @@ def main() -> int:
     idx = torch.randint(0, vocab, (micro, seq_len + 1), generator=generator).to(args.device)
     inputs, targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     times = timed_rounds(steps, inputs, targets, args.device, args.rounds, args.warmup)
-    tokens = micro * seq_len
-    rows = {name: {"median_step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t),
-                   "steps_timed": len(t)} for name, t in times.items()}
+    rows = speed_rows(times, micro * seq_len)
+    header = {"command": " ".join(["python", "benchmarks/vs_nanochat.py", *sys.argv[1:]]),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+              "machine": _machine(args.device), "torch": torch.__version__, "compiled": compiled,
+              "peak_memory": "allocator peak" if cuda else "peak above the step's start",
+              "shape": shape, "micro_batch": micro,
+              "model_flops_per_token": flops_per_token(GPTConfig(**shape)), "reference": "karpathy/nanochat fae3aca"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"vs_nanochat_{args.device}_{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+
+    def save() -> None:  # after every measurement: a run cut short by a time limit keeps what it measured
+        path.write_text(json.dumps(header | {"rows": rows}, indent=2) + "\n")
+
+    save()
     for name, row in rows.items():
-        row["vs_nanochat_tokens_per_s"] = row["tokens_per_s"] / rows["nanochat"]["tokens_per_s"]
-        # paired by round: nanochat's step time over this one's in the same round, a ratio the
-        # machine's slow drifts cannot tilt; its quartiles show the spread
-        paired = sorted(a / b for a, b in zip(times["nanochat"], times[name], strict=True))
-        row["paired_ratio_quartiles"] = [paired[len(paired) // 4], statistics.median(paired),
-                                         paired[(3 * len(paired)) // 4]]
+        low, mid, high = row["paired_ratio_quartiles"]
+        print(f"{name:<22} {row['tokens_per_s']:>10,.0f} tokens/s ({row['vs_nanochat_tokens_per_s']:.2f}x; paired by "
+              f"round {mid:.2f}x, quartiles {low:.2f}-{high:.2f})", flush=True)
+
     del steps, nanochat
     makers = {"nanochat": lambda: NanochatStep(gpt, shape, args.device, compiled)}
     for name in args.recipes.split(","):
         makers[f"onecard {name}"] = (lambda n=name: OnecardStep(n, state, shape, args.device, micro, seq_len, compiled))
     for name, make in makers.items():
-        rows[name]["peak_allocated_bytes"] = peak_memory(make, inputs, targets, args.device)
-    for row in rows.values():
+        row = rows[name]
+        row["peak_allocated_bytes"] = peak_memory(make, inputs, targets, args.device)
         row["vs_nanochat_memory"] = row["peak_allocated_bytes"] / rows["nanochat"]["peak_allocated_bytes"]
-    if cuda:  # the planner's peak beside each: one micro-batch per step, as measured (nanochat's is baseline's)
-        for name, row in rows.items():
+        memory = f"{name:<22} peak {row['peak_allocated_bytes'] / 2**20:,.2f} MiB"
+        memory += "" if cuda else " above the step's start"
+        memory += f" ({row['vs_nanochat_memory']:.4f}x)"
+        if cuda:  # the planner's peak beside it: one micro-batch per step, as measured (nanochat's is baseline's)
             recipe = "baseline" if name == "nanochat" else name.removeprefix("onecard ")
             row["predicted_allocated_bytes"] = predicted_peak(shape, recipe, micro, seq_len)
-    result = {"command": " ".join(["python", "benchmarks/vs_nanochat.py", *sys.argv[1:]]),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-              "machine": _machine(args.device), "torch": torch.__version__, "compiled": compiled,
-              "peak_memory": "allocator peak" if cuda else "peak above the step's start",
-              "shape": shape, "micro_batch": micro,
-              "model_flops_per_token": flops_per_token(GPTConfig(**shape)), "reference": "karpathy/nanochat fae3aca",
-              "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"vs_nanochat_{args.device}_{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    for name, row in rows.items():
-        peak = row["peak_allocated_bytes"] / 2**30 if cuda else row["peak_allocated_bytes"] / 2**20
-        memory = f", peak {peak:.2f} {'GiB' if cuda else 'MiB above the start'} ({row['vs_nanochat_memory']:.2f}x)"
-        if "predicted_allocated_bytes" in row:
-            memory += f", planner {row['predicted_allocated_bytes'] / 2**30:.2f} GiB"
-        low, mid, high = row["paired_ratio_quartiles"]
-        print(f"{name:<22} {row['tokens_per_s']:>10,.0f} tokens/s ({row['vs_nanochat_tokens_per_s']:.2f}x; paired by "
-              f"round {mid:.2f}x, quartiles {low:.2f}-{high:.2f}){memory}")
+            memory += f", planner {row['predicted_allocated_bytes'] / 2**20:,.2f} MiB"
+        save()
+        print(memory, flush=True)
     print(f"written: {path}")
     return 0
+
+
+def speed_rows(times: dict[str, list[float]], tokens: int) -> dict[str, dict]:
+    """tokens/s of each implementation's median step, against nanochat's: as a ratio of medians and
+    paired by round (nanochat's step time over this one's in the same round, a ratio the machine's
+    slow drifts cannot tilt; its quartiles show the spread)."""
+    rows = {name: {"median_step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t),
+                   "steps_timed": len(t)} for name, t in times.items()}
+    for name, row in rows.items():
+        row["vs_nanochat_tokens_per_s"] = row["tokens_per_s"] / rows["nanochat"]["tokens_per_s"]
+        paired = sorted(a / b for a, b in zip(times["nanochat"], times[name], strict=True))
+        row["paired_ratio_quartiles"] = [paired[len(paired) // 4], statistics.median(paired),
+                                         paired[(3 * len(paired)) // 4]]
+    return rows
 
 
 def predicted_peak(shape: dict, recipe_name: str, micro_batch: int, seq_len: int) -> int:
