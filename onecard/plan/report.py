@@ -65,9 +65,10 @@ def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
         pieces.append(("a block's backward beyond the loss's peak", block_backward_at_peak(c)))
     act = " + ".join(f"{what} {value / GiB:.2f}" for what, value in pieces if value)
     if r.activations != "offload":
-        act += (f" (re-run part {a.recompute / GiB:.2f} + backward temporaries {a.working / GiB:.2f}, "
-                "after the loss's backward)") if a.recompute else \
-            f" (backward temporaries {a.working / GiB:.2f}, after the loss's backward)"
+        after = [f"re-run part {a.recompute / GiB:.2f}"] if a.recompute else []
+        after.append(f"backward temporaries {a.working / GiB:.2f}")
+        within = "" if block_backward_at_peak(c) else ", within its peak"
+        act += f" ({' + '.join(after)} come after the loss's backward{within})"
     rows = [("weights", m.weights, f"{r.params} ({params:,} parameters)"),
             ("gradients", m.grads, "window in flight to CPU RAM" if r.grads == "cpu" else r.grads),
             ("optimizer states", m.optimizer, f"Muon momentum + AdamW moments, {where}"),
