@@ -18,12 +18,12 @@ what offload copies out.
 
 Compiled recipes (recipe.compile, the default on CUDA) save what torch.compile's partition of the
 forward and backward keeps for backward, which differs from eager autograd: the residual stream in
-bf16 (the embedding is bf16 on CUDA), one bf16 copy of each normed input, pointwise results
+fp32 (CUDA's autocast runs rms_norm in fp32), one bf16 copy of each normed input, pointwise results
 recomputed, and for the full loss only the bf16 logits and two numbers per row (the soft-cap,
 float cast and log-softmax are recomputed in the fused backward). tests/test_plan_memory.py checks
 these counts against the partition inductor makes of onecard's model (traced on the CPU with
-inductor's decompositions and min-cut partitioner; the CUDA partition can differ where kernels
-do); the whole step is checked against nanochat's published d20 peak.
+inductor's decompositions and min-cut partitioner, CUDA autocast's casts made by hand); the whole
+step is checked against nanochat's published d20 peak.
 """
 
 from __future__ import annotations
@@ -153,15 +153,16 @@ def _block_bytes(config: GPTConfig, numerics: str) -> tuple[float, float, float]
 def _block_bytes_compiled(config: GPTConfig) -> tuple[float, float]:
     """Per-token bytes one block keeps for backward under torch.compile: (all, the MLP's part).
 
-    bf16: the block's input and its middle (after attention), the normed input (one copy for c_q,
-    c_k and c_v), q and k after rotary, q, k and v after the QK norm (attention's inputs), attention's
-    output and its contiguous copy for c_proj, the MLP's normed input, c_fc's output and its square
-    (c_proj's input). fp32 per row: the two block norms' and the per-head QK norms' rsqrt, and
-    attention's log-sum-exp."""
+    fp32: the block's input and its middle (after attention): the residual stream, since CUDA's
+    autocast runs rms_norm in fp32. bf16: the normed input (one copy for c_q, c_k and c_v), q and k
+    after rotary, q, k and v after the QK norm (attention's inputs), attention's output and its
+    contiguous copy for c_proj, the MLP's normed input, c_fc's output and its square (c_proj's
+    input). fp32 per row: the two block norms' and the per-head QK norms' rsqrt, and attention's
+    log-sum-exp."""
     d, kv, f = config.n_embd, config.n_kv_head * config.head_dim, 4 * config.n_embd
     H, Hkv = config.n_head, config.n_kv_head
     mlp = 2 * (d + 2 * f) + 4
-    return 2 * (8 * d + 3 * kv + 2 * f) + 4 * (2 + H + Hkv) + 4 * H, mlp
+    return 4 * 2 * d + 2 * (6 * d + 3 * kv + 2 * f) + 4 * (2 + H + Hkv) + 4 * H, mlp
 
 
 def _extra_2026(config: GPTConfig, numerics: str) -> float:
@@ -296,7 +297,7 @@ def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: b
     copies = 2 * (kept + (V * d if full_loss else 0)) if params_fp32 else 0
 
     trunk = 8 * n + 2 * n * d + 4 * n + T * config.head_dim  # ids; bf16 embedding and rsqrt; -sin
-    input_size = 2 * n * d  # a block's bf16 input (block 0's is the embedding, counted above)
+    input_size = 4 * n * d  # a block's fp32 input (block 0's: the embedding, counted above, is kept instead)
     recompute = 0
     if policy == "keep":
         blocks = L * keep_block - input_size
@@ -307,7 +308,7 @@ def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: b
         blocks = (L - 1) * input_size
         recompute = keep_block
     final = (0 if policy == "full" else input_size) + 4 * n  # the final norm's input and rsqrt
-    head = input_size if full_loss else 0  # lm_head's bf16 input
+    head = 2 * n * d if full_loss else 0  # lm_head's bf16 input
     targets = 8 * n + 4
     if full_loss:  # bf16 logits and each row's max and log-sum-exp; backward's fused kernel then
         logits_saved = 2 * n * V + 8 * n + targets  # makes their bf16 gradient
