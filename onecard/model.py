@@ -27,7 +27,15 @@ ROTARY_BASE = 10000
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """RMSNorm without weights, in x's dtype on every torch version. torch 2.12 put rms_norm on CUDA
+    autocast's fp32 list (pytorch/pytorch#174824), which would turn the bf16 residual stream into
+    fp32: twice its bytes kept for backward, and extra cast kernels (pytorch/pytorch#188955). It
+    computes in fp32 inside either way, so onecard runs it outside autocast, as nanochat's published
+    runs (torch 2.8) normed in bf16."""
+    if x.device.type not in ("cuda", "cpu"):
+        return F.rms_norm(x, (x.size(-1),))
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.size(-1),))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -142,3 +142,26 @@ def test_forward_matches_float64_reference(n_kv_head):
     ref_loss = torch.nn.functional.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     expected = -(ref_loss * (targets >= 0)).sum() / (targets >= 0).sum()
     torch.testing.assert_close(model(idx, targets).double(), expected, rtol=1e-6, atol=1e-6)  # loss in fp32
+
+
+def test_norm_runs_outside_autocast_in_its_input_dtype(monkeypatch):
+    """torch >= 2.12 puts rms_norm on CUDA autocast's fp32 list, which would make the residual stream
+    fp32; onecard's norm leaves autocast first, so it runs in the input's dtype under any policy."""
+    import torch.nn.functional as F
+
+    from onecard.model import norm
+
+    seen = []
+    real = F.rms_norm
+
+    def spy(x, shape, weight=None, eps=None):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(x, shape, weight, eps)
+
+    monkeypatch.setattr(F, "rms_norm", spy)
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert seen == [False] and y.dtype == torch.bfloat16
+    expected = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps))
+    torch.testing.assert_close(y, expected.bfloat16())  # computed in fp32 inside, float32's epsilon

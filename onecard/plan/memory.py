@@ -18,7 +18,7 @@ what offload copies out.
 
 Compiled recipes (recipe.compile, the default on CUDA) save what torch.compile's partition of the
 forward and backward keeps for backward, which differs from eager autograd: the residual stream in
-fp32 (CUDA's autocast runs rms_norm in fp32), one bf16 copy of each normed input, pointwise results
+bf16 (the embedding is bf16 on CUDA, the norm outside autocast), one bf16 copy of each normed input, pointwise results
 recomputed, and for the full loss only the bf16 logits and two numbers per row (the soft-cap,
 float cast and log-softmax are recomputed in the fused backward). tests/test_plan_memory.py checks
 these counts against the partition inductor makes of onecard's model (traced on the CPU with
@@ -153,16 +153,16 @@ def _block_bytes(config: GPTConfig, numerics: str) -> tuple[float, float, float]
 def _block_bytes_compiled(config: GPTConfig) -> tuple[float, float]:
     """Per-token bytes one block keeps for backward under torch.compile: (all, the MLP's part).
 
-    fp32: the block's input and its middle (after attention): the residual stream, since CUDA's
-    autocast runs rms_norm in fp32. bf16: the normed input (one copy for c_q, c_k and c_v), q and k
-    after rotary, q, k and v after the QK norm (attention's inputs), attention's output and its
-    contiguous copy for c_proj, the MLP's normed input, c_fc's output and its square (c_proj's
-    input). fp32 per row: the two block norms' and the per-head QK norms' rsqrt, and attention's
-    log-sum-exp."""
+    bf16 (the residual stream is bf16: the embedding is, and onecard's norm runs outside autocast,
+    see onecard.model.norm): the block's input and its middle (after attention), the normed input
+    (one copy for c_q, c_k and c_v), q and k after rotary, q, k and v after the QK norm (attention's
+    inputs), attention's output and its contiguous copy for c_proj, the MLP's normed input, c_fc's
+    output and its square (c_proj's input). fp32 per row: the two block norms' and the per-head QK
+    norms' rsqrt, and attention's log-sum-exp."""
     d, kv, f = config.n_embd, config.n_kv_head * config.head_dim, 4 * config.n_embd
     H, Hkv = config.n_head, config.n_kv_head
     mlp = 2 * (d + 2 * f) + 4
-    return 4 * 2 * d + 2 * (6 * d + 3 * kv + 2 * f) + 4 * (2 + H + Hkv) + 4 * H, mlp
+    return 2 * (8 * d + 3 * kv + 2 * f) + 4 * (2 + H + Hkv) + 4 * H, mlp
 
 
 def _extra_2026(config: GPTConfig, numerics: str) -> float:
@@ -297,7 +297,7 @@ def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: b
     copies = 2 * (kept + (V * d if full_loss else 0)) if params_fp32 else 0
 
     trunk = 8 * n + 2 * n * d + 4 * n + T * config.head_dim  # ids; bf16 embedding and rsqrt; -sin
-    input_size = 4 * n * d  # a block's fp32 input (block 0's: the embedding, counted above, is kept instead)
+    input_size = 2 * n * d  # a block's bf16 input (block 0's is the embedding, counted above)
     recompute = 0
     if policy == "keep":
         blocks = L * keep_block - input_size
