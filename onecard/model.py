@@ -30,8 +30,8 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without weights, in x's dtype on every torch version. torch 2.12 put rms_norm on CUDA
     autocast's fp32 list (pytorch/pytorch#174824), which would turn the bf16 residual stream into
     fp32: twice its bytes kept for backward, and extra cast kernels (pytorch/pytorch#188955). It
-    computes in fp32 inside either way, so onecard runs it outside autocast, as nanochat's published
-    runs (torch 2.8) normed in bf16."""
+    computes in fp32 inside either way; outside autocast it computes what torch <= 2.11 did, under
+    which nanochat's published runs (torch 2.8) were made."""
     if x.device.type not in ("cuda", "cpu"):
         return F.rms_norm(x, (x.size(-1),))
     with torch.autocast(x.device.type, enabled=False):
