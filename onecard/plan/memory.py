@@ -18,12 +18,12 @@ what offload copies out.
 
 Compiled recipes (recipe.compile, the default on CUDA) save what torch.compile's partition of the
 forward and backward keeps for backward, which differs from eager autograd: the residual stream in
-bf16 (the embedding is bf16 on CUDA, the norm outside autocast), one bf16 copy of each normed input, pointwise results
-recomputed, and for the full loss only the bf16 logits and two numbers per row (the soft-cap,
-float cast and log-softmax are recomputed in the fused backward). tests/test_plan_memory.py checks
-these counts against the partition inductor makes of onecard's model (traced on the CPU with
-inductor's decompositions and min-cut partitioner, CUDA autocast's casts made by hand); the whole
-step is checked against nanochat's published d20 peak.
+bf16 (the embedding is bf16 on CUDA, the norm runs outside autocast), one bf16 copy of each normed
+input, pointwise results recomputed, and for the full loss only the bf16 logits and two numbers per
+row (the soft-cap, float cast and log-softmax are recomputed in the fused backward).
+tests/test_plan_memory.py checks these counts against the partition inductor makes of onecard's
+model (traced on the CPU with inductor's decompositions and min-cut partitioner, CUDA autocast's
+casts made by hand); the whole step is checked against nanochat's published d20 peak.
 """
 
 from __future__ import annotations
