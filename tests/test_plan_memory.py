@@ -168,6 +168,42 @@ def test_each_policy_fp32_matches_saved_tensors(shape, policy):
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:3])
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
+def test_each_policy_bf16_autocast_matches_saved_tensors(shape, policy):
+    """Under autocast a checkpointed region (a recomputed block or MLP, a loss chunk) keeps no bf16
+    copies of fp32 weights: it makes them again in backward."""
+    *dims, T, B = shape
+    config, model = make(*dims, T)
+    model.set_policies(*policy)
+    recipe = Recipe(activations=policy[0], loss=policy[1], micro_batch=B, seq_len=T)
+    a = activation_bytes(config, recipe, numerics="bf16", params_fp32=True)
+    measured = saved_bytes(model, *batch(config, B, T), autocast=True)
+    assert a.saved + a.weight_copies + a.logits_saved == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("numerics", ["fp32", "bf16"])
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
+def test_nanochat_2026_each_policy_matches_saved_tensors(numerics, policy):
+    """The nanochat-2026 family (value embeddings, x0 mix, smear, backout, windows): under bf16
+    autocast its value embeddings are bf16, as on CUDA (onecard/slots.py)."""
+    from onecard.family import build_model as build_family
+
+    config = GPTConfig(sequence_len=96, vocab_size=800, n_layer=6, n_head=3, n_kv_head=3, n_embd=192,
+                       arch="nanochat-2026")
+    torch.manual_seed(0)
+    model = build_family(config)
+    if numerics == "bf16":
+        for table in model.value_embeds.values():
+            table.to(torch.bfloat16)
+    model.set_policies(*policy)
+    B = 2
+    recipe = Recipe(activations=policy[0], loss=policy[1], micro_batch=B, seq_len=96)
+    a = activation_bytes(config, recipe, numerics=numerics, params_fp32=True)
+    measured = saved_bytes(model, *batch(config, B, 96), autocast=numerics == "bf16")
+    assert a.saved + a.weight_copies + a.logits_saved == pytest.approx(measured, rel=0.03)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3])
 @pytest.mark.parametrize("numerics", ["fp32", "bf16"])
 def test_offload_predicts_the_bytes_sent_to_host_memory(shape, numerics):
     *dims, T, B = shape
@@ -277,6 +313,26 @@ def test_compiled_counts_match_inductors_partition(policy):
     a = activation_bytes(config, recipe, params_fp32=True)
     measured = compiled_saved_bytes(model, *batch(config, B, T))
     assert a.saved + a.weight_copies + a.logits_saved == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("policy", [("keep", "full"), ("selective", "chunked"), ("full", "chunked")],
+                         ids=lambda p: "-".join(p))
+def test_compiled_nanochat_2026_counts_match_inductors_partition(policy):
+    """nanochat-2026 compiled: the partition recomputes the x0 mix, keeps the value embeddings looked
+    up (bf16, as the embeddings are on CUDA) and, unless every block is re-run, x0."""
+    from onecard.family import build_model as build_family
+
+    config = GPTConfig(sequence_len=96, vocab_size=800, n_layer=6, n_head=3, n_kv_head=3, n_embd=192,
+                       arch="nanochat-2026")
+    torch.manual_seed(0)
+    model = build_family(config)
+    for table in [model.transformer.wte, *model.value_embeds.values()]:
+        table.to(torch.bfloat16)
+    model.set_policies(*policy)
+    recipe = Recipe(activations=policy[0], loss=policy[1], micro_batch=2, seq_len=96, compile=True)
+    a = activation_bytes(config, recipe, params_fp32=True)
+    measured = compiled_saved_bytes(model, *batch(config, 2, 96))
+    assert a.saved + a.weight_copies + a.logits_saved == pytest.approx(measured, rel=0.02)
 
 
 @pytest.mark.parametrize("policy", [("keep", "full"), ("keep", "chunked")], ids=lambda p: "-".join(p))

@@ -89,14 +89,16 @@ def measured_peaks() -> list[tuple[str, float]]:
 
 def test_peak_memory_against_every_measured_row():
     """The loss's backward frees its logits before a block's backward re-runs it: counting the two
-    apart, not summed, is what the measured peaks show. No row is under-predicted by more than 5 %
-    (the planner adds a 10 % allocator margin on top), 6 of 14 are within 5 % (4 when summed), the
-    median 6.5 % over. Summed, d32 lean at micro-batch 1 was 2.3 % over and d20 lean at 32 6.1 %."""
+    apart, not summed, is what the measured peaks show; and a recomputed block keeps no bf16 copies
+    of fp32 weights. No row is under-predicted by more than 5 % (the planner adds a 10 % allocator
+    margin on top), 7 of 14 are within 5 % (4 before both), the median 4.2 % over. Summed, d32 lean
+    at micro-batch 1 was 2.3 % over and d20 lean at 32 6.1 %; with the copies, d20 recompute 7.9 %."""
     rows = measured_peaks()
     assert len(rows) == 14
     ratios = sorted(r for _, r in rows)
     assert ratios[0] > 0.95, rows
-    assert sum(abs(r - 1) <= 0.05 for r in ratios) >= 6, rows
-    assert abs((ratios[6] + ratios[7]) / 2 - 1) <= 0.07, rows
+    assert sum(abs(r - 1) <= 0.05 for r in ratios) >= 7, rows
+    assert abs((ratios[6] + ratios[7]) / 2 - 1) <= 0.05, rows
     assert dict(rows)["d32 lean mb1"] == pytest.approx(1.0, abs=0.01)
     assert dict(rows)["d20 lean mb32"] == pytest.approx(1.0, abs=0.01)
+    assert dict(rows)["d20 recompute mb32"] == pytest.approx(1.0, abs=0.05)

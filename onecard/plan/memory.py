@@ -166,14 +166,25 @@ def _block_bytes_compiled(config: GPTConfig) -> tuple[float, float]:
 
 
 def _extra_2026(config: GPTConfig, numerics: str) -> float:
-    """Per-token bytes nanochat-2026 saves per block beyond the classic's (an estimate, not yet
-    checked against a measurement): the block's input before the resid/x0 mix (kept for the
-    lambdas' gradients), and on value-embedding layers (counted at their share of layers) the
-    looked-up embedding, the gate and the gated product."""
+    """Per-token bytes nanochat-2026 saves per block beyond the classic's, eager (checked against
+    autograd's saves in tests/test_plan_memory.py): the block's input before the resid/x0 mix
+    (kept for the lambdas' gradients), and on value-embedding layers (counted at their share of
+    layers) the looked-up embedding, the gate and the gated product."""
     kv = config.n_kv_head * config.head_dim
     b = 4 if numerics == "fp32" else 2
     share = len(value_embedding_layers(config)) / config.n_layer
     return 4 * config.n_embd + share * (2 * b * kv + 2 * 4 * config.n_kv_head)
+
+
+def _outside_blocks_2026(config: GPTConfig, recipe: Recipe, n: int, numerics: str) -> int:
+    """What nanochat-2026 keeps outside its blocks when each block is recomputed: every layer's
+    input before the resid/x0 mix (saved by the mix for the lambdas' gradients; layer 0's is x0),
+    the value embeddings looked up for the value-embedding layers (the blocks' inputs, fp32 on the
+    CPU), and the smear's shifted input and gate input."""
+    d, kv, B = config.n_embd, config.n_kv_head * config.head_dim, recipe.micro_batch
+    ve = 4 if numerics == "fp32" else 2  # the embeddings are bf16 on CUDA
+    smear = 4 * n * d + 4 * (n - B) * (SMEAR_CHANNELS + 2)
+    return config.n_layer * 4 * n * d + len(value_embedding_layers(config)) * ve * n * kv + smear
 
 
 @dataclass(frozen=True)
@@ -225,24 +236,32 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
     save_block = int(n * per_save) + sin
     mlp = int(n * mlp_part)
     b = 4 if numerics == "fp32" else 2
+    policy = recipe.activations
+    # autocast's bf16 copies of fp32 matrices: a checkpointed region (a recomputed block or MLP, a
+    # loss chunk) makes its own again in backward and keeps none
     matrices = sum(r * c for r, c in parameter_shapes(config)["blocks"])
-    copies = 2 * (matrices + V * d) if numerics == "bf16" and params_fp32 else 0
+    kept = {"selective": matrices - L * 2 * 4 * d * d, "full": 0}.get(policy, matrices)
+    autocast_copies = numerics == "bf16" and params_fp32
+    block_copies = 2 * kept if autocast_copies else 0
+    head_copy = 2 * V * d if autocast_copies and recipe.loss == "full" else 0
 
     trunk = 8 * n + 4 * n * (d + 1)  # token ids; the fp32 embedding output and its rsqrt
     final = 4 * n * (d + 1)  # the final norm's input and rsqrt
     targets = 8 * n + 4  # int64 targets and nll_loss's total_weight
-    cap = 16 if numerics == "fp32" else 14  # bytes per logit at the loss's peak
+    # nanochat-2026 soft-caps after the float cast: its logits are fp32 throughout, as without autocast
+    fp32_logits = numerics == "fp32" or config.arch != "classic"
+    cap = 16 if fp32_logits else 14  # bytes per logit at the loss's peak
     if recipe.loss == "full":
         head = b * n * d  # lm_head's input (a bf16 cast under autocast)
-        logits_saved = (8 if numerics == "fp32" else 6) * n * V + targets  # soft-capped, log-softmax
+        logits_saved = (8 if fp32_logits else 6) * n * V + targets  # soft-capped, log-softmax
         logits_peak = cap * n * V + targets  # + the log-softmax's and the logits' gradients
     else:
         head = 4 * n * d  # the chunks' input, re-run chunk by chunk in backward
         logits_saved = targets
         logits_peak = _chunked_loss_peak(config, recipe, n, cap) + targets
 
-    policy = recipe.activations
     recompute, host, pcie = 0, 0, 0
+    copies = block_copies + head_copy
     if policy == "keep":
         blocks = L * keep_block
     elif policy == "selective":
@@ -250,11 +269,12 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
         recompute = mlp
     elif policy == "full":
         blocks = L * 4 * n * d  # each block's fp32 input
+        if config.arch != "classic":
+            blocks += _outside_blocks_2026(config, recipe, n, numerics)
         recompute = keep_block
     else:  # offload: the trunk's saves go out, per save call, weight copies included
-        host = (L * save_block + (copies - 2 * V * d if copies else 0)
-                + 8 * n + 2 * 4 * n * (d + 1) + 2 * final)
-        blocks, trunk, final = 0, 0, 0
+        host = L * save_block + block_copies + 8 * n + 2 * 4 * n * (d + 1) + 2 * final
+        blocks, trunk, final, copies = 0, 0, 0, head_copy
         recompute = 2 * save_block
         pcie = 2 * host  # out during forward, back during backward
     f = 4 * d
@@ -286,8 +306,6 @@ def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: b
     n, T, L, V, d = (recipe.micro_batch * recipe.seq_len, recipe.seq_len, config.n_layer,
                      config.padded_vocab, config.n_embd)
     per_block, mlp_part = _block_bytes_compiled(config)
-    if config.arch != "classic":
-        per_block += _extra_2026(config, "bf16")
     keep_block = int(n * per_block)
     mlp = int(n * mlp_part)
     policy, full_loss = recipe.activations, recipe.loss == "full"
@@ -307,6 +325,11 @@ def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: b
     else:  # full: each block's bf16 input
         blocks = (L - 1) * input_size
         recompute = keep_block
+    if config.arch != "classic":  # the partition recomputes the x0 mix; it keeps the value
+        # embeddings looked up (bf16) and the smear's gate input, and x0 unless blocks are re-run
+        kv, B = config.n_kv_head * config.head_dim, recipe.micro_batch
+        blocks += len(value_embedding_layers(config)) * 2 * n * kv + 2 * (n - B) * (SMEAR_CHANNELS + 1)
+        blocks += 0 if policy == "full" else input_size
     final = (0 if policy == "full" else input_size) + 4 * n  # the final norm's input and rsqrt
     head = 2 * n * d if full_loss else 0  # lm_head's bf16 input
     targets = 8 * n + 4
