@@ -176,6 +176,14 @@ def _extra_2026(config: GPTConfig, numerics: str) -> float:
     return 4 * config.n_embd + share * (2 * b * kv + 2 * 4 * config.n_kv_head)
 
 
+def _copied_matrices(config: GPTConfig, policy: str) -> int:
+    """Elements of the block matrices whose bf16 autocast copies the forward keeps: a checkpointed
+    region (a recomputed block or MLP) makes its copies again in backward and keeps none."""
+    matrices = sum(r * c for r, c in parameter_shapes(config)["blocks"])
+    mlp = config.n_layer * 2 * 4 * config.n_embd ** 2
+    return {"selective": matrices - mlp, "full": 0}.get(policy, matrices)
+
+
 def _outside_blocks_2026(config: GPTConfig, recipe: Recipe, n: int, numerics: str) -> int:
     """What nanochat-2026 keeps outside its blocks when each block is recomputed: every layer's
     input before the resid/x0 mix (saved by the mix for the lambdas' gradients; layer 0's is x0),
@@ -237,12 +245,8 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
     mlp = int(n * mlp_part)
     b = 4 if numerics == "fp32" else 2
     policy = recipe.activations
-    # autocast's bf16 copies of fp32 matrices: a checkpointed region (a recomputed block or MLP, a
-    # loss chunk) makes its own again in backward and keeps none
-    matrices = sum(r * c for r, c in parameter_shapes(config)["blocks"])
-    kept = {"selective": matrices - L * 2 * 4 * d * d, "full": 0}.get(policy, matrices)
     autocast_copies = numerics == "bf16" and params_fp32
-    block_copies = 2 * kept if autocast_copies else 0
+    block_copies = 2 * _copied_matrices(config, policy) if autocast_copies else 0
     head_copy = 2 * V * d if autocast_copies and recipe.loss == "full" else 0
 
     trunk = 8 * n + 4 * n * (d + 1)  # token ids; the fp32 embedding output and its rsqrt
@@ -309,10 +313,8 @@ def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: b
     keep_block = int(n * per_block)
     mlp = int(n * mlp_part)
     policy, full_loss = recipe.activations, recipe.loss == "full"
-    matrices = sum(r * c for r, c in parameter_shapes(config)["blocks"])
-    kept = {"keep": matrices, "selective": matrices - L * 2 * 4 * d * d, "full": 0}[policy]  # less the MLP's
     params_fp32 = recipe.params == "fp32" if params_fp32 is None else params_fp32
-    copies = 2 * (kept + (V * d if full_loss else 0)) if params_fp32 else 0
+    copies = 2 * (_copied_matrices(config, policy) + (V * d if full_loss else 0)) if params_fp32 else 0
 
     trunk = 8 * n + 2 * n * d + 4 * n + T * config.head_dim  # ids; bf16 embedding and rsqrt; -sin
     input_size = 2 * n * d  # a block's bf16 input (block 0's is the embedding, counted above)
