@@ -18,9 +18,10 @@ hook that finds none free waits (backpressure), which bounds the pinned memory o
 gradients held on the CPU.
 
 drain() waits for everything queued and re-raises what the worker hit; the optimizer drains
-before anything reads a buffer (after each micro-batch's backward, and when zeroing). So one
-micro-batch's folds overlap the rest of its backward, last layers first; the folds of the layers
-autograd reaches last (the first layers, the embedding) are still exposed at the drain.
+only before something reads a buffer (clipping, the update, zeroing), not between micro-batches.
+So one micro-batch's folds overlap the rest of its backward and the next micro-batch's forward;
+only the last micro-batch's late folds (the first layers, the embedding) are exposed, at the
+step's clip.
 """
 
 from __future__ import annotations

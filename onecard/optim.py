@@ -227,7 +227,8 @@ class Optimizers:
         for opt in optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
-        self.folder = folder_for(self.slots) if self.recipe.grads == "cpu" else None
+        if self.recipe.grads == "cpu":  # every slot's buffer is in CPU memory
+            folder_for(self.slots)
         for slot in self.slots:
             hook_grad(slot)
 
@@ -241,15 +242,10 @@ class Optimizers:
     def accumulate(self) -> None:
         """Called after each micro-batch's backward. Gradients in the weights' dtype accumulate in
         .grad by autograd; buffered ones were already folded (or queued) by their hooks: this folds
-        any that reached .grad some other way, and waits for the queued folds."""
+        any that reached .grad some other way. Queued folds go on under the next micro-batch: every
+        reader of a buffer (Slot.grad, zero_grad) waits for them first."""
         for slot in self.slots:
             slot.fold_grad()
-        self.drain()
-
-    def drain(self) -> None:
-        """Wait until the gradient buffers hold every fold queued so far (grads=cpu)."""
-        if self.folder is not None:
-            self.folder.drain()
 
     def gradients(self) -> list[torch.Tensor]:
         """The step's accumulated gradients, wherever the recipe keeps them (to average across ranks)."""
@@ -274,17 +270,13 @@ class Optimizers:
         return total
 
     def step(self) -> None:
-        self.drain()
         for opt in self.optimizers:
             opt.step()
 
     def zero_grad(self) -> None:
         """Empty the buffers for the next step (or a rewound one), after any fold still queued."""
-        try:
-            self.drain()
-        finally:
-            for slot in self.slots:
-                slot.zero_grad()
+        for slot in self.slots:
+            slot.zero_grad()
 
     def set_lr_multiplier(self, multiplier: float) -> None:
         for opt in self.optimizers:
@@ -296,7 +288,6 @@ class Optimizers:
             group["momentum"] = momentum
 
     def state_dict(self) -> list[dict]:
-        self.drain()
         return [opt.state_dict() for opt in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
@@ -312,7 +303,6 @@ class Optimizers:
         any .grad autograd holds now. optimizer: states with their 8-bit scales. Buffers such as
         the rotary tables are not parameters and are not counted.
         """
-        self.drain()
         out = {kind: {"device": 0, "cpu": 0} for kind in ("weights", "grads", "optimizer")}
         grads_place = "cpu" if self.recipe.grads == "cpu" else "device"
         for slot in self.slots:

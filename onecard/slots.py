@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from onecard.grad_fold import STAGING_BYTES, GradFolder
+from onecard.grad_fold import STAGING_BYTES, GradFolder, fold_into
 from onecard.lowbit import stochastic_round_bf16
 from onecard.model import GPT
 from onecard.recipe import Recipe
@@ -60,10 +60,8 @@ class Slot:
             return
         if self.folder is not None:  # copy or add is decided here, in hook order, not by the worker
             self.folder.submit(self.grad_buf, g, first=self.grad_empty)
-        elif self.grad_empty:
-            self.grad_buf.copy_(g)
         else:
-            self.grad_buf.add_(g.to(self.grad_buf.device))
+            fold_into(self.grad_buf, g, first=self.grad_empty)
         self.grad_empty = False
         self.param.grad = None
 
@@ -132,12 +130,11 @@ def hook_grad(slot: Slot) -> None:
 
 
 def folder_for(slots: list[Slot]) -> GradFolder:
-    """One folder for the slots whose buffers are on the CPU; staging no larger than the largest."""
+    """One folder for the slots' CPU buffers (grads=cpu); staging no larger than the largest."""
     largest = max((nbytes(slot.grad_buf) for slot in slots), default=0)
     folder = GradFolder(staging_bytes=max(8, min(STAGING_BYTES, largest)))
     for slot in slots:
-        if slot.grad_buf is not None and slot.grad_buf.device.type == "cpu":
-            slot.folder = folder
+        slot.folder = folder
     return folder
 
 
