@@ -176,12 +176,17 @@ def _extra_2026(config: GPTConfig, numerics: str) -> float:
     return 4 * config.n_embd + share * (2 * b * kv + 2 * 4 * config.n_kv_head)
 
 
-def _copied_matrices(config: GPTConfig, policy: str) -> int:
-    """Elements of the block matrices whose bf16 autocast copies the forward keeps: a checkpointed
-    region (a recomputed block or MLP) makes its copies again in backward and keeps none."""
+def _weight_copies(config: GPTConfig, recipe: Recipe, autocast_copies: bool) -> tuple[int, int]:
+    """Bytes of the bf16 copies autocast makes of fp32 matrices and the forward keeps: (the blocks',
+    lm_head's). A checkpointed region (a recomputed block or MLP, a loss chunk) makes its copies
+    again in backward and keeps none."""
+    if not autocast_copies:
+        return 0, 0
     matrices = sum(r * c for r, c in parameter_shapes(config)["blocks"])
     mlp = config.n_layer * 2 * 4 * config.n_embd ** 2
-    return {"selective": matrices - mlp, "full": 0}.get(policy, matrices)
+    kept = {"selective": matrices - mlp, "full": 0}.get(recipe.activations, matrices)
+    head = config.padded_vocab * config.n_embd if recipe.loss == "full" else 0
+    return 2 * kept, 2 * head
 
 
 def _outside_blocks_2026(config: GPTConfig, recipe: Recipe, n: int, numerics: str) -> int:
@@ -229,12 +234,12 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
     """
     if compiled is None:
         compiled = recipe.compile and numerics == "bf16" and recipe.activations != "offload"
+    if params_fp32 is None:
+        params_fp32 = recipe.params == "fp32"
     if compiled:
         return _compiled_activation_bytes(config, recipe, params_fp32)
     n, T, L, V, d = (recipe.micro_batch * recipe.seq_len, recipe.seq_len, config.n_layer,
                      config.padded_vocab, config.n_embd)
-    if params_fp32 is None:
-        params_fp32 = recipe.params == "fp32"
     unique, per_save, mlp_part = _block_bytes(config, numerics)
     if config.arch != "classic":
         extra = _extra_2026(config, numerics)
@@ -245,9 +250,7 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
     mlp = int(n * mlp_part)
     b = 4 if numerics == "fp32" else 2
     policy = recipe.activations
-    autocast_copies = numerics == "bf16" and params_fp32
-    block_copies = 2 * _copied_matrices(config, policy) if autocast_copies else 0
-    head_copy = 2 * V * d if autocast_copies and recipe.loss == "full" else 0
+    block_copies, head_copy = _weight_copies(config, recipe, numerics == "bf16" and params_fp32)
 
     trunk = 8 * n + 4 * n * (d + 1)  # token ids; the fp32 embedding output and its rsqrt
     final = 4 * n * (d + 1)  # the final norm's input and rsqrt
@@ -300,7 +303,7 @@ def _chunked_loss_peak(config: GPTConfig, recipe: Recipe, n: int, bytes_per_logi
     return peak
 
 
-def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: bool | None) -> Activations:
+def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: bool) -> Activations:
     """activation_bytes under torch.compile with bf16 autocast (see the module docstring).
 
     Counted as inductor's partition keeps them: block 0's input is the embedding itself; a
@@ -313,8 +316,7 @@ def _compiled_activation_bytes(config: GPTConfig, recipe: Recipe, params_fp32: b
     keep_block = int(n * per_block)
     mlp = int(n * mlp_part)
     policy, full_loss = recipe.activations, recipe.loss == "full"
-    params_fp32 = recipe.params == "fp32" if params_fp32 is None else params_fp32
-    copies = 2 * (_copied_matrices(config, policy) + (V * d if full_loss else 0)) if params_fp32 else 0
+    copies = sum(_weight_copies(config, recipe, params_fp32))
 
     trunk = 8 * n + 2 * n * d + 4 * n + T * config.head_dim  # ids; bf16 embedding and rsqrt; -sin
     input_size = 2 * n * d  # a block's bf16 input (block 0's is the embedding, counted above)
@@ -355,7 +357,8 @@ class Memory:
     weights: int
     grads: int
     optimizer: int
-    activations: int
+    activations: int  # saved, weight copies and block_backward
+    block_backward: int  # one block's backward (re-run, temporaries) beyond the loss's peak (offload: all)
     logits: int
     buffers: int
     context: int
@@ -402,19 +405,19 @@ def predict_memory(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFA
     """
     p = persistent_bytes(config, recipe, "cuda")
     a = activation_bytes(config, recipe, "bf16")
-    activations = a.on_device
+    block_backward = a.recompute + a.working
     if recipe.activations != "offload":  # the loss's backward frees its logits and their gradient
         # before the last block's backward re-runs it or makes temporaries: the peaks come apart
-        transients = a.recompute + a.working
-        activations += max(0, transients - a.logits_peak) - transients
+        block_backward = max(0, block_backward - a.logits_peak)
+    activations = a.saved + a.weight_copies + block_backward
     grads = p.grads + p.grad_transient
     if micro_steps == 1:
         grads = max(0, grads - activations - a.logits_peak)
     buffers = 2 * 2 * (10 * recipe.seq_len) * (config.head_dim // 2)  # rotary cos/sin tables, bf16
     allocated = p.weights + grads + p.optimizer + activations + a.logits_peak + buffers
     return Memory(weights=p.weights, grads=grads, optimizer=p.optimizer, activations=activations,
-                  logits=a.logits_peak, buffers=buffers, context=assume.cuda_context_bytes,
-                  workspace=assume.workspace_bytes,
+                  block_backward=block_backward, logits=a.logits_peak, buffers=buffers,
+                  context=assume.cuda_context_bytes, workspace=assume.workspace_bytes,
                   fragmentation=int(assume.fragmentation * allocated),
                   host=p.host_weights + p.host_grads + p.host_optimizer + a.host,
                   activation_detail=a)

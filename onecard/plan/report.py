@@ -49,12 +49,6 @@ def table(cands: list[Candidate], s: Settings) -> list[str]:
     return lines
 
 
-def block_backward_at_peak(c: Candidate) -> int:
-    """What a block's backward (its re-run and temporaries) adds to the peak beyond the loss's."""
-    a = c.memory.activation_detail
-    return c.memory.activations - a.saved - a.weight_copies
-
-
 def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
     m, a, r, assume = c.memory, c.memory.activation_detail, c.recipe, s.assume
     where = "on the CPU" if r.optim_place == "cpu" else f"{r.optim_states}"
@@ -62,12 +56,12 @@ def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
     if r.activations == "offload":
         pieces += [("offload window", a.recompute), ("backward temporaries", a.working)]
     else:
-        pieces.append(("a block's backward beyond the loss's peak", block_backward_at_peak(c)))
+        pieces.append(("a block's backward beyond the loss's peak", m.block_backward))
     act = " + ".join(f"{what} {value / GiB:.2f}" for what, value in pieces if value)
     if r.activations != "offload":
         after = [f"re-run part {a.recompute / GiB:.2f}"] if a.recompute else []
         after.append(f"backward temporaries {a.working / GiB:.2f}")
-        within = "" if block_backward_at_peak(c) else ", within its peak"
+        within = "" if m.block_backward else ", within its peak"
         act += f" ({' + '.join(after)} come after the loss's backward{within})"
     rows = [("weights", m.weights, f"{r.params} ({params:,} parameters)"),
             ("gradients", m.grads, "window in flight to CPU RAM" if r.grads == "cpu" else r.grads),
@@ -200,7 +194,7 @@ def candidate_json(c: Candidate, s: Settings) -> dict:
                    "cuda_context": c.memory.context, "workspace": c.memory.workspace,
                    "fragmentation": c.memory.fragmentation, "activations_saved": a.saved,
                    "autocast_weight_copies": a.weight_copies, "recompute": a.recompute,
-                   "backward_temporaries": a.working, "block_backward_at_peak": block_backward_at_peak(c)}}
+                   "backward_temporaries": a.working, "block_backward": c.memory.block_backward}}
     t = c.timing
     return {"recipe": c.recipe.to_dict(), "fits": c.fits, "note": c.note or None, "memory": memory,
             "mfu": t.mfu, "utilization": t.utilization, "tokens_per_s": t.tokens_per_s, "tokens": c.tokens,
