@@ -28,14 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from onecard.defaults import VOCAB_SIZE  # noqa: E402
 from onecard.model_config import GPTConfig, flops_per_token  # noqa: E402
 from onecard.plan.assumptions import DEFAULT, Assumptions  # noqa: E402
-from onecard.plan.catalog import CATALOG, GPU  # noqa: E402
+from onecard.plan.catalog import CATALOG, GPU, find_gpu  # noqa: E402
 from onecard.plan.timing import predict_time  # noqa: E402
 from onecard.recipe import Recipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CARDS = {"NVIDIA H200": "h200", "NVIDIA H100 80GB HBM3": "h100-sxm"}
 
 # Published compiled runs: (what, card, depth, vocabulary, micro-batch, MFU by model FLOPs).
 PUBLISHED = [
@@ -56,8 +56,14 @@ class Row:
     recipe: Recipe
     tokens: int  # per measured optimizer step
     step_s: float
-    folded_in_backward: bool
     update_s: float | None = None  # the update alone, where the row timed it
+    peak_allocated: int | None = None  # torch.cuda.max_memory_allocated of the step
+    leaked: bool = False  # measured after a grads=cpu row in the same process (its weights leaked until ca1d5a3)
+
+    @property
+    def folded_in_backward(self) -> bool:
+        """grads=cpu rows were measured when the trainer folded gradients inside backward."""
+        return self.recipe.grads == "cpu"
 
 
 def measured_rows(root: Path = RESULTS) -> list[Row]:
@@ -65,16 +71,20 @@ def measured_rows(root: Path = RESULTS) -> list[Row]:
     rows = []
     for path in sorted(root.rglob("recipes_gpu_*.json")):
         result = json.loads(path.read_text())
-        gpu = CATALOG[CARDS[result["device"]]]
+        gpu = find_gpu(result["device"])[0]
+        vocab = result.get("vocab_size", VOCAB_SIZE)  # the sessions before it was recorded ran the default
+        leaked = False  # one process per file
         for r in result["rows"]:
             if r["outcome"] != "ran":
                 continue
             recipe = Recipe.from_dict(r["recipe"])
-            config = GPTConfig.from_depth(r["depth"], vocab_size=65536, sequence_len=recipe.seq_len)
+            config = GPTConfig.from_depth(r["depth"], vocab_size=vocab, sequence_len=recipe.seq_len)
             tokens = round(r["tokens_per_s"] * r["step_s"])
             cap = r["cap_gib"] or "whole"
             what = f"{path.parent.name} d{r['depth']} {recipe.name} mb{recipe.micro_batch} cap {cap}"
-            rows.append(Row(what, gpu, config, recipe, tokens, r["step_s"], recipe.grads == "cpu", r.get("update_s")))
+            rows.append(Row(what, gpu, config, recipe, tokens, r["step_s"], r.get("update_s"),
+                            r.get("max_memory_allocated"), leaked))
+            leaked = leaked or recipe.grads == "cpu"
     return rows
 
 
@@ -97,12 +107,12 @@ def published_mfu(card: str, depth: int, vocab: int, micro_batch: int, assume: A
     return flops_per_token(config) * tokens / t.compute_s / CATALOG[card].peak_bf16
 
 
-def gpt2_124m_mfu(assume: Assumptions) -> float:
+def gpt2_124m_mfu(card: str, assume: Assumptions) -> float:
     """nanoGPT's GPT-2 124M (12 layers, width 768, vocabulary 50,304, 12 x 1,024 tokens), compiled,
-    with nanoGPT's MFU formula (6N with the tied head + 12LHQT), on an RTX 4090."""
+    with nanoGPT's MFU formula (6N with the tied head + 12LHQT), on `card`."""
     config = GPTConfig(sequence_len=1024, vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, n_embd=768)
     recipe = Recipe(micro_batch=12, seq_len=1024, compile=True)
-    gpu = CATALOG["rtx4090"]
+    gpu = CATALOG[card]
     t = predict_time(config, recipe, gpu, 1, 12 * 1024, assume=assume)
     n = 12 * (12 * 768 * 768) + 50304 * 768  # blocks + the tied embedding/head
     flops = 6 * n + 12 * 12 * 768 * 1024
@@ -160,8 +170,8 @@ def report(assume: Assumptions, rows: list[Row]) -> list[float]:
     print("\n| published run | MFU | planner (compute only) |\n| --- | --- | --- |")
     for what, card, d, v, mb, mfu in PUBLISHED:
         print(f"| {what} | {mfu:.1%} | {published_mfu(card, d, v, mb, assume):.1%} |")
-    for what, _, mfu in CHECKED:
-        print(f"| {what} (checked, not fitted) | {mfu:.1%} | {gpt2_124m_mfu(assume):.1%} |")
+    for what, card, mfu in CHECKED:
+        print(f"| {what} (checked, not fitted) | {mfu:.1%} | {gpt2_124m_mfu(card, assume):.1%} |")
     return ratios
 
 

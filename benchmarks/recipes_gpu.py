@@ -168,7 +168,7 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if cuda else "cpu (smoke run)"
     result = {"device": device, "device_memory_bytes": total, "peak_bf16_flops": card.peak_bf16,
               "peak_source": card.source, "date": stamp.isoformat(), "commit": commit(), "torch": torch.__version__,
-              "command": " ".join(sys.argv), "rows": []}
+              "command": " ".join(sys.argv), "vocab_size": args.vocab_size, "rows": []}
     rows = result["rows"]
     args.out.mkdir(parents=True, exist_ok=True)
     card_name = device.replace(" ", "_").replace("(", "").replace(")", "")

@@ -101,7 +101,10 @@ def test_pcie_bytes_of_cpu_gradients_and_cpu_optimizer_by_hand():
     # the part the backward pass does not hide exposed
     inline = predict_time(D32, r, gpu, utilization=0.4, assume=Assumptions(grad_fold_overlap=0.0))
     assert inline.grad_fold_s == pytest.approx(micro * n * DEFAULT.grad_fold_s_per_param)
-    assert t.grad_fold_s <= inline.grad_fold_s
+    # overlapped: each micro-batch's folds hide behind its backward (and recompute), 3/4 of its
+    # FLOPs here (the forward is 1/3 of 6N-style FLOPs, full recompute runs it once more)
+    fold = n * DEFAULT.grad_fold_s_per_param
+    assert t.grad_fold_s == pytest.approx(micro * max(0.0, fold - 0.75 * t.compute_s / micro))
     assert t.step_s == pytest.approx(t.compute_s + t.optimizer_s + t.pcie_s + t.grad_fold_s)
 
 
@@ -199,7 +202,9 @@ def test_nanochat_d32_run_on_8_h100s_is_reproduced():
     assert t.compute_s == pytest.approx(1.57, rel=0.10)
     # onecard's ranks each run the whole Newton-Schulz (nanochat's DistMuon shares it out), which
     # costs its FLOPs at the same utilization on every step: onecard's run is that much longer
-    newton_schulz_s = newton_schulz_flops(D32) / (989.4e12 * t.utilization)
+    # docs/time.md#utilization by hand: compiled, width 2048, an H100's 989.4 TFLOP/s over 3.35 TB/s
+    utilization = 0.83 * 2048 / (2048 + 3.5 * 989.4 / 3.35)
+    newton_schulz_s = newton_schulz_flops(D32) / (989.4e12 * utilization)
     tensors_s = (32 * 6 + 2) * DEFAULT.optimizer_tensor_overhead_s
     assert newton_schulz_s + tensors_s < t.optimizer_s < newton_schulz_s + tensors_s + 0.03  # + ~30 GB of state
     hours = 71_680 * t.step_s / 3600

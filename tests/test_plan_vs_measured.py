@@ -5,7 +5,9 @@ The issue's target is ±15 % on every measured row. The bounds below are what th
 today, so that a change that makes it worse fails here: rows that keep everything on the card
 within 16 % (all but one within 15 %); grads=cpu rows, measured when the trainer still folded
 gradients inside backward and whose folding cost differs between d20 and d32 on the same host,
-within 40 %.
+within 40 %. The timing constants are fitted to these very rows, so these bounds guard against
+regressions; they do not validate the fit. Only the RTX 4090 run is data the fit did not see. The
+memory rows are not fitted: the byte counts come from the model's shapes and recipe layouts.
 """
 
 import importlib.util
@@ -58,32 +60,25 @@ def test_published_compiled_runs_within_10_percent(what, card, depth, vocab, mic
 def test_geforce_compiled_run_is_not_over_predicted():
     """nanoGPT's compiled GPT-2 124M on an RTX 4090 reached 55 % (checked, not fitted): the planner
     stays under it, and within 15 %."""
-    predicted = fit_planner.gpt2_124m_mfu(DEFAULT)
-    assert 0.55 * 0.85 <= predicted <= 0.55
+    [(_, card, mfu)] = fit_planner.CHECKED
+    predicted = fit_planner.gpt2_124m_mfu(card, DEFAULT)
+    assert mfu == 0.55 and 0.55 * 0.85 <= predicted <= 0.55
 
 
 def measured_peaks() -> list[tuple[str, float]]:
     """predicted / measured torch.cuda.max_memory_allocated for every row the GPU sessions ran
     (eager) before a grads=cpu row in the same process: those leaked their weights until ca1d5a3
     (benchmarks/README.md), which inflated every later row's peak."""
-    import json
-
-    from onecard.model import GPTConfig
     from onecard.plan.memory import predict_memory
-    from onecard.recipe import Recipe
 
     ratios = {}
-    for path in sorted((ROOT / "benchmarks" / "results").glob("gpu_session*/recipes_gpu_*.json")):
-        leaked = False
-        for row in json.loads(path.read_text())["rows"]:
-            recipe = Recipe(**row["recipe"])
-            if leaked or row.get("outcome") != "ran":
-                continue
-            leaked = recipe.grads == "cpu"
-            micro_steps = max(1, 524_288 // (recipe.micro_batch * recipe.seq_len))
-            predicted = predict_memory(GPTConfig.from_depth(row["depth"]), recipe, micro_steps=micro_steps)
-            ratios[f"d{row['depth']} {recipe.name} mb{recipe.micro_batch}"] = \
-                predicted.allocated / row["max_memory_allocated"]
+    for row in ROWS:
+        if row.leaked or not row.peak_allocated:
+            continue
+        micro_steps = row.tokens // (row.recipe.micro_batch * row.recipe.seq_len)
+        predicted = predict_memory(row.config, row.recipe, micro_steps=micro_steps)
+        key = f"d{row.config.n_layer} {row.recipe.name} mb{row.recipe.micro_batch}"
+        ratios[key] = predicted.allocated / row.peak_allocated
     return sorted(ratios.items())
 
 
