@@ -15,7 +15,6 @@ differences, neither expressible in its config, both small (tests/test_export.py
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -250,13 +249,11 @@ def hf_tokenizer_config(sequence_len: int) -> dict:
     }
 
 
-def read_hf_tokenizer(path: Path, data: dict | None = None) -> tuple[dict[bytes, int], dict[str, int], str]:
-    """A `tokenizers` byte-level BPE tokenizer.json (as transformers writes for nanochat) ->
-    (tiktoken ranks, special tokens, split pattern). UsageError if tiktoken would encode otherwise.
-    `data`: the file's JSON when the caller has parsed it already."""
+def read_hf_tokenizer(path: Path, data: dict) -> tuple[dict[bytes, int], dict[str, int], str]:
+    """A `tokenizers` byte-level BPE tokenizer.json (as transformers writes for nanochat), parsed
+    into `data` by the caller -> (tiktoken ranks, special tokens, split pattern). UsageError if
+    tiktoken would encode otherwise; `path` names the file in messages."""
     try:
-        if data is None:
-            data = json.loads(path.read_bytes())
         pattern = _split_pattern(data)
         model = data["model"]
         if model.get("type") != "BPE":
@@ -265,8 +262,6 @@ def read_hf_tokenizer(path: Path, data: dict | None = None) -> tuple[dict[bytes,
         unicode_to_byte = {c: b for b, c in byte_to_unicode().items()}
         ranks = {bytes(unicode_to_byte[c] for c in token): int(i) for token, i in model["vocab"].items()
                  if token not in specials}  # some files list the added tokens in the vocabulary too
-    except OSError as error:
-        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise UsageError(f"{path} is not a byte-level BPE tokenizer onecard can run ({error})") from None
     missing = [name for name in SPECIAL_TOKENS if name not in specials]

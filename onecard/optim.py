@@ -34,21 +34,17 @@ UPDATE_CHUNK = 1 << 22  # AdamW updates this many elements at a time: bounded fp
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximate U·V^T of g = U·S·V^T by quintic Newton-Schulz iterations, computed in bf16."""
+    """Approximate U·V^T of a matrix g = U·S·V^T by quintic Newton-Schulz iterations, in bf16."""
     a, b, c = NS_COEFFS
     x = g.bfloat16()
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for _ in range(steps):  # the scaled sums fused into the products: fewer passes, fewer kernels
         gram = x @ x.mT
-        if x.dim() == 2:  # the scaled sums fused into the products: fewer passes, fewer kernels
-            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-            x = torch.addmm(x, poly, x, beta=a)
-        else:
-            poly = b * gram + c * gram @ gram
-            x = a * x + poly @ x
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
     return x.mT if tall else x
 
 
