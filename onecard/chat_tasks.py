@@ -242,7 +242,8 @@ def choose_letters(model, tokenizer: Tokenizer, problems: list[Problem], batch_t
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p.question}])[-model.rotary_len:]
                for p in problems]
     chosen: list[str] = [""] * len(problems)
-    ids_of: dict[tuple[str, ...], list[int]] = {}
+    # every letter set's token ids up front: a letter that is not one token fails before any forward pass
+    ids_of = {letters: letter_ids(tokenizer, letters) for letters in dict.fromkeys(p.letters for p in problems)}
     was_training = model.training
     model.eval()
     try:
@@ -257,8 +258,6 @@ def choose_letters(model, tokenizer: Tokenizer, problems: list[Problem], batch_t
                 logits = model.logits(last).float()
             for b, i in enumerate(group):
                 letters = problems[i].letters
-                if letters not in ids_of:
-                    ids_of[letters] = letter_ids(tokenizer, letters)
                 chosen[i] = letters[int(logits[b, ids_of[letters]].argmax())]
             if on_batch:
                 on_batch(len(group))

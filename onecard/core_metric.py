@@ -78,6 +78,13 @@ def centered(accuracy: float, random_baseline_percent: float) -> float:
 
 # ---------------------------------------------------------------- the bundle
 
+def find_bundle(given: str | Path | None) -> Path | None:
+    """The bundle folder: --bundle when given, else DEFAULT_BUNDLE where it holds core.yaml, else None."""
+    if given:
+        return Path(given)
+    return DEFAULT_BUNDLE if (DEFAULT_BUNDLE / "core.yaml").is_file() else None
+
+
 def load_bundle(folder: str | Path) -> list[CoreTask]:
     """The bundle's tasks with their data files and random baselines; a one-line UsageError for a
     missing or malformed file."""

@@ -16,9 +16,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from onecard.args import positive_int, text_arg
 from onecard.errors import UsageError
+
+if TYPE_CHECKING:
+    from onecard.core_metric import CoreTask
+
+    Bundle = tuple[Path, list[CoreTask]]  # the CORE bundle's folder and its tasks, read once
 
 TASK_NAMES = ("bpb", "core", "arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
 CHAT = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
@@ -82,8 +88,8 @@ def default_tasks(args: argparse.Namespace, chat_model: bool) -> list[str]:
     if args.lm_eval:
         return []
     if not chat_model:
-        from onecard.core_metric import DEFAULT_BUNDLE
-        return ["bpb"] + (["core"] if args.bundle or (DEFAULT_BUNDLE / "core.yaml").is_file() else [])
+        from onecard.core_metric import find_bundle
+        return ["bpb"] + (["core"] if find_bundle(args.bundle) else [])
     found = [t for t in CHAT if data_path(args, t, quiet=True)]
     if not found:
         raise UsageError("a chat model is evaluated on ARC, MMLU, GSM8K and HumanEval: give their test files "
@@ -91,19 +97,31 @@ def default_tasks(args: argparse.Namespace, chat_model: bool) -> list[str]:
     return found
 
 
-def check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
-    """Every file the tasks need exists and the bundle reads, before the model is loaded."""
-    if "core" in tasks:
-        from onecard import core_metric as cm
-        if not args.bundle and (cm.DEFAULT_BUNDLE / "core.yaml").is_file():
-            args.bundle = str(cm.DEFAULT_BUNDLE)
-        if not args.bundle:
-            raise UsageError(f"--task core needs the eval bundle: {cm.BUNDLE_HELP}")
-        cm.load_bundle(args.bundle)
+def check_tasks(args: argparse.Namespace, tasks: list[str]) -> Bundle | None:
+    """Every file the tasks need exists, the bundle reads and the sandbox runs, before the model is
+    loaded; the bundle read here is the one scored (for --task core; None without it)."""
+    bundle = read_bundle(args) if "core" in tasks else None
+    if "humaneval" in tasks:
+        from onecard.sandbox import require_posix
+        require_posix()
     for task in tasks:
         path = data_path(args, task) if task in CHAT else None
         if path is not None and not Path(path).expanduser().exists():
             raise UsageError(f"--{task} {path} does not exist")
+    return bundle
+
+
+def read_bundle(args: argparse.Namespace) -> Bundle:
+    from onecard import core_metric as cm
+
+    folder = cm.find_bundle(args.bundle)
+    if folder is None:
+        raise UsageError(f"--task core needs the eval bundle: {cm.BUNDLE_HELP}")
+    return folder, cm.load_bundle(folder)
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """What any run reads besides the tasks' files (--data, the harness), before the model is loaded."""
     if args.data and not Path(args.data).expanduser().exists():
         raise UsageError(f"--data {args.data} does not exist")
     if args.lm_eval:
@@ -209,13 +227,11 @@ def run_corpus(info: dict):
     raise UsageError("cannot tell which corpus this model was trained on: give --data for bits per byte")
 
 
-def run_core(args, model, tokenizer, device: str) -> dict:
+def run_core(args, bundle: Bundle, model, tokenizer, device: str) -> dict:
     from onecard import core_metric as cm
     from onecard.eval_results import GPT2_CORE
 
-    if not args.bundle:
-        raise UsageError(f"--task core needs the eval bundle: {cm.BUNDLE_HELP}")
-    tasks = cm.load_bundle(args.bundle)
+    folder, tasks = bundle
     examples = {t.label: cm.read_examples(t, args.max_per_task) for t in tasks}  # every file checked first
     scores, started, total = [], time.perf_counter(), 0
     for task in tasks:
@@ -230,7 +246,7 @@ def run_core(args, model, tokenizer, device: str) -> dict:
         total += len(data)
     seconds = time.perf_counter() - started
     core = cm.core_score(scores)
-    return entry("CORE", core, total, seconds, args, device, bundle=str(args.bundle), reference_gpt2=GPT2_CORE,
+    return entry("CORE", core, total, seconds, args, device, bundle=str(folder), reference_gpt2=GPT2_CORE,
                  partial=bool(args.max_per_task),
                  tasks={s.label: {"accuracy": s.accuracy, "centered": s.centered, "examples": s.examples}
                         for s in scores})
@@ -307,12 +323,13 @@ def run(args: argparse.Namespace) -> int:
     from onecard.weights import load_weights
 
     tasks = named_tasks(args)
-    check_inputs(args, tasks)  # bad input is said before the model loads
+    check_common(args)  # bad input is said before the model loads
+    bundle = check_tasks(args, tasks)
     device = resolve(args.device)
     model, tokenizer, info = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
-    if not tasks:
+    if not tasks:  # the defaults depend on the model: checked once they are known
         tasks = default_tasks(args, is_chat_model(info))
-        check_inputs(args, tasks)
+        bundle = check_tasks(args, tasks)
     named = tasks + ([f"lm-eval:{args.lm_eval}"] if args.lm_eval else [])
     print(f"evaluating {args.run_dir} on {device}: {', '.join(named)}")
     results: dict[str, dict] = {}
@@ -320,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         if task == "bpb":
             results["bpb"] = run_bpb(args, model, tokenizer, info, device)
         elif task == "core":
-            results["core"] = run_core(args, model, tokenizer, device)
+            results["core"] = run_core(args, bundle, model, tokenizer, device)
         else:
             results[task] = run_chat_task(args, task, model, tokenizer, device)
         done = results[task]

@@ -29,15 +29,18 @@ DEFAULT_GEN_TOKENS = 256
 
 
 def pick_device(name: str | None) -> str:
-    """The harness's --device (default cuda:0, on every machine) as a device this machine has."""
+    """The harness's --device (default cuda:0, on every machine) as a device this machine has; a name
+    onecard does not know is a one-line UsageError."""
     import torch
 
     from onecard.device import resolve_device
 
     name = (name or "auto").lower()
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        return "cpu"  # as the harness's own Hugging Face model falls back
-    return resolve_device("auto") if name == "auto" else name
+    if name == "cuda" or name.startswith("cuda:"):  # the harness's names for a card, kept as it gives them
+        return name if torch.cuda.is_available() else "cpu"  # as the harness's own Hugging Face model falls back
+    if name == "mps":  # Apple GPUs, which `onecard eval --device mps` runs on too: passed on as before
+        return name
+    return resolve_device(name)
 
 
 @register_model("onecard")

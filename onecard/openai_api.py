@@ -51,10 +51,10 @@ class Limits:
                 raise ValueError(f"--limit {pair!r}: expected NAME=VALUE with NAME one of {', '.join(values)}")
             try:
                 value = parse_number(text)
-            except NumberError:
-                raise ValueError(f"--limit {pair!r}: {text.strip()!r} is not a number") from None
+            except NumberError as error:  # its message says why: not a number, not finite, too large
+                raise ValueError(f"--limit {pair!r}: {error}") from None
             whole = isinstance(values[name], int)
-            if not (math.isfinite(value) and 0 < value <= 2**53) or (whole and not value.is_integer()):
+            if not 0 < value <= 2**53 or (whole and not value.is_integer()):
                 raise ValueError(f"--limit {pair!r}: expected a positive {'whole ' if whole else ''}number")
             values[name] = int(value) if whole else value
         return Limits(**values)

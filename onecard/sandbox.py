@@ -74,13 +74,18 @@ def namespaces_work() -> bool:
         return False
 
 
+def require_posix() -> None:
+    """UsageError where the sandbox cannot run: checked before a model writes 164 programs for nothing."""
+    if os.name != "posix":
+        raise UsageError("running model-written code (HumanEval) needs Linux or macOS: its sandbox uses POSIX "
+                         "resource limits and process groups")
+
+
 def run_python(program: str, limits: Limits = Limits(), namespaces: bool = True, landlock: bool = True,
                audit_hook: bool = True) -> Outcome:
     """Run `program` confined; passed means it ran to its end and exited 0 within the limits.
     namespaces, landlock and audit_hook turn single layers off, for tests that prove each alone."""
-    if os.name != "posix":
-        raise UsageError("running model-written code (HumanEval) needs Linux or macOS: its sandbox uses POSIX "
-                         "resource limits and process groups")
+    require_posix()  # a backstop: `onecard eval` checks before the model loads
     box = Path(tempfile.mkdtemp(prefix="onecard-sandbox-"))
     try:
         work = box / "work"

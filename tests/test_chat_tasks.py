@@ -214,3 +214,31 @@ def test_eval_chat_command(tmp_path, capsys):
     assert main(["eval", str(sft), "--task", "gsm8k", "--device", "cpu"]) == 2  # no data given
     err = capsys.readouterr().err
     assert "--gsm8k PATH" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_letter_fails_before_any_forward_pass(tokenizer):
+    class NoForward(CountingModel):
+        def trunk(self, ids):
+            raise AssertionError("a forward pass ran before the letters were checked")
+    good = ct.Problem(ct.render_mc("Why?", ("A", "B"), ["yes", "no"]), "A", ("A", "B"))
+    bad = ct.Problem(ct.render_mc("Why?", ("A", "the quick"), ["yes", "no"]), "A", ("A", "the quick"))
+    with pytest.raises(UsageError, match=r"'the quick' is \d+ tokens"):
+        ct.choose_letters(NoForward(tokenizer.vocab_size), tokenizer, [good] * 40 + [bad], batch_tokens=64)
+
+
+def test_humaneval_without_posix_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import onecard.sandbox
+    import onecard.weights
+
+    def no_posix():
+        raise UsageError("running model-written code (HumanEval) needs Linux or macOS")
+
+    def load_weights(*args, **kwargs):
+        raise AssertionError("the model loaded before the sandbox was checked")
+    monkeypatch.setattr(onecard.sandbox, "require_posix", no_posix)
+    monkeypatch.setattr(onecard.weights, "load_weights", load_weights)
+    he = write_jsonl(tmp_path / "he.jsonl", [ADD])
+    for flags in (["--task", "humaneval"], ["--task", "chat", "--arc-easy", str(he), "--arc-challenge", str(he),
+                                             "--mmlu", str(he), "--gsm8k", str(he)]):
+        assert main(["eval", str(tmp_path), *flags, "--humaneval", str(he), "--device", "cpu"]) == 2
+        assert "needs Linux or macOS" in capsys.readouterr().err

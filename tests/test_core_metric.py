@@ -5,6 +5,7 @@ bundles are one-line errors; `onecard eval --task core` writes eval.json."""
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,6 +253,34 @@ def test_eval_core_command_writes_results(run_dir, tmp_path, capsys, monkeypatch
     assert main(["eval", str(run_dir), "--task", "core", "--device", "cpu"]) == 2  # no bundle
     err = capsys.readouterr().err
     assert "onecard data download eval-bundle" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bundle_found_once_and_read_once(run_dir, tmp_path, capsys, monkeypatch):
+    """--bundle, else data/eval_bundle where it holds core.yaml: one resolver for the default tasks and
+    the check; the bundle read before the model loads is the one scored; the common checks run once."""
+    from onecard import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    assert cm.find_bundle(None) is None and cm.find_bundle("given") == Path("given")
+    write_bundle(tmp_path / cm.DEFAULT_BUNDLE, tasks=[TASKS[0], TASKS[2]])
+    assert cm.find_bundle(None) == cm.DEFAULT_BUNDLE and cm.find_bundle("") == cm.DEFAULT_BUNDLE
+    calls = {"load_bundle": 0, "check_common": 0}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+    monkeypatch.setattr(cm, "load_bundle", counted("load_bundle", cm.load_bundle))
+    monkeypatch.setattr(evaluate, "check_common", counted("check_common", evaluate.check_common))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": phrase(random.Random(4), 60)}) + "\n" for _ in range(300)))
+    # no --task: bpb and, the default bundle being here, CORE
+    assert main(["eval", str(run_dir), "--data", str(corpus), "--bpb-tokens", "256", "--max-per-task", "2",
+                 "--device", "cpu"]) == 0
+    core = json.loads((run_dir / "eval.json").read_text())["tasks"]["core"]
+    assert core["bundle"] == str(cm.DEFAULT_BUNDLE) and set(core["tasks"]) == {"mc_0", "schema_0"}
+    assert calls == {"load_bundle": 1, "check_common": 1}
 
 
 def test_bpb_task_equals_nanochats_bits_per_byte(run_dir, tmp_path, capsys):

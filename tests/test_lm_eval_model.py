@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
 
-from onecard.lm_eval_model import OnecardLM, run_harness  # noqa: E402
+from onecard.errors import UsageError  # noqa: E402
+from onecard.lm_eval_model import OnecardLM, pick_device, run_harness  # noqa: E402
 from onecard.model import GPTConfig, build_model  # noqa: E402
 from onecard.tokenizer import Tokenizer  # noqa: E402
 
@@ -145,3 +146,15 @@ def test_eval_command_runs_harness_tasks(lm, task_dir, tmp_path, capsys, monkeyp
     assert main(["eval", str(run), "--lm-eval", "no_such_task_anywhere", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "no task 'no_such_task_anywhere'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_device_names(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [pick_device(n) for n in (None, "auto", "cpu", "cuda", "cuda:0", "CUDA:1")] == ["cpu"] * 6  # no card
+    with pytest.raises(UsageError, match="unknown --device 'tpu'") as error:
+        pick_device("tpu")
+    assert "\n" not in str(error.value)
+    with pytest.raises(UsageError, match="unknown --device 'cudax'"):
+        pick_device("cudax")  # not a harness name for a card
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [pick_device(n) for n in ("auto", "cuda", "cuda:1")] == ["cuda", "cuda", "cuda:1"]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from onecard.sandbox import Limits, namespaces_work, run_python
+from onecard.errors import UsageError
+from onecard.sandbox import Limits, namespaces_work, require_posix, run_python
 
 FAST = Limits(wall_s=3.0, cpu_s=3)
 # (id, run_python options): everything, the audit hook with the resource limits only (the fallback
@@ -154,3 +155,14 @@ def test_an_early_exit_is_not_a_pass():
     for program in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n", "raise SystemExit\n"):
         outcome = run_python(program + "assert False\n", FAST)
         assert not outcome.passed, (program, outcome)
+
+
+def test_windows_is_refused_before_anything_runs(monkeypatch):
+    require_posix()  # this machine: POSIX
+    with monkeypatch.context() as patched:  # os.name only around the check: pathlib reads it too
+        patched.setattr(os, "name", "nt")
+        with pytest.raises(UsageError, match="needs Linux or macOS") as error:
+            require_posix()
+        with pytest.raises(UsageError, match="needs Linux or macOS"):
+            run_python("pass\n", FAST)  # the backstop
+    assert "\n" not in str(error.value)

@@ -323,6 +323,10 @@ def test_limits_from_the_command_line():
     for bad in ("nope=1", "max_tokens", "max_tokens=1.5", "max_tokens=-3", "max_n=abc", "max_n=inf"):
         with pytest.raises(ValueError, match="--limit"):
             Limits().with_overrides([bad])
+    for bad, says in (("max_n=abc", "'abc' is not a number"), ("max_n=inf", "'inf' is not a finite number"),
+                      ("max_n=1e30", "'1e30' is too large")):
+        with pytest.raises(ValueError, match=says):
+            Limits().with_overrides([bad])
 
 
 def test_missing_extra_says_how_to_install(monkeypatch, tmp_path):
