@@ -7,7 +7,9 @@ A run survives months of interruptions:
   (checkpoint.py: atomic, checksummed, the last `keep` kept); a final checkpoint that cannot be
   written makes the run fail (exit 1), never a silent success;
 - SIGINT or SIGTERM stops at the next micro-batch boundary (an unfinished step is abandoned
-  and redone on resume) and writes a checkpoint; a second one quits at once;
+  and redone on resume) and writes a checkpoint; a second one quits at once. Several ranks stop
+  together at the first step boundary where they learn of the request, each leaving the loop on
+  the agreed flag alone;
 - a non-finite loss or gradient norm skips the step's update; `max_bad_steps` in a row stop
   the run with a checkpoint;
 - CUDA running out of memory stops with the planner's breakdown and a leaner recipe to try.
@@ -199,7 +201,10 @@ class Loop:
         if not resumed:
             log_file.write(json.dumps({"step": 0, "val_bpb": self.first_bpb, "time": time.time()}) + "\n")
             self.event("start")
-        while self.step < self.settings.steps and not stop.reason:
+        # with several ranks, a signal reaches each at its own moment: they leave the loop on the
+        # agreed flag alone, or one rank would wait in the next step's collective for a rank that left
+        stopping = self.agreed_stop(stop)
+        while self.step < self.settings.steps and not stopping:
             multiplier = self.schedule(self.step)
             started = time.perf_counter()
             try:
@@ -214,8 +219,8 @@ class Loop:
             bad_in_row = bad_in_row + 1 if outcome.skipped else 0
             self.step += 1
             self.record(outcome, multiplier, time.perf_counter() - started, progress)
-            self.check_stops(stop, bad_in_row, first_step)
-            if self.step < self.settings.steps and not stop.reason and self.save_due():
+            stopping = self.check_stops(stop, bad_in_row, first_step)
+            if self.step < self.settings.steps and not stopping and self.save_due():
                 self.save_checkpoint()
         if self.step != self.last_saved:
             self.save_checkpoint()
@@ -244,12 +249,18 @@ class Loop:
             self.log(f"warning: step {self.step}: loss {outcome.loss} / gradient norm {outcome.grad_norm} is not "
                      "finite; the update was skipped")
 
-    def check_stops(self, stop: StopRequest, bad_in_row: int, first_step: int) -> None:
+    def check_stops(self, stop: StopRequest, bad_in_row: int, first_step: int) -> bool:
+        """Ask for a stop where one is due; True on every rank when any rank is stopping."""
         if bad_in_row >= self.settings.max_bad_steps:
             stop.request("nonfinite", f"{bad_in_row} steps in a row had a non-finite loss or gradient "
                                       "norm: stopped. Lower the learning rates or check the data")
         if self.settings.stop_after and self.step - first_step >= self.settings.stop_after:
             stop.request("limit", f"stopped after {self.settings.stop_after} steps of this session")
-        device = self.settings.device
-        if distributed.any_rank(bool(stop.reason), self.world, device) and not stop.reason:
+        return self.agreed_stop(stop)
+
+    def agreed_stop(self, stop: StopRequest) -> bool:
+        if not distributed.any_rank(bool(stop.reason), self.world, self.settings.device):
+            return False
+        if not stop.reason:
             stop.request("signal", "another rank was asked to stop: stopping with it")
+        return True

@@ -1,0 +1,39 @@
+"""Ranks leave the training loop together: a signal reaches each rank at its own moment, and a rank
+that left on its own flag would leave the others waiting in the next step's collective."""
+
+import io
+from types import SimpleNamespace
+
+import onecard.loop
+from onecard.distributed import World
+from onecard.loop import Loop, StopRequest
+from onecard.run import TrainSettings
+from onecard.step import StepOutcome
+
+
+class Meters:
+    def step(self, step, tokens, seconds, skipped):
+        return {}
+
+
+def test_a_signal_landing_after_the_ranks_agreed_waits_for_the_next_agreement(tmp_path, monkeypatch):
+    trained = []
+    stop = StopRequest()
+
+    def any_rank(flag, world, device):
+        agreed = flag  # the other rank has no request yet: the all-reduce returns this rank's flag
+        if len(trained) == 1 and not stop.reason:  # the signal lands just after the all-reduce returned
+            stop.request("signal", "SIGTERM")
+        return agreed
+
+    monkeypatch.setattr(onecard.loop.distributed, "any_rank", any_rank)
+    settings = TrainSettings(run_dir=tmp_path, steps=10, total_batch=64, eval_every=0, save_every_min=0)
+    loop = Loop(model=None, opt=None, batches=None, accum=1, evaluate=lambda: 0.0, schedule=lambda step: 1.0,
+                train_step=lambda batches, accum, should_stop: trained.append(1) or StepOutcome(1.0, 1.0),
+                config=SimpleNamespace(train=settings), meters=Meters(), out_of_memory=str,
+                world=World(rank=1, size=2), log=lambda *_: None)
+    loop.run(stop, SimpleNamespace(update=lambda step, record: None), io.StringIO(), resumed=True)
+    # the other rank saw no stop after step 1 either, so it trains step 2: this rank must too, and
+    # both leave after step 2, where the all-reduce carries this rank's request to every rank
+    assert len(trained) == 2 and loop.step == 2
+    assert loop.status == "stopped" and loop.message == "SIGTERM"
