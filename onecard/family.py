@@ -1,5 +1,6 @@
-"""Which model family a config names, and the model and optimizer it builds: the classic
-(nanochat's October 2025 GPT: model.py, optim.py) or nanochat-2026 (model_2026.py, optim_2026.py).
+"""Which model family a config names, and the model, optimizer and schedule it trains with: the
+classic (nanochat's October 2025 GPT: model.py, optim.py, schedule.py) or nanochat-2026
+(model_2026.py, optim_2026.py, schedule_2026.py).
 The runtime builds through here; each family's module builds only its own."""
 
 from __future__ import annotations
@@ -31,3 +32,12 @@ def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float =
                                        unembedding_lr=unembedding_lr)
     from onecard.optim_2026 import build_optimizer_2026
     return build_optimizer_2026(model, recipe, total_batch or 2 ** 19)
+
+
+def apply_schedule(config: GPTConfig, opt: Optimizers, step: int, total_steps: int) -> float:
+    """Set the family's learning rates (and momentum) for `step` of `total_steps`; returns the lr factor."""
+    if config.arch == "classic":
+        from onecard import schedule
+        return schedule.apply(opt, step, total_steps)
+    from onecard import schedule_2026
+    return schedule_2026.apply(opt, step, total_steps)

@@ -312,7 +312,7 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
     `stopped` (None when the run finished; "signal", "nonfinite", "limit" or "failed") with a message.
     With several ranks (onecard/distributed.py) every rank trains and rank 0 alone writes and logs.
     """
-    from onecard import schedule, schedule_2026, session
+    from onecard import family, session
     from onecard.distributed import SINGLE
     from onecard.engine import evaluate_bpb
     from onecard.loader import TokenLoader
@@ -334,9 +334,7 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
         batches = (val.next_batch() for _ in range(settings.eval_batches))
         return evaluate_bpb(model, batches, token_bytes, settings.device)
 
-    family_schedule = schedule_2026 if model_config.arch != "classic" else schedule
-
     def schedule_step(step: int) -> float:
-        return family_schedule.apply(opt, step, settings.steps)
+        return family.apply_schedule(model_config, opt, step, settings.steps)
 
     return session.run(model, opt, loader, accum, validation_bpb, schedule_step, config, tokenizer, found, world, log)
