@@ -393,7 +393,7 @@ def find_latest(run_dir: Path, warn: Callable[[str], None] = print) -> Found | N
     candidates = step_dirs(run_dir)
     pointer = _read_latest(run_dir, warn)
     # normally the newest; if a crash came before `latest` moved, a newer one wins
-    if pointer and pointer not in {f"{CHECKPOINTS}/{p.name}" for _, p in candidates}:
+    if pointer and candidates and pointer not in {f"{CHECKPOINTS}/{p.name}" for _, p in candidates}:
         warn(f"warning: {run_dir / LATEST} names {Path(pointer).name}, which does not exist")
     for step, path in reversed(candidates):
         try:
@@ -414,6 +414,9 @@ def find_latest(run_dir: Path, warn: Callable[[str], None] = print) -> Found | N
     if candidates:
         raise CheckpointError(f"no checkpoint in {run_dir / CHECKPOINTS} is intact: start again with "
                               "--force-new")
+    if pointer:  # the run had checkpoints and they are gone: starting over would overwrite its files
+        raise CheckpointError(f"{run_dir / LATEST} names {Path(pointer).name}, but {run_dir / CHECKPOINTS} holds no "
+                              "checkpoint: start again with --force-new (the earlier run's files are set aside)")
     return None
 
 

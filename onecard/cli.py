@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"onecard: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file the command needs is a directory, unreadable, on a full disk...
+        print(f"onecard: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nonecard: interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from onecard.errors import UsageError
 
@@ -105,9 +106,14 @@ def check_base_url(url: str) -> None:
     if not url.lower().startswith(("http://", "https://")):
         raise UsageError(f"--base-url {url!r} is not an http:// or https:// URL")
     try:
-        url.format(index=0, name="shard_00000.parquet")
+        example = url.format(index=0, name="shard_00000.parquet")
     except (KeyError, IndexError, ValueError) as e:
         raise UsageError(f"--base-url {url!r}: a pattern may name only {{index}} and {{name}} ({e})") from None
+    try:
+        if not urlsplit(example).hostname:
+            raise ValueError("no host")
+    except ValueError as e:  # a malformed host, such as an unclosed IPv6 bracket
+        raise UsageError(f"--base-url {url!r} is not a valid URL ({e})") from None
 
 
 def find(name: str) -> ShardSet | SingleFile:

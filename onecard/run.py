@@ -61,10 +61,26 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainSettings:
+        """Raises UsageError (one line) for a value of the wrong JSON type."""
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
+        for f in fields(cls):
+            if f.name in values and not _json_type_fits(values[f.name], str(f.type)):
+                raise UsageError(f"train.{f.name} is {values[f.name]!r}, not {f.type}")
         values["run_dir"] = Path(values.get("run_dir", "."))
         return cls(**values)
+
+
+_JSON_TYPES = {"str": (str,), "Path": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+               "None": (type(None),)}
+
+
+def _json_type_fits(value: object, annotation: str) -> bool:
+    """Whether a value read from JSON fits a field annotated `int`, `float | None` and so on."""
+    allowed = [t for part in annotation.split("|") for t in _JSON_TYPES.get(part.strip(), (object,))]
+    if isinstance(value, bool):  # JSON's true/false are ints to Python: only a bool field takes them
+        return bool in allowed or object in allowed
+    return isinstance(value, tuple(allowed))
 
 
 @dataclass

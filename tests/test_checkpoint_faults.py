@@ -83,6 +83,22 @@ def test_a_malformed_latest_pointer_is_ignored_with_a_warning(tmp_path, monkeypa
         assert latest.read_text().strip() == "checkpoints/step_000002"
 
 
+@pytest.mark.parametrize("gone", ["directory", "every step"])
+def test_checkpoints_gone_from_a_run_are_not_a_new_run(tmp_path, gone):
+    """A run whose `latest` names a checkpoint that is gone is not started over: that would
+    overwrite its config and final weights. The user is told, and pointed at --force-new."""
+    import shutil
+    save(tmp_path, 1)
+    save(tmp_path, 2)
+    if gone == "directory":
+        shutil.rmtree(tmp_path / "checkpoints")
+    else:
+        for step in (tmp_path / "checkpoints").iterdir():
+            shutil.rmtree(step)
+    with pytest.raises(CheckpointError, match="names step_000002, but .* holds no checkpoint: .*--force-new"):
+        find(tmp_path)
+
+
 @not_as_root
 def test_a_latest_pointer_without_read_permission_is_ignored(tmp_path):
     save(tmp_path, 1)

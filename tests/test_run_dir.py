@@ -102,6 +102,23 @@ def test_config_json_round_trips_and_refuses_what_it_cannot_read(tmp_path, capsy
     for bad in ({}, [1, 2], {"model_config": {"n_layer": "x"}, "recipe": {}, "train": {}, "corpus": ""}):
         with pytest.raises(UsageError):
             RunConfig.from_dict(bad)
+    for key, value in (("data", 5), ("steps", "3"), ("steps", True), ("force_new", 1), ("price", "cheap")):
+        with pytest.raises(UsageError, match=rf"^config.json: train.{key} is .*, not "):
+            RunConfig.from_dict({**data, "train": {**data["train"], key: value}})
+    assert RunConfig.from_dict({**data, "train": {**data["train"], "price": 0.2, "data": None}})
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "summary.json"])
+def test_a_run_file_turned_into_a_directory_is_a_one_line_error(tmp_path, capsys, name):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "1"]) == 0
+    (run_dir / name).unlink()
+    (run_dir / name).mkdir()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("onecard: error: [Errno 21] Is a directory") and name in err[-1]
+    assert not any("Traceback" in line for line in err)
 
 
 def test_init_from_a_run_keeps_its_batch_and_context(tmp_path, capsys):

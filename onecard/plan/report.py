@@ -245,12 +245,17 @@ def budget_json(s: Settings, days: float, ratio: float, found: list, notes: list
 
 # ---------------------------------------------------------------- picture
 
+PLOT_FORMATS = (".png", ".svg", ".pdf")  # formats matplotlib writes with no extra package
+
+
 def check_plot_path(path: str) -> None:
     """Refuse a --plot path that cannot be written before any work, in one line."""
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise UsageError(f"--plot {path}: is a directory; give a file name such as plan.png")
+    if target.suffix.lower() not in PLOT_FORMATS:
+        raise UsageError(f"--plot {path}: give a file name ending in {', '.join(PLOT_FORMATS)}")
     if not parent.is_dir():
         raise UsageError(f"--plot {path}: the folder {parent} does not exist (or is not a folder)")
     if not os.access(parent, os.W_OK):
