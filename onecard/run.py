@@ -204,10 +204,14 @@ class RunLock:
 SAME_TRAIN = ("total_batch", "seed", "matrix_lr", "embedding_lr", "unembedding_lr", "grad_clip")
 
 
+def model_conflicts(saved: GPTConfig, config: GPTConfig) -> list[str]:
+    before, now = saved.to_dict(), config.to_dict()
+    return [f"model {key} {before.get(key)} -> {value}" for key, value in now.items() if before.get(key) != value]
+
+
 def conflicts(saved: RunConfig, config: RunConfig) -> list[str]:
     """How `config` differs from the checkpoint's config where a resume cannot follow."""
-    before, now = saved.model_config.to_dict(), config.model_config.to_dict()
-    out = [f"model {key} {before.get(key)} -> {value}" for key, value in now.items() if before.get(key) != value]
+    out = model_conflicts(saved.model_config, config.model_config)
     if saved.recipe.seq_len != config.recipe.seq_len:
         out.append(f"seq_len {saved.recipe.seq_len} -> {config.recipe.seq_len}")
     for key in SAME_TRAIN:

@@ -26,7 +26,7 @@ from onecard.plan.choose import Prediction
 from onecard.plan.memory import predict_memory
 from onecard.plan.search import breakdown
 from onecard.recipe import Recipe
-from onecard.run import RunConfig, TrainSettings, conflicts, set_aside, truncate_log, write_json
+from onecard.run import RunConfig, TrainSettings, conflicts, model_conflicts, set_aside, truncate_log, write_json
 from onecard.step import TrainStep
 
 # From the plain nanochat way towards the leanest in memory: what to try after running out.
@@ -88,6 +88,9 @@ def prepare(model_config: GPTConfig, recipe: Recipe, settings: TrainSettings, da
     """The checkpoint to resume (checked against this run), the model on its device with the
     recipe's policies (and the checkpoint's weights), the run's config, and its optimizer."""
     found = find_checkpoint(settings, world, log)
+    if found and model is None:  # before building: a damaged config.json could ask for a model of any size
+        saved = RunConfig.from_dict(found.config, f"{found.path}/config.json")
+        refuse_conflicts(settings.run_dir, model_conflicts(saved.model_config, model_config))
     torch.manual_seed(settings.seed)
     model = build_model(model_config, device=settings.device) if model is None else model.to(settings.device)
     model.set_policies(recipe.activations, recipe.loss)
@@ -103,14 +106,17 @@ def prepare(model_config: GPTConfig, recipe: Recipe, settings: TrainSettings, da
 def check_resume(found: checkpoint.Found, config: RunConfig) -> None:
     """Refuse a resume the checkpoint cannot follow, in one line that says what differs."""
     saved = RunConfig.from_dict(found.config, f"{found.path}/config.json")
-    problems = conflicts(saved, config)
     run_dir = config.train.run_dir
-    if problems:
-        raise UsageError(f"{run_dir} holds a run this one does not match ({'; '.join(problems)}): "
-                         "resume it with its own settings, or start over with --force-new")
+    refuse_conflicts(run_dir, conflicts(saved, config))
     if found.step >= config.train.steps:
         raise UsageError(f"the run in {run_dir} is at step {found.step} of {config.train.steps}: give --steps "
                          "above that to train further, or --force-new to start over")
+
+
+def refuse_conflicts(run_dir: Path, problems: list[str]) -> None:
+    if problems:
+        raise UsageError(f"{run_dir} holds a run this one does not match ({'; '.join(problems)}): "
+                         "resume it with its own settings, or start over with --force-new")
 
 
 def save_final(run_dir: Path, model: GPT, config: RunConfig) -> None:

@@ -10,18 +10,20 @@ tokenizer's restricted unpickler, and a transformers folder is read as safetenso
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import tiktoken
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from onecard import formats
 from onecard.errors import UsageError
 from onecard.family import build_model
 from onecard.model import GPT, GPTConfig
+from onecard.model_config import param_counts
 from onecard.run import read_config
 from onecard.tokenizer import Tokenizer, _check_vocabulary
 
@@ -47,9 +49,25 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
                      "(nanochat) nor config.json with model.safetensors (transformers)")
 
 
+def check_weights_fit(config: GPTConfig, weights: Path, advice: str = "the two do not belong together") -> None:
+    """Refuse a config whose parameters the weights file does not hold, before its model is built:
+    a damaged config.json could otherwise ask for a model that takes hours or terabytes to build."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            held = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    except Exception:  # a file that does not open: loading it says so, in one line
+        return
+    expected = sum(param_counts(config).values())
+    if held != expected:
+        raise UsageError(f"the model asked for has {expected:,} parameters, but {weights} holds {held:,}: "
+                         f"{advice}")
+
+
 def _load_onecard(path: Path, device: str, tokenizer_path: str | Path | None = None
                   ) -> tuple[GPT, Tokenizer, dict]:
     config = read_config(path / "config.json")
+    check_weights_fit(config.model_config, path / "model.safetensors",
+                      f"{path / 'config.json'} and the weights do not belong together")
     model = build_model(config.model_config, device=device, init=False)
     _load_state(model, lambda: load_file(str(path / "model.safetensors"), device=device), path / "model.safetensors")
     tok = Path(tokenizer_path) if tokenizer_path else path / "tokenizer"

@@ -3,6 +3,7 @@ behind), typed config.json, and what a continued run keeps."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,24 @@ def test_a_run_file_turned_into_a_directory_is_a_one_line_error(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("onecard: error: [Errno 21] Is a directory") and name in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_config_asking_for_a_huge_model_is_refused_before_building_it(tmp_path, capsys):
+    """A damaged config.json (a billion layers) would take hours to build: every command that reads
+    it checks it against the weights first (the checkpoint's own config on resume)."""
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "1"]) == 0
+    data = json.loads((run_dir / "config.json").read_text())
+    data["model_config"]["n_layer"] = 10 ** 9
+    (run_dir / "config.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    started = time.monotonic()
+    assert main(["train", "--run-dir", str(run_dir), *TINY[:2], "--steps", "2"]) == 2
+    assert "model n_layer 1 -> 1000000000" in capsys.readouterr().err
+    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a", "--max-tokens", "1", "--device", "cpu"]) == 2
+    assert re.search(r"the model asked for has [\d,]+ parameters, but .*model.safetensors holds [\d,]+: ",
+                     capsys.readouterr().err)
+    assert time.monotonic() - started < 60
 
 
 def test_init_from_a_run_keeps_its_batch_and_context(tmp_path, capsys):
