@@ -137,7 +137,8 @@ def _shape(args: argparse.Namespace, saved, device: str, say):
         if arch and arch != model.config.arch:
             raise UsageError(f"--init-from {args.init_from} holds a {model.config.arch} model, not --arch {arch}")
         say(f"starting from {info['layout']} weights in {info['path']}")
-        before = info["config"].train if info["layout"] == "onecard" else None
+        # a pre-training run's batch, data and horizon carry over; an SFT run's count conversations
+        before = info["config"].train if info["layout"] == "onecard" and info["config"].stage == "pretrain" else None
         seq_len = args.seq_len or (info["config"].recipe.seq_len if before else model.config.sequence_len)
         micro = args.micro_batch or (info["config"].recipe.micro_batch if before and device == "cpu" else None)
         return model.config, model, tokenizer, seq_len, micro, before, demo

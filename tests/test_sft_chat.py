@@ -54,6 +54,10 @@ def test_sft_then_chat(base, chats, tmp_path, capsys):
     assert config["train"]["matrix_lr"] == pytest.approx(0.02 * 0.02)  # nanochat's fraction for user data
     assert main(["chat", str(out), "-p", "What is 3 + 3?", "--max-tokens", "8", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip()
+    # pre-training on from the chat model: its batch of conversations is not taken for tokens
+    assert main(["train", "--init-from", str(out), "--run-dir", str(tmp_path / "more"), "--device", "cpu",
+                 "--steps", "1", "--dry-run"]) == 0, capsys.readouterr().err
+    assert "--total-batch" not in capsys.readouterr().err
 
 
 def fine_tune_run(base, chats, run_dir, **changes):
