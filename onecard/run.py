@@ -170,6 +170,7 @@ class RunLock:
         self.owner = run_dir / ".lock.owner"
 
     def __enter__(self) -> RunLock:
+        self.created = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()
@@ -193,6 +194,13 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.lock.release()
+        if self.created and {p.name for p in self.run_dir.iterdir()} <= {".lock", ".lock.owner"}:
+            try:  # a command that failed before writing anything leaves no directory behind
+                for name in (".lock", ".lock.owner"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+                self.run_dir.rmdir()
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------- resuming

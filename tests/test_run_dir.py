@@ -67,6 +67,15 @@ def test_the_lock_is_released_for_the_next_session(tmp_path):
         pass
 
 
+def test_a_command_that_fails_before_writing_leaves_no_run_directory(tmp_path, capsys):
+    new = tmp_path / "new"
+    assert main(["train", "--run-dir", str(new), *TINY, "--total-batch", "100", "--steps", "1"]) == 2
+    assert not new.exists()
+    with pytest.raises(RuntimeError), RunLock(tmp_path):  # a directory that was there stays
+        raise RuntimeError
+    assert tmp_path.is_dir()
+
+
 def test_two_runs_at_once_one_trains_and_one_is_refused(tmp_path):
     """Two real `onecard train` processes on one directory: exactly one trains, the other exits 2."""
     run_dir = tmp_path / "run"
