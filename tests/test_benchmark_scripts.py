@@ -44,3 +44,36 @@ def test_vs_nanochat_cpu_run_side_by_side(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["steps_timed"] == 2 for r in rows.values())
     assert rows["onecard baseline"]["vs_nanochat_memory"] == pytest.approx(1.0, abs=0.01)
     assert rows["onecard lean"]["vs_nanochat_memory"] < 0.8
+
+
+def load_script(name: str):
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_trace_finds_what_is_alive_at_the_peak():
+    """A hand-made trace: 100 allocated before it began and freed in it (not counted), then
+    a (40) and b (30) alive together, a freed, c (50) at the peak with b: 80 bytes, b and c."""
+    trace = load_script("memory_trace")
+    frames = [{"filename": "/x/torch/autograd/graph.py", "line": 7, "name": "backward"},
+              {"filename": "/x/onecard/model.py", "line": 99, "name": "forward"}]
+    events = [
+        {"action": "free_requested", "addr": 9, "size": 100},
+        {"action": "free_completed", "addr": 9, "size": 100},
+        {"action": "alloc", "addr": 1, "size": 40, "frames": frames},
+        {"action": "alloc", "addr": 2, "size": 30, "frames": frames[:1]},
+        {"action": "free_requested", "addr": 1, "size": 40},
+        {"action": "free_completed", "addr": 1, "size": 40},
+        {"action": "alloc", "addr": 3, "size": 50, "frames": frames},
+        {"action": "free_completed", "addr": 3, "size": 50},
+        {"action": "alloc", "addr": 4, "size": 10, "frames": []},
+    ]
+    peak, alive = trace.live_at_peak(events)
+    assert peak == 80 and sorted(e["addr"] for e in alive) == [2, 3]
+    assert trace.by_site(alive) == [("onecard/model.py:99 forward", 50, 1),
+                                    ("torch/autograd/graph.py:7 backward", 30, 1)]
+    assert trace.site(events[-1]) == "(no frames recorded)"
