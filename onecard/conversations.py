@@ -140,7 +140,7 @@ def read_file(path: Path) -> Iterator[tuple[int, object]]:
                     continue
                 try:
                     yield number, json.loads(line)
-                except ValueError as error:
+                except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
                     raise BadConversation(f"{path}, line {number}: not JSON ({error})") from None
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror or error}") from None

@@ -17,6 +17,7 @@ import torch
 
 from onecard.calculator import calculate
 from onecard.device import autocast_for
+from onecard.errors import UsageError
 from onecard.model import GPT, KVCache
 from onecard.tokenizer import Tokenizer
 
@@ -68,9 +69,12 @@ class Sampling:
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
     """(B, vocab) float logits -> (B,) token ids."""
-    if sampling.temperature <= 0:
+    if not torch.isfinite(logits).all():  # sampling would fail (on CUDA: a device-side assert) or be noise
+        raise UsageError("the model's logits are not finite numbers: its weights are damaged")
+    if sampling.temperature < torch.finfo(torch.float32).tiny:  # 0, or too small for fp32: its limit
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+    # the best token at 0 before dividing: a tiny temperature sends the others to -inf, never to nan
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.size(-1))).values[:, -1, None]
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -78,7 +82,9 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
-        sorted_probs = sorted_probs.masked_fill(before >= sampling.top_p, 0.0)
+        cut = before >= sampling.top_p
+        cut[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 in fp32)
+        sorted_probs = sorted_probs.masked_fill(cut, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

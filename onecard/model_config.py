@@ -50,7 +50,7 @@ class GPTConfig:
                                  f"{self.n_embd}")
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UsageError(f"model {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise UsageError(

@@ -71,6 +71,13 @@ class TrainSettings:
         return cls(**values)
 
 
+def _optional_text(data: dict, key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"{key} is {value!r}, not a path")
+    return value
+
+
 _JSON_TYPES = {"str": (str,), "Path": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
                "None": (type(None),)}
 
@@ -119,7 +126,7 @@ class RunConfig:
                        train=TrainSettings.from_dict(data["train"]), corpus=str(data["corpus"]),
                        params=int(data.get("params", 0)), flops_per_token=int(data.get("flops_per_token", 0)),
                        prediction=Prediction.from_dict(data.get("prediction")), results=data.get("results"),
-                       stage=str(data.get("stage", "pretrain")), init_from=data.get("init_from"),
+                       stage=str(data.get("stage", "pretrain")), init_from=_optional_text(data, "init_from"),
                        format=int(data.get("format", 0)), extra={k: v for k, v in data.items() if k not in known})
         except UsageError as error:
             raise UsageError(f"{where}: {error}") from None

@@ -73,6 +73,26 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert drawn == {0, 1}  # 0.5 < 0.7 needs the second token; the third is never drawn
 
 
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1e-300, top_k=None), Sampling(temperature=5e-324),
+                                      Sampling(temperature=1.0, top_k=None, top_p=1e-300)],
+                         ids=["temperature-1e-300", "temperature-5e-324", "top_p-1e-300"])
+def test_vanishing_temperature_or_top_p_draws_the_most_likely_token(sampling):
+    """A positive temperature or top_p too small for fp32 used to make the probabilities nan (or all
+    zero), which multinomial refuses: in the limit both leave only the most likely token."""
+    logits = torch.tensor([[1.0, 3.0, 2.5, -4.0], [0.5, -1.0, 0.0, 7.0]])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert sample_next(logits, sampling, generator).tolist() == [1, 3]
+
+
+def test_logits_that_are_not_finite_are_a_damaged_model():
+    from onecard.errors import UsageError
+    logits = torch.tensor([[float("nan"), 1.0]])
+    for sampling in (Sampling(), Sampling(temperature=0)):
+        with pytest.raises(UsageError, match="not finite numbers: its weights are damaged"):
+            sample_next(logits, sampling, torch.Generator())
+
+
 class Scripted(torch.nn.Module):
     """A stand-in model that writes a scripted token sequence (whatever the input), to drive the tools."""
 

@@ -59,6 +59,9 @@ def test_depth_dial_and_names():
         GPTConfig(n_embd=100, n_head=3, n_kv_head=3)
     with pytest.raises(UsageError):
         GPTConfig(n_layer=0)
+    for bad in (True, 1.0, "2"):  # a config.json's true is not a layer count
+        with pytest.raises(UsageError, match="n_layer must be a positive integer"):
+            GPTConfig(n_layer=bad)
 
 
 def test_init_follows_nanochat():

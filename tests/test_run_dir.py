@@ -116,6 +116,9 @@ def test_config_json_round_trips_and_refuses_what_it_cannot_read(tmp_path, capsy
         with pytest.raises(UsageError, match=rf"^config.json: train.{key} is .*, not "):
             RunConfig.from_dict({**data, "train": {**data["train"], key: value}})
     assert RunConfig.from_dict({**data, "train": {**data["train"], "price": 0.2, "data": None}})
+    for value in ([1], 5):
+        with pytest.raises(UsageError, match=r"^config.json: init_from is .*, not a path"):
+            RunConfig.from_dict({**data, "init_from": value})
 
 
 @pytest.mark.parametrize("name", ["log.jsonl", "summary.json"])

@@ -145,7 +145,9 @@ def test_chat_commands_and_stop(base):
 
 def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(conversation(1)) + "\n{not json\n" + json.dumps(conversation(2)) + "\n")
+    # the second line nests deeper than Python's JSON parser recurses: not JSON either
+    path.write_text(json.dumps(conversation(1)) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n"
+                    + json.dumps(conversation(2)) + "\n")
     assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl, line 2" in err and "--skip-bad" in err and len(err.strip().splitlines()) == 1
