@@ -117,6 +117,8 @@ def _each(sources: list[Source], raw: list | None, counts: Counter, skip_bad: bo
             yield Source(Path("embedded")), number, conversation
         return
     for source in sources:
+        if source.path.is_dir():
+            raise UsageError(f"--data {source.path}: a folder; give its .jsonl or .parquet files")
         if not source.path.is_file():
             raise UsageError(f"--data {source.path}: no such file")
         try:

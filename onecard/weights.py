@@ -86,8 +86,14 @@ def _load_state(model: GPT, read, path: Path) -> None:
     except UsageError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, AttributeError, SafetensorError) as error:
-        first = (str(error).strip().splitlines() or [""])[0][:200]
-        raise UsageError(f"cannot load the weights in {path}: {first}") from None
+        raise UsageError(f"cannot load the weights in {path}: {_one_line(error)}") from None
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    """An error's message on one line (load_state_dict says what is wrong on its second), or its
+    kind where it has no message."""
+    said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return said[:limit] or type(error).__name__
 
 
 def find_nanochat_tokenizer(checkpoint_dir: Path) -> Path:
@@ -126,7 +132,10 @@ def load_nanochat(checkpoint_dir: Path, device: str = "cpu", tokenizer_path: str
         try:
             state = torch.load(model_path, map_location=device, weights_only=True)
         except Exception as error:  # weights_only refuses anything that is not plain tensors
-            raise UsageError(f"cannot read {model_path.name} as plain weights: {error}") from None
+            said = _one_line(error, limit=10_000)
+            # torch's refusal explains its weights_only default at length; the reason comes last
+            said = said.rpartition("WeightsUnpickler error:")[2].strip() or said
+            raise UsageError(f"cannot read {model_path.name} as plain weights: {said[:300]}") from None
         # A compiled model's state dict carries the "_orig_mod." prefix; the weights are the same.
         return {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
     _load_state(model, read, model_path)

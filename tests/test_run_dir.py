@@ -152,6 +152,21 @@ def test_a_config_asking_for_a_huge_model_is_refused_before_building_it(tmp_path
     assert time.monotonic() - started < 60
 
 
+def test_weights_under_the_wrong_names_say_which(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "1"]) == 0
+    state = load_file(run_dir / "model.safetensors")
+    state["renamed"] = state.pop("lm_head.weight")
+    save_file(state, run_dir / "model.safetensors")
+    capsys.readouterr()
+    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a", "--max-tokens", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert 'Missing key(s) in state_dict: "lm_head.weight"' in err
+    assert 'Unexpected key(s) in state_dict: "renamed"' in err
+
+
 def test_init_from_a_run_keeps_its_batch_and_context(tmp_path, capsys):
     """Continuing a demo-sized run must not jump to the 524,288-token default batch."""
     first, second = tmp_path / "first", tmp_path / "second"

@@ -154,6 +154,8 @@ def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
     assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
                  "--skip-bad", "--steps", "1", "--batch", "2", "--dry-run"]) == 0
     assert "1 not JSON" in capsys.readouterr().out
+    assert main(["sft", "--from", str(base), "--data", str(tmp_path), "--run-dir", str(tmp_path / "r"), *SFT]) == 2
+    assert "a folder; give its .jsonl or .parquet files" in capsys.readouterr().err
 
 
 def test_parquet_conversations_and_what_is_dropped_is_reported(base, tmp_path, capsys):

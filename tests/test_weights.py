@@ -68,9 +68,14 @@ def test_refuses_a_model_file_that_would_run_code(tmp_path):
     with open(ckpt / "model_000009.pt", "wb") as f:
         pickle.dump({"x": Payload()}, f)
     (ckpt / "meta_000009.json").write_text(json.dumps({"model_config": config.to_dict()}))
-    with pytest.raises(UsageError, match="plain weights"):
+    with pytest.raises(UsageError, match="plain weights") as refused:
         load_weights(ckpt)
     assert not marker.exists()
+    # one line, with torch's reason and without its advice to turn weights_only off
+    assert "\n" not in str(refused.value) and "weights_only` set to `False" not in str(refused.value)
+    (ckpt / "model_000009.pt").write_bytes(b"")
+    with pytest.raises(UsageError, match="plain weights: EOFError$"):
+        load_weights(ckpt)
 
 
 def test_not_a_checkpoint_directory(tmp_path):
