@@ -238,6 +238,8 @@ def conflicts(saved: RunConfig, config: RunConfig) -> list[str]:
         return found.group(0) if found else text
     if fingerprint(saved.corpus) != fingerprint(config.corpus):
         out.append(f"corpus {saved.corpus} -> {config.corpus}")
+    if saved.init_from and config.init_from and Path(saved.init_from).resolve() != Path(config.init_from).resolve():
+        out.append(f"started from {saved.init_from} -> {config.init_from}")
     return out
 
 

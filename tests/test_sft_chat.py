@@ -54,6 +54,11 @@ def test_sft_then_chat(base, chats, tmp_path, capsys):
     assert config["train"]["matrix_lr"] == pytest.approx(0.02 * 0.02)  # nanochat's fraction for user data
     assert main(["chat", str(out), "-p", "What is 3 + 3?", "--max-tokens", "8", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip()
+    # resuming it from another base model is refused: the checkpoint was trained from the first
+    import shutil
+    other = shutil.copytree(base, tmp_path / "other-base")
+    assert main(["sft", "--from", str(other), "--data", str(chats), "--run-dir", str(out), *SFT, "--steps", "4"]) == 2
+    assert f"started from {base} -> {other}" in capsys.readouterr().err
     # pre-training on from the chat model: its batch of conversations is not taken for tokens
     assert main(["train", "--init-from", str(out), "--run-dir", str(tmp_path / "more"), "--device", "cpu",
                  "--steps", "1", "--dry-run"]) == 0, capsys.readouterr().err
