@@ -387,4 +387,8 @@ def run(args) -> int:
     if card:
         print(card_text(card))
     print(f"report written: {page} (and the PNG files beside it)")
+    skipped = read_log(Path(args.run_dir)).skipped
+    if skipped:
+        print(f"note: {skipped:,} lines of log.jsonl were cut short or are not JSON objects: the report leaves "
+              "them out")
     return 0

@@ -54,6 +54,15 @@ def test_log_lines_that_are_not_objects_are_skipped(tmp_path, bad):
     assert sorted(p.name for p in page.parent.iterdir()) == sorted(CHARTS + ["report.html"])
 
 
+def test_the_report_command_says_it_skipped_lines(tmp_path, capsys):
+    from onecard.cli import main
+    write_run(tmp_path / "run", cuda=True)
+    log = tmp_path / "run" / "log.jsonl"
+    log.write_text(log.read_text() + "{cut short\n[1]\n")
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "note: 2 lines of log.jsonl were cut short or are not JSON objects" in capsys.readouterr().out
+
+
 def test_log_that_is_not_utf8(tmp_path):
     write_run(tmp_path / "run", cuda=False)
     log = tmp_path / "run" / "log.jsonl"
