@@ -72,6 +72,8 @@ def named_tasks(args: argparse.Namespace) -> list[str]:
     """The tasks --task names, in a fixed order; UsageError for an unknown name."""
     names = set()
     for text in args.task or []:
+        if not text.replace(",", "").strip():
+            raise UsageError(f"--task {text!r} names no task: choose from {', '.join(TASK_NAMES)}, chat")
         for name in (n.strip().lower() for n in text.split(",") if n.strip()):
             if name == "chat":
                 names.update(CHAT)
@@ -304,6 +306,8 @@ def run_harness(args, model, tokenizer, device: str) -> dict:
     from onecard.lm_eval_model import run_harness as harness
 
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError(f"--lm-eval {args.lm_eval!r} names no task")
     started = time.perf_counter()
     results = harness(model, tokenizer, tasks, args.lm_eval_include, args.lm_eval_limit or args.max_per_task,
                       args.batch_tokens)

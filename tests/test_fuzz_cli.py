@@ -439,6 +439,7 @@ CASES = [
     case("eval-fake-nanochat", "eval", T + "/fakenano", "--device", "cpu"),
     case("eval-task-unknown", "eval", T + "/empty", "--task", "frob", has="--task"),
     case("eval-task-empty", "eval", T + "/empty", "--task", ""),
+    case("eval-task-commas", "eval", T + "/empty", "--task", ",", has="names no task"),
     case("eval-core-no-bundle", "eval", T + "/empty", "--task", "core", has="--bundle"),
     case("eval-bundle-missing", "eval", T + "/empty", "--task", "core", "--bundle", "/nonexistent/b",
          has="/nonexistent/b"),
