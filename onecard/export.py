@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
             written = write_nanochat(out, model, tokenizer, args.dtype, args.phase or default_phase(info),
                                      source_step(info), info)
     except OSError as error:
-        raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
+        where = error.filename2 or error.filename or out  # the file that failed (a rename's target)
+        raise UsageError(f"cannot write {where}: {error.strerror or error}") from None
     print(f"wrote {len(written)} files to {out}:")
     for path in written:
         print(f"  {path.relative_to(out)}")

@@ -356,6 +356,10 @@ def test_export_refuses_a_folder_with_files_unless_forced(run_dir, tmp_path, cap
     assert (out / "keep.txt").read_text() == "mine" and (out / "model.safetensors").exists()
     assert main(["export", str(tmp_path), "--to", "hf", str(tmp_path / "x")]) == 2
     assert "not a model" in capsys.readouterr().err
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").mkdir()  # what cannot be replaced is named, not its folder
+    assert main(["export", str(run_dir), "--to", "hf", str(out), "--force"]) == 2
+    assert f"cannot write {out / 'model.safetensors'}: Is a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field, value", [
