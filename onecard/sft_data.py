@@ -67,6 +67,17 @@ def _held_out(key: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def reason(message: str) -> str:
+    """What a drop count groups by: the message up to its first colon outside brackets ("roles out
+    of order: message 3 is ..." counts as "roles out of order"), else all of it."""
+    depth = 0
+    for i, char in enumerate(message):
+        depth += (char in "{([") - (char in "})]")
+        if char == ":" and depth == 0:
+            return message[:i]
+    return message
+
+
 def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fraction: float = DEFAULT_VAL_FRACTION,
          skip_bad: bool = False, raw: list | None = None, label: str | None = None
          ) -> tuple[Conversations, Conversations]:
@@ -78,7 +89,7 @@ def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fract
         try:
             rendered = render(tokenizer, normalize(conversation), max_tokens)
         except BadConversation as error:
-            counts[str(error).split(":")[0]] += 1
+            counts[reason(str(error))] += 1
             continue
         if rendered.truncated:
             counts["cut at the context"] += 1

@@ -170,12 +170,15 @@ def test_parquet_conversations_and_what_is_dropped_is_reported(base, tmp_path, c
     good = [conversation(i)["messages"] for i in range(20)]
     out_of_order = [[{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]] * 3
     empty = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]] * 2
+    no_messages = [{"msgs": []}]  # the reason's own braces and colon stay in its count's name
     path = tmp_path / "chats.parquet"
-    pq.write_table(pa.table({"messages": [json.dumps(m) for m in good + out_of_order + empty]}), path)
+    pq.write_table(pa.table({"messages": [json.dumps(m) for m in good + out_of_order + empty + no_messages]}),
+                   path)
     assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
                  "--dry-run", "--gpu", "rtx4070"]) == 0
     said = capsys.readouterr().out
     assert "3 roles out of order" in said and "2 message 1 is an empty assistant turn" in said
+    assert '1 no messages (expected {"messages": [...]} or a list of messages)' in said
     assert "recipe " in said and "RTX 4070" in said  # the planner's pick and its prediction
     train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0)
     assert len(train) == 20
