@@ -126,14 +126,19 @@ def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
 
 def read_file(path: Path) -> Iterator[tuple[int, object]]:
     """(line or row number, raw conversation) of a .jsonl file (an object with "messages", or a bare
-    list of messages, per line) or a .parquet file with a `messages` column (lists of structs, or
-    JSON text). Malformed JSON raises BadConversation naming the line."""
+    list of messages, per line), a .json file (a list of such conversations, or one; else read as
+    JSON lines) or a .parquet file with a `messages` column (lists of structs, or JSON text).
+    Malformed JSON raises BadConversation naming the line."""
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
         return
     if path.suffix not in (".jsonl", ".json"):
-        raise UsageError(f"{path}: conversations come as .jsonl or .parquet files")
+        raise UsageError(f"{path}: conversations come as .jsonl, .json or .parquet files")
     try:
+        document = _json_document(path) if path.suffix == ".json" else None
+        if document is not None:
+            yield from enumerate(document, start=1)
+            return
         with path.open("rb") as file:
             for number, line in enumerate(file, start=1):
                 if not line.strip():
@@ -144,6 +149,17 @@ def read_file(path: Path) -> Iterator[tuple[int, object]]:
                     raise BadConversation(f"{path}, line {number}: not JSON ({error})") from None
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _json_document(path: Path) -> list | None:
+    """The conversations of a .json file that is one JSON document: a list of conversations, or
+    one conversation. None when it is not one document (JSON lines under a .json name)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        return None
+    one = not isinstance(data, list) or (data and isinstance(data[0], dict) and "role" in data[0])
+    return [data] if one else data
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:

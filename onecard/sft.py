@@ -43,9 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the base model: an onecard run directory or a nanochat checkpoint directory (default: "
                         "the newest finished `onecard train` run under ./runs)")
     p.add_argument("--data", action="append", type=text_arg, metavar="FILE[:WEIGHT]",
-                   help="conversations: .jsonl ({\"messages\": [...]} or a list of messages per line) or .parquet "
-                        "(a messages column); repeat to mix, :2 for two epochs of a source per epoch (default: "
-                        "the embedded set, questions about the standard library and arithmetic with the tool)")
+                   help="conversations: .jsonl ({\"messages\": [...]} or a list of messages per line), .json "
+                        "(a list of them) or .parquet (a messages column); repeat to mix, :2 for two epochs of a "
+                        "source per epoch (default: the embedded set, questions about the standard library and "
+                        "arithmetic with the tool)")
     p.add_argument("--skip-bad", action="store_true", help="count lines that are not JSON and go on")
     p.add_argument("--run-dir", type=text_arg, help="where the run is written (default runs/<date-time>-sft)")
     p.add_argument("--epochs", type=positive_float,

@@ -79,3 +79,19 @@ def test_prompt_for_a_reply(tok):
 def test_bad_conversations_say_why(raw, reason):
     with pytest.raises(BadConversation, match=reason):
         normalize(raw)
+
+
+def test_a_json_file_is_one_document_or_json_lines(tmp_path):
+    import json
+
+    from onecard.conversations import read_file
+    first = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    second = [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    cases = {"list.json": json.dumps([first, second], indent=2),  # a list of conversations
+             "one.json": json.dumps(second, indent=2),  # one conversation, a bare list of messages
+             "lines.json": json.dumps(first) + "\n" + json.dumps(second) + "\n"}  # JSON lines
+    read = {}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        read[name] = [conversation for _, conversation in read_file(tmp_path / name)]
+    assert read == {"list.json": [first, second], "one.json": [second], "lines.json": [first, second]}
