@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from onecard.errors import one_line
 from onecard.hashing import sha256
 
 CHECKPOINTS = "checkpoints"
@@ -62,12 +63,6 @@ class CheckpointError(Exception):
     def __init__(self, message: str, *, no_space: bool = False) -> None:
         super().__init__(message)
         self.no_space = no_space
-
-
-def _one_line(error: object, limit: int = 300) -> str:
-    """An error's text fit for a one-line warning (torch's messages run over many lines)."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _size(n: int) -> str:
@@ -213,7 +208,7 @@ def _write_failed(step: int, error: OSError, root: Path, needed: int) -> Checkpo
     if error.errno in DENIED:
         return CheckpointError(f"cannot write the checkpoint of step {step}: {DENIED[error.errno]} "
                                f"({error.filename or root})")
-    return CheckpointError(f"writing the checkpoint of step {step} failed ({_one_line(error)})")
+    return CheckpointError(f"writing the checkpoint of step {step} failed ({one_line(error)})")
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: object, state: dict,
@@ -277,7 +272,7 @@ def _point_latest(run_dir: Path, name: str) -> None:
         _fsync_dir(run_dir)
     except OSError as error:  # the checkpoint itself is complete; find_latest does not need `latest`
         raise CheckpointError(f"the checkpoint {name} is complete but {run_dir / LATEST} could not be "
-                              f"updated ({_one_line(error)})") from error
+                              f"updated ({one_line(error)})") from error
 
 
 # ---------------------------------------------------------------- reading
@@ -288,7 +283,7 @@ def _read_json(file: Path) -> object:
     except PermissionError:  # not damage: the caller reports it
         raise
     except (OSError, ValueError, RecursionError) as error:  # RecursionError: absurdly nested JSON
-        raise CheckpointError(f"{file} is missing or unreadable ({_one_line(error)})") from error
+        raise CheckpointError(f"{file} is missing or unreadable ({one_line(error)})") from error
 
 
 def _manifest_problem(files: object) -> str | None:
@@ -341,7 +336,7 @@ def _check_loadable(path: Path) -> None:
     except (PermissionError, MemoryError):  # not the file's fault
         raise
     except Exception as error:
-        raise CheckpointError(f"it does not load ({type(error).__name__}: {_one_line(error)})") from error
+        raise CheckpointError(f"it does not load ({type(error).__name__}: {one_line(error)})") from error
 
 
 def _read(path: Path, step: int) -> Found:
@@ -362,10 +357,10 @@ def _read_latest(run_dir: Path, warn: Callable[[str], None]) -> str | None:
         with latest.open("rb") as f:
             text = f.read(4096).decode().strip()
     except (OSError, ValueError) as error:
-        warn(f"warning: {latest} cannot be read ({_one_line(error)}); ignoring it")
+        warn(f"warning: {latest} cannot be read ({one_line(error)}); ignoring it")
         return None
     if not POINTER.fullmatch(text):
-        warn(f"warning: {latest} is malformed (it holds {_one_line(repr(text[:80]))}); ignoring it")
+        warn(f"warning: {latest} is malformed (it holds {one_line(repr(text[:80]))}); ignoring it")
         return None
     return text
 
@@ -377,8 +372,8 @@ def _set_aside(path: Path, error: Exception, warn: Callable[[str], None]) -> Non
         path.rename(damaged)
         kept = f"kept as {damaged.name}"
     except OSError as failed:  # a read-only run directory: leave it; the next reader skips it again
-        kept = f"left in place ({_one_line(failed.strerror or failed)})"
-    warn(f"warning: checkpoint {path.name} is damaged ({_one_line(error)}); {kept}, falling back to the one before")
+        kept = f"left in place ({one_line(failed.strerror or failed)})"
+    warn(f"warning: checkpoint {path.name} is damaged ({one_line(error)}); {kept}, falling back to the one before")
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -409,7 +404,7 @@ def find_latest(run_dir: Path, warn: Callable[[str], None] = print) -> Found | N
                 _point_latest(run_dir, path.name)
             except CheckpointError as error:  # a read-only run directory: the checkpoint itself is fine
                 warn(f"warning: {run_dir / LATEST} could not be pointed at {path.name} "
-                     f"({_one_line(error.__cause__ or error)})")
+                     f"({one_line(error.__cause__ or error)})")
         return found
     if candidates:
         raise CheckpointError(f"no checkpoint in {run_dir / CHECKPOINTS} is intact: start again with "

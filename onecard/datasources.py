@@ -110,10 +110,11 @@ def check_base_url(url: str) -> None:
     except (KeyError, IndexError, ValueError) as e:
         raise UsageError(f"--base-url {url!r}: a pattern may name only {{index}} and {{name}} ({e})") from None
     try:
-        if not urlsplit(example).hostname:
-            raise ValueError("no host")
+        host = urlsplit(example).hostname
     except ValueError as e:  # a malformed host, such as an unclosed IPv6 bracket
         raise UsageError(f"--base-url {url!r} is not a valid URL ({e})") from None
+    if not host:
+        raise UsageError(f"--base-url {url!r} names no host")
 
 
 def find(name: str) -> ShardSet | SingleFile:

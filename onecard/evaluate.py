@@ -72,8 +72,6 @@ def named_tasks(args: argparse.Namespace) -> list[str]:
     """The tasks --task names, in a fixed order; UsageError for an unknown name."""
     names = set()
     for text in args.task or []:
-        if not text.replace(",", "").strip():
-            raise UsageError(f"--task {text!r} names no task: choose from {', '.join(TASK_NAMES)}, chat")
         for name in (n.strip().lower() for n in text.split(",") if n.strip()):
             if name == "chat":
                 names.update(CHAT)
@@ -81,6 +79,8 @@ def named_tasks(args: argparse.Namespace) -> list[str]:
                 names.add(name)
             else:
                 raise UsageError(f"unknown --task {name!r}: choose from {', '.join(TASK_NAMES)}, chat")
+    if args.task and not names:
+        raise UsageError(f"--task {' '.join(args.task)!r} names no task: choose from {', '.join(TASK_NAMES)}, chat")
     return [t for t in TASK_NAMES if t in names]
 
 

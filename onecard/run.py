@@ -65,29 +65,25 @@ class TrainSettings:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
         for f in fields(cls):
-            if f.name in values and not _json_type_fits(values[f.name], str(f.type)):
-                raise UsageError(f"train.{f.name} is {values[f.name]!r}, not {f.type}")
+            if f.name in values:
+                check_json_type(f"train.{f.name}", values[f.name], str(f.type))
         values["run_dir"] = Path(values.get("run_dir", "."))
         return cls(**values)
-
-
-def _optional_text(data: dict, key: str) -> str | None:
-    value = data.get(key)
-    if value is not None and not isinstance(value, str):
-        raise UsageError(f"{key} is {value!r}, not a path")
-    return value
 
 
 _JSON_TYPES = {"str": (str,), "Path": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
                "None": (type(None),)}
 
 
-def _json_type_fits(value: object, annotation: str) -> bool:
-    """Whether a value read from JSON fits a field annotated `int`, `float | None` and so on."""
+def check_json_type(name: str, value: object, annotation: str) -> object:
+    """`value`, read from JSON, if it fits a field annotated `int`, `str | None` and so on; else a
+    UsageError naming the field."""
     allowed = [t for part in annotation.split("|") for t in _JSON_TYPES.get(part.strip(), (object,))]
-    if isinstance(value, bool):  # JSON's true/false are ints to Python: only a bool field takes them
-        return bool in allowed or object in allowed
-    return isinstance(value, tuple(allowed))
+    # JSON's true and false are ints to Python: only a bool field takes them
+    fits = bool in allowed or object in allowed if isinstance(value, bool) else isinstance(value, tuple(allowed))
+    if not fits:
+        raise UsageError(f"{name} is {value!r}, not {annotation}")
+    return value
 
 
 @dataclass
@@ -126,7 +122,8 @@ class RunConfig:
                        train=TrainSettings.from_dict(data["train"]), corpus=str(data["corpus"]),
                        params=int(data.get("params", 0)), flops_per_token=int(data.get("flops_per_token", 0)),
                        prediction=Prediction.from_dict(data.get("prediction")), results=data.get("results"),
-                       stage=str(data.get("stage", "pretrain")), init_from=_optional_text(data, "init_from"),
+                       stage=str(data.get("stage", "pretrain")),
+                       init_from=check_json_type("init_from", data.get("init_from"), "str | None"),
                        format=int(data.get("format", 0)), extra={k: v for k, v in data.items() if k not in known})
         except UsageError as error:
             raise UsageError(f"{where}: {error}") from None

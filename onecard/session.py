@@ -88,24 +88,24 @@ def prepare(model_config: GPTConfig, recipe: Recipe, settings: TrainSettings, da
     """The checkpoint to resume (checked against this run), the model on its device with the
     recipe's policies (and the checkpoint's weights), the run's config, and its optimizer."""
     found = find_checkpoint(settings, world, log)
-    if found and model is None:  # before building: a damaged config.json could ask for a model of any size
-        saved = RunConfig.from_dict(found.config, f"{found.path}/config.json")
+    saved = RunConfig.from_dict(found.config, f"{found.path}/config.json") if found else None
+    if saved:  # the model first, before it is built: a damaged config.json could ask for any size
         refuse_conflicts(settings.run_dir, model_conflicts(saved.model_config, model_config))
     torch.manual_seed(settings.seed)
     model = build_model(model_config, device=settings.device) if model is None else model.to(settings.device)
     model.set_policies(recipe.activations, recipe.loss)
     config = run_config(model, recipe, settings, data_label, prediction, stage, init_from)
     if found:
-        check_resume(found, config)
+        check_resume(found, saved, config)
         checkpoint.load_weights(found, model)  # before the optimizer: a cpu_master recipe copies them
     opt = build_optimizer(model, recipe, matrix_lr=settings.matrix_lr, embedding_lr=settings.embedding_lr,
                           unembedding_lr=settings.unembedding_lr, total_batch=settings.total_batch)
     return found, model, config, opt
 
 
-def check_resume(found: checkpoint.Found, config: RunConfig) -> None:
-    """Refuse a resume the checkpoint cannot follow, in one line that says what differs."""
-    saved = RunConfig.from_dict(found.config, f"{found.path}/config.json")
+def check_resume(found: checkpoint.Found, saved: RunConfig, config: RunConfig) -> None:
+    """Refuse a resume the checkpoint (whose config is `saved`) cannot follow, in one line that
+    says what differs."""
     run_dir = config.train.run_dir
     refuse_conflicts(run_dir, conflicts(saved, config))
     if found.step >= config.train.steps:

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from onecard import formats
-from onecard.errors import UsageError
+from onecard.errors import UsageError, one_line
 from onecard.family import build_model
 from onecard.model import GPT, GPTConfig
 from onecard.model_config import param_counts
@@ -28,6 +28,8 @@ from onecard.run import read_config
 from onecard.tokenizer import Tokenizer, _check_vocabulary
 
 NANOCHAT_MODEL = re.compile(r"model_(\d+)\.pt$")
+# what reading a damaged or mismatched weights file raises
+LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, AttributeError, SafetensorError)
 
 
 def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Path | None = None
@@ -49,25 +51,25 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
                      "(nanochat) nor config.json with model.safetensors (transformers)")
 
 
-def check_weights_fit(config: GPTConfig, weights: Path, advice: str = "the two do not belong together") -> None:
-    """Refuse a config whose parameters the weights file does not hold, before its model is built:
-    a damaged config.json could otherwise ask for a model that takes hours or terabytes to build."""
+def _check_weights_fit(config: GPTConfig, path: Path) -> None:
+    """Refuse a run whose model.safetensors does not hold as many parameters as its config asks
+    for, before that model is built: a damaged config.json could ask for one that takes hours or
+    terabytes to build."""
     try:
-        with safe_open(str(weights), framework="pt") as f:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             held = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-    except Exception:  # a file that does not open: loading it says so, in one line
+    except LOAD_ERRORS:  # a file that does not open: loading it says so, in one line
         return
     expected = sum(param_counts(config).values())
     if held != expected:
-        raise UsageError(f"the model asked for has {expected:,} parameters, but {weights} holds {held:,}: "
-                         f"{advice}")
+        raise UsageError(f"{path / 'config.json'} describes a model of {expected:,} parameters, but "
+                         f"{path / 'model.safetensors'} holds {held:,}: the two do not belong together")
 
 
 def _load_onecard(path: Path, device: str, tokenizer_path: str | Path | None = None
                   ) -> tuple[GPT, Tokenizer, dict]:
     config = read_config(path / "config.json")
-    check_weights_fit(config.model_config, path / "model.safetensors",
-                      f"{path / 'config.json'} and the weights do not belong together")
+    _check_weights_fit(config.model_config, path)
     model = build_model(config.model_config, device=device, init=False)
     _load_state(model, lambda: load_file(str(path / "model.safetensors"), device=device), path / "model.safetensors")
     tok = Path(tokenizer_path) if tokenizer_path else path / "tokenizer"
@@ -85,15 +87,8 @@ def _load_state(model: GPT, read, path: Path) -> None:
         model.load_state_dict(state)
     except UsageError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError, AttributeError, SafetensorError) as error:
-        raise UsageError(f"cannot load the weights in {path}: {_one_line(error)}") from None
-
-
-def _one_line(error: Exception, limit: int = 300) -> str:
-    """An error's message on one line (load_state_dict says what is wrong on its second), or its
-    kind where it has no message."""
-    said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return said[:limit] or type(error).__name__
+    except LOAD_ERRORS as error:
+        raise UsageError(f"cannot load the weights in {path}: {one_line(error)}") from None
 
 
 def find_nanochat_tokenizer(checkpoint_dir: Path) -> Path:
@@ -132,10 +127,9 @@ def load_nanochat(checkpoint_dir: Path, device: str = "cpu", tokenizer_path: str
         try:
             state = torch.load(model_path, map_location=device, weights_only=True)
         except Exception as error:  # weights_only refuses anything that is not plain tensors
-            said = _one_line(error, limit=10_000)
             # torch's refusal explains its weights_only default at length; the reason comes last
-            said = said.rpartition("WeightsUnpickler error:")[2].strip() or said
-            raise UsageError(f"cannot read {model_path.name} as plain weights: {said[:300]}") from None
+            said = str(error).rpartition("WeightsUnpickler error:")[2] or str(error)
+            raise UsageError(f"cannot read {model_path.name} as plain weights: {one_line(said or error)}") from None
         # A compiled model's state dict carries the "_orig_mod." prefix; the weights are the same.
         return {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
     _load_state(model, read, model_path)

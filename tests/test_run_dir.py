@@ -117,7 +117,7 @@ def test_config_json_round_trips_and_refuses_what_it_cannot_read(tmp_path, capsy
             RunConfig.from_dict({**data, "train": {**data["train"], key: value}})
     assert RunConfig.from_dict({**data, "train": {**data["train"], "price": 0.2, "data": None}})
     for value in ([1], 5):
-        with pytest.raises(UsageError, match=r"^config.json: init_from is .*, not a path"):
+        with pytest.raises(UsageError, match=r"^config.json: init_from is .*, not str \| None"):
             RunConfig.from_dict({**data, "init_from": value})
 
 
@@ -135,21 +135,20 @@ def test_a_run_file_turned_into_a_directory_is_a_one_line_error(tmp_path, capsys
 
 
 def test_a_config_asking_for_a_huge_model_is_refused_before_building_it(tmp_path, capsys):
-    """A damaged config.json (a billion layers) would take hours to build: every command that reads
-    it checks it against the weights first (the checkpoint's own config on resume)."""
+    """A damaged config.json (a billion layers) would take hours to build (the test would hang):
+    every command that reads it checks it against the weights first (on resume, the checkpoint's
+    own config)."""
     run_dir = tmp_path / "run"
     assert main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "1"]) == 0
     data = json.loads((run_dir / "config.json").read_text())
     data["model_config"]["n_layer"] = 10 ** 9
     (run_dir / "config.json").write_text(json.dumps(data))
     capsys.readouterr()
-    started = time.monotonic()
     assert main(["train", "--run-dir", str(run_dir), *TINY[:2], "--steps", "2"]) == 2
     assert "model n_layer 1 -> 1000000000" in capsys.readouterr().err
     assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a", "--max-tokens", "1", "--device", "cpu"]) == 2
-    assert re.search(r"the model asked for has [\d,]+ parameters, but .*model.safetensors holds [\d,]+: ",
+    assert re.search(r"config.json describes a model of [\d,]+ parameters, but .*model.safetensors holds [\d,]+: ",
                      capsys.readouterr().err)
-    assert time.monotonic() - started < 60
 
 
 def test_weights_under_the_wrong_names_say_which(tmp_path, capsys):
