@@ -67,10 +67,19 @@ class Sampling:
     seed: int = 0
 
 
-def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """(B, vocab) float logits -> (B,) token ids."""
-    if not torch.isfinite(logits).all():  # sampling would fail (on CUDA: a device-side assert) or be noise
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> list[int]:
+    """(B, vocab) float logits -> B token ids, read to the host in one transfer (one sync per token)."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    # a damaged row is drawn from zeros instead (nan would be noise, and on CUDA a device-side assert),
+    # then reported with the tokens: checking first would cost a second sync per token
+    tokens = _draw(logits.masked_fill(~finite[:, None], 0.0), sampling, generator)
+    tokens = tokens.masked_fill(~finite, -1).tolist()
+    if -1 in tokens:
         raise UsageError("the model's logits are not finite numbers: its weights are damaged")
+    return tokens
+
+
+def _draw(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
     if sampling.temperature < torch.finfo(torch.float32).tiny:  # 0, or too small for fp32: its limit
         return logits.argmax(dim=-1)
     # the best token at 0 before dividing: a tiny temperature sends the others to -inf, never to nan
@@ -161,7 +170,7 @@ class Engine:
         logits = logits.expand(num_samples, -1)
         rows = [Row() for _ in range(num_samples)]
         for _ in range(steps):
-            sampled = sample_next(logits, sampling, generator).tolist()
+            sampled = sample_next(logits, sampling, generator)
             out = [self._advance(row, token) for row, token in zip(rows, sampled, strict=True)]
             yield out
             if all(row.done for row in rows):

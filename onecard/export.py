@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from onecard.weights import load_weights
 
     source, out = Path(args.run_dir), Path(args.out_dir)
+    if args.phase and args.to != "nanochat":  # said rather than ignored: transformers has no phase folders
+        raise UsageError(f"--phase {args.phase} is for --to nanochat (its <phase>_checkpoints folders); "
+                         "--to hf writes one folder")
     check_out_dir(out, source, args.force)
     model, tokenizer, info = load_weights(source, "cpu", tokenizer_path=args.tokenizer)
     try:

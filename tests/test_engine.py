@@ -1,6 +1,8 @@
 """The KV-cache engine decodes exactly as full recomputation does, runs the calculator tool,
 streams whole characters, and samples reproducibly."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -68,8 +70,7 @@ def test_the_same_seed_gives_the_same_samples(tok, model):
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     generator = torch.Generator().manual_seed(0)
-    drawn = {int(sample_next(logits, Sampling(temperature=1.0, top_k=None, top_p=0.7), generator))
-             for _ in range(300)}
+    drawn = {sample_next(logits, Sampling(temperature=1.0, top_k=None, top_p=0.7), generator)[0] for _ in range(300)}
     assert drawn == {0, 1}  # 0.5 < 0.7 needs the second token; the third is never drawn
 
 
@@ -82,13 +83,15 @@ def test_vanishing_temperature_or_top_p_draws_the_most_likely_token(sampling):
     logits = torch.tensor([[1.0, 3.0, 2.5, -4.0], [0.5, -1.0, 0.0, 7.0]])
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
-        assert sample_next(logits, sampling, generator).tolist() == [1, 3]
+        assert sample_next(logits, sampling, generator) == [1, 3]
 
 
 def test_logits_that_are_not_finite_are_a_damaged_model():
     from onecard.errors import UsageError
-    logits = torch.tensor([[float("nan"), 1.0]])
-    for sampling in (Sampling(), Sampling(temperature=0)):
+    # one damaged row in a batch is enough; inf as much as nan (the soft-capped models never give either)
+    damaged = torch.tensor([[0.5, 1.0], [float("nan"), 1.0]])
+    for sampling, logits in itertools.product((Sampling(), Sampling(temperature=0), Sampling(top_p=0.5)),
+                                              (damaged, damaged.flip(0), damaged.nan_to_num(nan=float("inf")))):
         with pytest.raises(UsageError, match="not finite numbers: its weights are damaged"):
             sample_next(logits, sampling, torch.Generator())
 

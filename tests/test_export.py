@@ -362,6 +362,14 @@ def test_export_refuses_a_folder_with_files_unless_forced(run_dir, tmp_path, cap
     assert f"cannot write {out / 'model.safetensors'}: Is a directory" in capsys.readouterr().err
 
 
+def test_phase_with_the_transformers_format_is_refused_not_ignored(run_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main(["export", str(run_dir), "--to", "hf", str(out), "--phase", "sft"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--phase sft is for --to nanochat" in err
+    assert not out.exists()  # refused before anything was written
+
+
 @pytest.mark.parametrize("field, value", [
     ("tie_word_embeddings", True), ("attention_bias", True), ("hidden_act", "gelu"),
     ("final_logit_softcapping", 30.0), ("intermediate_size", 100), ("rms_norm_eps", 1e-3),
