@@ -169,10 +169,9 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     from onecard.data import Corpus
     from onecard.datasources import plan_shards
     from onecard.device import host_memory_available, local_card, unrunnable_reason
-    from onecard.model_config import param_counts, scaling_params
+    from onecard.model_config import param_counts
     from onecard.plan.choose import choose_recipe
     from onecard.plan.report import dry_run_text
-    from onecard.run import TrainSettings
     from onecard.tokenizer import Tokenizer
 
     say = print if world.main else (lambda *_args, **_kwargs: None)
@@ -183,18 +182,12 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     config, model, tokenizer, seq_len, micro_batch, before, demo = _shape(args, saved, device, say)
 
     def pick(given, key: str, default):
-        """What was given, else what the run continued from used, else the default."""
-        return given if given is not None else getattr(before, key, default) if before else default
+        return _pick(given, before, key, default)
 
     data = pick(args.data, "data", None)
     corpus = Corpus(data) if data else Corpus.embedded()
     params = sum(param_counts(config).values())
-    if config.arch == ARCH_2026:  # its batch grows with depth; its ratio counts matrices + lm_head
-        from onecard import schedule_2026
-        full_batch, ratio_params, ratio = schedule_2026.auto_total_batch(config), scaling_params(config), \
-            schedule_2026.RATIO
-    else:
-        full_batch, ratio_params, ratio = defaults.TOTAL_BATCH, params, defaults.RATIO
+    full_batch, ratio_params, ratio = _scaling(config, params)
     total_batch = pick(args.total_batch, "total_batch", defaults.DEMO["total_batch"] if demo else full_batch)
     steps = _steps(args, ratio_params, total_batch, before, demo, ratio)
     choice = choose_recipe(recipe_request(args, device), config, device, seq_len=seq_len, micro_batch=micro_batch,
@@ -221,16 +214,8 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
         say(f"{run_dir} holds a run: resuming it")
     elif tokenizer is None:
         tokenizer = shared_tokenizer(args, corpus, config.vocab_size, demo, run_dir, world, say)
-    settings = TrainSettings(
-        run_dir=run_dir, steps=steps, total_batch=total_batch, seed=pick(args.seed, "seed", 0), device=device,
-        eval_every=pick(args.eval_every, "eval_every", defaults.DEMO["eval_every"] if demo else defaults.EVAL_EVERY),
-        eval_batches=pick(args.eval_batches, "eval_batches", defaults.EVAL_BATCHES),
-        sample_prompt=pick(args.sample_prompt, "sample_prompt", ""), data=data,
-        save_every_min=pick(args.save_every_min, "save_every_min", defaults.SAVE_EVERY_MIN),
-        save_every_steps=pick(args.save_every_steps, "save_every_steps", 0),
-        keep=pick(args.keep, "keep", defaults.KEEP),
-        force_new=args.force_new, price=pick(args.price, "price", None),
-        currency=pick(args.currency, "currency", defaults.CURRENCY), power_watts=pick(args.power, "power_watts", None))
+    settings = _settings(args, before, demo, run_dir=run_dir, steps=steps, total_batch=total_batch, device=device,
+                         data=data)
     prediction = choice.prediction(device)
     if prediction:
         say(f"planner predicts on {prediction.gpu}: peak {prediction.peak_bytes / 2**30:.2f} GiB "
@@ -238,6 +223,39 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
             f"{prediction.step_time_s:.2f} s per step, {prediction.tokens_per_s:,.0f} tokens/s")
     result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction, world=world)
     return _closing_words(result, run_dir, steps, total_batch, prediction, say)
+
+
+def _pick(given, before, key: str, default):
+    """What was given, else what the run continued from used, else the default."""
+    return given if given is not None else getattr(before, key, default) if before else default
+
+
+def _scaling(config, params: int) -> tuple[int, int, float]:
+    """(full batch in tokens, parameters the tokens-per-parameter ratio counts, that ratio)."""
+    if config.arch == ARCH_2026:  # its batch grows with depth; its ratio counts matrices + lm_head
+        from onecard import schedule_2026
+        from onecard.model_config import scaling_params
+        return schedule_2026.auto_total_batch(config), scaling_params(config), schedule_2026.RATIO
+    return defaults.TOTAL_BATCH, params, defaults.RATIO
+
+
+def _settings(args: argparse.Namespace, before, demo: bool, **chosen):
+    """The run's TrainSettings: what was chosen above, and each flag, or what the run continued from used."""
+    from onecard.run import TrainSettings
+
+    def pick(given, key: str, default):
+        return _pick(given, before, key, default)
+
+    return TrainSettings(
+        **chosen, seed=pick(args.seed, "seed", 0),
+        eval_every=pick(args.eval_every, "eval_every", defaults.DEMO["eval_every"] if demo else defaults.EVAL_EVERY),
+        eval_batches=pick(args.eval_batches, "eval_batches", defaults.EVAL_BATCHES),
+        sample_prompt=pick(args.sample_prompt, "sample_prompt", ""),
+        save_every_min=pick(args.save_every_min, "save_every_min", defaults.SAVE_EVERY_MIN),
+        save_every_steps=pick(args.save_every_steps, "save_every_steps", 0),
+        keep=pick(args.keep, "keep", defaults.KEEP),
+        force_new=args.force_new, price=pick(args.price, "price", None),
+        currency=pick(args.currency, "currency", defaults.CURRENCY), power_watts=pick(args.power, "power_watts", None))
 
 
 def _closing_words(result: dict, run_dir: Path, steps: int, total_batch: int, prediction, say) -> int:
