@@ -8,6 +8,7 @@ in all, temperature 0-2, top-k 1-200, at most 4,096 new tokens; bodies over 1 MB
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import secrets
@@ -26,6 +27,15 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                408: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 503: "server_error"}
 SEED_RANGE = 2**63
+# OpenAI's request fields this server does not implement, with the values that ask for nothing
+# (besides null). One asked for is refused by name: ignoring it would answer something else than was
+# asked (no tool call, no log-probabilities, text that is not JSON, no penalty).
+NOT_IMPLEMENTED = {
+    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "parallel_tool_calls": (True, False), "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},),
+    "response_format": ({"type": "text"},), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "echo": (False,), "best_of": (1,), "suffix": ("",),
+}
 
 
 @dataclass
@@ -131,6 +141,16 @@ def _stop(body: dict, limits: Limits) -> list[str]:
     return stops
 
 
+def _refuse_not_implemented(body: dict) -> None:
+    for name, nothing in NOT_IMPLEMENTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                         for v in nothing):
+            shown = " or ".join(json.dumps(v) for v in [None, *nothing])
+            raise ApiError(400, f"{name}: not implemented by this server (leave it out, or send {shown})",
+                           param=name, code="unsupported_parameter")
+
+
 def _sampling(body: dict, limits: Limits) -> Sampling:
     max_tokens = _number(body, "max_completion_tokens", None, 1, limits.max_tokens, integer=True)
     if max_tokens is None:
@@ -152,6 +172,7 @@ def _common(body: object, limits: Limits) -> Request:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "stream_options: expected an object", param="stream_options", code="invalid_type")
+    _refuse_not_implemented(body)
     return Request(model=model, sampling=_sampling(body, limits),
                    n=_number(body, "n", 1, 1, limits.max_n, integer=True), stop=_stop(body, limits),
                    stream=_flag(body, "stream"), include_usage=_flag(options or {}, "include_usage"))

@@ -140,6 +140,10 @@ BAD = [
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 250
       + [{"role": "user", "content": "c"}]}, "500 messages"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "roles out of order"),
+    # asked for, but not implemented: refused by name rather than answered without
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools: not implemented"),
+    ({"logprobs": True}, "logprobs: not implemented"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"logit_bias": {"5": 10}}, "logit_bias"),
 ]
 
 
@@ -149,6 +153,13 @@ def test_bad_parameters_are_400(chat_server, change, says):
     with pytest.raises(openai.BadRequestError, match=says) as caught:
         client(chat_server).chat.completions.create(**ask)
     assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_unimplemented_fields_that_ask_for_nothing_are_accepted(chat_server):
+    """What some clients send on every request: the defaults of fields this server does not implement."""
+    assert client(chat_server).chat.completions.create(
+        model="chat", messages=HELLO, max_tokens=2, tools=[], tool_choice="none", logprobs=False,
+        presence_penalty=0, frequency_penalty=0.0, response_format={"type": "text"}, logit_bias={}).choices
 
 
 def test_errors_map_to_the_clients_exceptions(chat_server, runs):
