@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from onecard import durable
 from onecard.errors import one_line
 from onecard.hashing import sha256
 
@@ -89,8 +90,9 @@ def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = state
+        # this process's card alone: each rank draws on its own, and the ranks' draws are the same
+        # (one seed, the same work), so rank 0's state, written, is every rank's to restore
+        tensors["cuda"] = torch.cuda.get_rng_state()
     return plain, tensors
 
 
@@ -100,32 +102,12 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
     name, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[f"cuda_{i}"] for i in range(sum(k.startswith("cuda_") for k in tensors))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    cuda = tensors.get("cuda", tensors.get("cuda_0"))  # cuda_0: how earlier versions kept rank 0's card
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # onto this process's card, whichever it is
 
 
 # ---------------------------------------------------------------- writing
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
 
 def tensor_bytes(obj) -> int:
     """Bytes of every tensor inside nested dicts, lists and tuples."""
@@ -238,19 +220,19 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: obje
         torch.save(optimizer_state, tmp / "optimizer.pt")
         save_file(torch_rng, str(tmp / "rng.safetensors"))
         for path in (tmp / "model.safetensors", tmp / "optimizer.pt", tmp / "rng.safetensors"):
-            _fsync_file(path)
+            durable.fsync_file(path)
         for file_name, data in texts.items():
-            _write_bytes(tmp / file_name, data)
+            durable.write_bytes(tmp / file_name, data)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "step": step, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "files": files}
-        _write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-        _fsync_dir(tmp)
+        durable.write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        durable.fsync_dir(tmp)
         final = root / name
         if final.exists():  # a run that fell back from a bad checkpoint comes by the same step again
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync_dir(root)
+        durable.fsync_dir(root)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_failed(step, error, root, needed) from error
@@ -267,9 +249,9 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: obje
 def _point_latest(run_dir: Path, name: str) -> None:
     tmp = run_dir / f".{LATEST}.tmp"
     try:
-        _write_bytes(tmp, f"{CHECKPOINTS}/{name}\n".encode())
+        durable.write_bytes(tmp, f"{CHECKPOINTS}/{name}\n".encode())
         tmp.replace(run_dir / LATEST)
-        _fsync_dir(run_dir)
+        durable.fsync_dir(run_dir)
     except OSError as error:  # the checkpoint itself is complete; find_latest does not need `latest`
         raise CheckpointError(f"the checkpoint {name} is complete but {run_dir / LATEST} could not be "
                               f"updated ({one_line(error)})") from error

@@ -32,6 +32,7 @@ from email.utils import parsedate_to_datetime
 from http.client import HTTPException
 from pathlib import Path
 
+from onecard import durable
 from onecard.byteprogress import Progress
 from onecard.errors import UsageError
 from onecard.hashing import sha256
@@ -318,7 +319,7 @@ def _finish(job: Job, part: Path, side: Path, progress: Progress) -> Result:
             _discard(part, side, progress)
             raise _Retry(f"the file is damaged ({e}): fetching it again") from None
     os.replace(part, job.dest)
-    _fsync_dir(job.dest.parent)
+    durable.fsync_dir(job.dest.parent)
     side.unlink(missing_ok=True)
     return Result(job, size, checks, digest)
 
@@ -382,19 +383,6 @@ def _network_reason(e: BaseException) -> str:
     reason = getattr(e, "reason", None) or e
     text = str(reason).strip() or type(reason).__name__
     return f"network error ({text.splitlines()[0]})"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some systems cannot open a folder; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- many files

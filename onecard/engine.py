@@ -38,6 +38,15 @@ def evaluate_bpb(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
         model.train(was_training)
 
 
+def first_rows(source, rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `rows` rows of a batch source (a loader), in its batches, the last one cut: the
+    same rows whatever the source's batch size, where its rows do not depend on it."""
+    while rows > 0:
+        inputs, targets = source.next_batch()
+        yield inputs[:rows], targets[:rows]
+        rows -= inputs.size(0)
+
+
 def _bpb(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
          device: str) -> float:
     total_nats = torch.zeros((), dtype=torch.float64, device=device)

@@ -46,7 +46,8 @@ each with step and time, and path, message or seconds where there is one. On res
 the checkpoint's step are dropped, so each step appears once.
 
 summary.json (rewritten at every checkpoint and at the end): status (running | stopped |
-finished | failed | interrupted), message, step, steps, val_bpb_start, val_bpb_end (the latest
+finished | failed | interrupted; "running" from the start until the final weights are written, so
+a run killed without a word still reads "running"), message, step, steps, val_bpb_start, val_bpb_end (the latest
 evaluation), last_checkpoint, prediction (as given to train, or null), compile_s (null when not
 compiled), and the meters' totals:
 tokens, wall_s, skipped_steps, tokens_per_s_mean, device, gpu, peak_flops, vram_peak_bytes,
@@ -66,6 +67,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from onecard import checkpoint, distributed
 from onecard.distributed import SINGLE, World
@@ -132,7 +135,7 @@ class Loop:
     last_bpb: float | None = None
     last_saved: int | None = None
     save_error: str | None = None  # the last save's failure, cleared by a later success
-    status: str = "failed"
+    status: str = "running"  # at the horizon still "running" until the final weights are written
     message: str = ""
     history: list[dict] = field(default_factory=list)
     stop_reason: str | None = None  # why a session that did not finish stopped: signal, nonfinite, limit
@@ -209,26 +212,26 @@ class Loop:
             started = time.perf_counter()
             try:
                 outcome = self.train_step(self.batches, self.accum, lambda: bool(stop.reason))
-            except OutOfMemory:
-                if self.step != self.last_saved and self.step > 0:
+                if outcome.abandoned:
+                    self.log(f"step {self.step + 1} abandoned; it is redone on resume")
+                    break
+                bad_in_row = bad_in_row + 1 if outcome.skipped else 0
+                self.step += 1
+                self.record(outcome, multiplier, time.perf_counter() - started, progress)
+            except OutOfMemory as error:
+                if error.intact and self.step != self.last_saved and self.step > 0:
                     self.save_checkpoint()
                 raise UsageError(self.out_of_memory(self.last_saved)) from None
-            if outcome.abandoned:
-                self.log(f"step {self.step + 1} abandoned; it is redone on resume")
-                break
-            bad_in_row = bad_in_row + 1 if outcome.skipped else 0
-            self.step += 1
-            self.record(outcome, multiplier, time.perf_counter() - started, progress)
             stopping = self.check_stops(stop, bad_in_row, first_step)
             if self.step < self.settings.steps and not stopping and self.save_due():
                 self.save_checkpoint()
         if self.step != self.last_saved:
             self.save_checkpoint()
         finished = self.step >= self.settings.steps
-        self.status, self.message = ("finished", "") if finished else ("stopped", stop.message)
+        self.status, self.message = ("running", "") if finished else ("stopped", stop.message)
         if self.save_error:
             self.status, self.message = "failed", f"the last checkpoint could not be written: {self.save_error}"
-        self.event("end" if self.status == "finished" else "stop", message=self.message)
+        self.event("end" if finished and not self.save_error else "stop", message=self.message)
 
     def record(self, outcome, multiplier: float, seconds: float, progress: Progress) -> None:
         """The step's log line, the evaluation when due, and the progress display."""
@@ -240,7 +243,11 @@ class Loop:
             self.compile_s = outcome.compile_s
             self.event("compiled", seconds=outcome.compile_s)
         if self.step == settings.steps or (settings.eval_every > 0 and self.step % settings.eval_every == 0):
-            self.last_bpb = record["val_bpb"] = self.evaluate()
+            try:
+                self.last_bpb = record["val_bpb"] = self.evaluate()
+            except torch.OutOfMemoryError as error:  # the step itself is whole: saved, then the advice
+                torch.cuda.empty_cache()
+                raise OutOfMemory(error) from None
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
         self.history.append(record)

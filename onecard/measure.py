@@ -12,7 +12,7 @@ import torch
 from onecard.family import build_model, build_optimizer
 from onecard.model import GPTConfig
 from onecard.recipe import Recipe
-from onecard.step import TrainStep
+from onecard.step import OutOfMemory, Snapshot, TrainStep
 
 
 def _sync(device: str) -> float:
@@ -70,9 +70,10 @@ def time_recipe_steps(config: GPTConfig, recipe: Recipe, accum: int, steps: int,
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = _sync(device)
+        snapshot = Snapshot(batches)
         loss = step.forward_backward(batches, accum, lambda: False)
         middle = _sync(device)
-        outcome = step.update(loss)
+        outcome = step.update(loss, snapshot)
         end = _sync(device)
         tokens = accum * recipe.micro_batch * recipe.seq_len
         total_batch = total_batch or tokens
@@ -86,7 +87,7 @@ def time_recipe_steps(config: GPTConfig, recipe: Recipe, accum: int, steps: int,
             row |= {"max_memory_allocated": torch.cuda.max_memory_allocated(),
                     "max_memory_reserved": torch.cuda.max_memory_reserved()}
         return row
-    except torch.OutOfMemoryError as error:
+    except (torch.OutOfMemoryError, OutOfMemory) as error:  # the step's own: in a warm-up step or the update
         return {"outcome": "out of memory", "max_memory_allocated": torch.cuda.max_memory_allocated(),
                 "error": str(error).splitlines()[0]}
     finally:

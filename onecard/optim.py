@@ -137,6 +137,11 @@ class StatefulOptimizer:
                     self.slots[p].load_master(value)
                 elif isinstance(stored.get(key), StateTensor):
                     stored[key].load_state_dict(value)
+                elif isinstance(stored.get(key), torch.Tensor):  # into place: a checkpoint is read onto the CPU
+                    if stored[key].shape != value.shape:
+                        raise ValueError(f"optimizer state {key} has shape {tuple(value.shape)}, this optimizer "
+                                         f"{tuple(stored[key].shape)}")
+                    stored[key].copy_(value)
                 else:
                     stored[key] = value
 

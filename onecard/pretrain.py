@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=non_negative_int,
                    help=f"validation bits per byte every N steps (0: only at the end; default {defaults.EVAL_EVERY})")
     p.add_argument("--eval-batches", type=positive_int,
-                   help=f"validation micro-batches per evaluation (default {defaults.EVAL_BATCHES})")
+                   help=f"validation micro-batches per evaluation, of the run's first micro-batch: a resume "
+                        f"with another one scores the same rows (default {defaults.EVAL_BATCHES})")
     p.add_argument("--sample-prompt", help="prompt for the sample printed at the end")
     add_recipe_arguments(p)
     add_run_arguments(p)
@@ -107,13 +108,14 @@ def saved_run_config(run_dir: Path):
 
     if not checkpoint.has_checkpoint(run_dir):
         return None
-    path = run_dir / "config.json"
-    if not path.exists():  # written at each session's start; each checkpoint keeps a copy too
-        path = checkpoint.step_dirs(run_dir)[-1][1] / "config.json"
-    try:
-        return read_config(path)
-    except UsageError as error:
-        raise UsageError(f"{error}: start over with --force-new") from None
+    # written at each session's start; each checkpoint keeps a copy, read where that one is missing or damaged
+    errors = []
+    for path in (run_dir / "config.json", checkpoint.step_dirs(run_dir)[-1][1] / "config.json"):
+        try:
+            return read_config(path)
+        except UsageError as error:
+            errors.append(str(error))
+    raise UsageError(f"{'; '.join(errors)}: start over with --force-new") from None
 
 
 def _shape(args: argparse.Namespace, saved, device: str, say):
@@ -333,7 +335,7 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
     """
     from onecard import family, session
     from onecard.distributed import SINGLE
-    from onecard.engine import evaluate_bpb
+    from onecard.engine import evaluate_bpb, first_rows
     from onecard.loader import TokenLoader
     from onecard.plan.choose import Prediction
 
@@ -350,8 +352,7 @@ def train(model_config, tokenizer, corpus, recipe, settings, model=None, log=pri
 
     def validation_bpb() -> float:
         val = TokenLoader(corpus, tokenizer, recipe.micro_batch, recipe.seq_len, split="val")
-        batches = (val.next_batch() for _ in range(settings.eval_batches))
-        return evaluate_bpb(model, batches, token_bytes, settings.device)
+        return evaluate_bpb(model, first_rows(val, settings.eval_rows), token_bytes, settings.device)
 
     def schedule_step(step: int) -> float:
         return family.apply_schedule(model_config, opt, step, settings.steps)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from onecard import defaults
+from onecard import defaults, durable
 from onecard.errors import UsageError
 from onecard.model_config import GPTConfig
 from onecard.plan.choose import Prediction
@@ -39,6 +39,9 @@ class TrainSettings:
     device: str = "cpu"
     eval_every: int = 50
     eval_batches: int = defaults.EVAL_BATCHES
+    # validation rows per evaluation, fixed when the run starts (eval_batches x its micro-batch): a
+    # resume with another micro-batch scores the same text (set by session.prepare)
+    eval_rows: int | None = None
     sample_tokens: int = 48
     matrix_lr: float = 0.02
     embedding_lr: float = 0.2
@@ -154,10 +157,11 @@ def newest_run(stage: str, root: Path = Path("runs")) -> Path | None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Replace a small JSON file atomically: a reader never sees half of it."""
+    """Replace a small JSON file atomically and durably: a reader never sees half of it, and a power
+    cut leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    durable.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- who holds the directory

@@ -5,6 +5,7 @@ and save the final weights. The stage brings its model, optimizer, batches, eval
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from onecard import checkpoint, distributed
+from onecard import checkpoint, distributed, durable
 from onecard.distributed import World
 from onecard.engine import sample_text
 from onecard.errors import UsageError
@@ -91,6 +92,7 @@ def prepare(model_config: GPTConfig, recipe: Recipe, settings: TrainSettings, da
     saved = RunConfig.from_dict(found.config, f"{found.path}/config.json") if found else None
     if saved:  # the model first, before it is built: a damaged config.json could ask for any size
         refuse_conflicts(settings.run_dir, model_conflicts(saved.model_config, model_config))
+    settings.eval_rows = validation_rows(settings, recipe, saved)
     torch.manual_seed(settings.seed)
     model = build_model(model_config, device=settings.device) if model is None else model.to(settings.device)
     model.set_policies(recipe.activations, recipe.loss)
@@ -103,14 +105,32 @@ def prepare(model_config: GPTConfig, recipe: Recipe, settings: TrainSettings, da
     return found, model, config, opt
 
 
+def validation_rows(settings: TrainSettings, recipe: Recipe, saved: RunConfig | None) -> int:
+    """Rows per evaluation: the run's own (older runs: eval_batches x their micro-batch), unless
+    --eval-batches changes; else eval_batches x this micro-batch."""
+    if saved and saved.train.eval_batches == settings.eval_batches:
+        return saved.train.eval_rows or saved.train.eval_batches * saved.recipe.micro_batch
+    return settings.eval_batches * recipe.micro_batch
+
+
 def check_resume(found: checkpoint.Found, saved: RunConfig, config: RunConfig) -> None:
     """Refuse a resume the checkpoint (whose config is `saved`) cannot follow, in one line that
     says what differs."""
     run_dir = config.train.run_dir
     refuse_conflicts(run_dir, conflicts(saved, config))
-    if found.step >= config.train.steps:
+    if found.step >= config.train.steps and not (found.step == config.train.steps and not final_written(run_dir)):
         raise UsageError(f"the run in {run_dir} is at step {found.step} of {config.train.steps}: give --steps "
                          "above that to train further, or --force-new to start over")
+
+
+def final_written(run_dir: Path) -> bool:
+    """Whether the run's final weights are written: save_final writes config.json with the results
+    after model.safetensors. A run stopped between its last checkpoint and these is finished on resume."""
+    try:
+        results = json.loads((run_dir / "config.json").read_text()).get("results")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (run_dir / "model.safetensors").is_file() and isinstance(results, dict)
 
 
 def refuse_conflicts(run_dir: Path, problems: list[str]) -> None:
@@ -124,7 +144,7 @@ def save_final(run_dir: Path, model: GPT, config: RunConfig) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = run_dir / "model.safetensors.tmp"
     save_file(state, str(tmp))
-    tmp.replace(run_dir / "model.safetensors")
+    durable.replace(tmp, run_dir / "model.safetensors")  # before config.json says the run is finished
     write_json(run_dir / "config.json", config.to_dict())
 
 
@@ -191,19 +211,34 @@ def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], sch
 
     _run_files(loop, found, main, run_dir)
     sample = None
-    if loop.step >= settings.steps and main:  # trained to the horizon, even if the last checkpoint failed
-        sample = make_sample() if make_sample else sample_text(model, tokenizer, settings.sample_prompt,
-                                                               settings.sample_tokens, seed=settings.seed)
-        config.results = {"val_bpb_start": loop.first_bpb, "val_bpb_end": loop.last_bpb, "steps": loop.step,
-                          "tokens": loop.meters.tokens, "sample": sample}
-        try:
-            save_final(run_dir, model, config)
-        except OSError as error:
-            loop.status, loop.message = "failed", f"the final weights could not be written: {error}"
+    if loop.step >= settings.steps:  # trained to the horizon, even if the last checkpoint failed
+        sample = _finish(loop, model, config, tokenizer, make_sample) if main else None
+        if loop.status == "running":
+            loop.status = "finished"
     stopped = None if loop.status == "finished" else "failed" if loop.status == "failed" else loop.stop_reason
     return {"model": model, "val_bpb_start": loop.first_bpb, "val_bpb_end": loop.last_bpb, "sample": sample,
             "history": loop.history, "run_dir": run_dir, "step": loop.step, "stopped": stopped,
             "message": loop.message, "last_checkpoint": loop.last_saved, "summary": loop.write_summary()}
+
+
+def _finish(loop: Loop, model: GPT, config: RunConfig, tokenizer, make_sample: Callable[[], str] | None) -> str | None:
+    """The sample and the final weights; the summary says "finished" only once they are written."""
+    settings = config.train
+    try:
+        sample = make_sample() if make_sample else sample_text(model, tokenizer, settings.sample_prompt,
+                                                               settings.sample_tokens, seed=settings.seed)
+        config.results = {"val_bpb_start": loop.first_bpb, "val_bpb_end": loop.last_bpb, "steps": loop.step,
+                          "tokens": loop.meters.tokens, "sample": sample}
+        save_final(settings.run_dir, model, config)
+    except OSError as error:
+        loop.status, loop.message = "failed", f"the final weights could not be written: {error}"
+        return None
+    except KeyboardInterrupt:
+        loop.status, loop.message = "interrupted", "interrupted while writing the final weights: the same " \
+            "command writes them"
+        loop.write_summary()
+        raise
+    return sample
 
 
 def _run_files(loop: Loop, found, main: bool, run_dir: Path) -> None:

@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=non_negative_int, default=50,
                    help="validation bits per byte of the assistant's text every N steps (default 50; 0: at the end)")
     p.add_argument("--eval-batches", type=positive_int, default=defaults.EVAL_BATCHES,
-                   help=f"validation micro-batches per evaluation (default {defaults.EVAL_BATCHES})")
+                   help=f"validation micro-batches per evaluation, of the run's first micro-batch: a resume "
+                        f"with another one scores the same rows (default {defaults.EVAL_BATCHES})")
     add_recipe_arguments(p)
     add_run_arguments(p)
 
@@ -182,7 +183,7 @@ def fine_tune(model, tokenizer, train_set, val_set, recipe, settings, world=None
     pretrain.train returns."""
     from onecard import session
     from onecard.distributed import SINGLE
-    from onecard.engine import evaluate_bpb
+    from onecard.engine import evaluate_bpb, first_rows
     from onecard.sft_data import ConversationBatches
 
     world = world or SINGLE
@@ -195,8 +196,7 @@ def fine_tune(model, tokenizer, train_set, val_set, recipe, settings, world=None
 
     def validation_bpb() -> float:
         val = ConversationBatches(val_set, recipe.micro_batch, recipe.seq_len, pad, shuffle=False, pack=pack)
-        return evaluate_bpb(model, (val.next_batch() for _ in range(settings.eval_batches)), token_bytes,
-                            settings.device)
+        return evaluate_bpb(model, first_rows(val, settings.eval_rows), token_bytes, settings.device)
 
     def schedule(step: int) -> float:
         multiplier = 1.0 - step / settings.steps  # linear decay to zero, as nanochat's SFT

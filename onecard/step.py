@@ -27,7 +27,12 @@ class BatchSource(Protocol):
 
 
 class OutOfMemory(Exception):
-    """CUDA ran out of memory during the step; the step was rewound (weights untouched)."""
+    """CUDA ran out of memory. `intact`: the weights are those of the last whole step (the step was
+    rewound, or it was an evaluation), so they may be saved; False when the update was cut short."""
+
+    def __init__(self, error: torch.OutOfMemoryError, intact: bool = True) -> None:
+        super().__init__((str(error).strip().splitlines() or ["CUDA out of memory"])[0])
+        self.intact = intact
 
 
 @dataclass
@@ -77,10 +82,10 @@ class TrainStep:
         compiling, started = not self.trusted, time.perf_counter()
         try:
             loss = self.forward_backward(batches, accum, should_stop)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as error:
             snapshot.rewind(self.opt)
             torch.cuda.empty_cache()
-            raise OutOfMemory from None
+            raise OutOfMemory(error) from None
         except Exception as error:
             if self.trusted:
                 raise
@@ -93,8 +98,8 @@ class TrainStep:
         if loss is None:  # stopped between micro-batches: abandon the step, redo it on resume
             snapshot.rewind(self.opt)
             return StepOutcome(None)
-        outcome = self.update(loss)
-        outcome.tokens = self.tokens * self.world.size
+        outcome = self.update(loss, snapshot)
+        outcome.tokens = self.tokens
         outcome.compile_s = time.perf_counter() - started if compiling else None
         return outcome
 
@@ -104,14 +109,14 @@ class TrainStep:
         # summed on the device and read once per step: reading each micro-batch's loss would make the
         # CPU wait for the GPU every micro-batch instead of queueing the next one's work
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.tokens = 0
+        self.tokens = 0  # input tokens of the step, every rank's
         for micro in range(accum):
             if micro and self.world.size == 1 and should_stop():
                 return None
             # the ranks take turns through one stream, so every rank's loader stays at the same place
             drawn = [batches.next_batch() for _ in range(self.world.size)]
             inputs, targets = (t.to(self.device) for t in drawn[self.world.rank])
-            self.tokens += inputs.numel()
+            self.tokens += sum(x.numel() for x, _ in drawn)  # every rank's: padded widths may differ
             with autocast_for(self.device):
                 loss = self.step_model(inputs, targets)
             (loss / accum).backward()
@@ -119,14 +124,24 @@ class TrainStep:
             loss_sum += loss.detach()
         return loss_sum.item() / accum
 
-    def update(self, loss: float) -> StepOutcome:
+    def update(self, loss: float, snapshot: Snapshot) -> StepOutcome:
         """Average across ranks, clip, and apply the update unless something is not finite."""
-        if self.world.size > 1:  # every rank applies the update of the whole step's gradients
-            distributed.average(self.opt.gradients(), self.world)
-            loss = distributed.mean(loss, self.world, self.device)
-        grad_norm = float(self.opt.clip_grad_norm(self.grad_clip))
+        try:
+            if self.world.size > 1:  # every rank applies the update of the whole step's gradients
+                distributed.average(self.opt.gradients(), self.world)
+                loss = distributed.mean(loss, self.world, self.device)
+            grad_norm = float(self.opt.clip_grad_norm(self.grad_clip))
+        except torch.OutOfMemoryError as error:  # nothing is updated yet: rewound, redone on resume
+            snapshot.rewind(self.opt)
+            torch.cuda.empty_cache()
+            raise OutOfMemory(error) from None
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if not skipped:
-            self.opt.step()
+            try:
+                self.opt.step()
+            except torch.OutOfMemoryError as error:  # some parameters updated, others not: not to be saved
+                self.opt.zero_grad()
+                torch.cuda.empty_cache()
+                raise OutOfMemory(error, intact=False) from None
         self.opt.zero_grad()
         return StepOutcome(loss, grad_norm, skipped)

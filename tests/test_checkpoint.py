@@ -63,6 +63,29 @@ def test_rng_states_round_trip():
     assert again[0] == expected[0] and again[1] == expected[1] and torch.equal(again[2], expected[2])
 
 
+def test_each_rank_restores_the_written_card_state_onto_its_own_card(monkeypatch):
+    """Rank 0 writes the checkpoint. Every rank draws the same numbers on its own card (one seed, the
+    same work), so each restores rank 0's card state onto its own card. All cards' states used to be
+    written and restored by index: rank r then went on from rank 0's copy of card r, never drawn
+    from, and its stochastic rounding left the other replicas'. No CUDA here: torch.cuda is faked."""
+    cards = {0: torch.tensor([0], dtype=torch.uint8), 3: torch.tensor([3], dtype=torch.uint8)}
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: cards[current[0]].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: cards.__setitem__(current[0], state.clone()))
+    cards[0] = torch.tensor([42], dtype=torch.uint8)  # rank 0 drew
+    plain, tensors = checkpoint.rng_state()
+    assert set(tensors) == {"torch_cpu", "cuda"}
+    current[0] = 3  # rank 3, on card 3, resumes
+    checkpoint.set_rng_state(plain, tensors)
+    assert cards[3].tolist() == [42]
+    old = {"torch_cpu": tensors["torch_cpu"], "cuda_0": torch.tensor([7], dtype=torch.uint8),
+           "cuda_3": torch.tensor([9], dtype=torch.uint8)}  # as earlier versions wrote them
+    checkpoint.set_rng_state(plain, old)
+    assert cards[3].tolist() == [7]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
 def test_damaged_latest_falls_back_to_the_previous(tmp_path, damage):
     save(tmp_path, 1)

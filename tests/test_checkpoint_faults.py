@@ -276,7 +276,7 @@ def test_reading_a_read_only_directory_with_a_damaged_checkpoint(tmp_path, monke
     (newest / "optimizer.pt").write_bytes(b"bit rot")
     for method in ("rename", "replace", "mkdir", "touch", "write_bytes", "write_text", "unlink"):
         deny(monkeypatch, method, tmp_path)
-    monkeypatch.setattr(checkpoint, "_write_bytes", lambda path, data: (_ for _ in ()).throw(
+    monkeypatch.setattr(checkpoint.durable, "write_bytes", lambda path, data: (_ for _ in ()).throw(
         PermissionError(errno.EACCES, "Permission denied", str(path))))
     found, warnings = find(tmp_path)
     assert found.step == 1

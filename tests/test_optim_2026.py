@@ -76,6 +76,38 @@ def test_lean_recipe_keeps_states_small_and_steps():
     assert opt.state_bytes()["optimizer"]["device"] < sum(4 * p.numel() for p in model.parameters())
 
 
+def test_a_resume_loads_normuon_second_moments_into_place():
+    """A checkpoint is read onto the CPU; NorMuon's second moments are plain tensors. They used to be
+    replaced by the CPU copies, so on CUDA the first step after a resume met tensors on two devices.
+    `meta` stands in for the card here: a state that lives there must stay there."""
+    import io
+
+    config = GPTConfig(n_layer=2, **SMALL)
+    model = build_model(config)
+    opt = build_optimizer_2026(model, named_recipe("baseline"), total_batch=2 ** 19)
+    idx = torch.randint(0, 100, (2, 64))
+    model(idx, idx).backward()
+    opt.accumulate()
+    opt.step()
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    stored = opt.muon.stored
+    expected = {p: state["second_momentum_buffer"].clone() for p, state in stored.items()}
+    assert any(t.abs().sum() > 0 for t in expected.values())
+    for state in stored.values():
+        state["second_momentum_buffer"].zero_()
+    kept = {p: state["second_momentum_buffer"] for p, state in stored.items()}
+    saved.seek(0)
+    opt.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+    for p, state in stored.items():
+        assert state["second_momentum_buffer"] is kept[p] and torch.equal(kept[p], expected[p])
+    for state in stored.values():
+        state["second_momentum_buffer"] = state["second_momentum_buffer"].to("meta")
+    saved.seek(0)
+    opt.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+    assert all(state["second_momentum_buffer"].device.type == "meta" for state in stored.values())
+
+
 def test_schedules_follow_the_published_rules():
     d24 = GPTConfig.from_depth(24, 32768, 2048, arch="nanochat-2026")
     d12 = GPTConfig.from_depth(12, 32768, 2048, arch="nanochat-2026")

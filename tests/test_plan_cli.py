@@ -221,7 +221,8 @@ def test_bench_times_the_recipes_own_step_with_its_own_optimizer(tmp_path, monke
     real_build, real_update = onecard.measure.build_optimizer, TrainStep.update
     monkeypatch.setattr(onecard.measure, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k))
                         or built[-1])
-    monkeypatch.setattr(TrainStep, "update", lambda self, loss: stepped.append(loss) or real_update(self, loss))
+    monkeypatch.setattr(TrainStep, "update", lambda self, loss, snapshot: stepped.append(loss)
+                        or real_update(self, loss, snapshot))
     assert main(["bench", "--size", "64", "--recipe", "lean", "--no-save", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["recipe"] == "lean" and record["train"]["recipe"] == "lean"

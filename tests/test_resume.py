@@ -32,15 +32,15 @@ def setup():
     return corpus, tokenizer, config
 
 
-def run(setup, run_dir, recipe="baseline", model=None, messages=None, **changes):
+def run(setup, run_dir, recipe="baseline", model=None, messages=None, micro_batch=4, **changes):
     corpus, tokenizer, config = setup
     settings = TrainSettings(run_dir=run_dir, steps=STEPS, total_batch=256, seed=5, eval_every=0, eval_batches=1,
                              sample_tokens=2)
     for key, value in changes.items():
         setattr(settings, key, value)
     log = (lambda *_: None) if messages is None else messages.append
-    return train(config, tokenizer, corpus, NAMED[recipe].with_(micro_batch=4, seq_len=32), settings, model=model,
-                 log=log)
+    return train(config, tokenizer, corpus, NAMED[recipe].with_(micro_batch=micro_batch, seq_len=32), settings,
+                 model=model, log=log)
 
 
 def weights(run_dir):
@@ -122,6 +122,69 @@ def test_second_sigint_during_a_save_quits_and_keeps_the_last_checkpoint(setup, 
     assert run(setup, tmp_path)["step"] == STEPS
 
 
+def test_a_run_reads_running_until_its_final_weights_and_a_stop_before_them_is_finished_on_resume(
+        setup, tmp_path, monkeypatch):
+    """The final checkpoint is written inside the loop; the sample and model.safetensors after it.
+    A run stopped between the two used to read "finished" and could not be finished ("at step 6 of
+    6"): it reads "running" (then "interrupted") and the same command writes its final weights."""
+    from onecard import session
+
+    seen = []
+
+    def ctrl_c_while_sampling(*_args, **_kwargs):
+        seen.append(json.loads((tmp_path / "summary.json").read_text())["status"])
+        raise KeyboardInterrupt
+
+    def save_seeing_the_summary(*args, **kwargs):  # the summary the previous checkpoint wrote
+        if (tmp_path / "summary.json").exists():
+            seen.append(json.loads((tmp_path / "summary.json").read_text())["status"])
+        return real_save(*args, **kwargs)
+
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", save_seeing_the_summary)
+    monkeypatch.setattr(session, "sample_text", ctrl_c_while_sampling)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path, save_every_steps=2)
+    assert seen == ["running"] * 3  # at steps 4 and 6 (step 2's wrote the first), then while sampling
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "final weights" in summary["message"]
+    assert checkpoint.find_latest(tmp_path).step == STEPS and not (tmp_path / "model.safetensors").exists()
+    monkeypatch.undo()
+    messages = []
+    result = run(setup, tmp_path, messages=messages)
+    assert result["step"] == STEPS and result["stopped"] is None and result["sample"] is not None
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
+    straight = tmp_path / "straight"
+    run(setup, straight)
+    assert_bitwise_equal(weights(straight), weights(tmp_path))
+    with pytest.raises(UsageError, match=f"at step {STEPS} of {STEPS}"):  # now finished: nothing to do
+        run(setup, tmp_path)
+
+
+def test_a_resume_with_another_micro_batch_scores_the_same_validation_rows(setup, tmp_path):
+    """The validation set is eval_batches x the run's first micro-batch, kept on resume: it used to
+    be eval_batches x the current one, so halving the micro-batch (as the out-of-memory advice says)
+    halved the text scored and moved validation bits per byte by tenths."""
+    straight = run(setup, tmp_path / "straight", eval_batches=2)
+    run(setup, tmp_path / "halved", eval_batches=2, stop_after=3)
+    halved = run(setup, tmp_path / "halved", eval_batches=2, micro_batch=2)
+    assert halved["val_bpb_start"] == straight["val_bpb_start"]
+    # the same rows; the weights differ only by the order of the gradients' sums
+    assert halved["val_bpb_end"] == pytest.approx(straight["val_bpb_end"], rel=1e-4)
+    config = json.loads((tmp_path / "halved" / "config.json").read_text())
+    assert config["train"]["eval_rows"] == 8 and config["recipe"]["micro_batch"] == 2
+
+
+def test_first_rows_are_the_same_whatever_the_batch_size(setup):
+    from onecard.engine import first_rows
+    from onecard.loader import TokenLoader
+
+    corpus, tokenizer, _ = setup
+    rows = {b: torch.cat([x for x, _ in first_rows(TokenLoader(corpus, tokenizer, b, 32, split="val"), 7)])
+            for b in (1, 2, 3, 7, 8)}
+    assert all(r.shape == (7, 32) and torch.equal(r, rows[1]) for r in rows.values())
+
+
 def test_conflicting_config_is_refused_unless_force_new(setup, tmp_path):
     corpus, tokenizer, config = setup
     run(setup, tmp_path, stop_after=1)
@@ -189,6 +252,52 @@ def test_out_of_memory_says_what_to_try_and_keeps_the_work(setup, tmp_path):
     assert "planner's prediction" in text and "step 3 is saved" in text
     assert checkpoint.find_latest(tmp_path).step == 3
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_out_of_memory_in_the_update_saves_nothing_half_updated(setup, tmp_path, monkeypatch):
+    """Out of memory inside the optimizer's update leaves some parameters updated and others not:
+    those weights are not saved; the run resumes from its last checkpoint as if nothing happened."""
+    from onecard.optim import Optimizers
+
+    real_step, calls = Optimizers.step, [0]
+
+    def update_cut_short(self):
+        calls[0] += 1
+        if calls[0] == 4:
+            next(iter(self.params())).data.add_(1.0)  # a part of the update was applied
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_step(self)
+
+    straight = run(setup, tmp_path / "straight", save_every_steps=2, eval_every=2)
+    monkeypatch.setattr(Optimizers, "step", update_cut_short)
+    with pytest.raises(UsageError, match="ran out of memory.*step 2 is saved"):
+        run(setup, tmp_path / "cut", save_every_steps=2, eval_every=2)
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path / "cut")] == [2]  # not step 3's, whole as it was
+    monkeypatch.undo()
+    run(setup, tmp_path / "cut", save_every_steps=2, eval_every=2)
+    assert_bitwise_equal(weights(tmp_path / "straight"), weights(tmp_path / "cut"))
+    assert straight["step"] == STEPS
+
+
+def test_out_of_memory_in_an_evaluation_saves_the_step_then_says_what_to_try(setup, tmp_path, monkeypatch):
+    from onecard import engine
+
+    real_bpb, calls = engine.evaluate_bpb, [0]
+
+    def evaluation_out_of_memory(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # step 0, step 2, then step 4's
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_bpb(*args, **kwargs)
+
+    run(setup, tmp_path / "straight", eval_every=2)
+    monkeypatch.setattr(engine, "evaluate_bpb", evaluation_out_of_memory)
+    with pytest.raises(UsageError, match="ran out of memory.*step 4 is saved"):
+        run(setup, tmp_path / "cut", eval_every=2)
+    assert checkpoint.find_latest(tmp_path / "cut").step == 4
+    monkeypatch.undo()
+    run(setup, tmp_path / "cut", eval_every=2)
+    assert_bitwise_equal(weights(tmp_path / "straight"), weights(tmp_path / "cut"))
 
 
 def test_full_disk_during_training_keeps_the_previous_checkpoint_and_goes_on(setup, tmp_path, monkeypatch):

@@ -121,6 +121,26 @@ def test_config_json_round_trips_and_refuses_what_it_cannot_read(tmp_path, capsy
             RunConfig.from_dict({**data, "init_from": value})
 
 
+def test_a_damaged_config_json_is_read_from_the_newest_checkpoint(tmp_path, capsys):
+    """config.json empty (a power cut as it was replaced) or gone: each checkpoint holds a copy."""
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "2", "--save-every-steps", "1",
+                 "--seed", "3"]) == 0
+    for steps, damage in ((3, ""), (4, "{"), (5, None)):
+        if damage is None:
+            (run_dir / "config.json").unlink()
+        else:
+            (run_dir / "config.json").write_text(damage)
+        assert main(["train", "--run-dir", str(run_dir), "--steps", str(steps)]) == 0
+        assert f"resuming from step {steps - 1} of {steps}" in capsys.readouterr().out
+    assert RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())).train.seed == 3
+    for name in ("config.json", f"checkpoints/step_{5:06d}/config.json"):
+        (run_dir / name).write_text("{")
+    assert main(["train", "--run-dir", str(run_dir), "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.count("cannot read") == 2 and "--force-new" in err
+
+
 @pytest.mark.parametrize("name", ["log.jsonl", "summary.json"])
 def test_a_run_file_turned_into_a_directory_is_a_one_line_error(tmp_path, capsys, name):
     run_dir = tmp_path / "run"

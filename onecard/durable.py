@@ -1,0 +1,40 @@
+"""Writes that survive a power cut: data reaches the disk (fsync) before a rename makes it the
+file, and the rename itself reaches the disk (fsync of the folder). Without the first, a cut
+shortly after a rename can leave the new name on an empty file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some systems cannot open a folder; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace(tmp: Path, path: Path) -> None:
+    """Make the written, not yet synced file `tmp` the file `path`, durably."""
+    fsync_file(tmp)
+    tmp.replace(path)
+    fsync_dir(path.parent)
