@@ -128,7 +128,8 @@ def read_file(path: Path) -> Iterator[tuple[int, object]]:
     """(line or row number, raw conversation) of a .jsonl file (an object with "messages", or a bare
     list of messages, per line), a .json file (a list of such conversations, or one; else read as
     JSON lines) or a .parquet file with a `messages` column (lists of structs, or JSON text).
-    Malformed JSON raises BadConversation naming the line."""
+    Malformed JSON comes as a BadConversation naming the line, in place of the conversation: a
+    reader that skips it goes on with the next."""
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
         return
@@ -143,12 +144,16 @@ def read_file(path: Path) -> Iterator[tuple[int, object]]:
             for number, line in enumerate(file, start=1):
                 if not line.strip():
                     continue
-                try:
-                    yield number, json.loads(line)
-                except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
-                    raise BadConversation(f"{path}, line {number}: not JSON ({error})") from None
+                yield number, _parse(line, f"{path}, line {number}")
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _parse(text: str | bytes, where: str) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+        return BadConversation(f"{where}: not JSON ({error})")
 
 
 def _json_document(path: Path) -> list | None:
@@ -173,12 +178,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
         for group in range(table.num_row_groups):
             for value in table.read_row_group(group, columns=["messages"]).column("messages").to_pylist():
                 row += 1
-                if isinstance(value, str):
-                    try:
-                        value = json.loads(value)
-                    except ValueError as error:
-                        raise BadConversation(f"{path}, row {row}: not JSON ({error})") from None
-                yield row, value
+                yield row, _parse(value, f"{path}, row {row}") if isinstance(value, str) else value
     except UsageError:
         raise
     except (OSError, ValueError) as error:

@@ -132,13 +132,13 @@ def _each(sources: list[Source], raw: list | None, counts: Counter, skip_bad: bo
             raise UsageError(f"--data {source.path}: a folder; give its .jsonl or .parquet files")
         if not source.path.is_file():
             raise UsageError(f"--data {source.path}: no such file")
-        try:
-            for number, conversation in read_file(source.path):
+        for number, conversation in read_file(source.path):
+            if not isinstance(conversation, BadConversation):
                 yield source, number, conversation
-        except BadConversation as error:
-            if not skip_bad:
-                raise UsageError(f"{error} (or give --skip-bad to count such lines and go on)") from None
-            counts["not JSON"] += 1
+            elif skip_bad:  # counted, and the file goes on
+                counts["not JSON"] += 1
+            else:
+                raise UsageError(f"{conversation} (or give --skip-bad to count such lines and go on)")
 
 
 def _report(counts: Counter) -> str:

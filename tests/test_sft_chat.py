@@ -3,6 +3,7 @@
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -152,13 +153,16 @@ def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     # the second line nests deeper than Python's JSON parser recurses: not JSON either
     path.write_text(json.dumps(conversation(1)) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n"
-                    + json.dumps(conversation(2)) + "\n")
+                    + "".join(json.dumps(conversation(i)) + "\n" for i in range(2, 12)) + "{not json\n"
+                    + json.dumps(conversation(12)) + "\n")
     assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl, line 2" in err and "--skip-bad" in err and len(err.strip().splitlines()) == 1
     assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
                  "--skip-bad", "--steps", "1", "--batch", "2", "--dry-run"]) == 0
-    assert "1 not JSON" in capsys.readouterr().out
+    # the file goes on after a skipped line: every good one is read (it used to end at the first bad one)
+    said = re.search(r"(\d+) training and (\d+) validation conversations; .*2 not JSON", capsys.readouterr().out)
+    assert said and int(said[1]) + int(said[2]) >= 12  # 12 good ones (a tiny set may validate on a training one)
     assert main(["sft", "--from", str(base), "--data", str(tmp_path), "--run-dir", str(tmp_path / "r"), *SFT]) == 2
     assert "a folder; give its .jsonl or .parquet files" in capsys.readouterr().err
 
@@ -172,13 +176,17 @@ def test_parquet_conversations_and_what_is_dropped_is_reported(base, tmp_path, c
     empty = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]] * 2
     no_messages = [{"msgs": []}]  # the reason's own braces and colon stay in its count's name
     path = tmp_path / "chats.parquet"
-    pq.write_table(pa.table({"messages": [json.dumps(m) for m in good + out_of_order + empty + no_messages]}),
-                   path)
+    rows = [json.dumps(m) for m in good[:10] + out_of_order + empty + no_messages] + ["{not json"] \
+        + [json.dumps(m) for m in good[10:]]
+    pq.write_table(pa.table({"messages": rows}), path)
     assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
-                 "--dry-run", "--gpu", "rtx4070"]) == 0
+                 "--dry-run"]) == 2
+    assert "chats.parquet, row 17: not JSON" in capsys.readouterr().err
+    assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
+                 "--dry-run", "--gpu", "rtx4070", "--skip-bad"]) == 0
     said = capsys.readouterr().out
-    assert "3 roles out of order" in said and "2 message 1 is an empty assistant turn" in said
+    assert "1 not JSON" in said and "3 roles out of order" in said and "2 message 1 is an empty assistant turn" in said
     assert '1 no messages (expected {"messages": [...]} or a list of messages)' in said
     assert "recipe " in said and "RTX 4070" in said  # the planner's pick and its prediction
-    train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0)
+    train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0, skip_bad=True)
     assert len(train) == 20
