@@ -137,6 +137,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     saving.add_argument("--keep", type=positive_int, help=f"checkpoints kept (default {defaults.KEEP})")
     saving.add_argument("--force-new", action="store_true",
                         help="start a new run although --run-dir holds one (its files move to previous-<time>/)")
+    p.add_argument("--threads", type=positive_int,
+                   help="PyTorch threads per operation on a CPU (default: PyTorch's, one per core; on a machine busy "
+                        "with other work 1 can be many times faster)")
     energy = p.add_argument_group("energy and cost")
     energy.add_argument("--price", type=non_negative_float, help="electricity price per kWh, for the cost")
     energy.add_argument("--currency", type=text_arg, help=f"currency of --price (default {defaults.CURRENCY})")

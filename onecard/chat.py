@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from onecard.args import fraction, positive_int, seed, temperature, text_arg
 from onecard.errors import UsageError
@@ -97,6 +98,13 @@ class Chat:
         return True
 
 
+def is_base_model(info: dict) -> bool:
+    """An onecard pre-training run, or a nanochat checkpoint from base_checkpoints/ (what the loader read)."""
+    if info["layout"] == "onecard":
+        return info["config"].stage != "sft"
+    return info["layout"] == "nanochat" and Path(info["path"]).parent.name == "base_checkpoints"
+
+
 def run(args: argparse.Namespace) -> int:
     from onecard.device import resolve_device
     from onecard.engine import Engine, Sampling
@@ -106,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_weights(args.run_dir or newest_chat_run(), device, tokenizer_path=args.tokenizer)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         max_tokens=args.max_tokens, seed=args.seed)
+    if is_base_model(info):
+        print(f"note: {info['path']} is a base model, not fine-tuned on conversations (onecard sft): it continues "
+              "text and knows no chat format, so expect replies that are not answers", file=sys.stderr)
     chat = Chat(Engine(model, tokenizer), tokenizer, sampling, args.system)
     if args.prompt:
         chat.reply(args.prompt)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from onecard import durable
 from onecard.errors import one_line
@@ -216,9 +216,9 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: obje
         _remove_stale_temporaries(root)
         _make_room(run_dir, step, needed, keep)
         tmp.mkdir()
-        save_file(weights, str(tmp / "model.safetensors"))
+        durable.save_tensors(weights, tmp / "model.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        save_file(torch_rng, str(tmp / "rng.safetensors"))
+        durable.save_tensors(torch_rng, tmp / "rng.safetensors")
         for path in (tmp / "model.safetensors", tmp / "optimizer.pt", tmp / "rng.safetensors"):
             durable.fsync_file(path)
         for file_name, data in texts.items():

@@ -46,12 +46,14 @@ def build_parser() -> Parser:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         getattr(module, add_name)(p)
-        p.set_defaults(run=getattr(module, run_name))
+        p.set_defaults(run=getattr(module, run_name), parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the command's own parser, so that the error points at its --help
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
     except UsageError as error:

@@ -23,6 +23,14 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def use_threads(threads: int | None) -> None:
+    """--threads: PyTorch's threads per operation on the CPU (None: PyTorch's default, one per core).
+    With other work on the cores, threads that wait for each other at every operation can make a
+    step many times slower than one thread."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def autocast_for(device: str) -> AbstractContextManager:
     """bf16 autocast on CUDA as nanochat does; plain float32 on the CPU."""
     if device == "cuda":

@@ -1,11 +1,15 @@
 """Writes that survive a power cut: data reaches the disk (fsync) before a rename makes it the
 file, and the rename itself reaches the disk (fsync of the folder). Without the first, a cut
-shortly after a rename can leave the new name on an empty file."""
+shortly after a rename can leave the new name on an empty file. Also safetensors files with the
+mode every other file gets."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
 
 
 def fsync_file(path: Path) -> None:
@@ -38,3 +42,12 @@ def replace(tmp: Path, path: Path) -> None:
     fsync_file(tmp)
     tmp.replace(path)
     fsync_dir(path.parent)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, then the mode the umask gives new files: safetensors writes 0600,
+    which leaves a shared model folder's weights unreadable to everyone else."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -345,8 +345,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             results[task] = run_chat_task(args, task, model, tokenizer, device)
         done = results[task]
-        print(f"{task}: {done['metric']} {done['value']:.4f} ({done['examples']:,} "
-              f"{done.get('unit', 'examples')}, {done['examples_per_s'] or 0:.1f}/s)", flush=True)
+        unit = done.get("unit", "examples")
+        unit = unit[:-1] if done["examples"] == 1 and unit.endswith("s") else unit  # "1 example", "1 token"
+        print(f"{task}: {done['metric']} {done['value']:.4f} ({done['examples']:,} {unit}, "
+              f"{done['examples_per_s'] or 0:.1f}/s)", flush=True)
     if args.lm_eval:
         results.update(run_harness(args, model, tokenizer, device))
         for name, done in results.items():

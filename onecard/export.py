@@ -121,9 +121,7 @@ def _weights(model, dtype: str) -> dict:
 
 
 def write_hf(out: Path, model, tokenizer, dtype: str) -> list[Path]:
-    from safetensors.torch import save_file
-
-    from onecard import formats
+    from onecard import durable, formats
 
     ranks, specials = formats.tokenizer_ranks(tokenizer.enc)
     config = formats.hf_config(model.config, specials, dtype)  # first: it refuses what transformers lacks
@@ -131,8 +129,8 @@ def write_hf(out: Path, model, tokenizer, dtype: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
     tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(weights)
+    durable.save_tensors(state, tmp, metadata={"format": "pt"})
+    durable.replace(tmp, weights)
     seq_len = model.config.sequence_len
     return [
         _write_json(out / "config.json", config),

@@ -64,7 +64,8 @@ class TokenLoader:
                 which = "validation" if self.split == "val" else "training"
                 raise UsageError(
                     f"corpus {self.corpus.label} has no non-empty {which} documents: give more documents "
-                    "(a .txt file is one document) or change the validation fraction"
+                    f"(a .txt file is one document; about {self.corpus.val_fraction:.0%} of them, picked by a hash "
+                    "of each, are held out for validation)"
                 )
             epoch, start = epoch + 1, None
 

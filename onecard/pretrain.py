@@ -75,9 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from onecard import distributed
-    from onecard.device import resolve_device
+    from onecard.device import resolve_device, use_threads
 
     device = resolve_device(args.device)
+    use_threads(args.threads)
     world = distributed.init(device)  # several ranks when started by torchrun
     try:
         code = _locked(args, device, world)

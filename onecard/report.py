@@ -176,7 +176,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         steps = [r for r in log.records if "loss" in r]
         page.write_text(render_html(run_dir, config, summary, log, images,
                                     compare_rows(prediction, summary, steps, total_batch(config)) if prediction
-                                    else [], card_html(report_card(run_dir))), encoding="utf-8")
+                                    else [], card_html(report_card(run_dir), run_dir)), encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot write the report in {out}: {e.strerror or e}") from None
     return page
@@ -360,9 +360,10 @@ def card_text(rows: list[CardRow]) -> str:
     return "\n".join(lines + [n for n in notes if n])
 
 
-def card_html(rows: list[CardRow]) -> str:
+def card_html(rows: list[CardRow], run_dir: Path) -> str:
     if not rows:
-        return "<h2>Evaluation</h2>\n<p>Not evaluated yet: <code>onecard eval RUN_DIR</code> (see README).</p>"
+        return (f"<h2>Evaluation</h2>\n<p>Not evaluated yet: <code>onecard eval {html.escape(str(run_dir))}</code> "
+                "(see README).</p>")
     heads = "".join(f"<th>{html.escape(h)}</th>" for h, _ in eval_results.CARD)
     body = "\n".join(
         f"<tr><th>{html.escape(row.stage)}</th>" + "".join(f"<td>{html.escape(_cell(v, p))}</td>" for v, p in row.cells)

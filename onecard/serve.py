@@ -141,7 +141,7 @@ def _load(backend, server, path: Path, kind: str, args: argparse.Namespace) -> N
         return model, tokenizer, kind
     backend.load(loader)
     if backend.status == "ready":
-        print(f"ready: {backend.name} ({kind} model, context {backend.context:,} tokens, "
-              f"{args.max_concurrent} at a time)", flush=True)
+        print(f"ready: {backend.name} ({kind} model trained on {backend.trained_context:,} tokens of context, taking "
+              f"up to {backend.context:,}; {args.max_concurrent} at a time)", flush=True)
     else:
         server.should_exit = True

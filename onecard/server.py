@@ -45,6 +45,7 @@ class Backend:
         self.name, self.count, self.max_queued = name, workers, max_queued
         self.status, self.error, self.kind = "loading", None, None
         self.tokenizer, self.context, self.workers = None, 0, None
+        self.trained_context = None  # the sequence length it trained on; `context` is the positions it takes
         self.created = int(time.time())
 
     def load(self, loader: Callable[[], tuple]) -> None:
@@ -52,6 +53,7 @@ class Backend:
         try:
             model, tokenizer, kind = loader()
             model.eval()
+            self.trained_context = model.config.sequence_len  # its rotary table runs 10x as far, as nanochat's
             self.ready(lambda tools: Engine(model, tokenizer, tools=tools), tokenizer, model.rotary_len, kind)
         except Exception as error:  # shown to clients in /health and to the user by `onecard serve`
             self.error = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -270,7 +272,8 @@ def create_app(backend: Backend, limits: Limits | None = None, api_key: str | No
 
     def model_card() -> dict:
         return {"id": backend.name, "object": "model", "created": backend.created, "owned_by": "onecard",
-                "onecard": {"kind": backend.kind, "context": backend.context}}
+                "onecard": {"kind": backend.kind, "context": backend.context,
+                            "trained_context": backend.trained_context}}
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:

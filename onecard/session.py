@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from onecard import checkpoint, distributed, durable
 from onecard.distributed import World
@@ -143,7 +142,7 @@ def save_final(run_dir: Path, model: GPT, config: RunConfig) -> None:
     """Final weights (in the dtypes they were trained in) as model.safetensors, and config.json."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = run_dir / "model.safetensors.tmp"
-    save_file(state, str(tmp))
+    durable.save_tensors(state, tmp)
     durable.replace(tmp, run_dir / "model.safetensors")  # before config.json says the run is finished
     write_json(run_dir / "config.json", config.to_dict())
 

@@ -86,10 +86,11 @@ def newest_base_run() -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from onecard import distributed
-    from onecard.device import resolve_device
+    from onecard.device import resolve_device, use_threads
     from onecard.run import RunLock
 
     device = resolve_device(args.device)
+    use_threads(args.threads)
     if args.steps and args.epochs:
         raise UsageError("give --steps or --epochs, not both")
     embedded = not args.data

@@ -131,7 +131,10 @@ def _each(sources: list[Source], raw: list | None, counts: Counter, skip_bad: bo
         if source.path.is_dir():
             raise UsageError(f"--data {source.path}: a folder; give its .jsonl or .parquet files")
         if not source.path.is_file():
-            raise UsageError(f"--data {source.path}: no such file")
+            before, colon, _ = str(source.path).rpartition(":")
+            hint = f" ({before} is: the weight after ':' is a number, as in {before}:2)" \
+                if colon and Path(before).is_file() else ""
+            raise UsageError(f"--data {source.path}: no such file{hint}")
         for number, conversation in read_file(source.path):
             if not isinstance(conversation, BadConversation):
                 yield source, number, conversation

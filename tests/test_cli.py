@@ -33,6 +33,8 @@ def test_info_prints_published_counts(capsys):
     (["train", "--data", "/nonexistent/corpus"], "/nonexistent/corpus"),
     (["train", "--recipe", "turbo"], "unknown recipe"),
     (["sample", "--run-dir", "/nonexistent/run"], "not a directory"),
+    (["train", "--stpes", "10"], "unrecognized arguments: --stpes 10 (see onecard train --help)"),
+    (["plan", "--model", "d20", "--tokens", "38", "B"], "unrecognized arguments: B (see onecard plan --help)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
     code, _, err = run_cli(capsys, *argv)
@@ -65,3 +67,14 @@ def test_console_script_has_no_traceback():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("onecard: error:") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["train", "--device", "cpu"], ["sft", "--device", "cpu", "--from", "nowhere"]])
+def test_threads_sets_pytorchs_threads_before_anything_runs(monkeypatch, tmp_path, command):
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    main([*command, "--threads", "1", "--run-dir", str(tmp_path / "r"), "--dry-run"])
+    assert asked == [1]
+    asked.clear()
+    main([*command, "--run-dir", str(tmp_path / "r"), "--dry-run"])
+    assert asked == []  # PyTorch's own default

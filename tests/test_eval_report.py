@@ -46,7 +46,7 @@ def test_card_rows_from_both_sides(tmp_path, capsys):
 def test_no_card_before_an_evaluation_and_a_damaged_file(tmp_path):
     base = make_run(tmp_path / "base", "pretrain")
     assert report_card(base) == []
-    assert "Not evaluated yet" in write_report(base).read_text()
+    assert f"Not evaluated yet: <code>onecard eval {base}</code>" in write_report(base).read_text()
     (base / "eval.json").write_text("{not json")
     assert report_card(base) == []
     (base / "eval.json").write_text(json.dumps({"tasks": {"core": {"value": "NaN"}, "mmlu": {"value": 1e999}}}))

@@ -119,6 +119,13 @@ def test_export_writes_transformers_nanochat_files(hf_dir, onecard_model):
     assert formats.gpt_config(loaded.to_dict()) == model.config
 
 
+def test_weights_get_the_mode_of_the_files_beside_them(hf_dir, run_dir):
+    """safetensors writes 0600; a shared model folder's weights were unreadable to anyone else."""
+    for folder in (hf_dir, run_dir, *sorted((run_dir / "checkpoints").iterdir())):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+        assert len(set(modes.values())) == 1, (folder, modes)
+
+
 def test_transformers_logits_equal_onecard_fp32(onecard_model, hf_model):
     model, _ = onecard_model
     idx = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -57,6 +57,8 @@ def test_health_models_and_a_chat_answer(chat_server, runs):
     assert httpx.get(chat_server.url + "/health").json()["status"] == "ok"
     c = client(chat_server)
     assert [m.id for m in c.models.list().data] == ["chat"]
+    card = httpx.get(chat_server.url + "/v1/models").json()["data"][0]["onecard"]
+    assert card == {"kind": "chat", "context": 320, "trained_context": 32}
     answer = c.chat.completions.create(model="chat", messages=HELLO, max_tokens=8, seed=1)
     assert answer.object == "chat.completion" and len(answer.choices) == 1
     assert isinstance(answer.choices[0].message.content, str)
@@ -375,7 +377,8 @@ def test_onecard_serve_on_the_command_line(runs):
         while httpx.get(url + "/health").status_code != 200:
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
-        assert "ready: chat (chat model" in process.stdout.readline()
+        # the TINY runs train on 32 tokens of context; the rotary table, and so the server, takes 10x that
+        assert "ready: chat (chat model trained on 32 tokens of context, taking up to 320;" in process.stdout.readline()
         answer = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
             model="chat", messages=HELLO, max_tokens=3)
         assert answer.choices[0].message.content is not None

@@ -54,7 +54,10 @@ def test_sft_then_chat(base, chats, tmp_path, capsys):
     assert config["stage"] == "sft" and config["init_from"] == str(base)
     assert config["train"]["matrix_lr"] == pytest.approx(0.02 * 0.02)  # nanochat's fraction for user data
     assert main(["chat", str(out), "-p", "What is 3 + 3?", "--max-tokens", "8", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.strip()
+    said = capsys.readouterr()
+    assert said.out.strip() and "base model" not in said.err
+    assert main(["chat", str(base), "-p", "What is 3 + 3?", "--max-tokens", "2", "--device", "cpu"]) == 0
+    assert "is a base model, not fine-tuned on conversations" in capsys.readouterr().err
     # resuming it from another base model is refused: the checkpoint was trained from the first
     import shutil
     other = shutil.copytree(base, tmp_path / "other-base")
@@ -165,6 +168,8 @@ def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
     assert said and int(said[1]) + int(said[2]) >= 12  # 12 good ones (a tiny set may validate on a training one)
     assert main(["sft", "--from", str(base), "--data", str(tmp_path), "--run-dir", str(tmp_path / "r"), *SFT]) == 2
     assert "a folder; give its .jsonl or .parquet files" in capsys.readouterr().err
+    assert main(["sft", "--from", str(base), "--data", f"{path}:x", "--run-dir", str(tmp_path / "r"), *SFT]) == 2
+    assert f"no such file ({path} is: the weight after ':' is a number, as in {path}:2)" in capsys.readouterr().err
 
 
 def test_parquet_conversations_and_what_is_dropped_is_reported(base, tmp_path, capsys):
