@@ -227,8 +227,10 @@ def host_peak_bytes() -> int:
 
 def status_line(step: int, total: int, record: dict, currency: str = "") -> str:
     """step, loss, tok/s and whatever else the record has: MFU, VRAM, power, kWh, cost, ETA."""
-    loss = record.get("loss")
-    parts = [f"step {step}/{total}", "loss " + ("skipped" if loss is None else f"{loss:.4f}")]
+    loss, smoothed = record.get("loss"), record.get("loss_smoothed")
+    shown = "loss skipped" if loss is None else f"smoothed loss {smoothed:.4f}" if smoothed is not None \
+        else f"loss {loss:.4f}"
+    parts = [f"step {step}/{total}", shown]
     if record.get("tokens_per_s"):
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     if record.get("mfu") is not None:
@@ -250,6 +252,9 @@ def status_line(step: int, total: int, record: dict, currency: str = "") -> str:
     return " | ".join(parts)
 
 
+LOSS_BETA = 0.9  # the shown loss's exponential moving average: nanochat's base_train.py uses 0.9
+
+
 class Progress:
     """A live bar with the status line on a terminal (rich); a plain line every `every` steps,
     at each evaluation and at the end otherwise (a log file, a pipe, nohup)."""
@@ -262,6 +267,9 @@ class Progress:
         self.every = every
         self.currency = currency
         self.bar: RichProgress | None = None
+        # shown: the losses' moving average (as nanochat prints it), since one step's loss swings with
+        # its batch; log.jsonl keeps each step's own
+        self.average, self.averaged = 0.0, 0
         if self.live:
             console = Console(file=self.stream)
             self.bar = RichProgress(TextColumn("[bold]{task.fields[head]}"), BarColumn(), TaskProgressColumn(),
@@ -278,6 +286,9 @@ class Progress:
         self.close()
 
     def update(self, step: int, record: dict) -> None:
+        if record.get("loss") is not None:
+            self.average, self.averaged = LOSS_BETA * self.average + (1 - LOSS_BETA) * record["loss"], self.averaged + 1
+            record = {**record, "loss_smoothed": self.average / (1 - LOSS_BETA ** self.averaged)}  # debiased
         line = status_line(step, self.total, record, self.currency)
         if self.bar is not None:
             head, _, rest = line.partition(" | ")

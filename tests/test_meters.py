@@ -142,6 +142,16 @@ def test_live_progress_on_a_terminal():
     assert progress.live and "step 3/3" in stream.getvalue() and "loss 1.0000" in stream.getvalue()
 
 
+def test_progress_shows_the_losses_debiased_moving_average():
+    stream = io.StringIO()
+    with Progress(3, stream=stream, every=1) as progress:
+        for step, loss in ((1, 4.0), (2, 2.0), (3, None)):
+            progress.update(step, {"loss": loss, "wall_s": 1.0})
+    lines = stream.getvalue().splitlines()
+    # 0.1 x 4 / (1 - 0.9) = 4; (0.9 x 0.4 + 0.1 x 2) / (1 - 0.81) = 2.9474; a skipped step says so
+    assert "smoothed loss 4.0000" in lines[0] and "smoothed loss 2.9474" in lines[1] and "loss skipped" in lines[2]
+
+
 def test_status_line_shows_what_was_measured():
     line = status_line(7, 9, {"loss": None, "mfu": 0.42, "vram_bytes": 2**30, "vram_peak_bytes": 2 * 2**30,
                               "power_w": 180.0, "energy_kwh": 1.5, "energy_estimated": True, "wall_s": 90})
