@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -235,6 +236,10 @@ def _open(url: str, headers: dict, timeout: float, have: int, meta: dict, part: 
             raise _Retry(f"HTTP {code} {e.reason}", after) from None
         raise _Fatal(f"{Path(url).name}: HTTP {code} {e.reason} from {url}") from None
     except (urllib.error.URLError, HTTPException, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_NONAME:  # not a passing failure
+            raise _Fatal(f"{Path(url).name}: the host {urllib.parse.urlsplit(url).hostname} is not known "
+                         "(check the address, or this machine's network)") from None
         raise _Retry(_network_reason(e)) from None
 
 

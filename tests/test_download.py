@@ -282,6 +282,23 @@ def test_persistent_faults_end_in_one_line_and_nothing_partial_counts(server, sh
         assert server.count(name) == 1  # not worth a retry
 
 
+def test_a_host_that_is_not_known_fails_at_once(server, tmp_path, monkeypatch):
+    """A name the resolver does not know is not a passing failure: no minutes of retries."""
+    import socket
+    import urllib.error
+
+    calls = []
+
+    def unknown(request, timeout=None):
+        calls.append(request.full_url)
+        raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    monkeypatch.setattr(dl._OPENER, "open", unknown)
+    with pytest.raises(DownloadError, match="the host 127.0.0.1 is not known") as caught:
+        fetch(server, tmp_path / "d")
+    assert "\n" not in str(caught.value) and len(calls) == len(set(calls))  # each file asked once
+
+
 def test_a_partial_transfer_of_a_drop_forever_server_stays_a_part_file(server, tmp_path):
     name = SET.filename(1)
     server.always[name] = "drop"
