@@ -35,7 +35,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from onecard.datasources import read_manifest
+from onecard.datasources import MANIFEST, read_manifest
 from onecard.errors import UsageError
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -105,7 +105,9 @@ class Corpus:
     def _setup(self, root: Path, files: list[Path], kinds: list[str], label: str,
                val_fraction: float) -> None:
         if not files:
-            raise UsageError(f"corpus {label} holds no documents: onecard reads {ACCEPTED}")
+            started = (root / MANIFEST).exists()  # a download began here and fetched nothing yet
+            raise UsageError(f"corpus {label} holds no documents: " + ("its download did not finish a shard: rerun "
+                             "`onecard data download` for this folder" if started else f"onecard reads {ACCEPTED}"))
         if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
             raise UsageError(f"validation fraction must be in [0, 1), got {val_fraction!r}")
         order = sorted(range(len(files)), key=lambda i: files[i].relative_to(root).as_posix())

@@ -239,3 +239,14 @@ def test_a_cut_text_has_its_own_fingerprint(tmp_path):
     assert f"fingerprint {old_fingerprint(whole)}," in whole.describe()
     assert f"fingerprint {old_fingerprint(cut)}," not in cut.describe()  # a resume sees other documents
     assert "pieces" in cut.describe()
+
+
+def test_a_download_that_fetched_nothing_says_so(tmp_path):
+    from onecard.datasources import write_manifest
+
+    write_manifest(tmp_path, {"set": "fineweb-edu", "validation": ["shard_01822.parquet"], "files": {}})
+    with pytest.raises(UsageError, match="holds no documents: its download did not finish a shard: rerun"):
+        Corpus(tmp_path)
+    (tmp_path / "onecard-dataset.json").unlink()
+    with pytest.raises(UsageError, match="holds no documents: onecard reads"):
+        Corpus(tmp_path)
