@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # run.py imports this module, and `onecard --help` imports no PyTorch
+    import torch
 
 
 def fsync_file(path: Path) -> None:
@@ -47,6 +48,8 @@ def replace(tmp: Path, path: Path) -> None:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, then the mode the umask gives new files: safetensors writes 0600,
     which leaves a shared model folder's weights unreadable to everyone else."""
+    from safetensors.torch import save_file
+
     save_file(tensors, str(path), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
