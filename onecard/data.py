@@ -76,6 +76,10 @@ class Corpus:
                 if p.suffix in KINDS and p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(given).parts)  # .git and the like
             ]
+            nested = sorted(p.parent for p in given.rglob(MANIFEST) if p.parent != given)
+            if nested:  # read from above, its validation shard would be split like any file, and trained on
+                raise UsageError(f"corpus {path} holds a downloaded dataset in {nested[0]}: give that folder as "
+                                 "--data, so that its own validation shard is held out")
         kinds = [KINDS[p.suffix] for p in files]
         self._setup(root, files, kinds, str(given), val_fraction)
 
@@ -144,7 +148,7 @@ class Corpus:
         """One line that a run records: what was read, how much, and a fingerprint of the file list."""
         digest = hashlib.blake2b(digest_size=4)
         for name, size in zip(self.names, self.sizes, strict=True):
-            digest.update(f"{name}\0{size}\0".encode())
+            digest.update(f"{name}\0{size}\0".encode(errors="surrogateescape"))  # any file name
         cut = ""
         if self.val_names:  # another split than the hash's: a resume must see the change
             digest.update(("validation files\0" + "\0".join(sorted(self.val_names))).encode())
@@ -229,7 +233,7 @@ def _index(order: Sequence[int], item: int) -> int:
 
 def _unit_hash(name: str, chunk: int, doc: int) -> float:
     """A uniform number in [0, 1) fixed by a document's address."""
-    digest = hashlib.blake2b(f"{name}\0{chunk}\0{doc}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{name}\0{chunk}\0{doc}".encode(errors="surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 

@@ -55,16 +55,23 @@ class Conversations:
     """Rendered conversations (ids as int32, mask as int8) of one split, with the counts of what
     was dropped or cut and a fingerprint that a resume checks."""
 
-    def __init__(self, rendered: list[tuple[np.ndarray, np.ndarray]], counts: Counter, label: str) -> None:
+    def __init__(self, rendered: list[tuple[np.ndarray, np.ndarray]], counts: Counter, label: str,
+                 borrowed: bool = False) -> None:
         self.items, self.counts, self.label = rendered, counts, label
+        self.borrowed = borrowed  # validation on a training conversation: too few to hold one out
 
     def __len__(self) -> int:
         return len(self.items)
 
 
+def _hash(key: str) -> float:
+    """A uniform number in [0, 1) fixed by `key`."""
+    digest = hashlib.sha256(key.encode(errors="surrogateescape")).digest()  # any file name
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def _held_out(key: str, fraction: float) -> bool:
-    digest = hashlib.sha256(key.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return _hash(key) < fraction
 
 
 def reason(message: str) -> str:
@@ -83,7 +90,7 @@ def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fract
          ) -> tuple[Conversations, Conversations]:
     """(train, val). `raw` gives the conversations directly (the embedded set) instead of files."""
     counts: Counter = Counter()
-    train, val = [], []
+    train, val, shares = [], [], {}
     fingerprint = hashlib.sha256()
     for source, number, conversation in _each(sources, raw, counts, skip_bad):
         try:
@@ -102,20 +109,27 @@ def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fract
         if _held_out(f"{source.path.name}:{number}", val_fraction):
             val.append(item)
         else:
-            train += [item] * int(source.weight) + _share(item, source, number)
+            train += [item] * int(source.weight)
+            shares.setdefault(source, []).append((_hash(f"share:{source.path.name}:{number}"), item))
+    for source, items in shares.items():
+        train += _share(items, source.weight - int(source.weight))
     if not train:
         raise UsageError(f"no conversation to train on in {label or _names(sources)} ({_report(counts)})")
-    if val_fraction > 0 and not val:
+    borrowed = val_fraction > 0 and not val
+    if borrowed:
         val = train[-1:]  # a tiny set: validate on one of the training conversations rather than none
     name = label or _names(sources)
     described = f"{name}, fingerprint {fingerprint.hexdigest()[:8]}, validation fraction {val_fraction:g}"
-    return Conversations(train, counts, described), Conversations(val, counts, described)
+    return Conversations(train, counts, described), Conversations(val, counts, described, borrowed)
 
 
-def _share(item, source: Source, number: int) -> list:
-    """The fractional part of a weight: that share of the source's conversations, chosen by hash."""
-    part = source.weight - int(source.weight)
-    return [item] if part and _held_out(f"share:{source.path.name}:{number}", part) else []
+def _share(items: list[tuple[float, tuple]], part: float) -> list:
+    """The fractional part of a weight: that share of a source's conversations (at least one), the
+    same ones on every run, chosen by hash."""
+    if not part:
+        return []
+    count = max(1, round(part * len(items)))
+    return [item for _, item in sorted(items, key=lambda pair: pair[0])[:count]]
 
 
 def _names(sources: list[Source]) -> str:
@@ -150,7 +164,9 @@ def _report(counts: Counter) -> str:
 
 def report(train: Conversations, val: Conversations) -> str:
     """One line: how many conversations of each split, and what was dropped or cut and why."""
-    return f"{len(train):,} training and {len(val):,} validation conversations; {_report(train.counts)}"
+    borrowed = " (a training one: too few to hold one out)" if val.borrowed else ""
+    return (f"{len(train):,} training and {len(val):,} validation conversations{borrowed}; "
+            f"{_report(train.counts)}")
 
 
 class ConversationBatches:

@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import pickle
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,6 +47,17 @@ SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the specials and o
 LARGEST_VOCAB = 2**31 - 1  # rustbpe and tiktoken count tokens in 32 bits; no model needs more
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(text: str) -> str:
+    """A lone surrogate (a half emoji, as JSON's "\\ud83d" loads) turned into U+FFFD, as tiktoken's
+    encode does; rustbpe's training cannot take one and stops."""
+    if not LONE_SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class Tokenizer:
     """A tiktoken Encoding with nanochat's special tokens, plus training and storage."""
 
@@ -64,7 +76,7 @@ class Tokenizer:
         _check_vocab_size(vocab_size)  # before any text is read
         n_ranks = vocab_size - len(SPECIAL_TOKENS)
         bpe = rustbpe.Tokenizer()
-        bpe.train_from_iterator(iter(texts), n_ranks, pattern=SPLIT_PATTERN)
+        bpe.train_from_iterator(map(_without_surrogates, texts), n_ranks, pattern=SPLIT_PATTERN)
         ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
         # rustbpe stops early when no pair occurs twice any more: the text is too small for the ask
         if len(ranks) < n_ranks:

@@ -250,3 +250,26 @@ def test_a_download_that_fetched_nothing_says_so(tmp_path):
     (tmp_path / "onecard-dataset.json").unlink()
     with pytest.raises(UsageError, match="holds no documents: onecard reads"):
         Corpus(tmp_path)
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+    """A name from an old Latin-1 archive ('caf\\xe9.txt') used to crash the split's hash."""
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n" * 10)
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.txt"), "w") as f:
+        f.write("du texte\n" * 10)
+    corpus = Corpus(tmp_path)
+    assert len(corpus.names) == 4 and "4 files" in corpus.describe()
+    assert sum(1 for _ in iter_texts(corpus, 10**6)) >= 3
+
+
+def test_the_folder_above_a_download_is_refused(tmp_path):
+    """Given from above, a download's validation shard was split like any file and mostly trained on."""
+    from onecard.datasources import write_manifest
+
+    folder = tmp_path / "fineweb-edu"
+    folder.mkdir()
+    (folder / "shard_00000.txt").write_text("text\n" * 10)
+    write_manifest(folder, {"set": "fineweb-edu", "validation": ["shard_00000.txt"], "files": {}})
+    with pytest.raises(UsageError, match=f"holds a downloaded dataset in {folder}: give that folder as --data"):
+        Corpus(tmp_path)

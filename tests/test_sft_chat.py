@@ -13,7 +13,7 @@ from onecard.chat import Chat
 from onecard.cli import main
 from onecard.engine import Engine, Sampling
 from onecard.errors import UsageError
-from onecard.sft_data import ConversationBatches, Source, load
+from onecard.sft_data import ConversationBatches, Source, load, report
 from onecard.weights import load_weights
 
 TINY = ["--device", "cpu", "--depth", "1", "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len", "32",
@@ -107,7 +107,16 @@ def test_mixture_weights_and_the_split(base, tmp_path):
     assert len(train) == 2 * len(alone[one][0]) + len(alone[two][0])  # two epochs of one, one of two
     assert len(val) == len(alone[one][1]) + len(alone[two][1])  # the split does not depend on the weight
     half, _ = load([Source.parse(f"{one}:0.5")], tokenizer, 64, val_fraction=0.0)
-    assert 10 < len(half) < 40  # about half of the 50, chosen by hash
+    assert len(half) == 25 and len({item[0].tobytes() for item in half.items}) == 25  # half of the 50, by hash
+    again, _ = load([Source.parse(f"{one}:0.5")], tokenizer, 64, val_fraction=0.0)
+    assert [a[0].tobytes() for a in again.items] == [h[0].tobytes() for h in half.items]  # the same half
+    more, _ = load([Source.parse(f"{one}:2.25")], tokenizer, 64, val_fraction=0.0)
+    assert len(more) == 2 * 50 + 12  # round(0.25 x 50); it used to be each one kept with that chance
+    tiny, small_val = load([Source.parse(f"{one}:0.01")], tokenizer, 64, val_fraction=0.1)
+    assert len(tiny) == 1  # at least one
+    train, val = load([Source(one)], tokenizer, 64)  # 50 at 2 %: none held out by the hash
+    assert val.borrowed and "1 validation conversations (a training one: too few to hold one out)" in \
+        report(train, val)
     for bad in ("a.jsonl:0", "a.jsonl:-1", "a.jsonl:1000"):
         with pytest.raises(UsageError, match="weight"):
             Source.parse(bad)
@@ -164,7 +173,7 @@ def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
     assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
                  "--skip-bad", "--steps", "1", "--batch", "2", "--dry-run"]) == 0
     # the file goes on after a skipped line: every good one is read (it used to end at the first bad one)
-    said = re.search(r"(\d+) training and (\d+) validation conversations; .*2 not JSON", capsys.readouterr().out)
+    said = re.search(r"(\d+) training and (\d+) validation conversations[^;]*; .*2 not JSON", capsys.readouterr().out)
     assert said and int(said[1]) + int(said[2]) >= 12  # 12 good ones (a tiny set may validate on a training one)
     assert main(["sft", "--from", str(base), "--data", str(tmp_path), "--run-dir", str(tmp_path / "r"), *SFT]) == 2
     assert "a folder; give its .jsonl or .parquet files" in capsys.readouterr().err

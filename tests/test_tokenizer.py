@@ -260,3 +260,11 @@ def test_load_of_missing_or_odd_paths_is_a_usage_error(tok, tmp_path):
         Tokenizer.load(tmp_path / "dir")
     tok.save(tmp_path / "good")  # the file itself, given instead of its folder
     assert Tokenizer.load(tmp_path / "good" / "tokenizer.json").vocab_size == VOCAB
+
+
+def test_training_text_with_a_lone_surrogate_trains(tmp_path):
+    """JSON's "\\ud83d" (half an emoji) loads as a lone surrogate, which rustbpe's training cannot
+    take: it stopped `onecard train` with a traceback. It trains as U+FFFD, as tiktoken encodes it."""
+    texts = [json.loads('"half an emoji \\ud83d here"'), "plain text, and more of it: " * 50]
+    tokenizer = Tokenizer.train(texts, 280)
+    assert tokenizer.decode(tokenizer.encode(texts[0])) == "half an emoji \ufffd here"
