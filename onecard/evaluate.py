@@ -12,6 +12,7 @@ Tasks: bpb, core, arc-easy, arc-challenge, mmlu, gsm8k, humaneval, and chat (the
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -192,6 +193,8 @@ def run_bpb(args, model, tokenizer, info: dict, device: str) -> dict:
     from onecard.loader import TokenLoader
 
     corpus = Corpus(args.data) if args.data else run_corpus(info)
+    if args.data:
+        _note_other_corpus(corpus, info)
     seq = model.config.sequence_len
     loader = TokenLoader(corpus, tokenizer, max(1, min(args.batch_tokens, args.bpb_tokens) // seq), seq, split="val")
     wanted = max(1, -(-args.bpb_tokens // (loader.batch_size * seq)))
@@ -211,6 +214,20 @@ def run_bpb(args, model, tokenizer, info: dict, device: str) -> dict:
     tokens = counted["batches"] * loader.batch_size * seq
     return entry("bits per byte", bpb, tokens, time.perf_counter() - started, args, device, unit="tokens",
                  corpus=corpus.describe())
+
+
+def _note_other_corpus(corpus, info: dict) -> None:
+    """The held-out split is drawn within the corpus given: from another set of files than training
+    read (a subfolder, one of its files), it may hold text the model trained on."""
+    from onecard.run import corpus_fingerprint
+
+    try:
+        trained = run_corpus(info).describe()
+    except UsageError:
+        return  # not known: nothing to compare
+    if corpus_fingerprint(trained) != corpus_fingerprint(corpus.describe()):
+        print(f"note: --data is not the corpus this model trained on ({trained}); where the two share files, "
+              "its held-out split may hold text the model trained on", file=sys.stderr)
 
 
 def run_corpus(info: dict):

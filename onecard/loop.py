@@ -86,6 +86,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.reason: str | None = None
         self.message = ""
+        self.signalled = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -99,13 +100,17 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.reason == "signal":
+        if self.signalled:
             raise KeyboardInterrupt  # a checkpoint being written is abandoned; the last complete one stays
+        self.signalled = True
         name = signal.Signals(signum).name
-        self.request("signal", f"{name}: stopping at the next micro-batch and writing a checkpoint "
-                               "(again to quit at once)")
+        said = f"{name}: stopping at the next micro-batch and writing a checkpoint (again to quit at once)"
+        if self.reason:  # a stop under way (non-finite steps, a step limit) keeps its reason and exit code
+            said = f"{name}: already stopping ({self.reason}); again to quit at once"
+        else:
+            self.request("signal", said)
         # os.write: printing from a signal handler could re-enter a print the loop is in the middle of
-        os.write(sys.stderr.fileno(), f"\n{self.message}\n".encode())
+        os.write(sys.stderr.fileno(), f"\n{said}\n".encode())
 
     def request(self, reason: str, message: str) -> None:
         self.reason, self.message = reason, message

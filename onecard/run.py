@@ -225,6 +225,13 @@ def model_conflicts(saved: GPTConfig, config: GPTConfig) -> list[str]:
     return [f"model {key} {before.get(key)} -> {value}" for key, value in now.items() if before.get(key) != value]
 
 
+def corpus_fingerprint(described: str) -> str:
+    """What identifies a corpus in its description (its files and sizes, its split), not its path: a
+    corpus may move to another disk."""
+    found = re.search(r"fingerprint \w+, validation fraction \S+", described)
+    return found.group(0) if found else described
+
+
 def conflicts(saved: RunConfig, config: RunConfig) -> list[str]:
     """How `config` differs from the checkpoint's config where a resume cannot follow."""
     out = model_conflicts(saved.model_config, config.model_config)
@@ -233,11 +240,7 @@ def conflicts(saved: RunConfig, config: RunConfig) -> list[str]:
     for key in SAME_TRAIN:
         if getattr(saved.train, key) != getattr(config.train, key):
             out.append(f"{key} {getattr(saved.train, key)} -> {getattr(config.train, key)}")
-
-    def fingerprint(text: str) -> str:  # not the path: a corpus may move to another disk
-        found = re.search(r"fingerprint \w+, validation fraction \S+", text)
-        return found.group(0) if found else text
-    if fingerprint(saved.corpus) != fingerprint(config.corpus):
+    if corpus_fingerprint(saved.corpus) != corpus_fingerprint(config.corpus):
         out.append(f"corpus {saved.corpus} -> {config.corpus}")
     if saved.init_from and config.init_from and Path(saved.init_from).resolve() != Path(config.init_from).resolve():
         out.append(f"started from {saved.init_from} -> {config.init_from}")

@@ -308,3 +308,15 @@ def test_bpb_task_equals_nanochats_bits_per_byte(run_dir, tmp_path, capsys):
     loader = TokenLoader(Corpus(corpus), tokenizer, 32, model.config.sequence_len, split="val")
     theirs = loss_eval.evaluate_bpb(Nanochat(), iter(loader), 2, tokenizer.token_bytes())
     assert entry["value"] == pytest.approx(theirs, rel=1e-5)
+
+
+def test_bpb_on_another_corpus_than_training_says_so(run_dir, tmp_path, capsys):
+    """The held-out split is drawn within the corpus given; from other files than training read (a
+    subfolder, one of its files) it may hold training text, which the user is told."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": phrase(random.Random(5), 60)}) + "\n" for _ in range(300)))
+    args = ["--task", "bpb", "--bpb-tokens", "256", "--device", "cpu"]
+    assert main(["eval", str(run_dir), "--data", str(corpus), *args]) == 0
+    assert "note: --data is not the corpus this model trained on" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), *args]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -37,3 +37,23 @@ def test_a_signal_landing_after_the_ranks_agreed_waits_for_the_next_agreement(tm
     # both leave after step 2, where the all-reduce carries this rank's request to every rank
     assert len(trained) == 2 and loop.step == 2
     assert loop.status == "stopped" and loop.message == "SIGTERM"
+
+
+def test_a_signal_during_another_stop_keeps_its_reason_and_a_second_quits(capfd):
+    """Ctrl-C while the checkpoint of a non-finite stop is written used to turn the stop into a
+    signal's (exit 0 instead of 1); a rank told to stop by another rank quit at its own first Ctrl-C."""
+    import signal
+
+    import pytest
+
+    stop = StopRequest()
+    stop.request("nonfinite", "5 steps in a row had a non-finite loss")
+    stop._handle(signal.SIGINT, None)
+    assert stop.reason == "nonfinite" and "already stopping (nonfinite)" in capfd.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    told = StopRequest()
+    told.request("signal", "another rank was asked to stop: stopping with it")
+    told._handle(signal.SIGTERM, None)  # this rank's own first signal: not yet a quit
+    with pytest.raises(KeyboardInterrupt):
+        told._handle(signal.SIGTERM, None)
