@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
-    except UsageError as error:
-        print(f"onecard: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a file the command needs is a directory, unreadable, on a full disk...
+    except (UsageError, OSError) as error:  # OSError: a file it needs is a directory, unreadable, on a full disk...
         print(f"onecard: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -185,7 +185,8 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     config, model, tokenizer, seq_len, micro_batch, before, demo = _shape(args, saved, device, say)
 
     def pick(given, key: str, default):
-        return _pick(given, before, key, default)
+        """What was given, else what the run continued from used, else the default."""
+        return given if given is not None else getattr(before, key, default) if before else default
 
     data = pick(args.data, "data", None)
     corpus = Corpus(data) if data else Corpus.embedded()
@@ -217,7 +218,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
         say(f"{run_dir} holds a run: resuming it")
     elif tokenizer is None:
         tokenizer = shared_tokenizer(args, corpus, config.vocab_size, demo, run_dir, world, say)
-    settings = _settings(args, before, demo, run_dir=run_dir, steps=steps, total_batch=total_batch, device=device,
+    settings = _settings(args, pick, demo, run_dir=run_dir, steps=steps, total_batch=total_batch, device=device,
                          data=data)
     prediction = choice.prediction(device)
     if prediction:
@@ -226,11 +227,6 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
             f"{prediction.step_time_s:.2f} s per step, {prediction.tokens_per_s:,.0f} tokens/s")
     result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction, world=world)
     return _closing_words(result, run_dir, steps, total_batch, prediction, say)
-
-
-def _pick(given, before, key: str, default):
-    """What was given, else what the run continued from used, else the default."""
-    return given if given is not None else getattr(before, key, default) if before else default
 
 
 def _scaling(config, params: int) -> tuple[int, int, float]:
@@ -242,12 +238,10 @@ def _scaling(config, params: int) -> tuple[int, int, float]:
     return defaults.TOTAL_BATCH, params, defaults.RATIO
 
 
-def _settings(args: argparse.Namespace, before, demo: bool, **chosen):
-    """The run's TrainSettings: what was chosen above, and each flag, or what the run continued from used."""
+def _settings(args: argparse.Namespace, pick, demo: bool, **chosen):
+    """The run's TrainSettings: what was chosen above, and each flag picked (given, or what the run
+    continued from used, or the default)."""
     from onecard.run import TrainSettings
-
-    def pick(given, key: str, default):
-        return _pick(given, before, key, default)
 
     return TrainSettings(
         **chosen, seed=pick(args.seed, "seed", 0),

@@ -158,10 +158,10 @@ def make_folder(out: Path) -> None:
         raise UsageError(f"cannot create the report folder {out}: {e.strerror or e}") from None
 
 
-def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Draw the charts and the HTML page; returns the page's path."""
+def write_report(run_dir: Path, out: Path | None = None, log: Log | None = None) -> Path:
+    """Draw the charts and the HTML page (from `log`, if already read); returns the page's path."""
     pyplot()  # a missing matplotlib is said before anything is written
-    log = read_log(run_dir)
+    log = read_log(run_dir) if log is None else log
     config = read_json(run_dir / "config.json")
     summary = read_json(run_dir / "summary.json")
     prediction = as_dict(summary.get("prediction")) or as_dict(config.get("prediction"))
@@ -383,13 +383,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    page = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    log = read_log(Path(args.run_dir))  # read once: a months-long run's log is large
+    page = write_report(Path(args.run_dir), Path(args.out) if args.out else None, log)
     card = report_card(Path(args.run_dir))
     if card:
         print(card_text(card))
     print(f"report written: {page} (and the PNG files beside it)")
-    skipped = read_log(Path(args.run_dir)).skipped
-    if skipped:
-        print(f"note: {skipped:,} lines of log.jsonl were cut short or are not JSON objects: the report leaves "
+    if log.skipped:
+        print(f"note: {log.skipped:,} lines of log.jsonl were cut short or are not JSON objects: the report leaves "
               "them out")
     return 0

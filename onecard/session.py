@@ -5,7 +5,6 @@ and save the final weights. The stage brings its model, optimizer, batches, eval
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,16 @@ from onecard.plan.choose import Prediction
 from onecard.plan.memory import predict_memory
 from onecard.plan.search import breakdown
 from onecard.recipe import Recipe
-from onecard.run import RunConfig, TrainSettings, conflicts, model_conflicts, set_aside, truncate_log, write_json
+from onecard.run import (
+    RunConfig,
+    TrainSettings,
+    conflicts,
+    model_conflicts,
+    read_config,
+    set_aside,
+    truncate_log,
+    write_json,
+)
 from onecard.step import TrainStep
 
 # From the plain nanochat way towards the leanest in memory: what to try after running out.
@@ -126,10 +134,10 @@ def final_written(run_dir: Path) -> bool:
     """Whether the run's final weights are written: save_final writes config.json with the results
     after model.safetensors. A run stopped between its last checkpoint and these is finished on resume."""
     try:
-        results = json.loads((run_dir / "config.json").read_text()).get("results")
-    except (OSError, ValueError, AttributeError):
+        results = read_config(run_dir / "config.json").results
+    except UsageError:
         return False
-    return (run_dir / "model.safetensors").is_file() and isinstance(results, dict)
+    return (run_dir / "model.safetensors").is_file() and results is not None
 
 
 def refuse_conflicts(run_dir: Path, problems: list[str]) -> None:

@@ -16,6 +16,7 @@ import torch
 from onecard import checkpoint, distributed
 from onecard.device import autocast_for
 from onecard.distributed import SINGLE, World
+from onecard.errors import one_line
 from onecard.optim import Optimizers
 
 
@@ -31,7 +32,7 @@ class OutOfMemory(Exception):
     rewound, or it was an evaluation), so they may be saved; False when the update was cut short."""
 
     def __init__(self, error: torch.OutOfMemoryError, intact: bool = True) -> None:
-        super().__init__((str(error).strip().splitlines() or ["CUDA out of memory"])[0])
+        super().__init__(one_line(error))
         self.intact = intact
 
 
@@ -83,9 +84,7 @@ class TrainStep:
         try:
             loss = self.forward_backward(batches, accum, should_stop)
         except torch.OutOfMemoryError as error:
-            snapshot.rewind(self.opt)
-            torch.cuda.empty_cache()
-            raise OutOfMemory(error) from None
+            raise self.out_of_memory(error, snapshot) from None
         except Exception as error:
             if self.trusted:
                 raise
@@ -124,6 +123,16 @@ class TrainStep:
             loss_sum += loss.detach()
         return loss_sum.item() / accum
 
+    def out_of_memory(self, error: torch.OutOfMemoryError, snapshot: Snapshot | None) -> OutOfMemory:
+        """Rewound to the step's start (`snapshot`), or, with the update cut short (None), its gradients
+        dropped; the cache given back either way."""
+        if snapshot is None:
+            self.opt.zero_grad()
+        else:
+            snapshot.rewind(self.opt)
+        torch.cuda.empty_cache()
+        return OutOfMemory(error, intact=snapshot is not None)
+
     def update(self, loss: float, snapshot: Snapshot) -> StepOutcome:
         """Average across ranks, clip, and apply the update unless something is not finite."""
         try:
@@ -132,16 +141,12 @@ class TrainStep:
                 loss = distributed.mean(loss, self.world, self.device)
             grad_norm = float(self.opt.clip_grad_norm(self.grad_clip))
         except torch.OutOfMemoryError as error:  # nothing is updated yet: rewound, redone on resume
-            snapshot.rewind(self.opt)
-            torch.cuda.empty_cache()
-            raise OutOfMemory(error) from None
+            raise self.out_of_memory(error, snapshot) from None
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if not skipped:
             try:
                 self.opt.step()
             except torch.OutOfMemoryError as error:  # some parameters updated, others not: not to be saved
-                self.opt.zero_grad()
-                torch.cuda.empty_cache()
-                raise OutOfMemory(error, intact=False) from None
+                raise self.out_of_memory(error, None) from None
         self.opt.zero_grad()
         return StepOutcome(loss, grad_norm, skipped)
