@@ -194,11 +194,12 @@ def _write_failed(step: int, error: OSError, root: Path, needed: int) -> Checkpo
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: object, state: dict,
-         config: dict, keep: int = 3) -> Path:
+         config: dict, keep: int = 3, warn: Callable[[str], None] = print) -> Path:
     """Write a checkpoint of `step` atomically and keep the newest `keep`; returns its directory.
 
     Raises CheckpointError (the previous checkpoints untouched) when the disk lacks the room or a
-    write fails.
+    write fails. A `latest` that cannot be updated only warns: the checkpoint is complete, and
+    find_latest finds the newest checkpoint without it.
     """
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS
@@ -240,7 +241,10 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: obje
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    _point_latest(run_dir, name)
+    try:
+        _point_latest(run_dir, name)
+    except CheckpointError as error:
+        warn(f"warning: {error}; resuming finds the checkpoint without it")
     for _, old in step_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

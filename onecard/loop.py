@@ -182,7 +182,7 @@ class Loop:
                  "totals": self.meters.totals()}
         try:
             path = checkpoint.save(self.run_dir, self.step, self.model, self.opt.state_dict(), state,
-                                   self.config.to_dict(), self.settings.keep)
+                                   self.config.to_dict(), self.settings.keep, warn=self.log)
         except checkpoint.CheckpointError as error:
             kept = "there is no complete checkpoint yet" if self.last_saved is None else \
                 f"the last complete checkpoint, step {self.last_saved}, is intact"

@@ -283,3 +283,18 @@ def test_reading_a_read_only_directory_with_a_damaged_checkpoint(tmp_path, monke
     assert any("step_000002" in w and "falling back" in w for w in warnings)
     assert newest.is_dir()  # could not be set aside: left where it was
     checkpoint.read_optimizer(found)
+
+
+def test_a_latest_pointer_that_cannot_be_updated_does_not_fail_a_complete_checkpoint(tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        save(tmp_path, step)
+    deny(monkeypatch, "replace", tmp_path / ".latest.tmp")  # the pointer's rename fails; the checkpoint's does not
+    warnings = []
+    newest = checkpoint.save(tmp_path, 4, torch.nn.Linear(8, 4), {"state": {}}, {"loader": {}}, {"note": "test"},
+                             keep=3, warn=warnings.append)
+    assert newest.name == "step_000004" and checkpoint.verify(newest)
+    assert len(warnings) == 1 and "step_000004 is complete" in warnings[0] and "\n" not in warnings[0]
+    assert [p.name for _, p in checkpoint.step_dirs(tmp_path)] == ["step_000002", "step_000003", "step_000004"]
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_000003"
+    assert find(tmp_path)[0].step == 4
