@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from onecard.units import NumberError, parse_gib, parse_number
 
@@ -15,7 +16,9 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error: what was wrong and where to read more."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # under torchrun every rank parses the same command line: rank 0 alone says what is wrong
+        quiet = os.environ.get("RANK", "0") != "0"
+        self.exit(2, None if quiet else f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _number(text: str) -> float:

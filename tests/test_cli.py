@@ -44,6 +44,13 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
     assert fragment in lines[0]
 
 
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_under_torchrun_rank_0_alone_says_a_usage_error(capsys, monkeypatch, rank, said):
+    monkeypatch.setenv("RANK", rank)  # every rank parses the same command line: one message is enough
+    code, _, err = run_cli(capsys, "train", "--stpes", "10")
+    assert code == 2 and ("unrecognized arguments: --stpes" in err) == said and (err == "") != said
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda(capsys):
     code, _, err = run_cli(capsys, "train", "--device", "cuda")
