@@ -52,15 +52,17 @@ class Chat:
         self.messages: list[dict] = []
 
     def reply(self, text: str) -> str:
-        from onecard.conversations import normalize, prompt_ids, show_tool_calls
+        from onecard.conversations import normalize, prompt_ids, reply_content, show_tool_calls
 
         messages = self.messages + [{"role": "user", "content": text}]
         if self.system:
             messages = [{"role": "system", "content": self.system}] + messages
-        prompt = prompt_ids(self.tokenizer, normalize(messages))
-        room = self.engine.model.rotary_len - len(prompt)
-        if room < 1:
-            raise UsageError("the conversation has outgrown the model's context: /clear to start over")
+        prompt = prompt_ids(self.tokenizer, normalize(messages, training=False))
+        context = self.engine.model.rotary_len
+        if len(prompt) >= context:
+            raise UsageError(f"the conversation has outgrown the model's context of {context:,} tokens: /clear to "
+                             "start over" if self.messages else
+                             f"the message is {len(prompt):,} tokens, more than the model's context of {context:,}")
         pieces: list[str] = []
 
         def show(_sample: int, piece: str) -> None:
@@ -72,8 +74,8 @@ class Chat:
         except KeyboardInterrupt:
             self.out.write(" [stopped]")
         self.out.write("\n")
-        answer = "".join(pieces)
-        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer or "…"}]
+        answer = "".join(pieces)  # the calculator's tokens go back into the history as the tokens they were
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply_content(answer)}]
         return answer
 
     def command(self, line: str) -> bool:

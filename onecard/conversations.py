@@ -14,6 +14,7 @@ proves the ids and mask equal its render_conversation where that code is at hand
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ PART_TYPES = ("text", "python", "python_output")
 # How the calculator's tokens read on a screen or in an API reply: [calculator: 6*7 = 42]
 TOOL_SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
               "<|output_end|>": "]"}
+# A calculator call or its output in a reply's decoded text, closed or cut off at the end
+TOOL_PART = re.compile(r"<\|python_start\|>(?P<python>.*?)(?:<\|python_end\|>|\Z)"
+                       r"|<\|output_start\|>(?P<python_output>.*?)(?:<\|output_end\|>|\Z)", re.DOTALL)
 
 
 class BadConversation(ValueError):
@@ -38,11 +42,11 @@ class Rendered:
     truncated: bool  # longer than the context: cut at max_tokens
 
 
-def _check_content(content: object, role: str, index: int) -> None:
+def _check_content(content: object, role: str, index: int, training: bool) -> None:
     if role == "user" or isinstance(content, str):
         if not isinstance(content, str):
             raise BadConversation(f"message {index} (user) has content that is not text")
-        if role == "assistant" and not content.strip():
+        if training and role == "assistant" and not content.strip():
             raise BadConversation(f"message {index} is an empty assistant turn")
         return
     if not isinstance(content, list) or not content:
@@ -51,7 +55,7 @@ def _check_content(content: object, role: str, index: int) -> None:
         if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
             raise BadConversation(f"message {index} has a part that is not {{type: {'|'.join(PART_TYPES)}, "
                                   "text: ...}")
-    if not any(p["text"].strip() for p in content if p["type"] != "python_output"):
+    if training and not any(p["text"].strip() for p in content if p["type"] != "python_output"):
         raise BadConversation(f"message {index} is an empty assistant turn")
 
 
@@ -62,9 +66,28 @@ def show_tool_calls(text: str) -> str:
     return text
 
 
-def normalize(raw: object) -> list[dict]:
+def reply_content(text: str) -> str | list[dict]:
+    """A reply as the model wrote it (decoded, its calculator tokens by name) -> its content in the
+    conversation: the text, or parts that render back into the same special tokens. A reply cut
+    short (Ctrl-C) may leave a call open: what follows its start is that part."""
+    if not TOOL_PART.search(text):
+        return text
+    parts, at = [], 0
+    for match in TOOL_PART.finditer(text):
+        if match.start() > at:
+            parts.append({"type": "text", "text": text[at:match.start()]})
+        kind = "python" if match.group("python") is not None else "python_output"
+        parts.append({"type": kind, "text": match.group(kind)})
+        at = match.end()
+    if at < len(text):
+        parts.append({"type": "text", "text": text[at:]})
+    return parts
+
+
+def normalize(raw: object, training: bool = True) -> list[dict]:
     """{"messages": [...]} or a bare list of messages -> the messages, checked, system merged into
-    the first user turn. Raises BadConversation."""
+    the first user turn. Raises BadConversation. An empty assistant turn teaches nothing, so
+    training refuses it; a chat's history keeps what the model replied, blank or not."""
     messages = raw.get("messages") if isinstance(raw, dict) else raw
     if not isinstance(messages, list) or not messages:
         raise BadConversation("no messages (expected {\"messages\": [...]} or a list of messages)")
@@ -82,7 +105,7 @@ def normalize(raw: object) -> list[dict]:
         expected = "user" if i % 2 == 0 else "assistant"
         if message.get("role") != expected:
             raise BadConversation(f"roles out of order: message {i} is {message.get('role')!r}, expected {expected}")
-        _check_content(message.get("content"), expected, i)
+        _check_content(message.get("content"), expected, i, training)
     return messages
 
 

@@ -12,7 +12,6 @@ import json
 import math
 import re
 import secrets
-import time
 import uuid
 from dataclasses import dataclass, field, fields
 
@@ -21,7 +20,8 @@ from onecard.engine import Sampling
 from onecard.units import NumberError, parse_number
 
 # A calculator call as a reply shows it (conversations.TOOL_SHOWN), read back from the history.
-CALCULATION = re.compile(r"\[calculator: ([^\]=]*?) = ([^\]]*)\]")
+# a calculator call as shown: [calculator: EXPR = RESULT]; the result never holds " = ", "]" or spaces
+CALCULATION = re.compile(r"\[calculator: (.*?) = ([^\]\s]*)\]")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                408: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -113,8 +113,9 @@ def _number(body: dict, name: str, default: float | None, low: float, high: floa
     # (no float() of an int: a 400-digit integer is valid JSON and would overflow)
     if (isinstance(value, float) and not math.isfinite(value)) or value > high or value < low or \
             (low_open and value == low):
-        bound = f"above {low:g}" if low_open else f"from {low:g}"
-        raise _bad(name, f"expected {kind} {bound} to {high:g}, got {value!r:.40}")
+        shown = (lambda x: f"{x:,}") if integer else (lambda x: f"{x:g}")  # 2**63 - 1 in full, not 9.22e+18
+        bound = f"above {shown(low)}" if low_open else f"from {shown(low)}"
+        raise _bad(name, f"expected {kind} {bound} to {shown(high)}, got {value!r:.40}")
     return int(value) if integer else float(value)
 
 
@@ -155,12 +156,12 @@ def _sampling(body: dict, limits: Limits) -> Sampling:
     max_tokens = _number(body, "max_completion_tokens", None, 1, limits.max_tokens, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", min(512, limits.max_tokens), 1, limits.max_tokens, integer=True)
-    seed = _number(body, "seed", None, 0, SEED_RANGE - 1, integer=True)
+    seed = _number(body, "seed", None, -SEED_RANGE, SEED_RANGE - 1, integer=True)  # OpenAI's: any int64
     return Sampling(temperature=_number(body, "temperature", 0.6, 0, 2),
                     top_k=_number(body, "top_k", 50, 1, limits.max_top_k, integer=True),
                     top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
                     max_tokens=max_tokens,
-                    seed=secrets.randbelow(SEED_RANGE) if seed is None else seed)
+                    seed=secrets.randbelow(SEED_RANGE) if seed is None else seed % 2**64)  # as torch takes it
 
 
 def _common(body: object, limits: Limits) -> Request:
@@ -200,7 +201,7 @@ def _assistant_parts(text: str) -> str | list[dict]:
         parts += [{"type": "text", "text": text[at:match.start()]}, {"type": "python", "text": match.group(1)},
                   {"type": "python_output", "text": match.group(2)}]
         at = match.end()
-    return [p for p in parts + [{"type": "text", "text": text[at:]}] if p["text"]]
+    return [p for p in parts + [{"type": "text", "text": text[at:]}] if p["text"] or p["type"] != "text"]
 
 
 def check_messages(raw: object, limits: Limits) -> list[dict]:
@@ -227,7 +228,7 @@ def check_messages(raw: object, limits: Limits) -> list[dict]:
     if messages[-1]["role"] != "user":
         raise _bad("messages", "the last message must be the user's: the model answers it")
     try:
-        return normalize(messages)
+        return normalize(messages, training=False)  # a blank reply of the model's own stays in the history
     except BadConversation as error:
         raise _bad("messages", str(error)) from None
 
@@ -263,22 +264,24 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response(chat: bool, rid: str, model: str, texts: list[str], reasons: list[str | None], used: dict) -> dict:
-    """The whole answer of a request that did not stream."""
+def response(chat: bool, rid: str, model: str, created: int, texts: list[str], reasons: list[str | None],
+             used: dict) -> dict:
+    """The whole answer of a request that did not stream; `created` when it was received (Unix seconds)."""
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                     "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
     else:
         choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
                    for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": choices, "usage": used}
 
 
-def chunk(chat: bool, rid: str, model: str, index: int | None, text: str | None = None,
+def chunk(chat: bool, rid: str, model: str, created: int, index: int | None, text: str | None = None,
           reason: str | None = None, first: bool = False, used: dict | None = None,
           with_usage: bool = False) -> dict:
-    """One streamed event: a piece of choice `index`'s text, its end (reason), or (index None) the usage."""
+    """One streamed event: a piece of choice `index`'s text, its end (reason), or (index None) the usage.
+    Every chunk of a stream carries the same `created`, as OpenAI's do."""
     if index is None:
         choices = []
     elif chat:
@@ -286,7 +289,7 @@ def chunk(chat: bool, rid: str, model: str, index: int | None, text: str | None 
         choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]
     else:
         choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}]
-    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
            "model": model, "choices": choices}
     if with_usage:
         out["usage"] = used

@@ -165,7 +165,7 @@ class Generation:
                                 f"{backend.context:,}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         self.parsed, self.chat, self.model = parsed, chat, backend.name
-        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         self.events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -185,20 +185,21 @@ class Generation:
         return usage(len(self.prompt), completion_tokens)
 
     async def stream(self) -> AsyncIterator[str]:
-        p, rid, chat = self.parsed, self.id, self.chat
+        p, chat = self.parsed, self.chat
+        head = (chat, self.id, self.model, self.created)  # the same in every chunk
         try:
             if chat:
                 for i in range(p.n):
-                    yield sse(chunk(True, rid, self.model, i, first=True, with_usage=p.include_usage))
+                    yield sse(chunk(*head, i, first=True, with_usage=p.include_usage))
             while True:
                 kind, *rest = await self.events.get()
                 if kind == "text":
-                    yield sse(chunk(chat, rid, self.model, rest[0], text=rest[1], with_usage=p.include_usage))
+                    yield sse(chunk(*head, rest[0], text=rest[1], with_usage=p.include_usage))
                 elif kind == "finish":
-                    yield sse(chunk(chat, rid, self.model, rest[0], reason=rest[1], with_usage=p.include_usage))
+                    yield sse(chunk(*head, rest[0], reason=rest[1], with_usage=p.include_usage))
                 elif kind == "done":
                     if p.include_usage:
-                        yield sse(chunk(chat, rid, self.model, None, used=self.usage(rest[0]), with_usage=True))
+                        yield sse(chunk(*head, None, used=self.usage(rest[0]), with_usage=True))
                     break
                 else:
                     yield sse(ApiError(500, rest[0]).body())
@@ -224,8 +225,8 @@ class Generation:
                 elif kind == "finish":
                     reasons[rest[0]] = rest[1]
                 elif kind == "done":
-                    return JSONResponse(response(self.chat, self.id, self.model, ["".join(t) for t in texts],
-                                                 reasons, self.usage(rest[0])))
+                    return JSONResponse(response(self.chat, self.id, self.model, self.created,
+                                                 ["".join(t) for t in texts], reasons, self.usage(rest[0])))
                 elif kind == "gone":
                     return None
                 else:

@@ -3,7 +3,7 @@ refused with a reason."""
 
 import pytest
 
-from onecard.conversations import BadConversation, normalize, prompt_ids, render
+from onecard.conversations import BadConversation, normalize, prompt_ids, render, reply_content
 from onecard.data import Corpus, iter_texts
 from onecard.tokenizer import Tokenizer
 from tests.reference import nanochat
@@ -79,6 +79,32 @@ def test_prompt_for_a_reply(tok):
 def test_bad_conversations_say_why(raw, reason):
     with pytest.raises(BadConversation, match=reason):
         normalize(raw)
+
+
+@pytest.mark.parametrize("content", ["  ", [{"type": "text", "text": " "}]])
+def test_a_blank_reply_is_refused_for_training_and_kept_in_a_chat(content):
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": content},
+                {"role": "user", "content": "b"}]
+    with pytest.raises(BadConversation, match="empty assistant turn"):
+        normalize(messages)
+    assert normalize(messages, training=False)[1]["content"] == content
+
+
+@pytest.mark.parametrize("cut", [None, "<|output_end|>", "<|python_end|>"])
+def test_a_reply_goes_back_into_the_history_as_the_tokens_the_model_wrote(tok, cut):
+    special = tok.special_id
+    wrote = (tok.encode("Let me compute. ") + [special("<|python_start|>")] + tok.encode("37*12")
+             + [special("<|python_end|>"), special("<|output_start|>")] + tok.encode("444")
+             + [special("<|output_end|>")] + tok.encode(" So 444.\nDone"))
+    if cut:  # stopped by Ctrl-C inside the calculator's output, or inside the call itself
+        wrote = wrote[:wrote.index(special(cut))]
+    history = [{"role": "user", "content": "What is 37*12?"},
+               {"role": "assistant", "content": reply_content(tok.decode(wrote))},
+               {"role": "user", "content": "thanks"}]
+    ids = prompt_ids(tok, normalize(history, training=False))
+    start = ids.index(special("<|assistant_start|>")) + 1
+    closed = wrote + ([special(cut)] if cut else []) + [special("<|assistant_end|>")]  # rendering closes the part
+    assert ids[start:start + len(closed)] == closed
 
 
 def test_a_json_file_is_one_document_or_json_lines(tmp_path):

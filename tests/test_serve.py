@@ -100,6 +100,17 @@ def test_seed_reproduces_and_n_gives_several_choices(chat_server):
     assert [streamed[0], streamed[1]] == texts
 
 
+def test_any_int64_seed_and_one_created_time_per_stream(chat_server, monkeypatch):
+    clock = iter(range(1_700_000_000, 1_800_000_000))  # a second passes at every reading of the time of day
+    monkeypatch.setattr(time, "time", lambda: float(next(clock)))
+    ask = dict(model="chat", messages=HELLO, max_tokens=12, temperature=1.0, stream=True)
+    chunks = list(client(chat_server).chat.completions.create(seed=-(2**63), **ask))  # OpenAI's seed is any int64
+    assert len(chunks) > 3 and len({ch.created for ch in chunks}) == 1
+    again = "".join(ch.choices[0].delta.content or "" for ch in
+                    client(chat_server).chat.completions.create(seed=-(2**63), **ask) if ch.choices)
+    assert again == "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+
 def test_stop_cuts_before_the_stop_string(chat_server):
     c = client(chat_server)
     ask = dict(model="chat", messages=HELLO, max_tokens=40, temperature=0)
@@ -131,7 +142,7 @@ def test_chat_models_also_complete_text(chat_server):
 BAD = [
     ({"temperature": 3}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 5000}, "max_tokens"), ({"n": 0}, "n"), ({"n": 9}, "n"),
-    ({"seed": -1}, "seed"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"),
+    ({"seed": 2**63}, "seed"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"),
     ({"stream": "yes"}, "stream"), ({"extra_body": {"top_k": 500}}, "top_k"),
     ({"extra_body": {"top_k": 1.5}}, "top_k"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
@@ -327,6 +338,17 @@ def test_calculator_calls_in_the_history_go_back_to_the_model_as_tool_calls():
     assert messages[1]["content"] == [{"type": "text", "text": "Let me see: "}, {"type": "python", "text": "2+3"},
                                       {"type": "python_output", "text": "5"}, {"type": "text", "text": " it is 5."}]
     assert messages[2]["content"] == "thanks"
+    for expression, result in (('"x=y=z".count("=")', "2"), ('"[a]".count("]")', "1"), ("2 * -3", "-6")):
+        said = check_messages([{"role": "user", "content": "?"},
+                               {"role": "assistant", "content": f"So [calculator: {expression} = {result}] ok"},
+                               {"role": "user", "content": "!"}], Limits())[1]["content"]
+        assert said[1:3] == [{"type": "python", "text": expression}, {"type": "python_output", "text": result}]
+
+
+def test_a_blank_reply_in_the_history_is_accepted(chat_server):
+    """The model may reply with nothing but spaces; a client sends that reply back with the next turn."""
+    history = HELLO + [{"role": "assistant", "content": " "}, {"role": "user", "content": "hello again"}]
+    assert client(chat_server).chat.completions.create(model="chat", messages=history, max_tokens=2).choices
 
 
 def test_limits_from_the_command_line():

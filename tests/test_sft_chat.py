@@ -161,6 +161,38 @@ def test_chat_commands_and_stop(base):
     assert "[stopped]" in out.getvalue() and len(chat.messages) == 2
 
 
+class ScriptedEngine:
+    """Replies with the given texts in turn and keeps every prompt it was given."""
+
+    def __init__(self, model, replies):
+        self.model, self.replies, self.prompts = model, list(replies), []
+
+    def complete(self, prompt, sampling, on_text):
+        self.prompts.append(prompt)
+        on_text(0, self.replies.pop(0))
+
+
+def test_chat_history_keeps_blank_replies_and_calculator_tokens(base):
+    model, tokenizer, _ = load_weights(base)
+    engine = ScriptedEngine(model, [" ", "Sum: <|python_start|>2+2<|python_end|><|output_start|>4<|output_end|>", "ok"])
+    out = io.StringIO()
+    chat = Chat(engine, tokenizer, Sampling(), None, out=out)
+    for text in ("hi", "hello again", "and?"):  # a blank reply used to end the chat with a traceback
+        chat.reply(text)
+    assert "Sum: [calculator: 2+2 = 4]" in out.getvalue()
+    last = engine.prompts[-1]
+    for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"):
+        assert last.count(tokenizer.special_id(name)) == 1, name  # not spelled out as text
+    assert last.count(tokenizer.special_id("<|assistant_end|>")) == 2
+
+
+def test_a_prompt_longer_than_the_context_says_so(base):
+    model, tokenizer, _ = load_weights(base)
+    chat = Chat(ScriptedEngine(model, []), tokenizer, Sampling(), None, out=io.StringIO())
+    with pytest.raises(UsageError, match="the message is .* tokens, more than the model's context of"):
+        chat.reply("word " * 4 * model.rotary_len)
+
+
 def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     # the second line nests deeper than Python's JSON parser recurses: not JSON either
