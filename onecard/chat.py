@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from onecard.args import fraction, positive_int, seed, temperature, text_arg
 from onecard.errors import UsageError
@@ -104,7 +103,9 @@ def is_base_model(info: dict) -> bool:
     """An onecard pre-training run, or a nanochat checkpoint from base_checkpoints/ (what the loader read)."""
     if info["layout"] == "onecard":
         return info["config"].stage != "sft"
-    return info["layout"] == "nanochat" and Path(info["path"]).parent.name == "base_checkpoints"
+    from onecard.run import is_nanochat_base
+
+    return info["layout"] == "nanochat" and is_nanochat_base(info["path"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -143,6 +143,12 @@ def read_config(path: Path) -> RunConfig:
     return RunConfig.from_dict(data, str(path))
 
 
+def is_nanochat_base(checkpoint_dir: str | Path) -> bool:
+    """A nanochat checkpoint directory holding a base model: nanochat keeps those in base_checkpoints/dNN,
+    its chat models in chatsft_checkpoints/dNN (and chatrl_checkpoints/dNN)."""
+    return Path(checkpoint_dir).resolve().parent.name == "base_checkpoints"
+
+
 def newest_run(stage: str, root: Path = Path("runs")) -> Path | None:
     """The newest finished run of a stage (pretrain | sft) under ./runs: what `onecard sft` and
     `onecard chat` take when no run is named."""

@@ -59,17 +59,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_kind(path: Path, asked: str) -> str:
-    """chat or base: an onecard run says its stage; other directories their name (base_checkpoints/...)."""
+    """chat or base: an onecard run says its stage, a nanochat checkpoint its folder (base_checkpoints/dNN);
+    anything else (a transformers folder, with its chat template) is taken as chat."""
+    from onecard.run import is_nanochat_base, read_config
+
     if asked != "auto":
         return asked
     if (path / "config.json").exists():
-        from onecard.run import read_config
-
         try:
             return "chat" if read_config(path / "config.json").stage == "sft" else "base"
         except UsageError:  # not an onecard run (a transformers folder?): the loader says if it is broken
             pass
-    return "base" if "base" in str(path.resolve()).lower() else "chat"
+    return "base" if is_nanochat_base(path) else "chat"
 
 
 def is_loopback(host: str) -> bool:

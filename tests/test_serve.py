@@ -351,6 +351,17 @@ def test_a_blank_reply_in_the_history_is_accepted(chat_server):
     assert client(chat_server).chat.completions.create(model="chat", messages=history, max_tokens=2).choices
 
 
+def test_the_kind_of_model_comes_from_the_run_or_nanochats_folder_not_from_words_in_its_path(tmp_path, runs):
+    from onecard.serve import model_kind
+
+    for folder, kind in (("database/chatsft_checkpoints/d4", "chat"), ("chats/base_checkpoints/d4", "base"),
+                         ("knowledgebase-hf", "chat")):
+        (tmp_path / folder).mkdir(parents=True)
+        assert model_kind(tmp_path / folder, "auto") == kind, folder
+    assert [model_kind(run, "auto") for run in runs] == ["base", "chat"]
+    assert model_kind(tmp_path / "database/chatsft_checkpoints/d4", "base") == "base"
+
+
 def test_limits_from_the_command_line():
     limits = Limits().with_overrides(["max_tokens=8192", "body_timeout_s=2.5"])
     assert limits.max_tokens == 8192 and limits.body_timeout_s == 2.5
