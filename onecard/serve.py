@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     kind = model_kind(path, args.kind)
     api_key = args.api_key or os.environ.get("ONECARD_API_KEY") or None
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
+        raise UsageError("--api-key (or ONECARD_API_KEY): use printable ASCII characters without spaces, as an "
+                         "HTTP Authorization header carries them")
     try:
         sock = bind(args.host, args.port)
     except OSError as error:

@@ -106,10 +106,11 @@ async def read_json(request: Request, limits: Limits) -> object:
     """The body as JSON: 413 past the size limit, 408 when it does not arrive in time, 422 if not JSON."""
     too_large = ApiError(413, f"the request body is larger than {limits.max_body_bytes:,} bytes",
                          code="request_too_large")
+    drain = max(DRAIN_BYTES, limits.max_body_bytes)  # past the limit, read (and drop) up to here
     declared = request.headers.get("content-length")
     if declared is not None and not declared.strip().isdigit():
         raise ApiError(400, "bad Content-Length header", code="invalid_value")
-    if declared is not None and int(declared) > DRAIN_BYTES:
+    if declared is not None and int(declared) > drain:
         raise too_large
     pieces, size = [], 0
 
@@ -119,7 +120,7 @@ async def read_json(request: Request, limits: Limits) -> object:
             size += len(piece)
             if size <= limits.max_body_bytes:
                 pieces.append(piece)
-            elif size > DRAIN_BYTES:
+            elif size > drain:
                 return
     try:
         await asyncio.wait_for(read(), limits.body_timeout_s)

@@ -351,6 +351,20 @@ def test_a_blank_reply_in_the_history_is_accepted(chat_server):
     assert client(chat_server).chat.completions.create(model="chat", messages=history, max_tokens=2).choices
 
 
+def test_a_body_limit_above_16_mib_is_honoured(runs):
+    from onecard.tokenizer import Tokenizer
+
+    big = Running(create_app(scripted_backend(Tokenizer.load(runs[1] / "tokenizer"), "x"),
+                             Limits(max_body_bytes=40_000_000)))
+    try:  # 20 MB: within the limit, past the 16 MiB read for a body that is over it
+        body = json.dumps({"messages": HELLO, "max_tokens": 1, "padding": "x" * 20_000_000})
+        response = httpx.post(big.url + "/v1/chat/completions", content=body, timeout=30,
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 200, response.text[:200]
+    finally:
+        big.stop()
+
+
 def test_the_kind_of_model_comes_from_the_run_or_nanochats_folder_not_from_words_in_its_path(tmp_path, runs):
     from onecard.serve import model_kind
 
@@ -382,6 +396,15 @@ def test_missing_extra_says_how_to_install(monkeypatch, tmp_path):
     from onecard.cli import build_parser
     with pytest.raises(UsageError, match=r"pip install 'onecard\[serve\]'"):
         onecard.serve.run(build_parser().parse_args(["serve", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("key", ["sécret", "two words", "tab\there"])
+def test_an_api_key_no_http_header_can_carry_is_refused(tmp_path, key):
+    import onecard.serve
+    from onecard.cli import build_parser
+
+    with pytest.raises(UsageError, match="printable ASCII"):
+        onecard.serve.run(build_parser().parse_args(["serve", str(tmp_path), "--api-key", key]))
 
 
 def test_announce_warns_when_bound_beyond_this_machine_without_a_key(capsys, tmp_path):
