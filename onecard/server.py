@@ -71,6 +71,10 @@ class Backend:
         if self.status != "ready":
             raise ApiError(503, f"the model could not be loaded: {self.error}", code="model_failed")
 
+    def stop_generating(self) -> None:
+        if self.workers:
+            self.workers.cancel_all()
+
     def close(self) -> None:
         if self.workers:
             self.workers.close()
@@ -346,10 +350,17 @@ def bind(host: str, port: int) -> socket.socket:
 def uvicorn_server(app: FastAPI, log_level: str = "warning"):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # generations end first, so their clients hear why at once, rather than waiting out the grace
+            # period to be cut off mid-answer
+            app.state.backend.stop_generating()
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug"),
                             timeout_keep_alive=5, timeout_graceful_shutdown=3, limit_concurrency=1024,
                             lifespan="off")
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 class Running:

@@ -158,8 +158,8 @@ class Workers:
                     self.running -= 1
                     self._jobs.discard(job)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Cancel what runs, drop what waits, and stop the threads."""
+    def cancel_all(self) -> None:
+        """Cancel what runs and drop what waits; each of their clients hears that the server is shutting down."""
         with self._lock:
             stopped = list(self._jobs)
         while True:
@@ -172,6 +172,10 @@ class Workers:
         for job in stopped:
             job.cancelled.set()
             job.emit(("error", "the server is shutting down"))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel what runs, drop what waits, and stop the threads."""
+        self.cancel_all()
         for _ in self.threads:
             try:
                 self.queue.put(None, timeout=timeout)

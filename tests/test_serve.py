@@ -258,6 +258,37 @@ def test_a_client_that_disconnects_stops_its_generation(runs):
             server.stop()
 
 
+def test_stopping_the_server_ends_running_answers_with_a_reason(runs):
+    """Ctrl-C with requests in flight: each client hears that the server is shutting down, at once."""
+    import threading
+
+    from onecard.tokenizer import Tokenizer
+
+    server = Running(create_app(scripted_backend(Tokenizer.load(runs[1] / "tokenizer"), "word " * 400, 0.01,
+                                                 workers=2)))
+    whole = {}
+    asking = threading.Thread(target=lambda: whole.update(r=httpx.post(
+        server.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=10)))
+    try:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={"messages": HELLO, "stream": True},
+                          timeout=10) as streamed:
+            lines = streamed.iter_lines()
+            assert [next(lines) for _ in range(6)][-2].startswith("data: ")
+            asking.start()
+            time.sleep(0.3)  # both generating
+            started = time.monotonic()
+            stopping = threading.Thread(target=server.stop)
+            stopping.start()
+            rest = [line for line in lines if line.startswith("data: ")]
+        asking.join(10)
+        stopping.join(10)
+        assert time.monotonic() - started < 2.5  # not the 3 s grace period and a cancellation
+        assert "the server is shutting down" in rest[-2] and rest[-1] == "data: [DONE]"
+        assert whole["r"].json()["error"]["message"] == "the server is shutting down"
+    finally:
+        server.stop()
+
+
 def raw(port: int, request: bytes, timeout: float = 5) -> bytes:
     """Send bytes as they are (httpx refuses to send a malformed request) and read the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
