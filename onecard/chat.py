@@ -100,12 +100,10 @@ class Chat:
 
 
 def is_base_model(info: dict) -> bool:
-    """An onecard pre-training run, or a nanochat checkpoint from base_checkpoints/ (what the loader read)."""
-    if info["layout"] == "onecard":
-        return info["config"].stage != "sft"
-    from onecard.run import is_nanochat_base
+    """A model that says it is a base model (an onecard pre-training run, nanochat's base_checkpoints/...)."""
+    from onecard.run import model_phase
 
-    return info["layout"] == "nanochat" and is_nanochat_base(info["path"])
+    return model_phase(info["path"]) == "base"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -147,9 +147,13 @@ def data_path(args: argparse.Namespace, task: str, quiet: bool = False) -> str |
 
 
 def is_chat_model(info: dict) -> bool:
-    if info.get("layout") == "onecard":
-        return info["config"].stage == "sft"
-    return "sft" in Path(info.get("path", "")).as_posix() or "chat" in Path(info.get("path", "")).as_posix()
+    from onecard.run import CHAT_PHASES, model_phase
+
+    phase = model_phase(info["path"])
+    if phase is None:
+        raise UsageError(f"{info['path']} does not say whether it is a base or a chat model: name the tasks "
+                         "with --task (bpb, core for a base model; chat for a chat model)")
+    return phase in CHAT_PHASES
 
 
 def resolve(name: str) -> str:

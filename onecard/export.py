@@ -17,9 +17,7 @@ from pathlib import Path
 
 from onecard.args import text_arg
 from onecard.errors import UsageError
-
-PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-              "rl": "chatrl_checkpoints"}
+from onecard.run import NANOCHAT_PHASE_DIRS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights as stored (default fp32; bf16 halves the files)")
     p.add_argument("--force", action="store_true", help="write into OUT_DIR although it holds files "
                                                         "(files of the same name are replaced)")
-    p.add_argument("--phase", choices=tuple(PHASE_DIRS), help="nanochat: which <phase>_checkpoints folder "
+    p.add_argument("--phase", choices=tuple(NANOCHAT_PHASE_DIRS), help="nanochat: which <phase>_checkpoints folder "
                                                               "(default sft for a chat model, else base)")
     p.add_argument("--tokenizer", type=text_arg, help="tokenizer.pkl or directory, for a nanochat checkpoint "
                                                       "kept elsewhere")
@@ -64,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_weights(source, "cpu", tokenizer_path=args.tokenizer)
     try:
         if args.to == "hf":
-            written = write_hf(out, model, tokenizer, args.dtype)
+            written = write_hf(out, model, tokenizer, args.dtype, default_phase(info))
         else:
             written = write_nanochat(out, model, tokenizer, args.dtype, args.phase or default_phase(info),
                                      source_step(info), info)
@@ -79,12 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def default_phase(info: dict) -> str:
-    if info["layout"] == "onecard":
-        return "sft" if info["config"].stage == "sft" else "base"
-    if info["layout"] == "nanochat":
-        folder = Path(info["path"]).parent.name
-        return next((phase for phase, name in PHASE_DIRS.items() if name == folder), "base")
-    return "base"
+    from onecard.run import model_phase
+
+    return model_phase(info["path"]) or "base"
 
 
 def source_step(info: dict) -> int:
@@ -120,11 +115,12 @@ def _weights(model, dtype: str) -> dict:
             if name not in ("cos", "sin")}  # the rotary tables are computed, not stored, everywhere
 
 
-def write_hf(out: Path, model, tokenizer, dtype: str) -> list[Path]:
+def write_hf(out: Path, model, tokenizer, dtype: str, phase: str = "base") -> list[Path]:
     from onecard import durable, formats
 
     ranks, specials = formats.tokenizer_ranks(tokenizer.enc)
     config = formats.hf_config(model.config, specials, dtype)  # first: it refuses what transformers lacks
+    config["onecard_phase"] = phase  # base or chat: transformers keeps unknown keys; onecard's loaders read it
     state = {formats.hf_name(name): tensor for name, tensor in _weights(model, dtype).items()}
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
@@ -144,7 +140,7 @@ def write_hf(out: Path, model, tokenizer, dtype: str) -> list[Path]:
 def write_nanochat(out: Path, model, tokenizer, dtype: str, phase: str, step: int, info: dict) -> list[Path]:
     import torch
 
-    folder = out / PHASE_DIRS[phase] / f"d{model.config.n_layer}"
+    folder = out / NANOCHAT_PHASE_DIRS[phase] / f"d{model.config.n_layer}"
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / f"model_{step:06d}.pt"
     tmp = model_path.with_name(model_path.name + ".tmp")

@@ -143,10 +143,31 @@ def read_config(path: Path) -> RunConfig:
     return RunConfig.from_dict(data, str(path))
 
 
-def is_nanochat_base(checkpoint_dir: str | Path) -> bool:
-    """A nanochat checkpoint directory holding a base model: nanochat keeps those in base_checkpoints/dNN,
-    its chat models in chatsft_checkpoints/dNN (and chatrl_checkpoints/dNN)."""
-    return Path(checkpoint_dir).resolve().parent.name == "base_checkpoints"
+# Where nanochat keeps each phase's checkpoints: <base dir>/<folder>/dNN
+# (karpathy/nanochat, nanochat/checkpoint_manager.py at commit fae3aca)
+NANOCHAT_PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+                       "rl": "chatrl_checkpoints"}
+CHAT_PHASES = ("mid", "sft", "rl")  # mid-training already teaches nanochat's conversation format
+
+
+def model_phase(path: str | Path) -> str | None:
+    """What a model directory says it holds: "base", "mid", "sft" or "rl". An onecard run (or one of its
+    checkpoints) by its stage, a transformers export by the phase it recorded, a nanochat checkpoint by
+    the folder it sits in; None when it does not say."""
+    path = Path(path)
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and data.get("onecard_phase") in NANOCHAT_PHASE_DIRS:  # a transformers export
+        return data["onecard_phase"]
+    if isinstance(data, dict) and "model_config" in data:  # an onecard run's config
+        try:
+            return "sft" if read_config(path / "config.json").stage == "sft" else "base"
+        except UsageError:
+            pass
+    folder = path.resolve().parent.name
+    return next((phase for phase, name in NANOCHAT_PHASE_DIRS.items() if name == folder), None)
 
 
 def newest_run(stage: str, root: Path = Path("runs")) -> Path | None:

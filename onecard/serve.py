@@ -59,18 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_kind(path: Path, asked: str) -> str:
-    """chat or base: an onecard run says its stage, a nanochat checkpoint its folder (base_checkpoints/dNN);
-    anything else (a transformers folder, with its chat template) is taken as chat."""
-    from onecard.run import is_nanochat_base, read_config
+    """chat or base: what the directory says it holds (run.model_phase); chat when it does not say."""
+    from onecard.run import model_phase
 
     if asked != "auto":
         return asked
-    if (path / "config.json").exists():
-        try:
-            return "chat" if read_config(path / "config.json").stage == "sft" else "base"
-        except UsageError:  # not an onecard run (a transformers folder?): the loader says if it is broken
-            pass
-    return "base" if is_nanochat_base(path) else "chat"
+    return "base" if model_phase(path) == "base" else "chat"
 
 
 def is_loopback(host: str) -> bool:

@@ -114,6 +114,7 @@ def test_export_writes_transformers_nanochat_files(hf_dir, onecard_model):
     assert config["final_logit_softcapping"] == 15.0 and config["hidden_act"] == "relu2"
     assert config["rope_parameters"]["rope_theta"] == 10000.0 and config["tie_word_embeddings"] is False
     assert config["num_attention_heads"] == model.config.n_head and config["dtype"] == "float32"
+    assert config["onecard_phase"] == "base"  # what serve, chat and eval read to tell base from chat
     # transformers reads back the same shape
     loaded = transformers.AutoConfig.from_pretrained(hf_dir)
     assert formats.gpt_config(loaded.to_dict()) == model.config
