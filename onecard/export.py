@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from onecard.args import text_arg
-from onecard.errors import UsageError
+from onecard.errors import UsageError, one_line
 from onecard.run import NANOCHAT_PHASE_DIRS
 
 
@@ -83,10 +83,29 @@ def default_phase(info: dict) -> str:
 
 
 def source_step(info: dict) -> int:
+    """The step the weights are from: nanochat names its files by it and loads the highest."""
     if info["layout"] == "onecard":
-        results = info["config"].results or {}
-        return int(results.get("steps") or info["config"].train.steps)
+        return weights_step(Path(info["path"]), info["config"].results)
     return int(info.get("step") or 0)
+
+
+def weights_step(path: Path, results: dict | None) -> int:
+    """A checkpoint's step from its state.json; final weights' from their own metadata, or (files written
+    before they carried it) from the results of a finished run, which a resume clears until it finishes."""
+    import json
+
+    from safetensors import safe_open
+    try:
+        if (path / "state.json").is_file():
+            return int(json.loads((path / "state.json").read_text())["step"])
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            written = (f.metadata() or {}).get("step") or (results or {}).get("steps")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"cannot tell which step the weights in {path} are from ({one_line(error)})") from None
+    if written is None:
+        raise UsageError(f"cannot tell which step the weights in {path} are from (a resumed run that has not "
+                         "finished): export one of its checkpoints, RUN_DIR/checkpoints/step_N")
+    return int(written)
 
 
 def usage_hint(out: Path, target: str, written: list[Path]) -> str:

@@ -147,10 +147,11 @@ def refuse_conflicts(run_dir: Path, problems: list[str]) -> None:
 
 
 def save_final(run_dir: Path, model: GPT, config: RunConfig) -> None:
-    """Final weights (in the dtypes they were trained in) as model.safetensors, and config.json."""
+    """Final weights (in the dtypes they were trained in) as model.safetensors, and config.json. The
+    weights carry their step: a resumed run rewrites config.json long before it writes new weights."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = run_dir / "model.safetensors.tmp"
-    durable.save_tensors(state, tmp)
+    durable.save_tensors(state, tmp, metadata={"step": str(config.results["steps"])})
     durable.replace(tmp, run_dir / "model.safetensors")  # before config.json says the run is finished
     write_json(run_dir / "config.json", config.to_dict())
 

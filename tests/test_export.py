@@ -329,6 +329,30 @@ def test_nanochat_loader_reads_the_export(run_dir, onecard_model, tmp_path, monk
         assert their_tokenizer.get_bos_token_id() == tokenizer.bos_id
 
 
+def test_a_nanochat_export_is_named_by_the_step_its_weights_are_from(run_dir, tmp_path, capsys):
+    """nanochat loads the highest model_NNNNNN.pt: a file named by the planned horizon would win wrongly."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
+    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["results"]["steps"] == step == 2
+    config["train"]["steps"], config["results"] = 400, None  # resumed for 400 steps, stopped before they ended
+    (run / "config.json").write_text(json.dumps(config))
+    for source, out in ((run, "from-run"), (checkpoint, "from-checkpoint")):
+        assert main(["export", str(source), "--to", "nanochat", str(tmp_path / out), "--tokenizer",
+                     str(run / "tokenizer")]) == 0
+        assert [p.name for p in (tmp_path / out / "base_checkpoints" / "d1").glob("model_*")] == ["model_000002.pt"]
+    save_file(load_file(run / "model.safetensors"), run / "model.safetensors")  # as written before the step was kept
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", "nanochat", str(tmp_path / "old")]) == 2
+    assert "export one of its checkpoints" in capsys.readouterr().err
+
+
 def test_nanochat_2026_model_exports_to_nanochat_not_to_transformers(onecard_model, tmp_path, monkeypatch):
     """transformers' nanochat is the classic; nanochat's own code from 92d63d4 reads the 2026 family."""
     _, tokenizer = onecard_model
