@@ -194,21 +194,20 @@ def entry(metric: str, value: float, examples: int, seconds: float, args: argpar
 def run_bpb(args, model, tokenizer, info: dict, device: str) -> dict:
     from onecard.data import Corpus
     from onecard.engine import evaluate_bpb
-    from onecard.loader import TokenLoader
 
     corpus = Corpus(args.data) if args.data else run_corpus(info)
     if args.data:
         _note_other_corpus(corpus, info)
     seq = model.config.sequence_len
-    loader = TokenLoader(corpus, tokenizer, max(1, min(args.batch_tokens, args.bpb_tokens) // seq), seq, split="val")
+    loader, first = _first_batch(corpus, tokenizer, max(1, min(args.batch_tokens, args.bpb_tokens) // seq), seq)
     wanted = max(1, -(-args.bpb_tokens // (loader.batch_size * seq)))
     counted = {"batches": 0}
 
     def batches():
         with progress("bpb", wanted) as advance:
-            for _ in range(wanted):
-                batch = loader.next_batch()
-                if counted["batches"] and loader.state_dict()["epoch"] > 0:
+            for i in range(wanted):
+                batch = loader.next_batch() if i else first
+                if i and loader.state_dict()["epoch"] > 0:
                     return  # the validation split ran out: no token is counted twice
                 counted["batches"] += 1
                 advance(1)
@@ -218,6 +217,22 @@ def run_bpb(args, model, tokenizer, info: dict, device: str) -> dict:
     tokens = counted["batches"] * loader.batch_size * seq
     return entry("bits per byte", bpb, tokens, time.perf_counter() - started, args, device, unit="tokens",
                  corpus=corpus.describe())
+
+
+def _first_batch(corpus, tokenizer, rows: int, seq: int):
+    """A validation loader and its first batch, which does not run past the end of the split (where it
+    would count tokens twice): fewer rows a batch for a small split."""
+    from onecard.loader import TokenLoader
+
+    while True:
+        loader = TokenLoader(corpus, tokenizer, rows, seq, split="val")
+        first = loader.next_batch()
+        if loader.state_dict()["epoch"] == 0:
+            return loader, first
+        if rows == 1:
+            raise UsageError(f"the held-out split of {corpus.label} holds fewer than {seq + 1:,} tokens, one row of "
+                             "the model's context: too little to measure bits per byte on; give more text (--data)")
+        rows //= 2
 
 
 def _note_other_corpus(corpus, info: dict) -> None:

@@ -310,6 +310,25 @@ def test_bpb_task_equals_nanochats_bits_per_byte(run_dir, tmp_path, capsys):
     assert entry["value"] == pytest.approx(theirs, rel=1e-5)
 
 
+def test_bpb_never_counts_a_token_twice_on_a_split_smaller_than_a_batch(run_dir, tmp_path, capsys):
+    from onecard.data import Corpus
+    from onecard.tokenizer import Tokenizer
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": phrase(random.Random(6), 60)}) + "\n" for _ in range(400)))
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    held = sum(len(tokenizer.encode(text, prepend_bos=True)) for _, text in Corpus(corpus).documents("val"))
+    assert main(["eval", str(run_dir), "--task", "bpb", "--data", str(corpus), "--bpb-tokens", "65536",
+                 "--batch-tokens", "65536", "--device", "cpu"]) == 0
+    counted = json.loads((run_dir / "eval.json").read_text())["tasks"]["bpb"]["examples"]
+    assert 0 < counted <= held < 65536
+    (tmp_path / "short.jsonl").write_text((json.dumps({"text": "hi"}) + "\n") * 200)  # a few tokens held out
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--task", "bpb", "--data", str(tmp_path / "short.jsonl"),
+                 "--device", "cpu"]) == 2
+    assert "too little to measure bits per byte on" in capsys.readouterr().err
+
+
 def test_bpb_on_another_corpus_than_training_says_so(run_dir, tmp_path, capsys):
     """The held-out split is drawn within the corpus given; from other files than training read (a
     subfolder, one of its files) it may hold training text, which the user is told."""
