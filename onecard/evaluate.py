@@ -385,12 +385,13 @@ def run(args: argparse.Namespace) -> int:
         unit = unit[:-1] if done["examples"] == 1 and unit.endswith("s") else unit  # "1 example", "1 token"
         print(f"{task}: {done['metric']} {done['value']:.4f} ({done['examples']:,} {unit}, "
               f"{done['examples_per_s'] or 0:.1f}/s)", flush=True)
+        merge(Path(args.run_dir), {task: done})  # kept at once: a later task's bad data or a Ctrl-C loses nothing
     if args.lm_eval:
         results.update(run_harness(args, model, tokenizer, device))
         for name, done in results.items():
             if name.startswith("lm-eval:"):
                 print(f"{name}: {done['metrics']}")
-    record = merge(Path(args.run_dir), results)
+    record = merge(Path(args.run_dir), {name: done for name, done in results.items() if name.startswith("lm-eval:")})
     if "core" in results:
         core = results["core"]["value"]
         verdict = "beats" if core > GPT2_CORE else "does not beat"

@@ -329,6 +329,18 @@ def test_bpb_never_counts_a_token_twice_on_a_split_smaller_than_a_batch(run_dir,
     assert "too little to measure bits per byte on" in capsys.readouterr().err
 
 
+def test_each_finished_task_is_kept_before_a_later_one_fails(run_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": phrase(random.Random(7), 60)}) + "\n" for _ in range(300)))
+    mmlu = tmp_path / "mmlu.jsonl"  # its first row is bad, which only reading it for scoring finds
+    mmlu.write_text(json.dumps({"question": "q?", "subject": "x", "choices": ["a", "b", "c", "d"], "answer": "E"}))
+    (run_dir / "eval.json").unlink(missing_ok=True)
+    assert main(["eval", str(run_dir), "--task", "bpb,mmlu", "--data", str(corpus), "--mmlu", str(mmlu),
+                 "--bpb-tokens", "256", "--device", "cpu"]) == 2
+    assert "answer 'E'" in capsys.readouterr().err
+    assert set(json.loads((run_dir / "eval.json").read_text())["tasks"]) == {"bpb"}
+
+
 def test_bpb_on_another_corpus_than_training_says_so(run_dir, tmp_path, capsys):
     """The held-out split is drawn within the corpus given; from other files than training read (a
     subfolder, one of its files) it may hold training text, which the user is told."""
