@@ -209,6 +209,7 @@ class Loop:
         if not resumed:
             log_file.write(json.dumps({"step": 0, "val_bpb": self.first_bpb, "time": time.time()}) + "\n")
             self.event("start")
+        self.write_summary()  # "running" from here: not the last session's word, nor nothing, if this one is killed
         # with several ranks, a signal reaches each at its own moment: they leave the loop on the
         # agreed flag alone, or one rank would wait in the next step's collective for a rank that left
         stopping = self.agreed_stop(stop)

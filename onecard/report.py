@@ -213,6 +213,18 @@ def charts(log: Log, config: dict, summary: dict, prediction: dict) -> list[tupl
     ]
 
 
+def progress_facts(summary: dict, log: Log) -> tuple[str, object, float | None]:
+    """(status, step, run time): the summary's, unless the log went further than the summary was written
+    (a session that is running, or that ended without writing one: killed, a power cut)."""
+    last = next((r for r in reversed(log.records) if "loss" in r), {})
+    logged, said = number(last.get("step")), number(summary.get("step"))
+    if logged is not None and (said is None or logged > said):
+        return (f"running, or stopped without writing its summary (the log reaches step {int(logged):,}; the "
+                f"summary says {summary.get('status') or 'nothing'} at step {int(said or 0):,})",
+                int(logged), number(last.get("wall_s")))
+    return summary.get("status") or "—", summary.get("step", "—"), number(summary.get("wall_s"))
+
+
 def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: list[tuple[str, Path]],
                 predicted_rows: list[tuple[str, str, str]], card: str = "") -> str:
     """One page with everything inside it: the PNGs are embedded as base64."""
@@ -232,14 +244,15 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
     uncounted = number(summary.get("energy_uncounted_s"))
     if uncounted:
         energy_note += f", {format_duration(uncounted)} not counted (no reading)"
+    status, step, wall = progress_facts(summary, log)
     facts = [
-        ("status", summary.get("status")),
-        ("step", f"{summary.get('step', '—')} of {summary.get('steps', '—')}"),
+        ("status", status),
+        ("step", f"{step} of {summary.get('steps', as_dict(config.get('train')).get('steps', '—'))}"),
         ("model", json.dumps(config.get("model_config", {}))),
         ("recipe", as_dict(config.get("recipe")).get("name")),
         ("device", f"{summary.get('device')} {summary.get('gpu') or ''}".strip()),
         ("tokens", fmt(summary.get("tokens"))),
-        ("run time", format_duration(number(summary.get("wall_s")) or 0)),
+        ("run time", "—" if wall is None else format_duration(wall)),
         ("tokens/s (mean over run time)", fmt(summary.get("tokens_per_s_mean"), digits=5)),
         ("validation bits per byte", f"{fmt(summary.get('val_bpb_start'))} → {fmt(summary.get('val_bpb_end'))}"),
         ("skipped steps (non-finite)", fmt(summary.get("skipped_steps"))),

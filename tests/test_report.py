@@ -72,3 +72,19 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("onecard: error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("summary", [{"status": "finished", "step": 10, "steps": 10, "wall_s": 20.0}, None])
+def test_a_log_past_its_summary_is_shown_as_a_run_that_went_on(tmp_path, summary):
+    """A killed resume leaves the last session's "finished" (or, before its first checkpoint, no
+    summary at all): the page shows how far the log went, not a finished run or a run time of 0."""
+    run = tmp_path / "run"
+    write_run(run, cuda=False)
+    if summary is None:
+        (run / "summary.json").unlink()
+    else:
+        (run / "summary.json").write_text(json.dumps(summary))
+    page = write_report(run).read_text()
+    facts = dict(re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", page))
+    assert facts["status"].startswith("running, or stopped without writing its summary (the log reaches step 20")
+    assert facts["step"].startswith("20 of ") and facts["run time"] == "0 min 40 s"

@@ -135,9 +135,8 @@ def test_a_run_reads_running_until_its_final_weights_and_a_stop_before_them_is_f
         seen.append(json.loads((tmp_path / "summary.json").read_text())["status"])
         raise KeyboardInterrupt
 
-    def save_seeing_the_summary(*args, **kwargs):  # the summary the previous checkpoint wrote
-        if (tmp_path / "summary.json").exists():
-            seen.append(json.loads((tmp_path / "summary.json").read_text())["status"])
+    def save_seeing_the_summary(*args, **kwargs):  # the summary the session's start or last checkpoint wrote
+        seen.append(json.loads((tmp_path / "summary.json").read_text())["status"])
         return real_save(*args, **kwargs)
 
     real_save = checkpoint.save
@@ -145,7 +144,7 @@ def test_a_run_reads_running_until_its_final_weights_and_a_stop_before_them_is_f
     monkeypatch.setattr(session, "sample_text", ctrl_c_while_sampling)
     with pytest.raises(KeyboardInterrupt):
         run(setup, tmp_path, save_every_steps=2)
-    assert seen == ["running"] * 3  # at steps 4 and 6 (step 2's wrote the first), then while sampling
+    assert seen == ["running"] * 4  # at steps 2, 4 and 6 (the start wrote the first), then while sampling
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "final weights" in summary["message"]
     assert checkpoint.find_latest(tmp_path).step == STEPS and not (tmp_path / "model.safetensors").exists()
