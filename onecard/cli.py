@@ -7,6 +7,7 @@ import PyTorch only when a command runs, so `onecard --help` answers at once.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from onecard.args import Parser
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onecard: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nonecard: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+            print("\nonecard: interrupted", file=sys.stderr)
         return 130
 
 

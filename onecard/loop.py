@@ -79,6 +79,10 @@ from onecard.optim import Optimizers
 from onecard.run import RunConfig, TrainSettings, write_json
 from onecard.step import BatchSource, OutOfMemory, TrainStep
 
+# Under torchrun a signal sent to the whole process group (Ctrl-C, systemd, SLURM) reaches each rank
+# twice: directly, and forwarded by torchrun a moment later. Within this many seconds it is one request.
+ECHO_S = 5.0
+
 
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to stop at the next safe point; a second one quits at once."""
@@ -87,6 +91,7 @@ class StopRequest:
         self.reason: str | None = None
         self.message = ""
         self.signalled = False
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -100,17 +105,22 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
+        several = os.environ.get("WORLD_SIZE", "1") != "1"
         if self.signalled:
+            if several and time.monotonic() - self._first_at < ECHO_S:
+                return  # the same stop: torchrun forwarding the signal the whole process group had
             raise KeyboardInterrupt  # a checkpoint being written is abandoned; the last complete one stays
-        self.signalled = True
+        self.signalled, self._first_at = True, time.monotonic()
         name = signal.Signals(signum).name
-        said = f"{name}: stopping at the next micro-batch and writing a checkpoint (again to quit at once)"
+        again = f"again{f' after {ECHO_S:g} s' if several else ''} to quit at once"
+        said = f"{name}: stopping at the next micro-batch and writing a checkpoint ({again})"
         if self.reason:  # a stop under way (non-finite steps, a step limit) keeps its reason and exit code
-            said = f"{name}: already stopping ({self.reason}); again to quit at once"
+            said = f"{name}: already stopping ({self.reason}); {again}"
         else:
             self.request("signal", said)
-        # os.write: printing from a signal handler could re-enter a print the loop is in the middle of
-        os.write(sys.stderr.fileno(), f"\n{said}\n".encode())
+        if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for the run
+            # os.write: printing from a signal handler could re-enter a print the loop is in the middle of
+            os.write(sys.stderr.fileno(), f"\n{said}\n".encode())
 
     def request(self, reason: str, message: str) -> None:
         self.reason, self.message = reason, message
@@ -209,7 +219,8 @@ class Loop:
         if not resumed:
             log_file.write(json.dumps({"step": 0, "val_bpb": self.first_bpb, "time": time.time()}) + "\n")
             self.event("start")
-        self.write_summary()  # "running" from here: not the last session's word, nor nothing, if this one is killed
+        if self.world.main:  # "running" from here: not the last session's word, nor nothing, if this one is killed
+            self.write_summary()
         # with several ranks, a signal reaches each at its own moment: they leave the loop on the
         # agreed flag alone, or one rank would wait in the next step's collective for a rank that left
         stopping = self.agreed_stop(stop)

@@ -260,7 +260,7 @@ def _closing_words(result: dict, run_dir: Path, steps: int, total_batch: int, pr
 
     resume = f"onecard train --run-dir {run_dir}"
     if result["stopped"] in ("nonfinite", "failed"):
-        print(f"onecard: {result['message']}; last complete checkpoint: step {result['last_checkpoint']} in "
+        say(f"onecard: {result['message']}; last complete checkpoint: step {result['last_checkpoint']} in "
               f"{run_dir}/ (resume: {resume})", file=sys.stderr)
         return 1
     if result["stopped"]:

@@ -221,7 +221,7 @@ def _closing_words(result: dict, run_dir: Path, steps: int, say) -> int:
     import sys
 
     if result["stopped"] in ("nonfinite", "failed"):
-        print(f"onecard: {result['message']}; last complete checkpoint: step {result['last_checkpoint']} in "
+        say(f"onecard: {result['message']}; last complete checkpoint: step {result['last_checkpoint']} in "
               f"{run_dir}/", file=sys.stderr)
         return 1
     if result["stopped"]:

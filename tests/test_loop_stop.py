@@ -57,3 +57,26 @@ def test_a_signal_during_another_stop_keeps_its_reason_and_a_second_quits(capfd)
     told._handle(signal.SIGTERM, None)  # this rank's own first signal: not yet a quit
     with pytest.raises(KeyboardInterrupt):
         told._handle(signal.SIGTERM, None)
+
+
+def test_under_torchrun_a_signal_and_its_forwarded_echo_are_one_stop(capfd, monkeypatch):
+    """systemd, SLURM and a terminal's Ctrl-C signal every process, and torchrun forwards the same
+    signal a moment later: that second copy used to quit each rank at once, with no checkpoint."""
+    import signal
+
+    import pytest
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    clock = iter([100.0, 100.05, 106.0, 200.0])
+    monkeypatch.setattr(onecard.loop.time, "monotonic", lambda: next(clock))
+    stop = StopRequest()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)  # torchrun's copy, 50 ms later: the same stop
+    assert stop.reason == "signal" and capfd.readouterr().err == ""  # rank 1 leaves the words to rank 0
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGTERM, None)  # 6 s later: the user means it
+    monkeypatch.setenv("RANK", "0")
+    stop = StopRequest()
+    stop._handle(signal.SIGINT, None)
+    assert "again after 5 s to quit at once" in capfd.readouterr().err
