@@ -21,10 +21,14 @@ backend is NCCL.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from onecard.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,25 @@ def from_rank0(value, world: World):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextmanager
+def held_by_rank0(make_lock: Callable[[], AbstractContextManager], world: World) -> Iterator[None]:
+    """Rank 0 takes a lock (the run directory's) for every rank. When it cannot, every rank stops: rank 0
+    with its reason, the others quietly; they would otherwise die in their next collective with a traceback."""
+    with ExitStack() as stack:
+        refused = None
+        if world.main:
+            try:
+                stack.enter_context(make_lock())
+            except UsageError as error:
+                refused = str(error)
+        refused = from_rank0(refused, world)
+        if refused is not None:
+            if world.main:
+                raise UsageError(refused)
+            raise SystemExit(2)
+        yield
 
 
 def barrier(world: World) -> None:

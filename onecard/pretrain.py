@@ -98,7 +98,7 @@ def _locked(args: argparse.Namespace, device: str, world) -> int:
     run_dir = Path(distributed.from_rank0(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}", world))
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir} is a file, not a directory")
-    with RunLock(run_dir) if world.main and not args.dry_run else nullcontext():
+    with nullcontext() if args.dry_run else distributed.held_by_rank0(lambda: RunLock(run_dir), world):
         return train_command(args, run_dir, device, world)
 
 

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--run-dir {run_dir} is a file, not a directory")
         if run_dir.resolve() == source.resolve():
             raise UsageError("--run-dir must differ from --from: SFT writes a new run beside the base model")
-        with RunLock(run_dir) if world.main and not args.dry_run else nullcontext():
+        with nullcontext() if args.dry_run else distributed.held_by_rank0(lambda: RunLock(run_dir), world):
             code = _sft(args, source, run_dir, device, world)
         distributed.barrier(world)
         return code

@@ -73,3 +73,19 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_two_ranks_resume(tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.count(f"resuming from step {step} of {step + 2}") == 1  # rank 0 alone speaks
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_run_directory_in_use_is_refused_in_one_line_on_every_rank(runs):
+    """Rank 0 alone takes the lock: its refusal used to leave rank 1 dying in a collective, with a
+    40-line gloo traceback burying rank 0's one line."""
+    from onecard.run import RunLock
+
+    root, _ = runs
+    busy = root / "busy"
+    with RunLock(busy):  # another onecard process holds it
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "onecard.cli", *ARGS, "--data", str(root / "corpus.jsonl"), "--run-dir", str(busy)],
+                             capture_output=True, text=True, timeout=300)
+    assert two.returncode != 0
+    assert two.stderr.count("is in use by another onecard process") == 1, two.stderr
+    assert "RuntimeError" not in two.stderr and "gloo" not in two.stderr.lower(), two.stderr
