@@ -200,7 +200,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
                            host_bytes=host_memory_available() if device == "cuda" else None,
                            why_not=lambda recipe: unrunnable_reason(recipe, device))
     recipe = choice.recipe
-    grad_accum_steps(total_batch, recipe.micro_batch, recipe.seq_len, world.size)  # a dry run says it too
+    grad_accum_steps(total_batch, recipe.micro_batch, recipe.seq_len, world.size, saved is not None)  # dry runs too
     what = ("demo model" if demo else f"d{config.n_layer}") + (f" ({config.arch})" if config.arch != "classic" else "")
     say(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
         f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}, recipe {recipe.name}")
@@ -305,16 +305,25 @@ def shared_tokenizer(args: argparse.Namespace, corpus, vocab_size: int, demo: bo
 
 # ---------------------------------------------------------------- the library function
 
-def grad_accum_steps(total_batch: int, micro_batch: int, seq_len: int, ranks: int = 1) -> int:
-    """Micro-batches per step on each rank; total_batch must be a whole number of them on every rank."""
+def grad_accum_steps(total_batch: int, micro_batch: int, seq_len: int, ranks: int = 1, resumed: bool = False) -> int:
+    """Micro-batches per step on each rank; total_batch must be a whole number of them on every rank.
+    A resumed run keeps its total batch: the advice is then a smaller micro-batch, or other ranks."""
     per_micro = micro_batch * seq_len * ranks
     if total_batch <= 0:
         raise UsageError(f"--total-batch must be positive, got {total_batch}")
     if total_batch % per_micro:
         lower = max(per_micro, total_batch // per_micro * per_micro)
         ranks_part = (" × ranks", f" × {ranks}") if ranks > 1 else ("", "")
+        rows = total_batch // (seq_len * ranks) if total_batch % (seq_len * ranks) == 0 else 0  # per rank and step
+        smaller = max((m for m in range(1, micro_batch) if rows % m == 0), default=None) if rows else None
+        if resumed:
+            advice = (f"the run keeps its total batch: resume with --micro-batch {smaller}" if smaller else
+                      f"the run keeps its total batch, which {ranks} ranks cannot share evenly: resume with "
+                      "other ranks")
+        else:
+            advice = f"use {lower} or {lower + per_micro}" + (f", or --micro-batch {smaller}" if smaller else "")
         raise UsageError(f"--total-batch {total_batch} is not a multiple of micro-batch × seq-len{ranks_part[0]} = "
-                         f"{micro_batch} × {seq_len}{ranks_part[1]} = {per_micro}: use {lower} or {lower + per_micro}")
+                         f"{micro_batch} × {seq_len}{ranks_part[1]} = {per_micro}: {advice}")
     return total_batch // per_micro
 
 

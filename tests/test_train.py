@@ -41,6 +41,15 @@ def test_total_batch_must_be_whole_micro_batches():
     assert grad_accum_steps(4096, 8, 128) == 4
     with pytest.raises(UsageError, match="use 4096 or 5120"):
         grad_accum_steps(4100, 8, 128)
+    # 64 tokens of 32 on 2 ranks: one sequence a rank. A new run may change its total batch; a resumed one
+    # cannot (the advice used to say --total-batch 128, which the resume then refused)
+    with pytest.raises(UsageError, match=r"use 128 or 256, or --micro-batch 1$"):
+        grad_accum_steps(64, 2, 32, ranks=2)
+    with pytest.raises(UsageError, match=r"keeps its total batch: resume with --micro-batch 1$"):
+        grad_accum_steps(64, 2, 32, ranks=2, resumed=True)
+    with pytest.raises(UsageError, match="3 ranks cannot share evenly: resume with other ranks"):
+        grad_accum_steps(64, 2, 32, ranks=3, resumed=True)
+    assert grad_accum_steps(64, 1, 32, ranks=2, resumed=True) == 1
 
 
 @pytest.fixture(scope="module")
