@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from onecard.core_metric import CoreTask
 
     Bundle = tuple[Path, list[CoreTask]]  # the CORE bundle's folder and its tasks, read once
+    # each task's data, read and checked before the model loads: CORE's (folder, tasks, examples by
+    # task), a chat task's problems
+    Prepared = dict[str, object]
 
 TASK_NAMES = ("bpb", "core", "arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
 CHAT = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
@@ -100,18 +103,26 @@ def default_tasks(args: argparse.Namespace, chat_model: bool) -> list[str]:
     return found
 
 
-def check_tasks(args: argparse.Namespace, tasks: list[str]) -> Bundle | None:
-    """Every file the tasks need exists, the bundle reads and the sandbox runs, before the model is
-    loaded; the bundle read here is the one scored (for --task core; None without it)."""
-    bundle = read_bundle(args) if "core" in tasks else None
+def check_tasks(args: argparse.Namespace, tasks: list[str]) -> Prepared:
+    """Every task's data read and checked, and the sandbox tried, before the model is loaded: a bad row
+    stops the command before any scoring. What is read here is what is scored."""
+    from onecard import chat_tasks as ct
+    from onecard import core_metric as cm
+
     if "humaneval" in tasks:
         from onecard.sandbox import require_posix
         require_posix()
+    prepared: Prepared = {}
     for task in tasks:
-        path = data_path(args, task) if task in CHAT else None
-        if path is not None and not Path(path).expanduser().exists():
-            raise UsageError(f"--{task} {path} does not exist")
-    return bundle
+        if task == "core":
+            folder, core_tasks = read_bundle(args)
+            prepared[task] = folder, core_tasks, {t.label: cm.read_examples(t, args.max_per_task) for t in core_tasks}
+        elif task in CHAT:
+            path = data_path(args, task)
+            if not Path(path).expanduser().exists():
+                raise UsageError(f"--{task} {path} does not exist")
+            prepared[task] = ct.load_problems(task, path, args.max_per_task)
+    return prepared
 
 
 def read_bundle(args: argparse.Namespace) -> Bundle:
@@ -265,12 +276,11 @@ def run_corpus(info: dict):
     raise UsageError("cannot tell which corpus this model was trained on: give --data for bits per byte")
 
 
-def run_core(args, bundle: Bundle, model, tokenizer, device: str) -> dict:
+def run_core(args, core: tuple, model, tokenizer, device: str) -> dict:
     from onecard import core_metric as cm
     from onecard.eval_results import GPT2_CORE
 
-    folder, tasks = bundle
-    examples = {t.label: cm.read_examples(t, args.max_per_task) for t in tasks}  # every file checked first
+    folder, tasks, examples = core
     scores, started, total = [], time.perf_counter(), 0
     for task in tasks:
         data = examples[task.label]
@@ -290,10 +300,9 @@ def run_core(args, bundle: Bundle, model, tokenizer, device: str) -> dict:
                         for s in scores})
 
 
-def run_chat_task(args, name: str, model, tokenizer, device: str) -> dict:
+def run_chat_task(args, name: str, problems: list, model, tokenizer, device: str) -> dict:
     from onecard import chat_tasks as ct
 
-    problems = ct.load_problems(name, data_path(args, name), args.max_per_task)
     started = time.perf_counter()
     more: dict = {}
     with progress(name, len(problems)) as advance:
@@ -364,12 +373,12 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = named_tasks(args)
     check_common(args)  # bad input is said before the model loads
-    bundle = check_tasks(args, tasks)
+    prepared = check_tasks(args, tasks)
     device = resolve(args.device)
     model, tokenizer, info = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
     if not tasks:  # the defaults depend on the model: checked once they are known
         tasks = default_tasks(args, is_chat_model(info))
-        bundle = check_tasks(args, tasks)
+        prepared = check_tasks(args, tasks)
     named = tasks + ([f"lm-eval:{args.lm_eval}"] if args.lm_eval else [])
     print(f"evaluating {args.run_dir} on {device}: {', '.join(named)}")
     results: dict[str, dict] = {}
@@ -377,9 +386,9 @@ def run(args: argparse.Namespace) -> int:
         if task == "bpb":
             results["bpb"] = run_bpb(args, model, tokenizer, info, device)
         elif task == "core":
-            results["core"] = run_core(args, bundle, model, tokenizer, device)
+            results["core"] = run_core(args, prepared[task], model, tokenizer, device)
         else:
-            results[task] = run_chat_task(args, task, model, tokenizer, device)
+            results[task] = run_chat_task(args, task, prepared[task], model, tokenizer, device)
         done = results[task]
         unit = done.get("unit", "examples")
         unit = unit[:-1] if done["examples"] == 1 and unit.endswith("s") else unit  # "1 example", "1 token"

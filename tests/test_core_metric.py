@@ -329,15 +329,26 @@ def test_bpb_never_counts_a_token_twice_on_a_split_smaller_than_a_batch(run_dir,
     assert "too little to measure bits per byte on" in capsys.readouterr().err
 
 
-def test_each_finished_task_is_kept_before_a_later_one_fails(run_dir, tmp_path, capsys):
+def test_bad_task_data_stops_before_scoring_and_finished_tasks_are_kept(run_dir, tmp_path, capsys, monkeypatch):
+    from onecard import evaluate
+
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": phrase(random.Random(7), 60)}) + "\n" for _ in range(300)))
-    mmlu = tmp_path / "mmlu.jsonl"  # its first row is bad, which only reading it for scoring finds
-    mmlu.write_text(json.dumps({"question": "q?", "subject": "x", "choices": ["a", "b", "c", "d"], "answer": "E"}))
+    mmlu = tmp_path / "mmlu.jsonl"
+    row = {"question": "q?", "subject": "x", "choices": ["a", "b", "c", "d"], "answer": "E"}
+    mmlu.write_text(json.dumps(row) + "\n")
     (run_dir / "eval.json").unlink(missing_ok=True)
-    assert main(["eval", str(run_dir), "--task", "bpb,mmlu", "--data", str(corpus), "--mmlu", str(mmlu),
-                 "--bpb-tokens", "256", "--device", "cpu"]) == 2
-    assert "answer 'E'" in capsys.readouterr().err
+    ask = ["eval", str(run_dir), "--task", "bpb,mmlu", "--data", str(corpus), "--mmlu", str(mmlu),
+           "--bpb-tokens", "256", "--device", "cpu"]
+    assert main(ask) == 2  # its bad row is found before the model loads, not after bpb was measured
+    said = capsys.readouterr()
+    assert "answer 'E'" in said.err and "evaluating" not in said.out and not (run_dir / "eval.json").exists()
+    mmlu.write_text(json.dumps({**row, "answer": 1}) + "\n")
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "run_chat_task", interrupted)  # Ctrl-C during the second task
+    assert main(ask) == 130
     assert set(json.loads((run_dir / "eval.json").read_text())["tasks"]) == {"bpb"}
 
 
