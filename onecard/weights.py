@@ -47,6 +47,10 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
         return _load_onecard(path, device, tokenizer_path)
     if any(NANOCHAT_MODEL.match(p.name) for p in path.iterdir()):
         return load_nanochat(path, device, tokenizer_path)
+    steps = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
+    if steps:  # a run stopped before its final weights
+        raise UsageError(f"{path} has no final weights yet (the run has not finished): give one of its checkpoints, "
+                         f"{steps[-1]} --tokenizer {path / 'tokenizer'}, or finish the run")
     raise UsageError(f"{path} is not a model: it holds neither model.safetensors (onecard), model_*.pt "
                      "(nanochat) nor config.json with model.safetensors (transformers)")
 

@@ -57,6 +57,13 @@ def test_cuda_without_cuda(capsys):
     assert code == 2 and "CUDA" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_run_without_final_weights_points_at_its_checkpoints(capsys, tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step_000040").mkdir(parents=True)  # stopped before its final weights
+    code, _, err = run_cli(capsys, "sample", "--run-dir", str(tmp_path / "run"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "has no final weights yet" in err and "step_000040 --tokenizer" in err
+
+
 def test_empty_data_directory(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--data", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1
