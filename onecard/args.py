@@ -159,4 +159,5 @@ def recipe_request(args: argparse.Namespace, device: str = "cpu"):
     if args.compile is not None:
         overrides["compile"] = args.compile
     return RecipeRequest(recipe=args.recipe, overrides=overrides, gpu=args.gpu, vram_gib=args.vram,
-                         dry_run=args.dry_run, power_watts=args.power, compile_by_default=device == "cuda")
+                         dry_run=args.dry_run, power_watts=args.power, price=getattr(args, "price", None),
+                         currency=getattr(args, "currency", None), compile_by_default=device == "cuda")

@@ -95,6 +95,31 @@ def test_several_gpus_and_overrides(capsys):
     assert lean["best"]["memory"]["detail"]["fragmentation"] == 0
 
 
+def test_small_quantities_are_not_rounded_away(capsys):
+    """A 40-minute d4 run used to read "0 kWh" beside a real cost, and its PCIe time "0.0 s" under a
+    line saying 0.7 GB cross PCIe every step; the parts of a step now add up to its total."""
+    import re
+
+    assert main(["plan", "--model", "d4", "--gpu", "4090", "--recipe", "offload"]) == 0
+    out = capsys.readouterr().out
+    energy = re.search(r"x ([\d.,]+) h = ([\d.,]+) kWh -> ([\d.]+) USD", out)
+    assert float(energy.group(1)) > 0 and float(energy.group(2)) > 0 and float(energy.group(3)) > 0
+    step = re.search(r"per step +(.*) = ([\d.]+) s for", out)
+    parts = [float(x) for x in re.findall(r"([\d.]+(?:e-?\d+)?) s (?:GPU|optimizer|PCIe)", step.group(1))]
+    assert len(parts) == 3 and parts[2] > 0 and sum(parts) == pytest.approx(float(step.group(2)), rel=0.02)
+
+
+def test_a_cards_catalog_note_is_printed(capsys):
+    assert main(["plan", "--model", "d20", "--gpu", "t4"]) == 0
+    assert "note: Turing has no bf16 tensor cores" in capsys.readouterr().out
+
+
+def test_a_dry_run_costs_at_the_price_given(capsys, tmp_path):
+    assert main(["train", "--model", "d20", "--gpu", "rtx4070", "--dry-run", "--run-dir", str(tmp_path / "r"),
+                 "--price", "0.4", "--currency", "EUR", "--power", "150"]) == 0
+    assert "EUR at 0.4 EUR/kWh" in capsys.readouterr().out
+
+
 def test_calibration_is_used_and_said(capsys, tmp_path, monkeypatch):
     home = tmp_path / "cal"
     home.mkdir()
@@ -125,6 +150,15 @@ def test_a_measured_speed_factor_scales_the_model_for_every_recipe(capsys, tmp_p
         assert after["utilization"] == pytest.approx(0.8 * before["utilization"])
     assert "measured by `onecard bench`" in scaled["utilization_source"] and "x0.80" in scaled["utilization_source"]
     assert any("0.80x the modelled speed" in n for n in scaled["notes"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1, 0, "abc", [200], 1e9])
+def test_a_damaged_board_power_is_ignored(capsys, tmp_path, monkeypatch, bad):
+    """A hand-edited calibration's power used to end in a traceback ("abc", a list) or a negative cost."""
+    (tmp_path / "calibration.json").write_text(json.dumps({"rtx4070": {"speed_factor": 0.5, "power_watts": bad}}))
+    monkeypatch.setenv("ONECARD_HOME", str(tmp_path))
+    plan = run_json(capsys, "--model", "d12", "--gpu", "rtx4070")
+    assert not any("board power" in n for n in plan["notes"]) and plan["best"]["energy_kwh"] > 0
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -1, 0, "fast", True, 1e9])

@@ -35,6 +35,8 @@ class RecipeRequest:
     vram_gib: float | None = None
     dry_run: bool = False
     power_watts: float | None = None
+    price: float | None = None  # per kWh, and its currency: the plan's cost (defaults where not given)
+    currency: str | None = None
     compile_by_default: bool = False  # CUDA runs compile unless --no-compile (not counted as a request)
 
     @property
@@ -140,7 +142,7 @@ def build_settings(gpu: GPU, notes: list[str], *, gpus: int = 1, seq_len: int, t
         elif _positive(cal.get("mfu"), most=1.0):  # a record from before bench measured against the model
             utilization, source = cal["mfu"], measured
             notes.append(f"using calibration from {calibrate.calibration_path()}: MFU {utilization:.1%}")
-    if cal and power is None and cal.get("power_watts"):
+    if cal and power is None and _positive(cal.get("power_watts"), most=10_000):  # far above any card: a typo
         power = cal["power_watts"]
         notes.append(f"board power {power:.0f} W as measured by `onecard bench`")
     s = Settings(gpu=gpu, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
@@ -195,7 +197,9 @@ def _choose(request: RecipeRequest, config: GPTConfig, device: str, *, seq_len: 
     # compiled where this run compiles (CUDA), and for a dry run that plans for a card
     compiled = request.overrides.get("compile", device == "cuda" or request.dry_run)
     s = build_settings(gpu, notes, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
-                       vocab_size=config.vocab_size, power=request.power_watts, compile=compiled)
+                       vocab_size=config.vocab_size, power=request.power_watts, compile=compiled,
+                       price=defaults.PRICE if request.price is None else request.price,
+                       currency=request.currency or defaults.CURRENCY)
     if resumed and not request.asked:
         recipe = resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch)
         planned = evaluate(config, recipe, replace(s, micro_batch=recipe.micro_batch, compile=recipe.compile), tokens)

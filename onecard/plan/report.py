@@ -16,6 +16,16 @@ from onecard.units import format_duration
 GiB = 2**30
 
 
+def amount(x: float) -> str:
+    """A quantity as people read it: whole units from 10 up, two significant digits below (0.32 kWh, not 0)."""
+    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.2g}"
+
+
+def seconds(x: float) -> str:
+    """A part of a step's time: tenths from 10 s up, three significant digits below (0.028 s, not 0.0)."""
+    return f"{x:,.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
 def describe(recipe: Recipe, every_field: bool = False) -> str:
     """A recipe's choices: short for the table (weights/grads/states, activations, loss, matmul),
     or every field for --dry-run and the log."""
@@ -35,6 +45,11 @@ def gpu_line(gpu: GPU, gpus: int) -> str:
             f"{fp8}, {gpu.power_watts:g} W, PCIe {gpu.pcie[0]}.0 x{gpu.pcie[1]}, {gpu.sm}")
 
 
+def card_note(gpu: GPU) -> list[str]:
+    """What the catalog says a card's figures do not show (no bf16 tensor cores, a power limit, --vram)."""
+    return [f"        note: {gpu.note}"] if gpu.note else []
+
+
 def table(cands: list[Candidate], s: Settings) -> list[str]:
     head = (f"  {'recipe':<14} {'weights/grads/states act loss':<40} {'micro':>5} {'peak VRAM':>10} {'fits':>4} "
             f"{'MFU':>6} {'tokens/s':>9} {'time':>12} {'energy':>11} {'cost':>13}")
@@ -43,7 +58,7 @@ def table(cands: list[Candidate], s: Settings) -> list[str]:
         fits = "yes" if c.fits else ("n/a" if c.note else "no")
         lines.append(f"  {c.recipe.name:<14} {describe(c.recipe):<40} {c.recipe.micro_batch:>5} "
                      f"{c.memory.total / GiB:>6.2f} GiB {fits:>4} {c.timing.mfu:>6.1%} {c.timing.tokens_per_s:>9,.0f} "
-                     f"{format_duration(c.time_s):>12} {c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
+                     f"{format_duration(c.time_s):>12} {amount(c.energy_kwh):>7} kWh {c.cost:>9,.2f} {s.currency}")
         if c.note:
             lines.append(f"  {'':<14} ({c.note})")
     return lines
@@ -112,11 +127,11 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
         lines.append(f"  of which fp8       {share:.0%} (block linears) at {rate}")
     lines += [f"  peak               {gpu.peak_bf16 / 1e12:.1f} TFLOP/s bf16 dense per card (source above)",
               f"  utilization        {t.utilization:.0%} of peak assumed: {t.utilization_source}",
-              f"  per step           {t.compute_s:,.1f} s GPU compute + {t.optimizer_s:,.1f} s optimizer "
-              f"(Newton-Schulz {t.optimizer_flops_per_step:.2e} FLOPs + update) + {t.pcie_s:,.1f} s PCIe"
-              + (f" + {t.comm_s:,.1f} s all-reduce" if s.gpus > 1 else "")
-              + (f" + {t.grad_fold_s:,.1f} s CPU gradient folding" if t.grad_fold_s else "")
-              + f" = {t.step_s:,.1f} s for {s.total_batch:,} tokens"]
+              f"  per step           {seconds(t.compute_s)} s GPU compute + {seconds(t.optimizer_s)} s optimizer "
+              f"(Newton-Schulz {t.optimizer_flops_per_step:.2e} FLOPs + update) + {seconds(t.pcie_s)} s PCIe"
+              + (f" + {seconds(t.comm_s)} s all-reduce" if s.gpus > 1 else "")
+              + (f" + {seconds(t.grad_fold_s)} s CPU gradient folding" if t.grad_fold_s else "")
+              + f" = {seconds(t.step_s)} s for {s.total_batch:,} tokens"]
     if t.pcie_bytes:
         lines.append(f"  PCIe               {t.pcie_bytes / 1e9:,.1f} GB per step at {pcie_bw / 1e9:.1f} GB/s "
                      f"({s.assume.pcie_efficiency:.0%} of PCIe {gpu.pcie[0]}.0 x{gpu.pcie[1]}), "
@@ -124,7 +139,7 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
     lines += [f"  throughput         {t.tokens_per_s:,.0f} tokens/s = MFU {t.mfu:.1%} (model FLOPs / peak)",
               f"  wall time          {format_duration(c.time_s)} ({steps:,.0f} steps)"]
     watts = (s.power_watts or gpu.power_watts) * s.assume.power_fraction * s.gpus + s.assume.overhead_watts
-    lines.append(f"Energy and cost: {watts:,.0f} W x {c.time_s / 3600:,.0f} h = {c.energy_kwh:,.0f} kWh -> "
+    lines.append(f"Energy and cost: {watts:,.0f} W x {amount(c.time_s / 3600)} h = {amount(c.energy_kwh)} kWh -> "
                  f"{c.cost:,.2f} {s.currency} at {s.price:g} {s.currency}/kWh")
     return lines
 
@@ -134,7 +149,7 @@ def header(config: GPTConfig, s: Settings, tokens_line: str, notes: list[str], d
     lines = [f"model   d{config.n_layer}: {params:,} parameters, {flops_per_token(config):.4e} training FLOPs/token "
              f"(nanochat's 6N + 12LHQT), width {config.n_embd}, {config.n_head} heads, vocab {config.vocab_size:,}",
              f"card    {gpu_line(s.gpu, s.gpus)}",
-             f"        source: {s.gpu.source}",
+             f"        source: {s.gpu.source}"] + card_note(s.gpu) + [
              f"tokens  {tokens_line}"] + ([f"data    {data_line}"] if data_line else [])
     return lines + [f"note    {n}" for n in notes if n]
 
@@ -149,7 +164,7 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
             lines.append(f"Nearest plan that fits: d{cfg.n_layer} ({config_params(cfg):,} parameters) "
                          f"with {c.recipe.name}, "
                          f"micro-batch {c.recipe.micro_batch}: {c.memory.total / GiB:.2f} GiB, "
-                         f"{c.tokens:,} tokens in {format_duration(c.time_s)}, {c.energy_kwh:,.0f} kWh, "
+                         f"{c.tokens:,} tokens in {format_duration(c.time_s)}, {amount(c.energy_kwh)} kWh, "
                          f"{c.cost:,.2f} {s.currency}")
         return "\n".join(lines)
     lines.append(f"Recommended: {best.recipe.name} ({describe(best.recipe)}), the fastest recipe that fits")
@@ -166,7 +181,7 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
 
 
 def budget_text(s: Settings, days: float, ratio: float, found: list, notes: list[str]) -> str:
-    lines = [f"card    {gpu_line(s.gpu, s.gpus)}", f"        source: {s.gpu.source}"]
+    lines = [f"card    {gpu_line(s.gpu, s.gpus)}", f"        source: {s.gpu.source}"] + card_note(s.gpu)
     lines += [f"note    {n}" for n in notes if n]
     lines.append(f"budget  {days:g} days, {ratio:g} tokens per parameter, sequence {s.seq_len}")
     if not found:
@@ -177,7 +192,7 @@ def budget_text(s: Settings, days: float, ratio: float, found: list, notes: list
     for config, c in found:
         lines.append(f"  d{config.n_layer:<5} {config_params(config):>14,} {c.tokens:>17,} {c.recipe.name:<14} "
                      f"{c.recipe.micro_batch:>5} {c.memory.total / GiB:>6.2f} GiB {format_duration(c.time_s):>12} "
-                     f"{c.energy_kwh:>7,.0f} kWh {c.cost:>9,.2f} {s.currency}")
+                     f"{amount(c.energy_kwh):>7} kWh {c.cost:>9,.2f} {s.currency}")
     config, best = found[0]
     lines += ["", f"Best: d{config.n_layer} with {best.recipe.name} ({describe(best.recipe)})"]
     lines += memory_lines(best, s, config_params(config)) + time_lines(best, s)
