@@ -178,7 +178,7 @@ def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float) ->
 
 def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio: float) -> int:
     from onecard.plan import report
-    from onecard.plan.search import candidates, config_params, fastest_fit, nearest_fit, overflow
+    from onecard.plan.search import candidates, config_params, fastest_fit, nearest_fit, overflow, whole_steps
 
     try:
         config = s.config(depth)
@@ -189,7 +189,7 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
         tokens, seconds = None, args.days * 86400
         cands = candidates(config, s, seconds=seconds, names=names)
     else:
-        tokens = int(args.tokens) if args.tokens is not None else int(ratio * config_params(config))
+        tokens = whole_steps(args.tokens if args.tokens is not None else ratio * config_params(config), s.total_batch)
         cands = candidates(config, s, tokens, names=names)
     best = fastest_fit(cands)
     why, nearest = "", None
@@ -199,14 +199,19 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
         nearest = nearest_fit(depth, s, ratio, given, args.days * 86400 if args.days else None,
                               tried_all=names is None)
     shown_tokens = best.tokens if best else cands[0].tokens
+    if args.days is not None and not shown_tokens:
+        step = (best or cands[0]).timing.step_s
+        raise UsageError(f"--days {args.days:g} is shorter than one optimizer step of {s.total_batch:,} tokens "
+                         f"({step:,.3g} s with {(best or cands[0]).recipe.name} on this card): give more days")
     if args.days is not None:
         line = (f"as many as fit in {args.days:g} days: {shown_tokens:,} with the best recipe "
-                f"({shown_tokens / config_params(config):.1f} tokens/param)")
+                f"({report.amount(shown_tokens / config_params(config))} tokens/param)")
     elif args.tokens is not None:
-        line = f"{tokens:,} ({tokens / config_params(config):.1f} tokens/param)"
+        line = f"{tokens:,} ({report.amount(tokens / config_params(config))} tokens/param)"
     else:
         line = f"{tokens:,} ({ratio:g} tokens/param)"
-    line += (f" = {shown_tokens / s.total_batch:,.0f} steps of {s.total_batch:,} tokens, sequence {s.seq_len}"
+    steps = shown_tokens // s.total_batch
+    line += (f" = {steps:,} step{'s' if steps != 1 else ''} of {s.total_batch:,} tokens, sequence {s.seq_len}"
              + (f", {s.gpus} GPUs" if s.gpus > 1 else ""))
     data = plan_shards(shown_tokens)  # the disk the run's text takes, at nanochat's chars/token (datasources.py)
     data_line = f"{data.line()}; `onecard data download fineweb-edu --shards {data.train_shards}`"

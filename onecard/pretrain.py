@@ -159,12 +159,13 @@ def _steps(args: argparse.Namespace, params: int, total_batch: int, before, demo
            ratio: float = defaults.RATIO) -> int:
     if args.steps:
         return args.steps
+    from onecard.plan.search import whole_steps
+
     if args.tokens or args.ratio:
-        tokens = args.tokens or args.ratio * params
-        return max(1, round(tokens / total_batch))
+        return whole_steps(args.tokens or args.ratio * params, total_batch) // total_batch
     if before is not None and before.steps:
         return before.steps
-    return defaults.DEMO["steps"] if demo else max(1, round(ratio * params / total_batch))
+    return defaults.DEMO["steps"] if demo else whole_steps(ratio * params, total_batch) // total_batch
 
 
 def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:

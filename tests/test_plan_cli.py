@@ -39,7 +39,8 @@ def test_json_contract(capsys):
     assert plan["model"]["params"] == 560_988_160
     gpu = plan["gpu"]
     assert set(gpu) >= {"name", "vram_bytes", "peak_bf16_flops", "peak_fp8_flops", "power_watts", "source"}
-    assert gpu["peak_fp8_flops"] == 330.3e12 and plan["gpus"] == 1 and plan["tokens"] == 11_000_000_000
+    assert gpu["peak_fp8_flops"] == 330.3e12 and plan["gpus"] == 1
+    assert plan["tokens"] == 20_981 * 524_288  # 11e9 tokens in whole steps
     assert [c["recipe"]["name"] for c in plan["candidates"]] == list(NAMED)
     for c in plan["candidates"]:
         assert set(c) >= {"recipe", "fits", "memory", "mfu", "tokens_per_s", "time_s", "energy_kwh", "cost"}
@@ -107,6 +108,16 @@ def test_small_quantities_are_not_rounded_away(capsys):
     step = re.search(r"per step +(.*) = ([\d.]+) s for", out)
     parts = [float(x) for x in re.findall(r"([\d.]+(?:e-?\d+)?) s (?:GPU|optimizer|PCIe)", step.group(1))]
     assert len(parts) == 3 and parts[2] > 0 and sum(parts) == pytest.approx(float(step.group(2)), rel=0.02)
+
+
+def test_tokens_are_whole_steps_as_train_runs_them(capsys):
+    """A budget or token count under one optimizer step used to plan "0 steps" (train runs one)."""
+    plan = run_json(capsys, "--model", "d20", "--gpu", "4090", "--tokens", "100")
+    assert plan["best"]["tokens"] == 524_288
+    plan = run_json(capsys, "--model", "d20", "--gpu", "4090", "--days", "1")
+    assert plan["best"]["tokens"] % 524_288 == 0 and plan["best"]["time_s"] <= 86400
+    assert main(["plan", "--model", "d20", "--gpu", "4090", "--days", "0.0001"]) == 2
+    assert "shorter than one optimizer step" in capsys.readouterr().err
 
 
 def test_a_cards_catalog_note_is_printed(capsys):

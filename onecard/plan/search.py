@@ -75,6 +75,12 @@ def check_batch(s: Settings) -> None:
                          f"= {step}: gradient accumulation needs a whole number of micro-batches")
 
 
+def whole_steps(tokens: float, total_batch: int) -> int:
+    """The tokens a run asked for `tokens` trains: whole optimizer steps, rounded as `onecard train`
+    rounds them, one at least."""
+    return max(1, round(tokens / total_batch)) * total_batch
+
+
 def evaluate(config: GPTConfig, recipe: Recipe, s: Settings, tokens: int | None = None,
              seconds: float | None = None) -> Candidate:
     """One recipe at the largest micro-batch that fits; tokens given, or as many as fit in `seconds`."""
@@ -95,8 +101,8 @@ def evaluate(config: GPTConfig, recipe: Recipe, s: Settings, tokens: int | None 
     if not (math.isfinite(timing.step_s) and timing.tokens_per_s > 0):
         raise UsageError(f"recipe {chosen.name}: the predicted step time is not a finite number of seconds "
                          "(an assumed rate or utilization is too close to zero)")
-    if tokens is None:
-        tokens = int(seconds * timing.tokens_per_s)
+    if tokens is None:  # the whole steps that fit (none, in a budget shorter than one step)
+        tokens = int(seconds * timing.tokens_per_s) // s.total_batch * s.total_batch
     time_s = tokens / timing.tokens_per_s
     kwh = energy_kwh(time_s, s.power_watts or s.gpu.power_watts, s.gpus, s.assume)
     return Candidate(chosen, fits, memory, timing, tokens, time_s, kwh, kwh * s.price, note)
@@ -161,7 +167,7 @@ def budget(s: Settings, days: float, ratio: float, keep: int = 5) -> list[tuple[
             config = s.config(depth)
         except UsageError:  # heads do not divide the width at this depth
             continue
-        best = fastest_fit(candidates(config, s, int(ratio * config_params(config))))
+        best = fastest_fit(candidates(config, s, whole_steps(ratio * config_params(config), s.total_batch)))
         if best is None:
             break  # deeper models will not fit either
         if best.time_s <= days * 86400:
