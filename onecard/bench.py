@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         key = record.get("key", "cpu")
         text.append(f"stored under '{key}' in {calibrate.save(key, record)}"
                     + (f"; `onecard plan` on this card now scales its modelled speed by {record['speed_factor']:.2f}"
-                       if "speed_factor" in record else "; `onecard plan` uses calibrations of CUDA cards only"))
+                       if "speed_factor" in record else "; `onecard plan` uses calibrations of CUDA cards only"
+                       if device == "cpu" else "; `onecard plan` keeps its modelled speed (see above)"))
     print(json.dumps(record, indent=2) if args.json else "\n".join(text))
     return 0
 
@@ -115,15 +116,27 @@ def measure(device: str, gpu_name: str | None, config, recipe, steps: int, size:
         return record, [f"no CUDA GPU here: fp32 matmul {flops / 1e9:,.1f} GFLOP/s ({size}^3); training {shape}: "
                         f"{train['tokens_per_s']:,.0f} tokens/s, {step}"]
     mfu = fb_flops / gpu.peak_bf16
-    factor = speed_factor(config, recipe, gpu, train["forward_backward_s"])
-    record |= {"matmul_flops_bf16": flops, "matmul_efficiency": flops / gpu.peak_bf16, "mfu": mfu,
-               "speed_factor": factor}
+    record |= {"matmul_flops_bf16": flops, "matmul_efficiency": flops / gpu.peak_bf16}
     shown = f"{watts:.0f} W" if watts else "unknown (pip install nvidia-ml-py)"
+    if copies_in_forward_backward(recipe):  # not what the compute model times: measured, not a calibration
+        train["mfu"] = mfu
+        against = (f"not a calibration: recipe {recipe.name} copies activations or gradients across PCIe inside "
+                   "forward-backward; bench a recipe that keeps them on the card (--recipe lean, say)")
+    else:
+        factor = speed_factor(config, recipe, gpu, train["forward_backward_s"])
+        record |= {"mfu": mfu, "speed_factor": factor}
+        against = f"{factor:.2f}x the planner's model"
     return record, [f"{record['device']} (catalog: {gpu.name}, {gpu.peak_bf16 / 1e12:.1f} TFLOP/s bf16 peak)",
                     f"  matmul {size}^3 bf16: {flops / 1e12:.1f} TFLOP/s = {flops / gpu.peak_bf16:.0%} of peak",
                     f"  training {shape}: {train['tokens_per_s']:,.0f} tokens/s, {step}",
-                    f"  MFU of forward-backward {mfu:.1%} ({factor:.2f}x the planner's model), board power {shown}",
+                    f"  MFU of forward-backward {mfu:.1%} ({against}), board power {shown}",
                     f"  peak memory allocated {train['max_memory_allocated'] / 2**30:.2f} GiB"]
+
+
+def copies_in_forward_backward(recipe) -> bool:
+    """Whether a micro-batch's forward-backward also moves activations (offload) or gradients (grads=cpu)
+    across PCIe: time the planner counts apart from compute, so it cannot calibrate compute."""
+    return recipe.activations == "offload" or recipe.grads == "cpu"
 
 
 def speed_factor(config, recipe, gpu, forward_backward_s: float) -> float:

@@ -196,6 +196,29 @@ def test_bench_speed_factor_is_the_models_time_over_the_measured():
     assert speed_factor(config, recipe, CATALOG["h100-sxm"], modelled_s / 1.25) == pytest.approx(1.25)
 
 
+@pytest.mark.parametrize("name, calibrates", [("baseline", True), ("lean", True), ("offload", False),
+                                               ("offload-max", False)])
+def test_bench_calibrates_only_with_recipes_whose_forward_backward_is_compute(monkeypatch, name, calibrates):
+    """Activation offload and CPU gradients copy across PCIe inside forward-backward, time the planner
+    counts apart from compute: their factor came out far below 1 and then slowed every plan on the card."""
+    import onecard.device
+    import onecard.measure
+    import onecard.meters
+    from onecard.bench import measure
+    from onecard.recipe import named_recipe
+
+    monkeypatch.setattr(onecard.device, "local_card", lambda: ("NVIDIA GeForce RTX 4070", 12 * 2**30))
+    monkeypatch.setattr(onecard.measure, "matmul_flops", lambda *a, **k: 40e12)
+    monkeypatch.setattr(onecard.meters, "nvml_power_reader", lambda device: None)
+    monkeypatch.setattr(onecard.measure, "time_recipe_steps", lambda *a, **k: {
+        "outcome": "ran", "forward_backward_s": 2.0, "forward_backward_tokens_per_s": 8192.0, "tokens_per_s": 7000.0,
+        "step_s": 2.3, "update_s": 0.3, "max_memory_allocated": 2**30})
+    recipe = named_recipe(name, micro_batch=8, seq_len=2048)
+    record, text = measure("cuda", None, GPTConfig.from_depth(12), recipe, 3, 64)
+    assert ("speed_factor" in record) == calibrates and ("mfu" in record) == calibrates
+    assert ("not a calibration" in "\n".join(text)) != calibrates
+
+
 def test_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "plan.png"
