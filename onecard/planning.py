@@ -73,8 +73,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences per micro-batch (default: largest that fits)")
     parser.add_argument("--vocab-size", type=positive_int, default=defaults.VOCAB_SIZE,
                         help=f"vocabulary size (default {defaults.VOCAB_SIZE})")
-    parser.add_argument("--mfu", type=fraction, help="assumed utilization of the bf16 peak, 0-1 "
-                                                    "(default: calibration, else by card kind)")
+    parser.add_argument("--mfu", type=fraction, help="assumed utilization of the bf16 peak, 0-1 (default: "
+                                                    "modelled from the model's width and the card, scaled by "
+                                                    "`onecard bench` where it has run; docs/time.md)")
     parser.add_argument("--power", type=positive_float, help="average board power in W (default: the card's rating)")
     parser.add_argument("--price", type=non_negative_float, default=defaults.PRICE,
                         help=f"electricity price per kWh (default {defaults.PRICE})")

@@ -108,8 +108,9 @@ class Assumptions:
     # Without torch.compile, torchao's fp8 casts and scalings run as separate kernels and fp8 is
     # slower than bf16 (pytorch/ao issue 685; torchtitan calls compile required for float8).
     # Measured here: lean-fp8 in eager mode ran at 0.47-0.54x the tokens/s of lean on an H200
-    # (benchmarks/results/gpu_session1). 0.45 of the bf16 rate on the fp8 FLOPs (~80 % of them)
-    # reproduces that ~0.5x. Used for recipes with matmul=fp8 and compile off.
+    # (benchmarks/results/gpu_session1). The rate on the fp8 FLOPs (~80 % of them), as a share of
+    # the bf16 rate, is fitted to those rows with the others (benchmarks/fit_planner.py): 0.39.
+    # Used for recipes with matmul=fp8 and compile off.
     fp8_eager_efficiency: float = 0.39
     # Average board power as a fraction of the rated board power while training: sustained
     # tensor-core work keeps a card at its power limit.
