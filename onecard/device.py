@@ -3,6 +3,7 @@ the optional libraries a recipe needs). The planner stays analytic; these probes
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -47,12 +48,13 @@ def local_card() -> tuple[str, int] | None:
 
 
 def host_memory_available() -> int | None:
-    """Bytes of host RAM free for a new run (Linux MemAvailable), or None where it cannot be read."""
+    """Bytes of host RAM free for this process of a new run (Linux MemAvailable, shared by the ranks
+    torchrun starts on this machine), or None where it cannot be read."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except (OSError, ValueError):
         pass
     return None

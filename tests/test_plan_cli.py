@@ -306,3 +306,19 @@ def test_bench_times_the_recipes_own_step_with_its_own_optimizer(tmp_path, monke
     expected = 2 * 128 / train["forward_backward_s"] * flops_per_token(GPTConfig.from_depth(2, sequence_len=128))
     assert train["model_flops_per_s"] == pytest.approx(expected, rel=1e-9)
 
+
+
+def test_host_ram_is_shared_by_the_ranks_on_one_machine(monkeypatch, tmp_path):
+    """Each rank checked a recipe's host RAM against all of the machine's free memory."""
+    import builtins
+
+    from onecard.device import host_memory_available
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 67108864 kB\nMemAvailable: 33554432 kB\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(meminfo if path == "/proc/meminfo" else path,
+                                                                          *a, **k))
+    assert host_memory_available() == 32 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert host_memory_available() == 8 * 2**30

@@ -95,8 +95,9 @@ def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
                  f"({'%.2f GiB free' % (free / GiB) if free >= 0 else '%.2f GiB over' % (-free / GiB)}); "
                  f"torch.cuda.max_memory_allocated should read {m.allocated / GiB:.2f} GiB")
     if m.host:
+        each = f" for each of the {s.gpus} cards' processes" if s.gpus > 1 else ""
         lines.append(f"  {'CPU RAM':<18} {m.host / GiB:>7.2f} GiB   master weights, gradients, optimizer states "
-                     f"or activations kept in host memory")
+                     f"or activations kept in host memory{each}")
     return lines
 
 
