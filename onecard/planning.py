@@ -109,6 +109,9 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.days is not None and args.tokens is not None:
         raise UsageError("give --tokens or --days, not both: --days decides how many tokens fit")
     depth = depth_from(args.model, args.depth)
+    if depth is not None and args.days is not None and args.ratio is not None:
+        raise UsageError("give --ratio or --days with a model, not both: --days decides how many tokens fit "
+                         "(without --model, --ratio sets the tokens of each model --days considers)")
     assume = DEFAULT.with_overrides(args.assume)
     gpu, notes = choose_gpu(args.gpu, args.vram, None if args.gpu else local_card())
     s = build_settings(gpu, notes, gpus=args.gpus, seq_len=args.seq_len, total_batch=args.total_batch,

@@ -118,6 +118,8 @@ def test_tokens_are_whole_steps_as_train_runs_them(capsys):
     assert plan["best"]["tokens"] % 524_288 == 0 and plan["best"]["time_s"] <= 86400
     assert main(["plan", "--model", "d20", "--gpu", "4090", "--days", "0.0001"]) == 2
     assert "shorter than one optimizer step" in capsys.readouterr().err
+    assert main(["plan", "--model", "d20", "--gpu", "4090", "--days", "3", "--ratio", "10"]) == 2  # was ignored
+    assert "--ratio or --days" in capsys.readouterr().err
 
 
 def test_a_cards_catalog_note_is_printed(capsys):
