@@ -88,14 +88,19 @@ def named_tasks(args: argparse.Namespace) -> list[str]:
     return [t for t in TASK_NAMES if t in names]
 
 
-def default_tasks(args: argparse.Namespace, chat_model: bool) -> list[str]:
-    """Without --task: bpb (and CORE with --bundle) for a base model; the chat tasks whose data is at
-    hand for a chat model; nothing else when --lm-eval is given."""
+def default_tasks(args: argparse.Namespace, chat_model: bool, corpus_known: bool = True) -> list[str]:
+    """Without --task: bpb (where the training corpus is known, or --data names one) and CORE (where the
+    bundle is at hand) for a base model; the chat tasks whose data is at hand for a chat model; nothing
+    else when --lm-eval is given."""
     if args.lm_eval:
         return []
     if not chat_model:
-        from onecard.core_metric import find_bundle
-        return ["bpb"] + (["core"] if find_bundle(args.bundle) else [])
+        from onecard.core_metric import BUNDLE_HELP, find_bundle
+        tasks = (["bpb"] if corpus_known or args.data else []) + (["core"] if find_bundle(args.bundle) else [])
+        if not tasks:
+            raise UsageError("a model trained elsewhere has no known training corpus: give --data for bits per "
+                             f"byte, or the CORE bundle ({BUNDLE_HELP})")
+        return tasks
     found = [t for t in CHAT if data_path(args, t, quiet=True)]
     if not found:
         raise UsageError("a chat model is evaluated on ARC, MMLU, GSM8K and HumanEval: give their test files "
@@ -377,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve(args.device)
     model, tokenizer, info = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
     if not tasks:  # the defaults depend on the model: checked once they are known
-        tasks = default_tasks(args, is_chat_model(info))
+        tasks = default_tasks(args, is_chat_model(info), corpus_known=info["layout"] == "onecard")
         prepared = check_tasks(args, tasks)
     named = tasks + ([f"lm-eval:{args.lm_eval}"] if args.lm_eval else [])
     print(f"evaluating {args.run_dir} on {device}: {', '.join(named)}")

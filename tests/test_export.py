@@ -353,6 +353,18 @@ def test_a_nanochat_export_is_named_by_the_step_its_weights_are_from(run_dir, tm
     assert "export one of its checkpoints" in capsys.readouterr().err
 
 
+def test_eval_of_a_base_model_trained_elsewhere_asks_for_a_corpus_or_the_bundle(run_dir, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A nanochat base checkpoint knows no training corpus: bits per byte, its default, failed after the
+    model had loaded; now the defaults leave it out, and with no CORE bundle either, the user is told."""
+    out = tmp_path / "cache" / "nanochat"
+    assert main(["export", str(run_dir), "--to", "nanochat", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)  # no data/eval_bundle here
+    capsys.readouterr()
+    assert main(["eval", str(out / "base_checkpoints" / "d1"), "--device", "cpu"]) == 2
+    assert "no known training corpus: give --data" in capsys.readouterr().err
+
+
 def test_nanochat_2026_model_exports_to_nanochat_not_to_transformers(onecard_model, tmp_path, monkeypatch):
     """transformers' nanochat is the classic; nanochat's own code from 92d63d4 reads the 2026 family."""
     _, tokenizer = onecard_model
