@@ -54,7 +54,7 @@ def out_of_memory_message(model_config: GPTConfig, recipe: Recipe, device: str, 
     if saved:
         lines[0] += f"; step {saved} is saved, and resuming with a leaner recipe goes on from there"
     if device == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory  # this rank's card
         lines.append(f"  measured: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated of the "
                      f"card's {total / 2**30:.2f} GiB")
     lines.append(f"  planner's prediction: {breakdown(predict_memory(model_config, recipe))}")
