@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,11 @@ class World:
 
 
 SINGLE = World()
+# How long a rank waits in a collective for the others. Rank 0 alone trains the tokenizer and writes
+# checkpoints, which on a large corpus or a slow disk take longer than NCCL's default of 10 minutes
+# (pytorch/pytorch#110947);
+# a rank that dies is noticed by torchrun at once, so only a hang waits this long.
+WAIT = timedelta(hours=1)
 
 
 def init(device: str) -> World:
@@ -53,8 +59,8 @@ def init(device: str) -> World:
     if not dist.is_initialized():
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=WAIT)
+    cpu_group = dist.new_group(backend="gloo", timeout=WAIT) if dist.get_backend() == "nccl" else None
     return World(dist.get_rank(), dist.get_world_size(), cpu_group)
 
 
