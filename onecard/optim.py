@@ -254,8 +254,8 @@ class Optimizers:
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the accumulated gradients to max_norm (as torch's clip_grad_norm_); returns the norm
-        before clipping, on the CPU."""
+        """Clip the accumulated gradients to max_norm (as torch's clip_grad_norm_; 0: no clipping, as
+        nanochat-2026 trains); returns the norm before clipping, on the CPU."""
         grads = self.gradients()
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
@@ -263,6 +263,8 @@ class Optimizers:
         norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
                                                        for g in gs])).cpu() for gs in by_device.values()]
         total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if max_norm <= 0:
+            return total
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for device, gs in by_device.items():
             device_coef = coef.to(device)

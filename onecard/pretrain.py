@@ -219,8 +219,9 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
         say(f"{run_dir} holds a run: resuming it")
     elif tokenizer is None:
         tokenizer = shared_tokenizer(args, corpus, config.vocab_size, demo, run_dir, world, say)
+    # nanochat-2026 trains without clipping (base_train.py at karpathy/nanochat 00255c1); a run keeps its own
     settings = _settings(args, pick, demo, run_dir=run_dir, steps=steps, total_batch=total_batch, device=device,
-                         data=data)
+                         data=data, grad_clip=pick(None, "grad_clip", 0.0 if config.arch == "nanochat-2026" else 1.0))
     prediction = choice.prediction(device)
     if prediction:
         say(f"planner predicts on {prediction.gpu}: peak {prediction.peak_bytes / 2**30:.2f} GiB "

@@ -46,7 +46,7 @@ class TrainSettings:
     matrix_lr: float = 0.02
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the gradient norm's ceiling; 0: no clipping
     sample_prompt: str = ""
     data: str | None = None  # the corpus as given (None: embedded), so that a resume finds it again
     save_every_min: float = defaults.SAVE_EVERY_MIN  # checkpoint every so many minutes (0: off) ...
@@ -248,7 +248,8 @@ SAME_TRAIN = ("total_batch", "seed", "matrix_lr", "embedding_lr", "unembedding_l
 
 
 def model_conflicts(saved: GPTConfig, config: GPTConfig) -> list[str]:
-    before, now = saved.to_dict(), config.to_dict()
+    # every field, the family's too (to_dict leaves a classic model's arch out of its files)
+    before, now = asdict(saved), asdict(config)
     return [f"model {key} {before.get(key)} -> {value}" for key, value in now.items() if before.get(key) != value]
 
 

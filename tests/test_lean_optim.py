@@ -189,6 +189,21 @@ def test_clip_grad_norm_matches_torch_with_buffers():
         torch.testing.assert_close(slots[q].grad(), p.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_clip_at_zero_measures_the_norm_and_leaves_the_gradients():
+    """nanochat-2026 trains unclipped: the norm is still reported, the gradients are as backward left them."""
+    x, y = next(batches(1))
+    plain, lean = tiny_model(), tiny_model()
+    lean_opt = build_optimizer(lean, Recipe())
+    plain(x, y).backward()
+    lean(x, y).backward()
+    lean_opt.accumulate()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters()]))
+    torch.testing.assert_close(lean_opt.clip_grad_norm(0), expected, rtol=1e-5, atol=0)
+    slots = slots_by_param(lean_opt)
+    for p, q in zip(plain.parameters(), lean.parameters(), strict=True):
+        torch.testing.assert_close(slots[q].grad(), p.grad, rtol=0, atol=0)
+
+
 def train_steps(model, opt, data):
     for x, y in data:
         model(x, y).backward()

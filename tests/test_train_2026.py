@@ -130,6 +130,11 @@ def test_the_2026_family_goes_through_sft_chat_and_export(tmp_path, capsys):
     assert main(["train", "--arch", "nanochat-2026", "--run-dir", str(base), "--device", "cpu", "--depth", "2",
                  "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len", "32", "--micro-batch", "2",
                  "--total-batch", "128", "--eval-every", "0", "--eval-batches", "1", "--steps", "2"]) == 0
+    # nanochat-2026 trains without clipping gradients (base_train.py at karpathy/nanochat 00255c1)
+    assert json.loads((base / "config.json").read_text())["train"]["grad_clip"] == 0
+    capsys.readouterr()  # resuming it as the other family is refused in one line (it was a traceback)
+    assert main(["train", "--arch", "classic", "--run-dir", str(base), "--device", "cpu", "--steps", "3"]) == 2
+    assert "model arch nanochat-2026 -> classic" in capsys.readouterr().err
     assert main(["sft", "--from", str(base), "--run-dir", str(sft), "--device", "cpu", "--steps", "2", "--batch", "4",
                  "--micro-batch", "2", "--eval-batches", "1", "--eval-every", "0"]) == 0
     assert json.loads((sft / "config.json").read_text())["model_config"]["arch"] == "nanochat-2026"
