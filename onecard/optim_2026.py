@@ -103,9 +103,18 @@ class NorMuon(Muon):
                 slot.apply(0, p.numel(), (lr * u + lr * wd * weight * cautious).reshape(-1), 1.0, 1.0)
 
 
+def fine_tuning_optimizer_2026(model: GPT2026, recipe: Recipe | None, fraction: float) -> Optimizers:
+    """Fine-tuning's optimizer, as nanochat's chat_sft.py (karpathy/nanochat 00255c1) sets it up: the
+    pre-training rates unscaled by any batch, every group's times `fraction`, no weight decay (the
+    pre-training schedule has brought it to zero)."""
+    return build_optimizer_2026(model, recipe, embedding_lr=EMBEDDING_LR * fraction,
+                                unembedding_lr=UNEMBEDDING_LR * fraction, matrix_lr=MATRIX_LR * fraction,
+                                scalar_lr=SCALAR_LR * fraction, smear_lr=SMEAR_LR * fraction, weight_decay=0.0)
+
+
 def build_optimizer_2026(model: GPT2026, recipe: Recipe | None = None, total_batch: int = 2 ** 19,
                          embedding_lr: float = EMBEDDING_LR, unembedding_lr: float = UNEMBEDDING_LR,
-                         matrix_lr: float = MATRIX_LR, scalar_lr: float = SCALAR_LR,
+                         matrix_lr: float = MATRIX_LR, scalar_lr: float = SCALAR_LR, smear_lr: float = SMEAR_LR,
                          weight_decay: float | None = None) -> Optimizers:
     """nanochat's groups and rates; learning rates scaled by sqrt(total_batch / 2^19) and Muon's
     weight decay by the batch and depth (schedule_2026.py), unless weight_decay is given."""
@@ -127,7 +136,7 @@ def build_optimizer_2026(model: GPT2026, recipe: Recipe | None = None, total_bat
         dict(params=groups["value_embeds"], lr=emb * d * 0.5, betas=(0.8, 0.995), weight_decay=0.01),
         dict(params=groups["resid"], lr=scalar * 0.01, betas=(0.8, 0.95), weight_decay=0.05),
         dict(params=groups["x0"], lr=scalar, betas=(0.96, 0.95), weight_decay=0.0),
-        dict(params=groups["smear"], lr=SMEAR_LR, betas=(0.8, 0.95), weight_decay=0.0),
+        dict(params=groups["smear"], lr=smear_lr, betas=(0.8, 0.95), weight_decay=0.0),
     ], eps=ADAMW_EPS, states=recipe.optim_states, slots=slots)
     matrices = groups["matrix"]
     muon = NorMuon([dict(params=[p for p in matrices if p.shape == shape])

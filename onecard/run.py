@@ -46,6 +46,9 @@ class TrainSettings:
     matrix_lr: float = 0.02
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
+    # fine-tuning's share of pre-training's learning rates: the classic's rates above already carry it;
+    # nanochat-2026 sets its own rates and takes this (with no weight decay) where it is below 1
+    lr_fraction: float = 1.0
     grad_clip: float = 1.0  # the gradient norm's ceiling; 0: no clipping
     sample_prompt: str = ""
     data: str | None = None  # the corpus as given (None: embedded), so that a resume finds it again

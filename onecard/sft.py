@@ -172,7 +172,8 @@ def _settings(args: argparse.Namespace, run_dir: Path, steps: int, device: str):
         run_dir=run_dir, steps=steps, total_batch=args.batch, seed=args.seed, device=device,
         eval_every=args.eval_every, eval_batches=args.eval_batches,
         matrix_lr=base.matrix_lr * args.lr_fraction, embedding_lr=base.embedding_lr * args.lr_fraction,
-        unembedding_lr=base.unembedding_lr * args.lr_fraction, sample_prompt=SAMPLE_QUESTION,
+        unembedding_lr=base.unembedding_lr * args.lr_fraction, lr_fraction=args.lr_fraction,
+        sample_prompt=SAMPLE_QUESTION,
         save_every_min=args.save_every_min if args.save_every_min is not None else defaults.SAVE_EVERY_MIN,
         save_every_steps=args.save_every_steps or 0, keep=args.keep or defaults.KEEP, force_new=args.force_new,
         price=args.price, currency=args.currency or defaults.CURRENCY, power_watts=args.power)

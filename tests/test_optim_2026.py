@@ -62,6 +62,42 @@ def test_two_optimizer_steps_equal_nanochat(monkeypatch):
             torch.testing.assert_close(p, theirs[name], rtol=0, atol=2e-6, msg=f"{name} after step {step + 1}")
 
 
+def test_fine_tuning_takes_a_share_of_every_rate_and_no_weight_decay(monkeypatch):
+    """As nanochat's chat_sft.py (00255c1) sets up its optimizer: setup_optimizer with the pre-training
+    rates and weight_decay 0, then every group's rate times init_lr_frac. SFT used to get the
+    pre-training optimizer, its rates scaled by a conversation count as if it were tokens."""
+    from onecard.family import build_optimizer
+
+    gpt = nanochat("92d63d4", "gpt")
+    eager(monkeypatch)
+    config = GPTConfig(n_layer=2, **SMALL)
+    ref = reference_model(gpt, config)
+    ref.init_weights()
+    scramble(ref, 5)
+    ours = build_model(config, init=False)
+    ours.load_state_dict(ref.state_dict())
+    fraction = 0.25
+    theirs_opt = ref.setup_optimizer(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, weight_decay=0.0)
+    for group in theirs_opt.param_groups:
+        group["lr"] *= fraction
+    opt = build_optimizer(ours, total_batch=32, fine_tune=fraction)  # 32 conversations a step
+    names = {id(p): name for name, p in ref.named_parameters()}
+    theirs = {names[id(p)]: (g["lr"], g.get("weight_decay", 0.0)) for g in theirs_opt.param_groups for p in g["params"]}
+    ours_names = {id(p): name for name, p in ours.named_parameters()}
+    mine = {ours_names[id(p)]: (g["lr"], g.get("weight_decay", 0.0)) for o in opt.optimizers for g in o.param_groups
+            for p in g["params"]}
+    assert mine.keys() == theirs.keys()
+    for name, (lr, wd) in mine.items():
+        assert lr == pytest.approx(theirs[name][0], rel=1e-12) and wd == pytest.approx(theirs[name][1]), name
+    for step in range(2):
+        random_grads([ref, ours], step)
+        theirs_opt.step()
+        opt.step()
+    theirs_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p, theirs_params[name], rtol=0, atol=2e-6, msg=name)
+
+
 def test_lean_recipe_keeps_states_small_and_steps():
     config = GPTConfig(n_layer=2, **SMALL)
     model = build_model(config)
