@@ -12,8 +12,9 @@ from onecard import defaults
 from onecard.args import fraction, gigabytes, non_negative_float, positive_float, positive_int, text_arg
 from onecard.datasources import plan_shards
 from onecard.errors import UsageError
-from onecard.model_config import ARCHS, GPTConfig, depth_from, flops_per_token, param_counts
+from onecard.model_config import ARCH_2026, ARCHS, VOCAB_2026, GPTConfig, depth_from, flops_per_token, param_counts
 from onecard.recipe import NAMED
+from onecard.schedule_2026 import RATIO as RATIO_2026
 
 # ---------------------------------------------------------------- info
 
@@ -62,17 +63,19 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     budget_group = parser.add_mutually_exclusive_group()
     budget_group.add_argument("--tokens", type=positive_float, help="training tokens, e.g. 38e9 or 38B")
     budget_group.add_argument("--ratio", type=positive_float,
-                              help=f"tokens per parameter (default {defaults.RATIO}, Chinchilla)")
+                              help=f"tokens per parameter (default {defaults.RATIO}, Chinchilla; nanochat-2026: "
+                                   f"{RATIO_2026} per matrix and lm_head parameter, as nanochat)")
     parser.add_argument("--days", type=positive_float, help="time budget: with a model, how many tokens fit; "
                                                             "without, the best model that trains in that time")
     parser.add_argument("--seq-len", type=positive_int, default=defaults.SEQ_LEN,
                         help=f"sequence length (default {defaults.SEQ_LEN})")
-    parser.add_argument("--total-batch", type=positive_int, default=defaults.TOTAL_BATCH,
-                        help=f"tokens per optimizer step (default {defaults.TOTAL_BATCH})")
+    parser.add_argument("--total-batch", type=positive_int,
+                        help=f"tokens per optimizer step (default {defaults.TOTAL_BATCH}; nanochat-2026: its own, "
+                             "growing with depth)")
     parser.add_argument("--micro-batch", type=positive_int,
                         help="sequences per micro-batch (default: largest that fits)")
-    parser.add_argument("--vocab-size", type=positive_int, default=defaults.VOCAB_SIZE,
-                        help=f"vocabulary size (default {defaults.VOCAB_SIZE})")
+    parser.add_argument("--vocab-size", type=positive_int,
+                        help=f"vocabulary size (default {defaults.VOCAB_SIZE}; nanochat-2026: {VOCAB_2026})")
     parser.add_argument("--mfu", type=fraction, help="assumed utilization of the bf16 peak, 0-1 (default: "
                                                     "modelled from the model's width and the card, scaled by "
                                                     "`onecard bench` where it has run; docs/time.md)")
@@ -114,17 +117,20 @@ def run_plan(args: argparse.Namespace) -> int:
                          "(without --model, --ratio sets the tokens of each model --days considers)")
     assume = DEFAULT.with_overrides(args.assume)
     gpu, notes = choose_gpu(args.gpu, args.vram, None if args.gpu else local_card())
-    s = build_settings(gpu, notes, gpus=args.gpus, seq_len=args.seq_len, total_batch=args.total_batch,
-                       micro_batch=args.micro_batch, vocab_size=args.vocab_size, mfu=args.mfu, power=args.power,
+    family = args.arch == ARCH_2026  # its own vocabulary, batch and ratio, as `onecard train` takes them
+    vocab = args.vocab_size or (VOCAB_2026 if family else defaults.VOCAB_SIZE)
+    s = build_settings(gpu, notes, gpus=args.gpus, seq_len=args.seq_len,
+                       total_batch=args.total_batch or defaults.TOTAL_BATCH,
+                       micro_batch=args.micro_batch, vocab_size=vocab, mfu=args.mfu, power=args.power,
                        price=args.price, currency=args.currency, assume=assume, compile=args.compile)
     if args.arch != "classic":
         from dataclasses import replace
-        s = replace(s, arch=args.arch)
+        s = replace(s, arch=args.arch, family_batch=args.total_batch is None)
     if args.plot:
         report.check_plot_path(args.plot)
     if getattr(args, "target", None) == "gpt2":
         return _plan_gpt2(args, s, notes, depth)
-    ratio = args.ratio if args.ratio is not None else float(defaults.RATIO)
+    ratio = args.ratio  # None: the family's
     if depth is None:
         return _plan_budget(args, s, notes, ratio)
     return _plan_model(args, s, notes, depth, ratio)
@@ -161,9 +167,9 @@ def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None)
     return 0
 
 
-def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float) -> int:
+def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float | None) -> int:
     from onecard.plan import report
-    from onecard.plan.search import budget, candidates
+    from onecard.plan.search import budget, candidates, for_model
 
     if args.days is None:
         raise UsageError("say which model (--model dN or --depth N), or give --days D to find the best "
@@ -175,25 +181,41 @@ def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float) ->
         print(report.budget_text(s, args.days, ratio, found, notes))
     if args.plot and found:
         config, best = found[0]
+        s = for_model(s, config)
         report.plot(candidates(config, s, best.tokens), s, args.plot,
                     f"d{config.n_layer} on {s.gpu.name}, {best.tokens:,} tokens")
     return 0
 
 
-def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio: float) -> int:
+def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio: float | None) -> int:
     from onecard.plan import report
-    from onecard.plan.search import candidates, config_params, fastest_fit, nearest_fit, overflow, whole_steps
+    from onecard.plan.search import (
+        candidates,
+        check_batch,
+        default_tokens,
+        fastest_fit,
+        for_model,
+        horizon,
+        nearest_fit,
+        overflow,
+        whole_steps,
+    )
 
     try:
         config = s.config(depth)
     except UsageError as error:
         raise UsageError(f"d{depth} has no valid shape: {error}") from None
+    s = for_model(s, config)
+    check_batch(s)
+    counted, family_ratio = horizon(config)[1:]
+    per = "tokens/param" if config.arch == "classic" else "tokens per matrix and lm_head parameter"
     names = [args.recipe.strip().lower()] if args.recipe else None
     if args.days is not None:
         tokens, seconds = None, args.days * 86400
         cands = candidates(config, s, seconds=seconds, names=names)
     else:
-        tokens = whole_steps(args.tokens if args.tokens is not None else ratio * config_params(config), s.total_batch)
+        tokens = whole_steps(args.tokens, s.total_batch) if args.tokens is not None else \
+            default_tokens(config, s, ratio)
         cands = candidates(config, s, tokens, names=names)
     best = fastest_fit(cands)
     why, nearest = "", None
@@ -209,11 +231,11 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
                          f"({step:,.3g} s with {(best or cands[0]).recipe.name} on this card): give more days")
     if args.days is not None:
         line = (f"as many as fit in {args.days:g} days: {shown_tokens:,} with the best recipe "
-                f"({report.amount(shown_tokens / config_params(config))} tokens/param)")
+                f"({report.amount(shown_tokens / counted)} {per})")
     elif args.tokens is not None:
-        line = f"{tokens:,} ({report.amount(tokens / config_params(config))} tokens/param)"
+        line = f"{tokens:,} ({report.amount(tokens / counted)} {per})"
     else:
-        line = f"{tokens:,} ({ratio:g} tokens/param)"
+        line = f"{tokens:,} ({ratio or family_ratio:g} {per})"
     steps = shown_tokens // s.total_batch
     line += (f" = {steps:,} step{'s' if steps != 1 else ''} of {s.total_batch:,} tokens, sequence {s.seq_len}"
              + (f", {s.gpus} GPUs" if s.gpus > 1 else ""))

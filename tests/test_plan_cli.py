@@ -122,6 +122,24 @@ def test_tokens_are_whole_steps_as_train_runs_them(capsys):
     assert "--ratio or --days" in capsys.readouterr().err
 
 
+def test_plan_and_train_agree_on_a_nanochat_2026_model(capsys, tmp_path):
+    """plan used the classic's vocabulary, batch and 20 tokens per parameter for this family: for d20,
+    1.40 B parameters and 28 B tokens, where train runs 0.90 B and 5.2 B (nanochat's ratio 12 over
+    the matrices and lm_head, its batch for the depth)."""
+    from onecard.model_config import scaling_params
+    from onecard.schedule_2026 import auto_total_batch
+
+    plan = run_json(capsys, "--arch", "nanochat-2026", "--model", "d20", "--gpu", "rtx4070")
+    config = GPTConfig.from_depth(20, vocab_size=32768, arch="nanochat-2026")
+    batch = auto_total_batch(config)
+    assert plan["model"]["config"]["vocab_size"] == 32768 and plan["total_batch"] == batch == 2**20
+    assert plan["tokens"] == round(12 * scaling_params(config) / batch) * batch
+    assert main(["train", "--arch", "nanochat-2026", "--model", "d20", "--gpu", "rtx4070", "--dry-run",
+                 "--run-dir", str(tmp_path / "r")]) == 0
+    said = capsys.readouterr().out
+    assert f"{plan['tokens'] // batch:,} steps × {batch:,} tokens = {plan['tokens']:,} tokens" in said
+
+
 def test_a_cards_catalog_note_is_printed(capsys):
     assert main(["plan", "--model", "d20", "--gpu", "t4"]) == 0
     assert "note: Turing has no bf16 tensor cores" in capsys.readouterr().out

@@ -6,11 +6,13 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from onecard import defaults
 from onecard.errors import UsageError
 from onecard.model_config import GPTConfig, flops_per_token, param_counts
 from onecard.plan.catalog import GPU
-from onecard.plan.search import Candidate, Settings, config_params
+from onecard.plan.search import Candidate, Settings, config_params, for_model
 from onecard.recipe import CHOICES, Recipe
+from onecard.schedule_2026 import RATIO as RATIO_2026
 from onecard.units import format_duration
 
 GiB = 2**30
@@ -181,10 +183,14 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
     return "\n".join(lines)
 
 
-def budget_text(s: Settings, days: float, ratio: float, found: list, notes: list[str]) -> str:
+def budget_text(s: Settings, days: float, ratio: float | None, found: list, notes: list[str]) -> str:
     lines = [f"card    {gpu_line(s.gpu, s.gpus)}", f"        source: {s.gpu.source}"] + card_note(s.gpu)
     lines += [f"note    {n}" for n in notes if n]
-    lines.append(f"budget  {days:g} days, {ratio:g} tokens per parameter, sequence {s.seq_len}")
+    if s.arch == "classic":
+        per = f"{ratio or defaults.RATIO:g} tokens per parameter"
+    else:
+        per = f"{ratio or RATIO_2026:g} tokens per matrix and lm_head parameter, each depth's own batch"
+    lines.append(f"budget  {days:g} days, {per}, sequence {s.seq_len}")
     if not found:
         lines.append("No model of depth 1 or more finishes in that time with a recipe that fits.")
         return "\n".join(lines)
@@ -196,7 +202,7 @@ def budget_text(s: Settings, days: float, ratio: float, found: list, notes: list
                      f"{amount(c.energy_kwh):>7} kWh {c.cost:>9,.2f} {s.currency}")
     config, best = found[0]
     lines += ["", f"Best: d{config.n_layer} with {best.recipe.name} ({describe(best.recipe)})"]
-    lines += memory_lines(best, s, config_params(config)) + time_lines(best, s)
+    lines += memory_lines(best, s, config_params(config)) + time_lines(best, for_model(s, config))
     return "\n".join(lines)
 
 
@@ -247,11 +253,13 @@ def plan_json(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
     return out
 
 
-def budget_json(s: Settings, days: float, ratio: float, found: list, notes: list[str]) -> dict:
-    entries = [{"model": model_json(cfg), "tokens": c.tokens, "best": candidate_json(c, s)} for cfg, c in found]
+def budget_json(s: Settings, days: float, ratio: float | None, found: list, notes: list[str]) -> dict:
+    entries = [{"model": model_json(cfg), "tokens": c.tokens, "best": candidate_json(c, for_model(s, cfg))}
+               for cfg, c in found]
     top = entries[0] if entries else {"model": None, "tokens": 0, "best": None}
     out = {"model": top["model"], "gpu": gpu_json(s.gpu), "gpus": s.gpus, "tokens": top["tokens"],
-           "days": days, "ratio": ratio, "seq_len": s.seq_len, "total_batch": s.total_batch,
+           "days": days, "ratio": ratio or (defaults.RATIO if s.arch == "classic" else RATIO_2026),
+           "seq_len": s.seq_len, "total_batch": for_model(s, found[0][0]).total_batch if found else s.total_batch,
            "assumptions": asdict(s.assume), "notes": [n for n in notes if n],
            "best": top["best"], "alternatives": entries[1:]}
     if not entries:

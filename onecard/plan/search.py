@@ -13,12 +13,14 @@ from dataclasses import dataclass, replace
 
 from onecard import defaults
 from onecard.errors import UsageError
-from onecard.model_config import GPTConfig, param_counts
+from onecard.model_config import ARCH_2026, GPTConfig, param_counts, scaling_params
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import GPU
 from onecard.plan.memory import Memory, predict_memory
 from onecard.plan.timing import Timing, energy_kwh, predict_time
 from onecard.recipe import NAMED, Recipe, named_recipe
+from onecard.schedule_2026 import RATIO as RATIO_2026
+from onecard.schedule_2026 import auto_total_batch
 
 MAX_MICRO_BATCH = 32  # nanochat's default device batch; larger rarely runs faster
 MAX_DEPTH = 64  # budget mode searches d1..d64
@@ -42,6 +44,7 @@ class Settings:
     assume: Assumptions = DEFAULT
     arch: str = "classic"  # the model family (model_config.ARCHS)
     compile: bool = True  # every recipe compiled, as the trainer runs on CUDA unless --no-compile
+    family_batch: bool = False  # each model trains with its family's own batch (nanochat-2026's grows with depth)
 
     def config(self, depth: int) -> GPTConfig:
         return GPTConfig.from_depth(depth, vocab_size=self.vocab_size, sequence_len=self.seq_len, arch=self.arch)
@@ -137,7 +140,7 @@ def overflow(cands: list[Candidate], vram: int) -> str:
             f"{(lean.memory.total - vram) / gib:.2f} GiB over; {why}")
 
 
-def nearest_fit(depth: int, s: Settings, ratio: float, tokens: int | None = None, seconds: float | None = None,
+def nearest_fit(depth: int, s: Settings, ratio: float | None, tokens: int | None = None, seconds: float | None = None,
                 tried_all: bool = True) -> tuple[GPTConfig, Candidate] | None:
     """The nearest plan that fits: the same model with another recipe (when only some were tried),
     else the deepest smaller model with a recipe that fits. Its tokens: `tokens` when given, as many
@@ -147,11 +150,32 @@ def nearest_fit(depth: int, s: Settings, ratio: float, tokens: int | None = None
             config = s.config(d)
         except UsageError:
             continue
-        n = tokens if tokens is not None or seconds is not None else int(ratio * config_params(config))
-        best = fastest_fit(candidates(config, s, n, seconds))
+        sd = for_model(s, config)
+        n = tokens if tokens is not None or seconds is not None else default_tokens(config, sd, ratio)
+        best = fastest_fit(candidates(config, sd, n, seconds))
         if best:
             return config, best
     return None
+
+
+def horizon(config: GPTConfig) -> tuple[int, int, float]:
+    """A family's defaults for how much a model trains: (tokens per step, the parameters its tokens-
+    per-parameter ratio counts, that ratio). nanochat-2026's batch grows with depth and its ratio
+    counts the matrices and lm_head (schedule_2026.py); the classic's counts every parameter."""
+    if config.arch == ARCH_2026:
+        return auto_total_batch(config), scaling_params(config), RATIO_2026
+    return defaults.TOTAL_BATCH, config_params(config), defaults.RATIO
+
+
+def for_model(s: Settings, config: GPTConfig) -> Settings:
+    """The settings `config` trains with: its family's own batch, unless one was chosen."""
+    return replace(s, total_batch=horizon(config)[0]) if s.family_batch else s
+
+
+def default_tokens(config: GPTConfig, s: Settings, ratio: float | None) -> int:
+    """Whole steps of `ratio` (else the family's) tokens per counted parameter."""
+    _, counted, family_ratio = horizon(config)
+    return whole_steps((ratio or family_ratio) * counted, s.total_batch)
 
 
 def config_params(config: GPTConfig) -> int:
@@ -159,7 +183,7 @@ def config_params(config: GPTConfig) -> int:
     return sum(param_counts(config).values())
 
 
-def budget(s: Settings, days: float, ratio: float, keep: int = 5) -> list[tuple[GPTConfig, Candidate]]:
+def budget(s: Settings, days: float, ratio: float | None, keep: int = 5) -> list[tuple[GPTConfig, Candidate]]:
     """The largest models trainable in `days` at `ratio` tokens per parameter, largest first."""
     found = []
     for depth in range(1, MAX_DEPTH + 1):
@@ -167,7 +191,8 @@ def budget(s: Settings, days: float, ratio: float, keep: int = 5) -> list[tuple[
             config = s.config(depth)
         except UsageError:  # heads do not divide the width at this depth
             continue
-        best = fastest_fit(candidates(config, s, whole_steps(ratio * config_params(config), s.total_batch)))
+        sd = for_model(s, config)
+        best = fastest_fit(candidates(config, sd, default_tokens(config, sd, ratio)))
         if best is None:
             break  # deeper models will not fit either
         if best.time_s <= days * 86400:
