@@ -176,6 +176,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     from onecard.model_config import param_counts
     from onecard.plan.choose import choose_recipe
     from onecard.plan.report import dry_run_text
+    from onecard.plan.search import horizon
     from onecard.tokenizer import Tokenizer
 
     say = print if world.main else (lambda *_args, **_kwargs: None)
@@ -192,7 +193,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     data = pick(args.data, "data", None)
     corpus = Corpus(data) if data else Corpus.embedded()
     params = sum(param_counts(config).values())
-    full_batch, ratio_params, ratio = _scaling(config, params)
+    full_batch, ratio_params, ratio = horizon(config)  # the family's batch, counted parameters and ratio
     total_batch = pick(args.total_batch, "total_batch", defaults.DEMO["total_batch"] if demo else full_batch)
     steps = _steps(args, ratio_params, total_batch, before, demo, ratio)
     choice = choose_recipe(recipe_request(args, device), config, device, seq_len=seq_len, micro_batch=micro_batch,
@@ -229,15 +230,6 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
             f"{prediction.step_time_s:.2f} s per step, {prediction.tokens_per_s:,.0f} tokens/s")
     result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction, world=world)
     return _closing_words(result, run_dir, steps, total_batch, prediction, say)
-
-
-def _scaling(config, params: int) -> tuple[int, int, float]:
-    """(full batch in tokens, parameters the tokens-per-parameter ratio counts, that ratio)."""
-    if config.arch == ARCH_2026:  # its batch grows with depth; its ratio counts matrices + lm_head
-        from onecard import schedule_2026
-        from onecard.model_config import scaling_params
-        return schedule_2026.auto_total_batch(config), scaling_params(config), schedule_2026.RATIO
-    return defaults.TOTAL_BATCH, params, defaults.RATIO
 
 
 def _settings(args: argparse.Namespace, pick, demo: bool, **chosen):
