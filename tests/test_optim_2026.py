@@ -39,21 +39,22 @@ def eager(monkeypatch):
         monkeypatch.setattr(module, name, getattr(fn, "_torchdynamo_orig_callable", fn))
 
 
-def test_two_optimizer_steps_equal_nanochat(monkeypatch):
-    # Tolerance: 2e-6 absolute on weights of size ~0.3 after two steps, fp32 on the CPU; the two
-    # differ only in the order of a few float operations (fused kernel vs per-matrix code).
+def twins(monkeypatch, n_layer: int, seed: int):
+    """nanochat 92d63d4's model (its optimizer kernels eager) and onecard's, with the same random weights."""
     gpt = nanochat("92d63d4", "gpt")
     eager(monkeypatch)
-    config = GPTConfig(n_layer=4, **SMALL)
+    config = GPTConfig(n_layer=n_layer, **SMALL)
     ref = reference_model(gpt, config)
     ref.init_weights()
-    scramble(ref, 11)
+    scramble(ref, seed)
     ours = build_model(config, init=False)
     ours.load_state_dict(ref.state_dict())
-    theirs_opt = ref.setup_optimizer(**RATES)
-    opt = build_optimizer_2026(ours, total_batch=2 ** 19, **RATES)
-    assert len([g for g in theirs_opt.param_groups if g["kind"] == "muon"]) == len(opt.muon.param_groups)
-    for step in range(2):
+    return ref, ours
+
+
+def steps_agree(ref, ours, theirs_opt, opt, steps: int = 2) -> None:
+    """The same random gradients into both; the weights agree after every step."""
+    for step in range(steps):
         random_grads([ref, ours], step)
         theirs_opt.step()
         opt.step()
@@ -62,20 +63,23 @@ def test_two_optimizer_steps_equal_nanochat(monkeypatch):
             torch.testing.assert_close(p, theirs[name], rtol=0, atol=2e-6, msg=f"{name} after step {step + 1}")
 
 
+def test_two_optimizer_steps_equal_nanochat(monkeypatch):
+    # Tolerance: 2e-6 absolute on weights of size ~0.3 after two steps, fp32 on the CPU; the two
+    # differ only in the order of a few float operations (fused kernel vs per-matrix code).
+    ref, ours = twins(monkeypatch, 4, 11)
+    theirs_opt = ref.setup_optimizer(**RATES)
+    opt = build_optimizer_2026(ours, total_batch=2 ** 19, **RATES)
+    assert len([g for g in theirs_opt.param_groups if g["kind"] == "muon"]) == len(opt.muon.param_groups)
+    steps_agree(ref, ours, theirs_opt, opt)
+
+
 def test_fine_tuning_takes_a_share_of_every_rate_and_no_weight_decay(monkeypatch):
     """As nanochat's chat_sft.py (00255c1) sets up its optimizer: setup_optimizer with the pre-training
     rates and weight_decay 0, then every group's rate times init_lr_frac. SFT used to get the
     pre-training optimizer, its rates scaled by a conversation count as if it were tokens."""
     from onecard.family import build_optimizer
 
-    gpt = nanochat("92d63d4", "gpt")
-    eager(monkeypatch)
-    config = GPTConfig(n_layer=2, **SMALL)
-    ref = reference_model(gpt, config)
-    ref.init_weights()
-    scramble(ref, 5)
-    ours = build_model(config, init=False)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = twins(monkeypatch, 2, 5)
     fraction = 0.25
     theirs_opt = ref.setup_optimizer(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, weight_decay=0.0)
     for group in theirs_opt.param_groups:
@@ -89,13 +93,7 @@ def test_fine_tuning_takes_a_share_of_every_rate_and_no_weight_decay(monkeypatch
     assert mine.keys() == theirs.keys()
     for name, (lr, wd) in mine.items():
         assert lr == pytest.approx(theirs[name][0], rel=1e-12) and wd == pytest.approx(theirs[name][1]), name
-    for step in range(2):
-        random_grads([ref, ours], step)
-        theirs_opt.step()
-        opt.step()
-    theirs_params = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p, theirs_params[name], rtol=0, atol=2e-6, msg=name)
+    steps_agree(ref, ours, theirs_opt, opt)
 
 
 def test_lean_recipe_keeps_states_small_and_steps():
