@@ -148,3 +148,37 @@ def press_tab_until(chrome, label: str, backwards: bool = False, presses: int = 
             return focused
         focused.send_keys(Keys.SHIFT, Keys.TAB) if backwards else focused.send_keys(Keys.TAB)
     raise AssertionError(f"Tab never reached the {label!r} button")
+
+
+def test_a_refused_turn_an_open_edit_box_and_lower_server_limits_do_not_break_the_chat(browser, tokenizer):
+    """A message the server refused used to be sent again with every later one (so each failed the same
+    way); an edit box left open during Regenerate started a second reply beside the first; the page's
+    default settings failed on a server started with lower limits; a reader scrolled up was pulled down."""
+    from onecard.openai_api import Limits
+
+    record = Record()
+    limits = Limits(max_message_chars=40, max_tokens=256)  # below the page's 512 default
+    server = Running(create_app(scripted_backend(tokenizer, "word " * 200, 0.01, record, workers=1), limits))
+    try:
+        open_page(browser, server)
+        send(browser, "x" * 60)
+        wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".note.error"), what="the refusal")
+        assert "left out of the conversation" in browser.find_element(By.CSS_SELECTOR, ".note.error").text
+        send(browser, "a short one")
+        wait(lambda: len(replies(browser)) == 2 and len(replies(browser)[-1]) > 100, what="the second reply")
+        browser.execute_script("document.getElementById('log').scrollTop = 0")  # read from the top meanwhile
+        time.sleep(0.3)
+        assert browser.execute_script("return document.getElementById('log').scrollTop") == 0
+        wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), timeout=30, what="its end")
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".note.error")) == 1
+
+        edit = browser.find_elements(By.XPATH, "//button[text()='Edit']")[-1]
+        edit.click()  # an edit box open on the last question ...
+        browser.find_element(By.XPATH, "//button[text()='Regenerate']").click()  # ... then Regenerate
+        wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the regenerated reply")
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg textarea")  # closed: no second reply from it
+        browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+        wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the stop")
+        assert record.closed.wait(5)
+    finally:
+        server.stop()
