@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 TASK_NAMES = ("bpb", "core", "arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
 CHAT = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
 BPB_TOKENS = 2**20
+PARTIAL = " (on --max-per-task examples only)"  # beside every score that did not see a whole task
 MAX_NEW_TOKENS = 512  # nanochat's chat_eval default
 
 
@@ -398,7 +399,8 @@ def run(args: argparse.Namespace) -> int:
         unit = done.get("unit", "examples")
         unit = unit[:-1] if done["examples"] == 1 and unit.endswith("s") else unit  # "1 example", "1 token"
         print(f"{task}: {done['metric']} {done['value']:.4f} ({done['examples']:,} {unit}, "
-              f"{done['examples_per_s'] or 0:.1f}/s)", flush=True)
+              f"{done['examples_per_s'] or 0:.1f}/s)" + (PARTIAL if args.max_per_task and task != "bpb" else ""),
+              flush=True)
         merge(Path(args.run_dir), {task: done})  # kept at once: a later task's bad data or a Ctrl-C loses nothing
     if args.lm_eval:
         results.update(run_harness(args, model, tokenizer, device))
@@ -409,9 +411,8 @@ def run(args: argparse.Namespace) -> int:
     if "core" in results:
         core = results["core"]["value"]
         verdict = "beats" if core > GPT2_CORE else "does not beat"
-        print(f"CORE {core:.4f}: {verdict} GPT-2 1.5B ({GPT2_CORE:.4f})"
-              + (" (on --max-per-task examples only)" if args.max_per_task else ""))
+        print(f"CORE {core:.4f}: {verdict} GPT-2 1.5B ({GPT2_CORE:.4f})" + (PARTIAL if args.max_per_task else ""))
     if "chatcore" in record and any(t in results for t in CHAT):
-        print(f"ChatCORE {record['chatcore']['value']:.4f}")
+        print(f"ChatCORE {record['chatcore']['value']:.4f}" + (PARTIAL if record["chatcore"].get("partial") else ""))
     print(f"results written: {Path(args.run_dir) / FILE}")
     return 0

@@ -207,6 +207,8 @@ def test_eval_chat_command(tmp_path, capsys):
     assert main(["eval", str(sft), *flags, "--max-per-task", "2", "--max-new-tokens", "6", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "arc-easy: accuracy" in out and "ChatCORE" in out
+    marked = [line for line in out.splitlines() if line.startswith(tuple(files) + ("ChatCORE",))]
+    assert len(marked) == 6 and all(line.endswith("(on --max-per-task examples only)") for line in marked), out
     record = json.loads((sft / "eval.json").read_text())
     assert set(record["tasks"]) == set(files) and record["chatcore"]["partial"]
     assert record["tasks"]["humaneval"]["examples"] == 1 and record["tasks"]["mmlu"]["examples"] == 2
