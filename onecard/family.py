@@ -38,6 +38,18 @@ def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float =
     return build_optimizer_2026(model, recipe, total_batch or 2 ** 19)
 
 
+def apply_sft_schedule(config: GPTConfig, opt: Optimizers, step: int, total_steps: int) -> float:
+    """Fine-tuning's schedule for `step` of `total_steps`; returns the lr factor. The classic: a linear
+    decay to zero at Muon momentum 0.95, as nanochat's chat_sft.py at fae3aca; nanochat-2026: its own."""
+    if config.arch == "classic":
+        multiplier = 1.0 - step / total_steps
+        opt.set_lr_multiplier(multiplier)
+        opt.set_muon_momentum(0.95)
+        return multiplier
+    from onecard import schedule_2026
+    return schedule_2026.apply_sft(opt, step, total_steps)
+
+
 def apply_schedule(config: GPTConfig, opt: Optimizers, step: int, total_steps: int) -> float:
     """Set the family's learning rates (and momentum) for `step` of `total_steps`; returns the lr factor."""
     if config.arch == "classic":

@@ -75,6 +75,20 @@ def weight_decay_multiplier(step: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
+# Fine-tuning (scripts/chat_sft.py at 00255c1): the rate constant, then down to zero over the last half;
+# Muon's momentum from 0.85 to 0.95 over the first 300 steps
+SFT_WARMDOWN_RATIO, SFT_MOMENTUM_START, SFT_MOMENTUM_END, SFT_MOMENTUM_WARMUP = 0.5, 0.85, 0.95, 300
+
+
+def apply_sft(opt, step: int, total_steps: int) -> float:
+    """Set a fine-tuning step's learning rates and Muon momentum; returns the lr factor."""
+    multiplier = min(1.0, (1 - step / total_steps) / SFT_WARMDOWN_RATIO)
+    ramp = min(step / SFT_MOMENTUM_WARMUP, 1.0)
+    opt.set_lr_multiplier(multiplier)
+    opt.set_muon_momentum((1 - ramp) * SFT_MOMENTUM_START + ramp * SFT_MOMENTUM_END)
+    return multiplier
+
+
 def apply(opt, step: int, total_steps: int) -> float:
     """Set the step's learning rates, Muon momentum and weight decay; returns the lr factor."""
     multiplier = lr_multiplier(step, total_steps)

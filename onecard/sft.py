@@ -5,7 +5,9 @@ follow nanochat's SFT (karpathy/nanochat, scripts/chat_sft.py at commit fae3aca)
 0.02 of base training's, decaying linearly to zero; one epoch; 32 conversations per step, each
 micro-batch padded to its longest conversation (or packed with --pack). The run is an onecard
 run like any other: the planner's recipe, lock, checkpoints, exact resume, signals, meters and
-report, and `onecard chat` talks to the result.
+report, and `onecard chat` talks to the result. A nanochat-2026 model fine-tunes as its own
+chat_sft.py does (karpathy/nanochat 00255c1): its rates times --lr-fraction, no weight decay, the
+rate constant for the first half and then down to zero, Muon's momentum from 0.85 to 0.95.
 """
 
 from __future__ import annotations
@@ -159,12 +161,27 @@ def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, wor
         return 0
     for note in choice.notes:
         say(f"note: {note}")
-    result = fine_tune(model, tokenizer, train_set, val_set, recipe, _settings(args, run_dir, steps, device), world,
-                       init_from=str(source), prediction=choice.prediction(device), pack=args.pack)
+    # nanochat-2026 fine-tunes unclipped, as its chat_sft.py; a run being resumed keeps its own
+    clip = _saved_clip(run_dir, args.force_new)
+    clip = (0.0 if config.arch == "nanochat-2026" else 1.0) if clip is None else clip
+    result = fine_tune(model, tokenizer, train_set, val_set, recipe, _settings(args, run_dir, steps, device, clip),
+                       world, init_from=str(source), prediction=choice.prediction(device), pack=args.pack)
     return _closing_words(result, run_dir, steps, say)
 
 
-def _settings(args: argparse.Namespace, run_dir: Path, steps: int, device: str):
+def _saved_clip(run_dir: Path, force_new: bool) -> float | None:
+    """The gradient clip of the SFT run `run_dir` holds (None: no run there, or none to go on with)."""
+    from onecard.run import read_config
+
+    if force_new or not (run_dir / "config.json").is_file():
+        return None
+    try:
+        return read_config(run_dir / "config.json").train.grad_clip
+    except UsageError:  # damaged: the session reads the checkpoint's copy and says what is wrong
+        return None
+
+
+def _settings(args: argparse.Namespace, run_dir: Path, steps: int, device: str, grad_clip: float):
     from onecard.run import TrainSettings
 
     base = TrainSettings(run_dir=run_dir, steps=steps, total_batch=args.batch)
@@ -172,7 +189,7 @@ def _settings(args: argparse.Namespace, run_dir: Path, steps: int, device: str):
         run_dir=run_dir, steps=steps, total_batch=args.batch, seed=args.seed, device=device,
         eval_every=args.eval_every, eval_batches=args.eval_batches,
         matrix_lr=base.matrix_lr * args.lr_fraction, embedding_lr=base.embedding_lr * args.lr_fraction,
-        unembedding_lr=base.unembedding_lr * args.lr_fraction, lr_fraction=args.lr_fraction,
+        unembedding_lr=base.unembedding_lr * args.lr_fraction, lr_fraction=args.lr_fraction, grad_clip=grad_clip,
         sample_prompt=SAMPLE_QUESTION,
         save_every_min=args.save_every_min if args.save_every_min is not None else defaults.SAVE_EVERY_MIN,
         save_every_steps=args.save_every_steps or 0, keep=args.keep or defaults.KEEP, force_new=args.force_new,
@@ -186,6 +203,7 @@ def fine_tune(model, tokenizer, train_set, val_set, recipe, settings, world=None
     from onecard import session
     from onecard.distributed import SINGLE
     from onecard.engine import evaluate_bpb, first_rows
+    from onecard.family import apply_sft_schedule
     from onecard.sft_data import ConversationBatches
 
     world = world or SINGLE
@@ -201,10 +219,7 @@ def fine_tune(model, tokenizer, train_set, val_set, recipe, settings, world=None
         return evaluate_bpb(model, first_rows(val, settings.eval_rows), token_bytes, settings.device)
 
     def schedule(step: int) -> float:
-        multiplier = 1.0 - step / settings.steps  # linear decay to zero, as nanochat's SFT
-        opt.set_lr_multiplier(multiplier)
-        opt.set_muon_momentum(0.95)
-        return multiplier
+        return apply_sft_schedule(model.config, opt, step, settings.steps)
 
     def sample() -> str:
         from onecard.conversations import normalize, prompt_ids

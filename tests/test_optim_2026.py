@@ -177,3 +177,28 @@ def test_plan_target_gpt2_names_its_sources(capsys):
     assert main(["plan", "--gpu", "rtx4070", "--target", "gpt2"]) == 0
     out = capsys.readouterr().out
     assert "not a onecard measurement" in out and "a825e63" in out and "Fastest to GPT-2" in out
+
+
+def test_the_fine_tuning_schedule_is_chat_sfts():
+    """scripts/chat_sft.py at karpathy/nanochat 00255c1, with its defaults (no warm-up, warm-down over
+    the last half to 0): lrm 1 up to half the run, then (1 - decay); momentum 0.85 -> 0.95 over 300 steps."""
+    from onecard.schedule_2026 import apply_sft
+
+    class Recorder:
+        def set_lr_multiplier(self, m):
+            self.lr = m
+
+        def set_muon_momentum(self, m):
+            self.momentum = m
+
+    def theirs(step, steps):
+        progress = step / steps
+        lrm = 1.0 if progress <= 0.5 else 1 - (progress - 0.5) / 0.5
+        frac = min(step / 300, 1)
+        return lrm, (1 - frac) * 0.85 + frac * 0.95
+
+    for steps in (10, 1000):
+        for step in range(steps):
+            opt = Recorder()
+            assert apply_sft(opt, step, steps) == opt.lr
+            assert (opt.lr, opt.momentum) == pytest.approx(theirs(step, steps), abs=1e-12), (step, steps)

@@ -138,6 +138,9 @@ def test_the_2026_family_goes_through_sft_chat_and_export(tmp_path, capsys):
     assert main(["sft", "--from", str(base), "--run-dir", str(sft), "--device", "cpu", "--steps", "2", "--batch", "4",
                  "--micro-batch", "2", "--eval-batches", "1", "--eval-every", "0"]) == 0
     assert json.loads((sft / "config.json").read_text())["model_config"]["arch"] == "nanochat-2026"
+    steps = [json.loads(line) for line in (sft / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["lr_multiplier"] for r in steps] == [1.0, 1.0]  # chat_sft.py's: constant for the first half
+    assert json.loads((sft / "config.json").read_text())["train"]["grad_clip"] == 0  # unclipped, as chat_sft.py
     capsys.readouterr()
     assert main(["chat", str(sft), "-p", "What is 2 + 3?", "--max-tokens", "6", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip()
