@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
+from onecard.errors import quiet_rank
 from onecard.units import NumberError, parse_gib, parse_number
 
 LARGEST_INT = 2**53  # exact in a float; far beyond any step, token or batch count
@@ -16,9 +16,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error: what was wrong and where to read more."""
 
     def error(self, message: str):
-        # under torchrun every rank parses the same command line: rank 0 alone says what is wrong
-        quiet = os.environ.get("RANK", "0") != "0"
-        self.exit(2, None if quiet else f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, None if quiet_rank() else f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _number(text: str) -> float:

@@ -7,11 +7,10 @@ import PyTorch only when a command runs, so `onecard --help` answers at once.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 from onecard.args import Parser
-from onecard.errors import UsageError
+from onecard.errors import UsageError, quiet_rank
 
 # name, help, module, its add-arguments function, its run function
 COMMANDS = [
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onecard: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        if not quiet_rank():
             print("\nonecard: interrupted", file=sys.stderr)
         return 130
 

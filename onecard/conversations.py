@@ -70,8 +70,6 @@ def reply_content(text: str) -> str | list[dict]:
     """A reply as the model wrote it (decoded, its calculator tokens by name) -> its content in the
     conversation: the text, or parts that render back into the same special tokens. A reply cut
     short (Ctrl-C) may leave a call open: what follows its start is that part."""
-    if not TOOL_PART.search(text):
-        return text
     parts, at = [], 0
     for match in TOOL_PART.finditer(text):
         if match.start() > at:
@@ -79,6 +77,8 @@ def reply_content(text: str) -> str | list[dict]:
         kind = "python" if match.group("python") is not None else "python_output"
         parts.append({"type": kind, "text": match.group(kind)})
         at = match.end()
+    if not parts:
+        return text
     if at < len(text):
         parts.append({"type": "text", "text": text[at:]})
     return parts

@@ -38,6 +38,12 @@ def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float =
     return build_optimizer_2026(model, recipe, total_batch or 2 ** 19)
 
 
+def grad_clip(config: GPTConfig) -> float:
+    """The gradient norm's ceiling a new run of this family trains with (0: none). nanochat-2026's
+    base_train.py and chat_sft.py (karpathy/nanochat 00255c1) do not clip; the classic's nanochat does, at 1."""
+    return 1.0 if config.arch == "classic" else 0.0
+
+
 def apply_sft_schedule(config: GPTConfig, opt: Optimizers, step: int, total_steps: int) -> float:
     """Fine-tuning's schedule for `step` of `total_steps`; returns the lr factor. The classic: a linear
     decay to zero at Muon momentum 0.95, as nanochat's chat_sft.py at fae3aca; nanochat-2026: its own."""

@@ -72,7 +72,7 @@ import torch
 
 from onecard import checkpoint, distributed
 from onecard.distributed import SINGLE, World
-from onecard.errors import UsageError
+from onecard.errors import UsageError, quiet_rank
 from onecard.meters import Meters, Progress
 from onecard.model import GPT
 from onecard.optim import Optimizers
@@ -118,7 +118,7 @@ class StopRequest:
             said = f"{name}: already stopping ({self.reason}); {again}"
         else:
             self.request("signal", said)
-        if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for the run
+        if not quiet_rank():
             # os.write: printing from a signal handler could re-enter a print the loop is in the middle of
             os.write(sys.stderr.fileno(), f"\n{said}\n".encode())
 

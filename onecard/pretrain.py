@@ -102,23 +102,6 @@ def _locked(args: argparse.Namespace, device: str, world) -> int:
         return train_command(args, run_dir, device, world)
 
 
-def saved_run_config(run_dir: Path):
-    """The RunConfig of the run a directory holds, if it has a checkpoint to resume from."""
-    from onecard import checkpoint
-    from onecard.run import read_config
-
-    if not checkpoint.has_checkpoint(run_dir):
-        return None
-    # written at each session's start; each checkpoint keeps a copy, read where that one is missing or damaged
-    errors = []
-    for path in (run_dir / "config.json", checkpoint.step_dirs(run_dir)[-1][1] / "config.json"):
-        try:
-            return read_config(path)
-        except UsageError as error:
-            errors.append(str(error))
-    raise UsageError(f"{'; '.join(errors)}: start over with --force-new") from None
-
-
 def _shape(args: argparse.Namespace, saved, device: str, say):
     """(model config, model or None, tokenizer or None, seq_len, micro_batch, what was continued)."""
     from onecard.model_config import VOCAB_2026, GPTConfig, depth_from
@@ -170,6 +153,7 @@ def _steps(args: argparse.Namespace, params: int, total_batch: int, before, demo
 
 def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
     """`onecard train` on this rank (rank 0 alone prints)."""
+    from onecard import family, session
     from onecard.data import Corpus
     from onecard.datasources import plan_shards
     from onecard.device import host_memory_available, local_card, unrunnable_reason
@@ -180,7 +164,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     from onecard.tokenizer import Tokenizer
 
     say = print if world.main else (lambda *_args, **_kwargs: None)
-    saved = None if args.force_new else saved_run_config(run_dir)
+    saved = None if args.force_new else session.saved_run_config(run_dir)
     if saved and args.init_from:
         raise UsageError(f"{run_dir} holds a run to resume; --init-from starts a new one: drop it, or add "
                          "--force-new")
@@ -220,9 +204,8 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
         say(f"{run_dir} holds a run: resuming it")
     elif tokenizer is None:
         tokenizer = shared_tokenizer(args, corpus, config.vocab_size, demo, run_dir, world, say)
-    # nanochat-2026 trains without clipping (base_train.py at karpathy/nanochat 00255c1); a run keeps its own
     settings = _settings(args, pick, demo, run_dir=run_dir, steps=steps, total_batch=total_batch, device=device,
-                         data=data, grad_clip=pick(None, "grad_clip", 0.0 if config.arch == "nanochat-2026" else 1.0))
+                         data=data, grad_clip=pick(None, "grad_clip", family.grad_clip(config)))  # a run keeps its own
     prediction = choice.prediction(device)
     if prediction:
         say(f"planner predicts on {prediction.gpu}: peak {prediction.peak_bytes / 2**30:.2f} GiB "

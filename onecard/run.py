@@ -166,7 +166,7 @@ def model_phase(path: str | Path) -> str | None:
         return data["onecard_phase"]
     if isinstance(data, dict) and "model_config" in data:  # an onecard run's config
         try:
-            return "sft" if read_config(path / "config.json").stage == "sft" else "base"
+            return "sft" if RunConfig.from_dict(data, str(path / "config.json")).stage == "sft" else "base"
         except UsageError:
             pass
     folder = path.resolve().parent.name

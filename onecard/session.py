@@ -131,6 +131,20 @@ def check_resume(found: checkpoint.Found, saved: RunConfig, config: RunConfig) -
                          "above that to train further, or --force-new to start over")
 
 
+def saved_run_config(run_dir: Path) -> RunConfig | None:
+    """The RunConfig of the run a directory holds, if it has a checkpoint to resume from."""
+    if not checkpoint.has_checkpoint(run_dir):
+        return None
+    # written at each session's start; each checkpoint keeps a copy, read where that one is missing or damaged
+    errors = []
+    for path in (run_dir / "config.json", checkpoint.step_dirs(run_dir)[-1][1] / "config.json"):
+        try:
+            return read_config(path)
+        except UsageError as error:
+            errors.append(str(error))
+    raise UsageError(f"{'; '.join(errors)}: start over with --force-new") from None
+
+
 def final_written(run_dir: Path) -> bool:
     """Whether the run's final weights are written: save_final writes config.json with the results
     after model.safetensors. A run stopped between its last checkpoint and these is finished on resume."""

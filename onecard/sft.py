@@ -128,7 +128,7 @@ def _data(args: argparse.Namespace, tokenizer, seq_len: int):
 
 
 def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, world) -> int:
-    from onecard import sft_data
+    from onecard import family, session, sft_data
     from onecard.device import host_memory_available, local_card, unrunnable_reason
     from onecard.plan.choose import choose_recipe
     from onecard.plan.report import dry_run_text
@@ -161,24 +161,11 @@ def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, wor
         return 0
     for note in choice.notes:
         say(f"note: {note}")
-    # nanochat-2026 fine-tunes unclipped, as its chat_sft.py; a run being resumed keeps its own
-    clip = _saved_clip(run_dir, args.force_new)
-    clip = (0.0 if config.arch == "nanochat-2026" else 1.0) if clip is None else clip
+    saved = None if args.force_new else session.saved_run_config(run_dir)
+    clip = saved.train.grad_clip if saved else family.grad_clip(config)  # a run being resumed keeps its own
     result = fine_tune(model, tokenizer, train_set, val_set, recipe, _settings(args, run_dir, steps, device, clip),
                        world, init_from=str(source), prediction=choice.prediction(device), pack=args.pack)
     return _closing_words(result, run_dir, steps, say)
-
-
-def _saved_clip(run_dir: Path, force_new: bool) -> float | None:
-    """The gradient clip of the SFT run `run_dir` holds (None: no run there, or none to go on with)."""
-    from onecard.run import read_config
-
-    if force_new or not (run_dir / "config.json").is_file():
-        return None
-    try:
-        return read_config(run_dir / "config.json").train.grad_clip
-    except UsageError:  # damaged: the session reads the checkpoint's copy and says what is wrong
-        return None
 
 
 def _settings(args: argparse.Namespace, run_dir: Path, steps: int, device: str, grad_clip: float):

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from onecard import formats
+from onecard.checkpoint import step_dirs
 from onecard.errors import UsageError, one_line
 from onecard.family import build_model
 from onecard.model import GPT, GPTConfig
@@ -47,10 +48,10 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
         return _load_onecard(path, device, tokenizer_path)
     if any(NANOCHAT_MODEL.match(p.name) for p in path.iterdir()):
         return load_nanochat(path, device, tokenizer_path)
-    steps = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
+    steps = step_dirs(path)
     if steps:  # a run stopped before its final weights
         raise UsageError(f"{path} has no final weights yet (the run has not finished): give one of its checkpoints, "
-                         f"{steps[-1]} --tokenizer {path / 'tokenizer'}, or finish the run")
+                         f"{steps[-1][1]} --tokenizer {path / 'tokenizer'}, or finish the run")
     raise UsageError(f"{path} is not a model: it holds neither model.safetensors (onecard), model_*.pt "
                      "(nanochat) nor config.json with model.safetensors (transformers)")
 

@@ -6,13 +6,11 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from onecard import defaults
 from onecard.errors import UsageError
 from onecard.model_config import GPTConfig, flops_per_token, param_counts
 from onecard.plan.catalog import GPU
-from onecard.plan.search import Candidate, Settings, config_params, for_model
+from onecard.plan.search import Candidate, Settings, config_params, for_model, horizon
 from onecard.recipe import CHOICES, Recipe
-from onecard.schedule_2026 import RATIO as RATIO_2026
 from onecard.units import format_duration
 
 GiB = 2**30
@@ -186,10 +184,8 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
 def budget_text(s: Settings, days: float, ratio: float | None, found: list, notes: list[str]) -> str:
     lines = [f"card    {gpu_line(s.gpu, s.gpus)}", f"        source: {s.gpu.source}"] + card_note(s.gpu)
     lines += [f"note    {n}" for n in notes if n]
-    if s.arch == "classic":
-        per = f"{ratio or defaults.RATIO:g} tokens per parameter"
-    else:
-        per = f"{ratio or RATIO_2026:g} tokens per matrix and lm_head parameter, each depth's own batch"
+    counted = "parameter" if s.arch == "classic" else "matrix and lm_head parameter, each depth's own batch"
+    per = f"{ratio or horizon(s.config(1))[2]:g} tokens per {counted}"
     lines.append(f"budget  {days:g} days, {per}, sequence {s.seq_len}")
     if not found:
         lines.append("No model of depth 1 or more finishes in that time with a recipe that fits.")
@@ -258,7 +254,7 @@ def budget_json(s: Settings, days: float, ratio: float | None, found: list, note
                for cfg, c in found]
     top = entries[0] if entries else {"model": None, "tokens": 0, "best": None}
     out = {"model": top["model"], "gpu": gpu_json(s.gpu), "gpus": s.gpus, "tokens": top["tokens"],
-           "days": days, "ratio": ratio or (defaults.RATIO if s.arch == "classic" else RATIO_2026),
+           "days": days, "ratio": ratio or horizon(s.config(1))[2],
            "seq_len": s.seq_len, "total_batch": for_model(s, found[0][0]).total_batch if found else s.total_batch,
            "assumptions": asdict(s.assume), "notes": [n for n in notes if n],
            "best": top["best"], "alternatives": entries[1:]}
