@@ -67,6 +67,18 @@ def _bpb(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token
 
 
 
+def cache_bytes(model: GPT, prompt_tokens: int, new_tokens: int, samples: int) -> int:
+    """About the most memory one generate() call holds beyond the weights: while prefilling, the
+    prompt's cache and one block's working set (residual, norm, q/k/v, attention output, the MLP's
+    4x-wide hidden and its activation: 14 x n_embd values a token, counted at 4 bytes); then the
+    prompt's cache beside the samples' caches, and their logits and probabilities (3 x vocabulary)."""
+    c = model.config
+    position = 2 * c.n_layer * c.n_kv_head * c.head_dim * model.lm_head.weight.element_size()  # K and V
+    prefill = prompt_tokens * (position + 14 * c.n_embd * 4)
+    decode = position * (prompt_tokens + samples * (prompt_tokens + new_tokens)) + samples * 3 * c.vocab_size * 4
+    return max(prefill, decode)
+
+
 @dataclass
 class Sampling:
     temperature: float = 0.8  # 0: greedy
@@ -145,8 +157,8 @@ class Engine:
         return KVCache(self.model.config, batch, length, weight.device, weight.dtype)
 
     def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        with autocast_for(self.model.lm_head.weight.device.type):
-            return self.model.logits(self.model.trunk(ids, cache))[:, -1, :].float()
+        with autocast_for(self.model.lm_head.weight.device.type):  # the head on the last position alone
+            return self.model.logits(self.model.trunk(ids, cache)[:, -1:, :])[:, -1, :].float()
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], sampling: Sampling, num_samples: int = 1
@@ -176,6 +188,7 @@ class Engine:
         cache.pos = len(prompt)
         if prefill.prev_embedding is not None:  # nanochat-2026's smear reads the last prompt token
             cache.prev_embedding = prefill.prev_embedding.expand(num_samples, -1, -1)
+        del prefill  # its memory goes back before decoding
         logits = logits.expand(num_samples, -1)
         rows = [Row() for _ in range(num_samples)]
         for _ in range(steps):

@@ -16,7 +16,7 @@ import threading
 from importlib.util import find_spec
 from pathlib import Path
 
-from onecard.args import non_negative_int, positive_int, text_arg
+from onecard.args import gigabytes, non_negative_int, positive_int, text_arg
 from onecard.errors import UsageError
 
 KINDS = ("auto", "chat", "base")
@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests decoded at the same time (default 4)")
     p.add_argument("--max-queued", type=positive_int, default=64,
                    help="requests that may wait for a turn; more get 429 (default 64)")
+    p.add_argument("--cache-memory", type=gigabytes, metavar="GIB",
+                   help="memory for the KV caches of the requests decoded at once, e.g. 6GiB: a request waits until "
+                        "its cache fits, and one that needs more than all of it gets 400 (default: on a card, what "
+                        "is free once the weights are loaded; on a CPU, no limit)")
     p.add_argument("--name", type=text_arg, help="the model's id in the API (default: the directory's name)")
     p.add_argument("--kind", choices=KINDS, default="auto",
                    help="chat (both endpoints) or base (/v1/completions only); default: from the run")
@@ -109,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         sock = bind(args.host, args.port)
     except OSError as error:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
-    backend = Backend(args.name or path.resolve().name, workers=args.max_concurrent, max_queued=args.max_queued)
+    cache_memory = None if args.cache_memory is None else int(args.cache_memory * 2**30)
+    backend = Backend(args.name or path.resolve().name, workers=args.max_concurrent, max_queued=args.max_queued,
+                      cache_memory=cache_memory)
     server = uvicorn_server(create_app(backend, limits, api_key), args.log_level)
     announce(args.host, sock.getsockname()[1], api_key, path)
     loader = threading.Thread(target=_load, args=(backend, server, path, kind, args), daemon=True)
@@ -137,7 +143,8 @@ def _load(backend, server, path: Path, kind: str, args: argparse.Namespace) -> N
         return model, tokenizer, kind
     backend.load(loader)
     if backend.status == "ready":
+        memory = "" if backend.cache_memory is None else f", {backend.cache_memory / 2**30:.3g} GiB for their KV caches"
         print(f"ready: {backend.name} ({kind} model trained on {backend.trained_context:,} tokens of context, taking "
-              f"up to {backend.context:,}; {args.max_concurrent} at a time)", flush=True)
+              f"up to {backend.context:,}; {args.max_concurrent} at a time{memory})", flush=True)
     else:
         server.should_exit = True

@@ -24,15 +24,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from onecard.conversations import prompt_ids
-from onecard.engine import Engine
+from onecard.engine import Engine, cache_bytes
 from onecard.openai_api import ApiError, Limits, chunk, new_id, parse_chat, parse_completion, response, usage
-from onecard.workers import Job, QueueFull, Workers
+from onecard.workers import CacheMemory, Job, QueueFull, Workers
 
 log = logging.getLogger("onecard.serve")
 DRAIN_BYTES = 16 * 2**20  # an oversized body is read (and dropped) up to this, so the client sees the 413
@@ -41,8 +42,10 @@ DRAIN_BYTES = 16 * 2**20  # an oversized body is read (and dropped) up to this, 
 class Backend:
     """The served model: "loading" until `load` finishes, then "ready" (or "failed", with why)."""
 
-    def __init__(self, name: str, workers: int = 4, max_queued: int = 64) -> None:
+    def __init__(self, name: str, workers: int = 4, max_queued: int = 64, cache_memory: int | None = None) -> None:
         self.name, self.count, self.max_queued = name, workers, max_queued
+        self.cache_memory = cache_memory  # bytes for the KV caches; None: what the card has free once loaded
+        self.cache_need: Callable[[int, int, int], int] = lambda prompt, new, samples: 0
         self.status, self.error, self.kind = "loading", None, None
         self.tokenizer, self.context, self.workers = None, 0, None
         self.trained_context = None  # the sequence length it trained on; `context` is the positions it takes
@@ -54,6 +57,9 @@ class Backend:
             model, tokenizer, kind = loader()
             model.eval()
             self.trained_context = model.config.sequence_len  # its rotary table runs 10x as far, as nanochat's
+            self.cache_need = lambda prompt, new, samples: cache_bytes(model, prompt, new, samples)
+            if self.cache_memory is None:
+                self.cache_memory = free_memory(model.lm_head.weight.device)
             self.ready(lambda tools: Engine(model, tokenizer, tools=tools), tokenizer, model.rotary_len, kind)
         except Exception as error:  # shown to clients in /health and to the user by `onecard serve`
             self.error = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -62,7 +68,7 @@ class Backend:
 
     def ready(self, make_engine: Callable[[bool], Engine], tokenizer, context: int, kind: str) -> None:
         self.tokenizer, self.context, self.kind = tokenizer, context, kind
-        self.workers = Workers(make_engine, self.count, self.max_queued)
+        self.workers = Workers(make_engine, self.count, self.max_queued, CacheMemory(self.cache_memory))
         self.status = "ready"
 
     def require_ready(self) -> None:
@@ -78,6 +84,15 @@ class Backend:
     def close(self) -> None:
         if self.workers:
             self.workers.close()
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a card has free (with what PyTorch holds unused); None on a CPU, where the system
+    pages instead of failing."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 class Page:
@@ -170,6 +185,13 @@ class Generation:
                                 f"{backend.context:,}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         self.parsed, self.chat, self.model = parsed, chat, backend.name
+        new_tokens = min(parsed.sampling.max_tokens, backend.context - len(self.prompt))
+        need = backend.cache_need(len(self.prompt), new_tokens, parsed.n)
+        if backend.cache_memory is not None and need > backend.cache_memory:
+            raise ApiError(400, f"{len(self.prompt):,} prompt tokens and {parsed.n} x {new_tokens:,} new ones need "
+                                f"{need / 2**30:.3g} GiB for their KV caches; this server has "
+                                f"{backend.cache_memory / 2**30:.3g} GiB: ask for fewer (max_tokens, n)",
+                           param="max_tokens", code="insufficient_memory")
         self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         self.events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -179,7 +201,8 @@ class Generation:
                 loop.call_soon_threadsafe(self.events.put_nowait, event)
             except RuntimeError:  # the event loop has closed: nobody is listening any more
                 self.job.cancelled.set()
-        self.job = Job(self.prompt, parsed.sampling, emit, n=parsed.n, stops=parsed.stop, tools=chat)
+        self.job = Job(self.prompt, parsed.sampling, emit, n=parsed.n, stops=parsed.stop, tools=chat,
+                       cache_bytes=need)
         try:
             backend.workers.submit(self.job)
         except QueueFull:

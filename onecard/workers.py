@@ -5,15 +5,22 @@ A worker turns tokens into text at whole characters, shows calculator calls as `
 does, cuts each sample at the first stop string (holding back text that might begin one), and
 checks the request's `cancelled` flag between steps, so that a client that went away stops its
 generation within one step.
+
+The KV caches of the requests decoded at once share one budget of memory (`CacheMemory`): a job
+waits, in turn, until its cache fits, so that --max-concurrent long requests cannot run the card out
+of memory together.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from onecard.conversations import show_tool_calls
 from onecard.engine import Engine, Sampling, TextStream
@@ -33,7 +40,45 @@ class Job:
     n: int = 1
     stops: list[str] = field(default_factory=list)
     tools: bool = True  # chat requests run the calculator; raw completions do not
+    cache_bytes: int = 0  # the memory its KV caches take (CacheMemory)
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class CacheMemory:
+    """Bytes of KV cache shared by the jobs decoded at once, granted first come, first served (a
+    large job is not passed over forever by small ones); `total` None: no limit."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.used = total, 0
+        self._changed = threading.Condition()
+        self._line: collections.deque[object] = collections.deque()  # the jobs waiting, in turn
+
+    def take(self, nbytes: int, cancelled: threading.Event) -> bool:
+        """Wait until `nbytes` fit; False (nothing taken) if the job is cancelled first."""
+        if self.total is None:
+            return True
+        with self._changed:
+            me = object()
+            self._line.append(me)
+            while not cancelled.is_set() and (self._line[0] is not me or self.used + nbytes > self.total):
+                self._changed.wait(0.1)
+            self._line.remove(me)
+            self._changed.notify_all()
+            if cancelled.is_set():
+                return False
+            self.used += nbytes
+            return True
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    def give_back(self, nbytes: int) -> None:
+        if self.total is None:
+            return
+        with self._changed:
+            self.used -= nbytes
+            self._changed.notify_all()
 
 
 class QueueFull(Exception):
@@ -117,8 +162,10 @@ def run_job(engine: Engine, job: Job) -> None:
 class Workers:
     """`count` threads taking jobs from a queue of at most `max_queued` waiting ones."""
 
-    def __init__(self, make_engine: Callable[[bool], Engine], count: int, max_queued: int) -> None:
+    def __init__(self, make_engine: Callable[[bool], Engine], count: int, max_queued: int,
+                 memory: CacheMemory | None = None) -> None:
         self.make_engine = make_engine
+        self.memory = memory or CacheMemory(None)
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queued)
         self.running = 0
         self._lock = threading.Lock()
@@ -136,27 +183,39 @@ class Workers:
 
     @property
     def waiting(self) -> int:
-        return self.queue.qsize()
+        return self.queue.qsize() + self.memory.waiting
 
     def _loop(self) -> None:
         while True:
             job = self.queue.get()
             if job is None:
                 return
-            if job.cancelled.is_set():
-                continue
             with self._lock:
-                self.running += 1
-                self._jobs.add(job)
+                self._jobs.add(job)  # from here cancel_all reaches it, also while it waits for memory
             try:
-                run_job(self.make_engine(job.tools), job)
-            except Exception as error:  # one bad request must not take the worker down
-                log.exception("generation failed")
-                job.emit(("error", f"generation failed: {type(error).__name__}: {error}"))
+                if not job.cancelled.is_set() and self.memory.take(job.cache_bytes, job.cancelled):
+                    self._run(job)
             finally:
                 with self._lock:
-                    self.running -= 1
                     self._jobs.discard(job)
+
+    def _run(self, job: Job) -> None:
+        with self._lock:
+            self.running += 1
+        try:
+            run_job(self.make_engine(job.tools), job)
+        except torch.OutOfMemoryError:
+            log.warning("generation ran out of memory", exc_info=True)
+            torch.cuda.empty_cache()  # what this job held goes back to the card for the next
+            job.emit(("error", "out of memory on the card: ask for fewer tokens (max_tokens) or samples (n), "
+                               "or start the server with a lower --cache-memory or --max-concurrent"))
+        except Exception as error:  # one bad request must not take the worker down
+            log.exception("generation failed")
+            job.emit(("error", f"generation failed: {type(error).__name__}: {error}"))
+        finally:
+            self.memory.give_back(job.cache_bytes)
+            with self._lock:
+                self.running -= 1
 
     def cancel_all(self) -> None:
         """Cancel what runs and drop what waits; each of their clients hears that the server is shutting down."""

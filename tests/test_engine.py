@@ -105,8 +105,7 @@ class Scripted(torch.nn.Module):
         self.config, self.rotary_len, self.lm_head = model.config, model.rotary_len, model.lm_head
 
     def trunk(self, ids, cache):
-        self.inner.trunk(ids, cache)  # keep the cache advancing as a real model's
-        return ids
+        return self.inner.trunk(ids, cache)  # keep the cache advancing as a real model's
 
     def logits(self, hidden):
         out = torch.full((hidden.size(0), hidden.size(1), self.config.vocab_size), -1e9)
@@ -134,3 +133,25 @@ def test_streaming_yields_only_whole_characters(tok):
     pieces.append(stream.flush())
     assert "".join(pieces) == data
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_cache_bytes_counts_the_caches_the_engine_allocates(tok, model, monkeypatch):
+    """The serve budget's figure against the tensors generate() really makes (prompt's cache, then
+    the samples'), and the decode term bounds them from above by no more than the logits' share."""
+    from onecard import engine as engine_module
+    from onecard.engine import cache_bytes
+
+    made = []
+    real = engine_module.KVCache
+
+    def recording(*args, **kwargs):
+        cache = real(*args, **kwargs)
+        made.append(cache.k.nbytes + cache.v.nbytes)
+        return cache
+    monkeypatch.setattr(engine_module, "KVCache", recording)
+    prompt, steps, samples = [3, 1, 4, 1, 5], 9, 3
+    list(Engine(model, tok, tools=False).generate(prompt, Sampling(max_tokens=steps), samples))
+    assert len(made) == 2
+    logits = samples * 3 * model.config.vocab_size * 4
+    assert cache_bytes(model, len(prompt), steps, samples) == max(sum(made) + logits,
+                                                                  made[0] + len(prompt) * 14 * 32 * 4)

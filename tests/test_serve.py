@@ -24,7 +24,7 @@ from onecard.conversations import normalize, prompt_ids  # noqa: E402
 from onecard.errors import UsageError  # noqa: E402
 from onecard.openai_api import Limits  # noqa: E402
 from onecard.server import Backend, Running, create_app  # noqa: E402
-from tests.serve_helpers import Record, make_runs, model_backend, scripted_backend  # noqa: E402
+from tests.serve_helpers import Record, ScriptedEngine, make_runs, model_backend, scripted_backend  # noqa: E402
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -452,7 +452,8 @@ def test_announce_warns_when_bound_beyond_this_machine_without_a_key(capsys, tmp
 
 def test_onecard_serve_on_the_command_line(runs):
     """The real command: it says where it listens, loads, answers, and stops on Ctrl-C."""
-    process = subprocess.Popen([sys.executable, "-m", "onecard.cli", "serve", str(runs[1]), "--port", "0"],
+    process = subprocess.Popen([sys.executable, "-m", "onecard.cli", "serve", str(runs[1]), "--port", "0",
+                                "--cache-memory", "0.01GiB"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -465,7 +466,9 @@ def test_onecard_serve_on_the_command_line(runs):
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         # the TINY runs train on 32 tokens of context; the rotary table, and so the server, takes 10x that
-        assert "ready: chat (chat model trained on 32 tokens of context, taking up to 320;" in process.stdout.readline()
+        ready = process.stdout.readline()
+        assert "ready: chat (chat model trained on 32 tokens of context, taking up to 320;" in ready
+        assert "0.01 GiB for their KV caches" in ready
         answer = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
             model="chat", messages=HELLO, max_tokens=3)
         assert answer.choices[0].message.content is not None
@@ -493,3 +496,59 @@ def test_load_benchmark_smoke_run(chat_server, tmp_path):
     assert set(storm["statuses"]["bad JSON"]) == {"422"} and set(storm["statuses"]["huge body"]) == {"413"}
     assert set(storm["statuses"]["wrong types"]) == {"400"} and set(storm["statuses"]["bad values"]) == {"400"}
     assert json.loads(next(tmp_path.glob("serve_load_*.json")).read_text())["commit"]
+
+
+def test_kv_caches_share_one_budget_first_come_first_served():
+    import threading
+
+    from onecard.workers import CacheMemory
+
+    memory, order = CacheMemory(1000), []
+    never = threading.Event()
+    assert memory.take(600, never)
+
+    def take(name: str, nbytes: int, cancelled: threading.Event = never) -> threading.Thread:
+        thread = threading.Thread(target=lambda: order.append((name, memory.take(nbytes, cancelled))))
+        thread.start()
+        time.sleep(0.15)  # in line before the next
+        return thread
+
+    gives_up = threading.Event()
+    waiting = [take("big", 900), take("cancelled", 10, gives_up), take("small", 200)]
+    assert order == [] and memory.waiting == 3  # the small one fits, but waits its turn behind the big one
+    gives_up.set()
+    waiting[1].join(2)
+    assert order == [("cancelled", False)]
+    memory.give_back(600)
+    waiting[0].join(2)
+    assert order[1] == ("big", True) and memory.used == 900 and memory.waiting == 1
+    memory.give_back(900)
+    waiting[2].join(2)
+    assert order[2] == ("small", True) and memory.used == 200
+    assert CacheMemory(None).take(10**15, never)  # no budget: no limit
+
+
+def test_a_request_waits_for_kv_cache_memory_and_one_too_large_is_400(runs):
+    from onecard.tokenizer import Tokenizer
+
+    backend = Backend("scripted", workers=2, max_queued=4, cache_memory=1000)
+    backend.cache_need = lambda prompt, new, samples: 400 * samples
+    tokenizer = Tokenizer.load(runs[1] / "tokenizer")
+    record = Record()
+    backend.ready(lambda tools: ScriptedEngine(tokenizer, "word " * 100, 0.01, record), tokenizer, 10_000, "chat")
+    server = Running(create_app(backend))
+    try:
+        c = client(server)
+        with pytest.raises(openai.BadRequestError, match="GiB for their KV caches"):
+            c.chat.completions.create(model="scripted", messages=HELLO, n=3)
+        first = c.chat.completions.create(model="scripted", messages=HELLO, n=2, stream=True)
+        next(iter(first))
+        second = c.chat.completions.create(model="scripted", messages=HELLO, n=2, stream=True)  # 800 + 800 > 1000
+        time.sleep(0.3)
+        health = httpx.get(server.url + "/health").json()
+        assert (health["generating"], health["waiting"]) == (1, 1)
+        first.close()
+        text = "".join(choice.delta.content or "" for part in second for choice in part.choices if choice.index == 0)
+        assert text.startswith("word word")
+    finally:
+        server.stop()
