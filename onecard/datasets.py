@@ -10,6 +10,7 @@ from pathlib import Path
 from onecard import defaults
 from onecard.args import positive_float, positive_int, text_arg
 from onecard.errors import UsageError
+from onecard.model_config import ARCHS
 
 
 def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +62,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     how.add_argument("--for-model", type=text_arg, metavar="dN",
                      help="enough shards to train model dN at --ratio tokens per parameter")
     d.add_argument("--ratio", type=positive_float,
-                   help=f"tokens per parameter with --for-model (default {defaults.RATIO}, Chinchilla)")
+                   help=f"tokens per parameter with --for-model (default {defaults.RATIO}, Chinchilla; "
+                        "nanochat-2026: its own, per matrix and lm_head parameter)")
+    d.add_argument("--arch", choices=ARCHS, default="classic",
+                   help="the model family --for-model sizes (default classic)")
     d.add_argument("--chars-per-token", type=positive_float, default=CHARS_PER_TOKEN,
                    help=f"your tokenizer's compression, to turn tokens into shards (default {CHARS_PER_TOKEN}: "
                         "nanochat's tokenizer on FineWeb-EDU)")
@@ -85,8 +89,8 @@ def run_data(args: argparse.Namespace) -> int:
     source = ds.find(args.dataset)
     if args.base_url:
         ds.check_base_url(args.base_url)
-    if args.ratio is not None and not args.for_model:
-        raise UsageError("--ratio goes with --for-model dN")
+    if (args.ratio is not None or args.arch != "classic") and not args.for_model:
+        raise UsageError("--ratio and --arch go with --for-model dN")
     settings = Settings(workers=min(args.workers, 64), attempts=args.retries, timeout_s=args.timeout,
                         checksums=not args.no_checksum)
     single = isinstance(source, ds.SingleFile)
@@ -102,7 +106,8 @@ def run_data(args: argparse.Namespace) -> int:
 
 def _train_shards(args: argparse.Namespace, source) -> int:
     from onecard import datasources as ds
-    from onecard.model_config import MAX_DEPTH, GPTConfig, param_counts, parse_model_name
+    from onecard.model_config import ARCH_2026, MAX_DEPTH, VOCAB_2026, GPTConfig, parse_model_name
+    from onecard.plan.search import horizon
 
     if args.shards:
         return args.shards
@@ -114,9 +119,12 @@ def _train_shards(args: argparse.Namespace, source) -> int:
         except UsageError:
             raise UsageError(f"--for-model {args.for_model!r}: give dN with N from 1 to {MAX_DEPTH}, "
                              "e.g. d20") from None
-        params = sum(param_counts(GPTConfig.from_depth(depth)).values())
-        ratio = args.ratio if args.ratio is not None else defaults.RATIO
-        tokens, what = ratio * params, f"d{depth} ({params:,} parameters) at {ratio:g} tokens per parameter"
+        vocab = VOCAB_2026 if args.arch == ARCH_2026 else defaults.VOCAB_SIZE
+        config = GPTConfig.from_depth(depth, vocab_size=vocab, arch=args.arch)
+        _, counted, family_ratio = horizon(config)  # what `onecard train` counts and its default ratio
+        ratio = args.ratio if args.ratio is not None else family_ratio
+        per = "parameter" if args.arch == "classic" else "matrix and lm_head parameter"
+        tokens, what = ratio * counted, f"d{depth} ({counted:,} {per}s) at {ratio:g} tokens per {per}"
     else:
         raise UsageError(f"say how much {source.name} to fetch: --shards N, --tokens T (e.g. 11.2B) or --for-model dN")
     plan = ds.plan_shards(tokens, source, args.chars_per_token)

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from onecard.errors import UsageError
+from onecard.model_config import ARCH_2026
 
 # Characters per token of nanochat's 65,536-token tokenizer on FineWeb-EDU: nanochat's own planning
 # figure ("Assume our tokenizer is 4.8 chars/token"), karpathy/nanochat commit
@@ -151,9 +152,13 @@ class ShardPlan:
     def line(self) -> str:
         """One line for `plan` and `train --dry-run`."""
         s = self.shard_set
-        text = (f"{self.tokens:.3g} tokens x {self.chars_per_token:g} chars/token = {self.chars:.3g} characters = "
-                f"{self.train_shards:,} {s.name} shards + 1 validation shard, about {format_bytes(self.bytes)} "
-                f"(~{s.shard_chars / 1e6:.0f} M characters, ~{format_bytes(s.shard_bytes)} a shard)")
+        borrowed = s is not FINEWEB_EDU and self.chars_per_token == CHARS_PER_TOKEN
+        assumed = " (FineWeb-EDU's, assumed)" if borrowed else ""
+        sized = " (estimate)" if "estimate" in s.source else ""
+        text = (f"{self.tokens:.3g} tokens x {self.chars_per_token:g} chars/token{assumed} = {self.chars:.3g} "
+                f"characters = {self.train_shards:,} {s.name} shards + 1 validation shard, about "
+                f"{format_bytes(self.bytes)} (~{s.shard_chars / 1e6:.0f} M characters, ~{format_bytes(s.shard_bytes)} "
+                f"a shard{sized})")
         if self.wanted > self.train_shards:
             text += (f"; the set holds only {s.train_shards:,} training shards, so the run repeats them "
                      f"{self.wanted / s.train_shards:.1f} times")
@@ -170,6 +175,16 @@ class ShardPlan:
         return (f"; the corpus holds {have:,} training shards, so the run would read them "
                 f"{self.train_shards / max(have, 1):.1f} times (`onecard data download {self.shard_set.name} "
                 f"--shards {self.train_shards}` fetches the rest)")
+
+
+def shard_set_for(arch: str, folder: str | Path | None = None) -> ShardSet:
+    """The set a run reads: the one its shard folder's manifest names, else its family's own
+    (nanochat-2026 trains on ClimbMix, as nanochat has since 2026; the classic on FineWeb-EDU)."""
+    if folder is not None and Path(folder).is_dir():
+        named = (read_manifest(Path(folder)) or {}).get("dataset")
+        if named in SHARD_SETS:
+            return SHARD_SETS[named]
+    return CLIMBMIX if arch == ARCH_2026 else FINEWEB_EDU
 
 
 def plan_shards(tokens: float, shard_set: ShardSet = FINEWEB_EDU,

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from onecard import defaults
 from onecard.args import fraction, gigabytes, non_negative_float, positive_float, positive_int, text_arg
-from onecard.datasources import plan_shards
+from onecard.datasources import plan_shards, shard_set_for
 from onecard.errors import UsageError
 from onecard.model_config import ARCH_2026, ARCHS, VOCAB_2026, GPTConfig, depth_from, flops_per_token, param_counts
 from onecard.recipe import NAMED
@@ -144,11 +145,16 @@ def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None)
                          "--tokens and --ratio")
     opts = gpt2.options(s)
     best = gpt2.fastest(opts)
+
+    def command(o) -> str:
+        return train_command(args, o.settings, o.run.depth, o.best, o.tokens, shard_set_for(o.config.arch).name,
+                             total_batch=o.settings.total_batch) if o.best else ""
     if args.json:
         print(json.dumps({"target": "gpt2", "core_source": "nanochat's published results, not measured by onecard",
                           "runs": [{"depth": o.run.depth, "ratio": o.run.ratio, "core": o.run.core,
                                     "commit": o.run.commit, "tokens": o.tokens, "total_batch": o.settings.total_batch,
-                                    "best": report.candidate_json(o.best, o.settings) if o.best else None}
+                                    "best": report.candidate_json(o.best, o.settings) if o.best else None,
+                                    "command": command(o) or None}
                                    for o in opts]}, indent=2))
         return 0
     lines = gpt2.summary_lines(opts)
@@ -162,7 +168,10 @@ def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None)
     tokens_line = (f"{o.tokens:,} ({o.run.ratio:g} per scaling parameter: matrices + lm_head) = "
                    f"{o.tokens / o.settings.total_batch:,.0f} steps of {o.settings.total_batch:,} tokens, "
                    "sequence 2048")
-    lines.append(report.plan_text(o.config, o.settings, o.candidates, o.best, tokens_line, notes))
+    data = plan_shards(o.tokens, shard_set_for(o.config.arch))
+    data_line = f"{data.line()}; `onecard data download {data.shard_set.name} --shards {data.train_shards}`"
+    lines.append(report.plan_text(o.config, o.settings, o.candidates, o.best, tokens_line, notes, data_line=data_line,
+                                  command=command(o)))
     print("\n".join(lines))
     return 0
 
@@ -175,10 +184,16 @@ def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float | N
         raise UsageError("say which model (--model dN or --depth N), or give --days D to find the best "
                          "model for a time budget")
     found = budget(s, args.days, ratio)
+    command = ""
+    if found:
+        config, best = found[0]
+        command = train_command(args, for_model(s, config), config.n_layer, best, best.tokens,
+                                shard_set_for(config.arch).name)
     if args.json:
-        print(json.dumps(report.budget_json(s, args.days, ratio, found, notes), indent=2))
+        print(json.dumps(report.budget_json(s, args.days, ratio, found, notes) | {"command": command or None},
+                         indent=2))
     else:
-        print(report.budget_text(s, args.days, ratio, found, notes))
+        print(report.budget_text(s, args.days, ratio, found, notes, command))
     if args.plot and found:
         config, best = found[0]
         s = for_model(s, config)
@@ -239,17 +254,48 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
     steps = shown_tokens // s.total_batch
     line += (f" = {steps:,} step{'s' if steps != 1 else ''} of {s.total_batch:,} tokens, sequence {s.seq_len}"
              + (f", {s.gpus} GPUs" if s.gpus > 1 else ""))
-    data = plan_shards(shown_tokens)  # the disk the run's text takes, at nanochat's chars/token (datasources.py)
-    data_line = f"{data.line()}; `onecard data download fineweb-edu --shards {data.train_shards}`"
+    data = plan_shards(shown_tokens, shard_set_for(s.arch))  # the disk its text takes (datasources.py)
+    data_line = f"{data.line()}; `onecard data download {data.shard_set.name} --shards {data.train_shards}`"
+    command = train_command(args, s, depth, best, shown_tokens if args.days or args.tokens else None,
+                            data.shard_set.name) if best else ""
     if args.json:
         out = report.plan_json(config, s, cands, best, shown_tokens, notes, why, nearest)
         out["data"] = {"dataset": data.shard_set.name, "chars_per_token": data.chars_per_token,
                        "train_shards": data.train_shards, "validation_shards": 1, "bytes": data.bytes}
+        out["command"] = command or None
         print(json.dumps(out, indent=2))
     else:
-        print(report.plan_text(config, s, cands, best, line, notes, why, nearest, data_line))
+        print(report.plan_text(config, s, cands, best, line, notes, why, nearest, data_line, command,
+                               days=args.days))
     if args.plot:
         report.plot(cands, s, args.plot, f"d{depth} on {s.gpu.name}, {shown_tokens:,} tokens")
         if not args.json:
             print(f"wrote {args.plot}")
     return 0
+
+
+def train_command(args: argparse.Namespace, s, depth: int, best, tokens: int | None, dataset: str,
+                  total_batch: int | None = None) -> str:
+    """The `onecard train` line that runs this plan's pick, recipe and micro-batch included: the plan
+    is the recipe the trainer runs. `tokens` None: the family's own ratio (or --ratio) decides."""
+    words = ["onecard", "train"] if s.gpus == 1 else \
+        ["torchrun", "--standalone", "--nproc_per_node", str(s.gpus), "-m", "onecard.cli", "train"]
+    words += ["--model", f"d{depth}"] + (["--arch", s.arch] if s.arch != "classic" else [])
+    words += ["--data", f"data/{dataset}"]
+    if tokens is not None:
+        words += ["--tokens", str(tokens)]
+    elif args.ratio is not None:
+        words += ["--ratio", f"{args.ratio:g}"]
+    batch = total_batch or args.total_batch
+    for flag, value, default in (("--seq-len", args.seq_len, defaults.SEQ_LEN), ("--total-batch", batch, None),
+                                 ("--vocab-size", args.vocab_size, None)):
+        if value is not None and value != default:
+            words += [flag, str(value)]
+    if args.gpu:
+        words += ["--gpu", args.gpu]
+    if args.vram:
+        words += ["--vram", f"{args.vram:g}GB"]
+    words += ["--recipe", best.recipe.name, "--micro-batch", str(best.recipe.micro_batch)]
+    if not args.compile:
+        words.append("--no-compile")
+    return shlex.join(words)

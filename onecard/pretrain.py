@@ -155,7 +155,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     """`onecard train` on this rank (rank 0 alone prints)."""
     from onecard import family, session
     from onecard.data import Corpus
-    from onecard.datasources import plan_shards
+    from onecard.datasources import plan_shards, shard_set_for
     from onecard.device import host_memory_available, local_card, unrunnable_reason
     from onecard.model_config import param_counts
     from onecard.plan.choose import choose_recipe
@@ -193,8 +193,8 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     say(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
     if args.dry_run:
         say(dry_run_text(recipe, choice.candidate, choice.settings, choice.notes, config))
-        if not demo:  # the text such a run reads, in FineWeb-EDU shards and disk (onecard/datasources.py)
-            shards = plan_shards(steps * total_batch)
+        if not demo:  # the text such a run reads, in its set's shards and disk (onecard/datasources.py)
+            shards = plan_shards(steps * total_batch, shard_set_for(config.arch, data))
             say(f"data: {shards.line()}" + shards.coverage(corpus))
         return 0
     for note in choice.notes:

@@ -481,3 +481,19 @@ def test_the_loader_benchmark_runs_and_records_its_machine(tmp_path):
     assert record["commit"] and record["command"] and record["machine"]["cores_used"] >= 1
     assert record["loader"] and all(row["tokens_per_s"] > 0 for row in record["loader"].values())
     assert set(record["planner_rtx4070"]) == {"d12", "d20"} and record["tiktoken_alone_1_core"]["tokens_per_s"] > 0
+
+
+def test_cli_sizes_a_nanochat_2026_model_as_its_plan_does(server, tmp_path, capsys):
+    """--arch nanochat-2026 counts its matrices and lm_head at its own ratio, as `plan --arch` does."""
+    import json
+
+    assert main(["plan", "--model", "d24", "--arch", "nanochat-2026", "--ratio", "8", "--gpu", "h100", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["data"]
+    assert planned["dataset"] == "climbmix"
+    code = main(["data", "download", "climbmix", "--for-model", "d24", "--arch", "nanochat-2026", "--ratio", "8",
+                 "--dir", str(tmp_path / "d"), "--base-url", server.url + "/main", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and server.requests == []
+    assert f"{planned['train_shards'] + 1} files = {planned['train_shards']} training shards" in out
+    assert "matrix and lm_head parameters) at 8 tokens per matrix and lm_head parameter" in out
+    assert main(["data", "download", "climbmix", "--arch", "nanochat-2026", "--shards", "3", "--dry-run"]) == 2

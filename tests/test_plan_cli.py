@@ -342,3 +342,43 @@ def test_host_ram_is_shared_by_the_ranks_on_one_machine(monkeypatch, tmp_path):
     assert host_memory_available() == 32 * 2**30
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert host_memory_available() == 8 * 2**30
+
+
+@pytest.mark.parametrize("plan_args, pick", [
+    (["--model", "d20", "--gpu", "rtx4070"], lambda p: (p["command"], p["best"])),
+    (["--model", "d20", "--gpu", "rtx4070", "--days", "7"], lambda p: (p["command"], p["best"])),
+    (["--model", "d32", "--gpu", "rtx4070", "--vram", "8GB", "--seq-len", "1024"], lambda p: (p["command"], p["best"])),
+    (["--days", "3", "--gpu", "rtx4090", "--arch", "nanochat-2026"], lambda p: (p["command"], p["best"])),
+    (["--target", "gpt2", "--gpu", "rtx4070"], lambda p: (p["runs"][1]["command"], p["runs"][1]["best"])),
+])
+def test_the_plans_run_it_line_trains_what_it_planned(capsys, tmp_path, monkeypatch, plan_args, pick):
+    """The command the plan prints, given to `onecard train --dry-run` (which chooses through its own
+    path): the same recipe, micro-batch and tokens as the plan's pick."""
+    import re
+    import shlex
+
+    command, best = pick(run_json(capsys, *plan_args))
+    words = shlex.split(command)
+    assert words[:2] == ["onecard", "train"]
+    data = tmp_path / words[words.index("--data") + 1]
+    data.mkdir(parents=True)
+    (data / "a.txt").write_text("some text")
+    monkeypatch.chdir(tmp_path)
+    assert main([*words[1:], "--dry-run", "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    steps, batch, tokens = re.search(r"([\d,]+) steps × ([\d,]+) tokens = ([\d,]+) tokens", out).groups()
+    assert int(tokens.replace(",", "")) == best["tokens"]
+    assert f"recipe {best['recipe']['name']}: " in out
+    assert f"micro-batch {best['recipe']['micro_batch']} x " in out
+
+
+def test_data_sizing_follows_the_family_and_the_folders_manifest(capsys, tmp_path):
+    from onecard.datasources import CLIMBMIX, FINEWEB_EDU, shard_set_for, write_manifest
+
+    assert shard_set_for("classic") is FINEWEB_EDU and shard_set_for("nanochat-2026") is CLIMBMIX
+    write_manifest(tmp_path, {"dataset": "climbmix", "validation": ["shard_06542.parquet"]})
+    assert shard_set_for("classic", tmp_path) is CLIMBMIX
+    plan = run_json(capsys, "--model", "d12", "--gpu", "rtx4070", "--arch", "nanochat-2026")
+    assert plan["data"]["dataset"] == "climbmix"
+    assert main(["plan", "--model", "d12", "--gpu", "rtx4070", "--arch", "nanochat-2026"]) == 0
+    assert "chars/token (FineWeb-EDU's, assumed)" in capsys.readouterr().out

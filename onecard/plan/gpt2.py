@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from onecard.model_config import ARCH_2026, VOCAB_2026, GPTConfig, scaling_params
-from onecard.plan.search import Candidate, Settings, candidates, fastest_fit
+from onecard.plan.search import Candidate, Settings, candidates, fastest_fit, whole_steps
 from onecard.schedule_2026 import auto_total_batch
 from onecard.units import format_duration
 
@@ -61,7 +61,7 @@ def options(s: Settings) -> list[Option]:
         config = GPTConfig.from_depth(run.depth, VOCAB_2026, 2048, arch=ARCH_2026)
         batch = run.total_batch or auto_total_batch(config)
         rs = replace(s, seq_len=2048, vocab_size=VOCAB_2026, arch=ARCH_2026, total_batch=batch)
-        tokens = int(run.ratio * scaling_params(config))
+        tokens = whole_steps(run.ratio * scaling_params(config), batch)  # whole steps, as `onecard train` runs
         cands = candidates(config, rs, tokens)
         out.append(Option(run, config, rs, tokens, cands, fastest_fit(cands)))
     return out

@@ -50,15 +50,18 @@ def card_note(gpu: GPU) -> list[str]:
     return [f"        note: {gpu.note}"] if gpu.note else []
 
 
-def table(cands: list[Candidate], s: Settings) -> list[str]:
+def table(cands: list[Candidate], s: Settings, by_tokens: bool = False) -> list[str]:
+    """One row a recipe; `by_tokens` (a time budget): the tokens each trains in it, instead of the time."""
+    last = "tokens" if by_tokens else "time"
     head = (f"  {'recipe':<14} {'weights/grads/states act loss':<40} {'micro':>5} {'peak VRAM':>10} {'fits':>4} "
-            f"{'MFU':>6} {'tokens/s':>9} {'time':>12} {'energy':>11} {'cost':>13}")
+            f"{'MFU':>6} {'tokens/s':>9} {last:>15} {'energy':>11} {'cost':>13}")
     lines = [head]
     for c in cands:
         fits = "yes" if c.fits else ("n/a" if c.note else "no")
+        shown = f"{c.tokens:,}" if by_tokens else format_duration(c.time_s)
         lines.append(f"  {c.recipe.name:<14} {describe(c.recipe):<40} {c.recipe.micro_batch:>5} "
                      f"{c.memory.total / GiB:>6.2f} GiB {fits:>4} {c.timing.mfu:>6.1%} {c.timing.tokens_per_s:>9,.0f} "
-                     f"{format_duration(c.time_s):>12} {amount(c.energy_kwh):>7} kWh {c.cost:>9,.2f} {s.currency}")
+                     f"{shown:>15} {amount(c.energy_kwh):>7} kWh {c.cost:>9,.2f} {s.currency}")
         if c.note:
             lines.append(f"  {'':<14} ({c.note})")
     return lines
@@ -140,8 +143,10 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
     lines += [f"  throughput         {t.tokens_per_s:,.0f} tokens/s = MFU {t.mfu:.1%} (model FLOPs / peak)",
               f"  wall time          {format_duration(c.time_s)} ({steps:,.0f} steps)"]
     watts = (s.power_watts or gpu.power_watts) * s.assume.power_fraction * s.gpus + s.assume.overhead_watts
-    lines.append(f"Energy and cost: {watts:,.0f} W x {amount(c.time_s / 3600)} h = {amount(c.energy_kwh)} kWh -> "
-                 f"{c.cost:,.2f} {s.currency} at {s.price:g} {s.currency}/kWh")
+    what = ("the card's board power alone: add the rest of the computer with --assume overhead_watts=W"
+            if not s.assume.overhead_watts else f"cards + {s.assume.overhead_watts:g} W for the rest of the computer")
+    lines.append(f"Energy and cost: {watts:,.0f} W ({what}) x {amount(c.time_s / 3600)} h = {amount(c.energy_kwh)} "
+                 f"kWh -> {c.cost:,.2f} {s.currency} at {s.price:g} {s.currency}/kWh")
     return lines
 
 
@@ -156,8 +161,11 @@ def header(config: GPTConfig, s: Settings, tokens_line: str, notes: list[str], d
 
 
 def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Candidate | None,
-              tokens_line: str, notes: list[str], why_none: str = "", nearest=None, data_line: str = "") -> str:
-    lines = header(config, s, tokens_line, notes, data_line) + [""] + table(cands, s) + [""]
+              tokens_line: str, notes: list[str], why_none: str = "", nearest=None, data_line: str = "",
+              command: str = "", days: float | None = None) -> str:
+    """The plan as text; with `days`, each recipe's row says how many tokens it trains in that time."""
+    lines = header(config, s, tokens_line, notes, data_line) + [""] + table(cands, s, by_tokens=days is not None)
+    lines.append("")
     if best is None:
         lines.append(f"Nothing fits: {why_none}")
         if nearest:
@@ -168,7 +176,10 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
                          f"{c.tokens:,} tokens in {format_duration(c.time_s)}, {amount(c.energy_kwh)} kWh, "
                          f"{c.cost:,.2f} {s.currency}")
         return "\n".join(lines)
-    lines.append(f"Recommended: {best.recipe.name} ({describe(best.recipe)}), the fastest recipe that fits")
+    why = f"the one that trains the most tokens in {days:g} days" if days else "the fastest recipe that fits"
+    lines.append(f"Recommended: {best.recipe.name} ({describe(best.recipe)}), {why}")
+    if command:
+        lines.append(f"Run it: {command}")
     for c in cands:  # near misses: faster recipes less than a quarter of the card over
         if (not c.fits and not c.note and c.time_s < best.time_s
                 and c.memory.total - s.gpu.vram_bytes < s.gpu.vram_bytes / 4):
@@ -181,7 +192,8 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
     return "\n".join(lines)
 
 
-def budget_text(s: Settings, days: float, ratio: float | None, found: list, notes: list[str]) -> str:
+def budget_text(s: Settings, days: float, ratio: float | None, found: list, notes: list[str],
+                command: str = "") -> str:
     lines = [f"card    {gpu_line(s.gpu, s.gpus)}", f"        source: {s.gpu.source}"] + card_note(s.gpu)
     lines += [f"note    {n}" for n in notes if n]
     counted = "parameter" if s.arch == "classic" else "matrix and lm_head parameter, each depth's own batch"
@@ -198,6 +210,8 @@ def budget_text(s: Settings, days: float, ratio: float | None, found: list, note
                      f"{amount(c.energy_kwh):>7} kWh {c.cost:>9,.2f} {s.currency}")
     config, best = found[0]
     lines += ["", f"Best: d{config.n_layer} with {best.recipe.name} ({describe(best.recipe)})"]
+    if command:
+        lines.append(f"Run it: {command}")
     lines += memory_lines(best, s, config_params(config)) + time_lines(best, for_model(s, config))
     return "\n".join(lines)
 
