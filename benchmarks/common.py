@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 def commit() -> str:
     """git's HEAD, or ONECARD_COMMIT where the copy has no git (a lent machine)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=HERE, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("ONECARD_COMMIT", "unknown")

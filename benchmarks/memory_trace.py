@@ -98,7 +98,8 @@ def trace_step(config, recipe, accum: int) -> dict:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    # Python frames only: C++ ones add nothing to site() and take minutes to symbolize at _snapshot()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
     try:
         step(batches, accum)
         torch.cuda.synchronize()

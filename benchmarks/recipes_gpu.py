@@ -125,6 +125,10 @@ def row_line(row: dict) -> str:
     got = (f"{row['max_memory_allocated'] / GiB:.2f} GiB" if ran and "max_memory_allocated" in row
            else row["outcome"] + (f" ({row['error']})" if "error" in row else ""))
     speed = f", {row['tokens_per_s_at_batch']:,.0f} tok/s at batch" if ran else ""
+    if ran and row.get("first_step_s"):
+        speed += f", first step {row['first_step_s']:,.1f} s"
+    if "compile_failed" in row:
+        speed += f" (EAGER: the compile failed: {row['compile_failed'][:120]})"
     predicted = (f"predicted {row['predicted_allocated'] / GiB:.2f} GiB "
                  f"({'fits' if row['predicted_fits'] else 'does not fit'}), " if "predicted_allocated" in row else "")
     return (f"cap {row['cap_gib'] or 'whole'} d{row['depth']} {row['recipe']['name']:<12} micro-batch "

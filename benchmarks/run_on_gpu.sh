@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent session, most important first, each under its own time limit so that
-# the whole fits a short lease (the limits add up to 7 min 40 s, and a fifth step runs in what is left
-# of 7 min 55 s; results written row by row).
+# the whole fits a short lease (the limits add up to 7 min 55 s; results written row by row).
 # Results and logs go to $OUT (default benchmarks/results).
 #
-#   OUT=benchmarks/results bash benchmarks/run_on_gpu.sh
-#   ONECARD_COMMIT=<hash> ...   where the copy has no git, to record what was measured
+# Before the lease, on the developer's machine: `bash benchmarks/prepare_gpu_run.sh` copies nanochat's
+# reference code to .ref/ and torchao's wheel to .whl/ and prints the call to make:
+#   run(command="ONECARD_COMMIT=<hash> OUT=$OUT bash benchmarks/run_on_gpu.sh", carry=[".ref", ".whl"])
+# (the copy on the device has no git history: ONECARD_COMMIT records what was measured).
 #
-# Needs PyTorch with CUDA; rustbpe and torchao may come as wheels in .whl/ (installed to /tmp/site).
-# nanochat's reference code travels in shared/reference where the checkout has it (vs_nanochat).
+# Time limits come from the earlier leases' logs (benchmarks/results/gpu_session2): a fresh compile of
+# d20 and two steps took more than 55 s, so each compiled measurement gets minutes, not seconds.
 set -u
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -18,28 +19,31 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-ref=${ONECARD_NANOCHAT_REFERENCE:-shared/reference/nanochat-fae3aca}
-{ date -u; git rev-parse HEAD 2>/dev/null || echo "commit ${ONECARD_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
-  python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$log"
+ref=${ONECARD_NANOCHAT_REFERENCE:-.ref/nanochat-fae3aca}
+[ -f "$ref/nanochat/gpt.py" ] || ref=shared/reference/nanochat-fae3aca
+{ date -u; git rev-parse --verify -q HEAD 2>/dev/null || echo "commit ${ONECARD_COMMIT:-unknown}";
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+  python3 -c "import torch; print('torch', torch.__version__)";
+  python3 -c "import torchao; print('torchao', torchao.__version__)" 2>/dev/null || echo "torchao missing: lean-fp8 rows will say so";
+  [ -f "$ref/nanochat/gpt.py" ] && echo "nanochat reference: $ref" || echo "MISSING nanochat reference ($ref): step 1 cannot run"; } 2>&1 | tee "$log"
 
 echo "== 1. onecard against nanochat's own code, compiled, d20 micro-batch 32 (issue 9 target 1)" | tee -a "$log"
-# each is compiled from scratch on a fresh machine, then again alone for its memory peak; the speed
-# rows are written before the memory ones, so a cut leaves them
-timeout 200 python3 benchmarks/vs_nanochat.py --device cuda --depth 20 --micro-batch 32 --rounds 6 --warmup 2 \
+# both compiled from scratch (each prints its first step's seconds as it goes), then each again alone for
+# its memory peak; the speed rows are written before the memory ones, so a cut leaves them
+timeout 230 python3 benchmarks/vs_nanochat.py --device cuda --depth 20 --micro-batch 32 --rounds 6 --warmup 2 \
   --recipes baseline --reference "$ref" --out "$out" 2>&1 | tee -a "$log"
 
-echo "== 2. d32 under 12 and 8 GiB caps, compiled: offload-states for the first time, lean, lean-fp8" | tee -a "$log"
-timeout 130 python3 benchmarks/recipes_gpu.py --depths 32 --caps 12 8 --steps 2 --budget-s 115 --compile --out "$out" \
-  --recipes offload-states lean lean-fp8 offload 2>&1 | tee -a "$log"
+echo "== 2. d32 under a 12 GiB cap, compiled: lean-fp8 against lean (MFU target, fp8 speedup)" | tee -a "$log"
+timeout 170 python3 benchmarks/recipes_gpu.py --depths 32 --caps 12 --steps 2 --accum 1 --compile --out "$out" \
+  --recipes lean-fp8 lean 2>&1 | tee -a "$log"
 
-echo "== 3. asynchronous grads=cpu folding on CUDA: bit-identity (the d32 offload rows of step 2 time it)" | tee -a "$log"
-timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_grad_fold.py -k cuda 2>&1 | tail -3 | tee -a "$log"
+echo "== 3. offload-states on a GPU for the first time (eager, d32 under 12 GiB)" | tee -a "$log"
+timeout 45 python3 benchmarks/recipes_gpu.py --depths 32 --caps 12 --steps 2 --accum 1 --no-compile --out "$out" \
+  --recipes offload-states 2>&1 | tee -a "$log"
 
-echo "== 4. eager against compiled, d20 under 12 GiB (fits benchmarks/fit_planner.py's compiled constants)" | tee -a "$log"
-for mode in --no-compile --compile; do
-  timeout 45 python3 benchmarks/recipes_gpu.py --depths 20 --caps 12 --steps 2 --budget-s 38 --out "$out" \
-    --recipes lean baseline $mode 2>&1 | tee -a "$log"
-done
+echo "== 4. asynchronous grads=cpu folding on CUDA: bit-identity" | tee -a "$log"
+timeout 30 python3 -m pytest -q -p no:cacheprovider tests/test_grad_fold.py -k cuda 2>&1 | tail -3 | tee -a "$log"
+
 echo "== 5. if time is left: what an eager step holds at its peak, by source line (docs/memory.md#activations)" | tee -a "$log"
 left=$((475 - SECONDS))  # the whole script stays under 8 minutes
 if [ "$left" -ge 25 ]; then

@@ -63,10 +63,14 @@ def time_recipe_steps(config: GPTConfig, recipe: Recipe, accum: int, steps: int,
         model = build_model(config, device=device)
         model.set_policies(recipe.activations, recipe.loss)
         opt = build_optimizer(model, recipe)  # casts weights as the recipe says (wte bf16 on CUDA)
-        step = TrainStep(model, opt, device, compile_model=recipe.compile)
+        fell_back: list[str] = []  # a compile that failed runs eager: the row must not pass for compiled
+        step = TrainStep(model, opt, device, compile_model=recipe.compile, on_compile_failed=fell_back.append)
         batches = SyntheticBatches(config.vocab_size, recipe.micro_batch, recipe.seq_len, device)
+        first_s = None
         for _ in range(steps - 1):  # warm-up: kernels, compile, the optimizer states
+            started = _sync(device)
             step(batches, accum)
+            first_s = first_s or _sync(device) - started
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = _sync(device)
@@ -82,7 +86,10 @@ def time_recipe_steps(config: GPTConfig, recipe: Recipe, accum: int, steps: int,
         row = {"outcome": "ran", "step_s": end - start, "forward_backward_s": middle - start,
                "update_s": end - middle, "loss": outcome.loss, "tokens": tokens,
                "tokens_per_s": tokens / (end - start), "forward_backward_tokens_per_s": tokens / (middle - start),
-               "total_batch": total_batch, "tokens_per_s_at_batch": total_batch / at_batch_s}
+               "total_batch": total_batch, "tokens_per_s_at_batch": total_batch / at_batch_s,
+               "first_step_s": first_s, "compiled": recipe.compile and not fell_back}
+        if fell_back:
+            row["compile_failed"] = fell_back[0]
         if cuda:
             row |= {"max_memory_allocated": torch.cuda.max_memory_allocated(),
                     "max_memory_reserved": torch.cuda.max_memory_reserved()}
