@@ -39,12 +39,19 @@ def autocast_for(device: str) -> AbstractContextManager:
     return nullcontext()
 
 
-def local_card() -> tuple[str, int] | None:
-    """(name, total bytes) of the CUDA card this process uses, or None without one."""
+def local_card() -> tuple[str, int, int] | None:
+    """(name, total bytes, bytes other processes hold) of the CUDA card this process uses, or None
+    without one. Others (a desktop's display, another program) hold what the card has in use less
+    this process's own: what PyTorch reserved and its context, taken at the planner's assumed size."""
     if not torch.cuda.is_available():
         return None
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return props.name, props.total_memory
+    from onecard.plan.assumptions import DEFAULT
+
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    free, total = torch.cuda.mem_get_info(index)
+    own = torch.cuda.memory_reserved(index) + DEFAULT.cuda_context_bytes
+    return props.name, props.total_memory, max(0, total - free - own)
 
 
 def host_memory_available() -> int | None:

@@ -382,3 +382,19 @@ def test_data_sizing_follows_the_family_and_the_folders_manifest(capsys, tmp_pat
     assert plan["data"]["dataset"] == "climbmix"
     assert main(["plan", "--model", "d12", "--gpu", "rtx4070", "--arch", "nanochat-2026"]) == 0
     assert "chars/token (FineWeb-EDU's, assumed)" in capsys.readouterr().out
+
+
+def test_memory_other_processes_hold_is_left_out_of_the_fit(capsys, monkeypatch):
+    """A desktop's display holds part of the card: the plan fits what is left, as --vram would."""
+    import onecard.device
+
+    gib = 2**30
+    monkeypatch.setattr(onecard.device, "local_card", lambda: ("NVIDIA GeForce RTX 4070", 12 * gib, int(0.75 * gib)))
+    detected = run_json(capsys, "--model", "d20")
+    assert detected["gpu"]["vram_bytes"] == int(11.25 * gib)
+    assert any("other processes hold 0.75 GiB" in note for note in detected["notes"])
+    named = run_json(capsys, "--model", "d20", "--gpu", "rtx4070", "--vram", "11.25")
+    assert detected["best"]["recipe"] == named["best"]["recipe"]
+    assert detected["best"]["memory"]["total"] <= 11.25 * gib
+    monkeypatch.setattr(onecard.device, "local_card", lambda: ("NVIDIA GeForce RTX 4070", 12 * gib, 0))
+    assert run_json(capsys, "--model", "d20")["best"]["recipe"]["name"] == "baseline"  # 11.91 GiB: fits 12

@@ -91,19 +91,24 @@ class Choice:
                           tokens_per_s=c.timing.tokens_per_s, mfu=c.timing.mfu)
 
 
-def choose_gpu(name: str | None, vram_gib: float | None, local: tuple[str, int] | None) -> tuple[GPU, list[str]]:
-    """The card named (--gpu), else the local one (name, bytes) as the catalog knows it; --vram resizes it."""
+def choose_gpu(name: str | None, vram_gib: float | None, local: tuple | None) -> tuple[GPU, list[str]]:
+    """The card named (--gpu), else the local one (name, bytes[, bytes other processes hold]) as the
+    catalog knows it, less what others hold; --vram resizes it."""
     if name:
         gpu, note = find_gpu(name)
     elif local is not None:
-        local_name, total = local
+        local_name, total, *others = local
+        held = others[0] if others else 0
         try:
             gpu, _ = find_gpu(local_name)
         except UsageError:
             raise UsageError(f"this machine's GPU ({local_name}) is not in the catalog: name the closest one "
                              f"with --gpu and give --vram {total / GiB:.0f}") from None
-        gpu = with_vram(gpu, round(total / GiB, 2))
+        gpu = replace(gpu, vram_gib=round((total - held) / GiB, 2))
         note = f"detected {local_name} ({total / GiB:.1f} GiB) on this machine"
+        if held >= GiB / 20:  # a desktop's display takes a few hundred MB: a fit to the last 0.1 GiB would fail
+            note += (f"; other processes hold {held / GiB:.2f} GiB of it (a display, another program): planned for "
+                     f"the {gpu.vram_gib:.2f} GiB left")
     else:
         raise UsageError(f"no CUDA GPU on this machine: name one with --gpu (known: {', '.join(sorted(CATALOG))})")
     if vram_gib is not None:
