@@ -186,3 +186,29 @@ def test_keep_one_never_deletes_the_only_checkpoint_first(tmp_path, monkeypatch)
     with pytest.raises(CheckpointError):
         save(tmp_path, 2, keep=1)
     assert checkpoint.find_latest(tmp_path).step == 1
+
+
+@pytest.mark.parametrize("name", [n for n, r in __import__("onecard.recipe").recipe.NAMED.items()
+                                  if r.matmul != "fp8" and r.loss != "fused"])
+def test_the_planners_checkpoint_size_is_what_a_checkpoint_writes(tmp_path, name):
+    """plan's disk line against the files a real checkpoint of each recipe holds (one step taken,
+    so every optimizer state exists)."""
+    from onecard.model import GPTConfig, build_model
+    from onecard.optim import build_optimizer
+    from onecard.plan.memory import checkpoint_bytes
+    from onecard.recipe import NAMED
+
+    config = GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)
+    recipe = NAMED[name]
+    torch.manual_seed(0)
+    model = build_model(config)
+    model.set_policies(recipe.activations, recipe.loss)
+    opt = build_optimizer(model, recipe)
+    tokens = torch.randint(0, config.vocab_size, (2, config.sequence_len + 1))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    opt.accumulate()
+    opt.step()
+    path = checkpoint.save(tmp_path, 1, model, opt.state_dict(), {}, {}, warn=lambda _: None)
+    written = sum((path / f).stat().st_size for f in ("model.safetensors", "optimizer.pt"))
+    predicted = checkpoint_bytes(config, recipe, device="cpu")
+    assert abs(predicted / written - 1) < 0.05, (predicted, written)

@@ -118,6 +118,13 @@ def persistent_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda") ->
                       states if on_cpu else 0, transient)
 
 
+def checkpoint_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda") -> int:
+    """About what one checkpoint holds on disk: the weights as the model keeps them (and the fp32
+    master copy of cpu_master) and the optimizer states, wherever they live."""
+    p = persistent_bytes(config, recipe, device)
+    return p.weights + p.host_weights + p.optimizer + p.host_optimizer
+
+
 # ---------------------------------------------------------------- activations
 #
 # Per block, what autograd saves (n tokens, width d, kv = n_kv_head*head_dim, f = 4d, H heads):

@@ -6,9 +6,12 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from onecard import defaults
+from onecard.datasources import format_bytes
 from onecard.errors import UsageError
 from onecard.model_config import GPTConfig, flops_per_token, param_counts
 from onecard.plan.catalog import GPU
+from onecard.plan.memory import checkpoint_bytes
 from onecard.plan.search import Candidate, Settings, config_params, for_model, horizon
 from onecard.recipe import CHOICES, Recipe
 from onecard.units import format_duration
@@ -150,6 +153,13 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
     return lines
 
 
+def disk_line(config: GPTConfig, recipe: Recipe, keep: int = defaults.KEEP) -> str:
+    """The disk the run's checkpoints take: `keep` of them and one more while it is written."""
+    each = checkpoint_bytes(config, recipe)
+    return (f"Disk: checkpoints about {format_bytes(each)} each (weights and optimizer states); {keep} kept + 1 "
+            f"being written = {format_bytes(each * (keep + 1))} (--keep N)")
+
+
 def header(config: GPTConfig, s: Settings, tokens_line: str, notes: list[str], data_line: str = "") -> list[str]:
     params = config_params(config)
     lines = [f"model   d{config.n_layer}: {params:,} parameters, {flops_per_token(config):.4e} training FLOPs/token "
@@ -188,7 +198,7 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
                     "expandable_segments:True it may fit; check with `onecard bench`)" if over < margin else "")
             lines.append(f"  faster but over the card: {c.recipe.name} ({format_duration(c.time_s)}) needs "
                          f"{c.memory.total / GiB:.2f} GiB, {over / GiB:.2f} GiB too much{hint}")
-    lines += memory_lines(best, s, config_params(config)) + time_lines(best, s)
+    lines += memory_lines(best, s, config_params(config)) + time_lines(best, s) + [disk_line(config, best.recipe)]
     return "\n".join(lines)
 
 
@@ -213,6 +223,7 @@ def budget_text(s: Settings, days: float, ratio: float | None, found: list, note
     if command:
         lines.append(f"Run it: {command}")
     lines += memory_lines(best, s, config_params(config)) + time_lines(best, for_model(s, config))
+    lines.append(disk_line(config, best.recipe))
     return "\n".join(lines)
 
 
