@@ -42,7 +42,11 @@ def test_reference_figures():
                                       ("RTX-4070-Ti-SUPER", "rtx4070ti-super"), ("4070 laptop", "rtx4070-laptop"),
                                       ("NVIDIA GeForce RTX 4070 Laptop GPU", "rtx4070-laptop"), ("Tesla T4", "t4"),
                                       ("NVIDIA H100 80GB HBM3", "h100-sxm"), ("h100 pcie", "h100-pcie"),
-                                      ("NVIDIA A100-SXM4-40GB", "a100-40gb"), ("h200", "h200")])
+                                      ("NVIDIA A100-SXM4-40GB", "a100-40gb"), ("h200", "h200"),
+                                      ("NVIDIA GeForce RTX 3070", "rtx3070"), ("RTX 3060 Ti", "rtx3060ti"),
+                                      ("NVIDIA GeForce RTX 4070 Ti", "rtx4070ti"), ("4060 ti 8gb", "rtx4060ti-8gb"),
+                                      ("NVIDIA GeForce RTX 4060 Laptop GPU", "rtx4060-laptop"),
+                                      ("NVIDIA GeForce RTX 4080 SUPER", "rtx4080-super"), ("3080 ti", "rtx3080ti")])
 def test_names_are_forgiving(name, key):
     assert find_gpu(name)[0].key == key
 
@@ -71,3 +75,17 @@ def test_pcie_rates():
     assert CATALOG["rtx4070"].pcie_bytes_per_s == pytest.approx(31.5e9, rel=1e-3)  # gen 4 x16
     assert CATALOG["rtx4060"].pcie_bytes_per_s == pytest.approx(15.75e9, rel=1e-3)  # gen 4 x8
     assert CATALOG["h100-sxm"].pcie_bytes_per_s == pytest.approx(63e9, rel=1e-3)  # gen 5 x16
+
+
+def test_every_derived_peak_is_its_sources_sms_times_clock_times_512():
+    """Entries computed from a product page: the SMs and boost clock their source names give the
+    peak (fp8 twice it on Ada and Blackwell)."""
+    import re
+
+    derived = [g for g in GPUS if "FLOP/clk/SM" in g.source]
+    assert len(derived) >= 15
+    for gpu in derived:
+        sms, ghz = re.search(r"(\d+) SMs, (?:[\d.]+-)?([\d.]+) GHz boost", gpu.source).groups()
+        assert gpu.peak_bf16 == pytest.approx(int(sms) * float(ghz) * 1e9 * 512, rel=2e-3), gpu.key
+        if gpu.peak_fp8:
+            assert gpu.peak_fp8 == pytest.approx(2 * gpu.peak_bf16, rel=2e-3), gpu.key

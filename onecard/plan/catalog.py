@@ -67,14 +67,33 @@ GPUS: list[GPU] = [
     _g("rtx3060", "NVIDIA GeForce RTX 3060 12GB", 12, 25.5, None, 360, 170, (8, 6), (4, 16), "consumer",
        "GeForce RTX 3060 product page (28 SMs, 1.777 GHz boost, 360 GB/s, 170 W); "
        + PER_SM.format(wp=AMPERE_WP)),
+    _g("rtx3060ti", "NVIDIA GeForce RTX 3060 Ti", 8, 32.4, None, 448, 200, (8, 6), (4, 16), "consumer",
+       "GeForce RTX 3060 Ti product page (38 SMs, 1.665 GHz boost, 448 GB/s, 200 W); "
+       + PER_SM.format(wp=AMPERE_WP)),
+    _g("rtx3070", "NVIDIA GeForce RTX 3070", 8, 40.6, None, 448, 220, (8, 6), (4, 16), "consumer",
+       "GeForce RTX 3070 product page (46 SMs, 1.725 GHz boost, 448 GB/s, 220 W); "
+       + PER_SM.format(wp=AMPERE_WP)),
+    _g("rtx3070ti", "NVIDIA GeForce RTX 3070 Ti", 8, 43.5, None, 608, 290, (8, 6), (4, 16), "consumer",
+       "GeForce RTX 3070 Ti product page (48 SMs, 1.77 GHz boost, 608 GB/s, 290 W); "
+       + PER_SM.format(wp=AMPERE_WP)),
     _g("rtx3080", "NVIDIA GeForce RTX 3080 10GB", 10, 59.5, None, 760, 320, (8, 6), (4, 16), "consumer",
        AMPERE_WP + " (RTX 3080: 59.5 TFLOPS FP16/BF16 tensor with FP32 accumulate, 760 GB/s, 320 W)"),
+    _g("rtx3080ti", "NVIDIA GeForce RTX 3080 Ti", 12, 68.2, None, 912, 350, (8, 6), (4, 16), "consumer",
+       "GeForce RTX 3080 Ti product page (80 SMs, 1.665 GHz boost, 912 GB/s, 350 W); "
+       + PER_SM.format(wp=AMPERE_WP)),
     _g("rtx3090", "NVIDIA GeForce RTX 3090", 24, 71.0, None, 936, 350, (8, 6), (4, 16), "consumer",
        AMPERE_WP + " (RTX 3090: 71 TFLOPS BF16 tensor with FP32 accumulate, 936 GB/s, 350 W)"),
     # Ada GeForce (sm_89): FP8 with fp32 accumulate at twice the bf16 rate.
     _g("rtx4060", "NVIDIA GeForce RTX 4060 8GB", 8, 30.2, 60.5, 272, 115, (8, 9), (4, 8), "consumer",
        "GeForce RTX 4060 product page (24 SMs, 2.46 GHz boost, 272 GB/s, 115 W, PCIe 4.0 x8); "
        + PER_SM.format(wp=ADA_WP)),
+    _g("rtx4060-laptop", "NVIDIA GeForce RTX 4060 Laptop GPU 8GB", 8, 29.1, 58.2, 256, 115, (8, 9), (4, 8),
+       "laptop", "GeForce RTX 40 Series Laptop specs page (24 SMs, 1.47-2.37 GHz boost at 35-115 W, "
+       "8 GB 128-bit, 256 GB/s); peak at the top 2.37 GHz clock; " + PER_SM.format(wp=ADA_WP),
+       note="power-limited: the rated clock needs the laptop's top 115 W setting"),
+    _g("rtx4060ti-8gb", "NVIDIA GeForce RTX 4060 Ti 8GB", 8, 44.1, 88.3, 288, 160, (8, 9), (4, 8),
+       "consumer", "GeForce RTX 4060 Ti product page (34 SMs, 2.535 GHz boost, 288 GB/s, 160 W, "
+       "PCIe 4.0 x8); " + PER_SM.format(wp=ADA_WP)),
     _g("rtx4060ti-16gb", "NVIDIA GeForce RTX 4060 Ti 16GB", 16, 44.1, 88.3, 288, 165, (8, 9), (4, 8),
        "consumer", "GeForce RTX 4060 Ti product page (34 SMs, 2.535 GHz boost, 288 GB/s, 165 W, "
        "PCIe 4.0 x8); " + PER_SM.format(wp=ADA_WP)),
@@ -83,6 +102,9 @@ GPUS: list[GPU] = [
        + PER_SM.format(wp=ADA_WP)),
     _g("rtx4070-super", "NVIDIA GeForce RTX 4070 SUPER", 12, 71.0, 141.9, 504, 220, (8, 9), (4, 16),
        "consumer", "GeForce RTX 4070 SUPER product page (56 SMs, 2.475 GHz boost, 504 GB/s, 220 W); "
+       + PER_SM.format(wp=ADA_WP)),
+    _g("rtx4070ti", "NVIDIA GeForce RTX 4070 Ti", 12, 80.2, 160.4, 504, 285, (8, 9), (4, 16), "consumer",
+       "GeForce RTX 4070 Ti product page (60 SMs, 2.61 GHz boost, 504 GB/s, 285 W); "
        + PER_SM.format(wp=ADA_WP)),
     _g("rtx4070ti-super", "NVIDIA GeForce RTX 4070 Ti SUPER", 16, 88.2, 176.4, 672, 285, (8, 9), (4, 16),
        "consumer", "GeForce RTX 4070 Ti SUPER product page (66 SMs, 2.61 GHz boost, 672 GB/s, 285 W); "
@@ -93,6 +115,9 @@ GPUS: list[GPU] = [
        note="power-limited: the rated clock needs the laptop's top 115 W setting"),
     _g("rtx4080", "NVIDIA GeForce RTX 4080", 16, 97.5, 194.9, 716.8, 320, (8, 9), (4, 16), "consumer",
        ADA_WP + " (RTX 4080: 97.5 TFLOPS FP16/BF16 tensor with FP32 accumulate, 716.8 GB/s, 320 W)"),
+    _g("rtx4080-super", "NVIDIA GeForce RTX 4080 SUPER", 16, 104.4, 208.9, 736, 320, (8, 9), (4, 16),
+       "consumer", "GeForce RTX 4080 SUPER product page (80 SMs, 2.55 GHz boost, 736 GB/s, 320 W); "
+       + PER_SM.format(wp=ADA_WP)),
     _g("rtx4090", "NVIDIA GeForce RTX 4090", 24, 165.2, 330.3, 1008, 450, (8, 9), (4, 16), "consumer",
        ADA_WP + " (RTX 4090: 165.2 TFLOPS BF16 and 330.3 FP8 tensor with FP32 accumulate, "
        "1008 GB/s, 450 W)"),
@@ -139,7 +164,9 @@ CATALOG: dict[str, GPU] = {g.key: g for g in GPUS}
 
 # Short names that stand for several parts pick the most common one, and the planner says so.
 SHORT: dict[str, str] = {
-    "3060": "rtx3060", "3080": "rtx3080", "3090": "rtx3090",
+    "3060": "rtx3060", "3060ti": "rtx3060ti", "3070": "rtx3070", "3070ti": "rtx3070ti", "3080": "rtx3080",
+    "3080ti": "rtx3080ti", "3090": "rtx3090", "4060laptop": "rtx4060-laptop", "4060mobile": "rtx4060-laptop",
+    "4060ti8gb": "rtx4060ti-8gb", "4070ti": "rtx4070ti", "4080s": "rtx4080-super", "4080super": "rtx4080-super",
     "4060": "rtx4060", "4060ti": "rtx4060ti-16gb", "4060ti16gb": "rtx4060ti-16gb",
     "4070": "rtx4070", "4070s": "rtx4070-super", "4070super": "rtx4070-super",
     "4070tis": "rtx4070ti-super", "4070tisuper": "rtx4070ti-super",
@@ -156,7 +183,7 @@ SHORT: dict[str, str] = {
 }
 AMBIGUOUS = {"h100": "the SXM part (say 'h100 pcie' for the PCIe card)",
              "a100": "the 80 GB SXM part (say 'a100 40gb' for the 40 GB card)",
-             "4060ti": "the 16 GB card (the 8 GB card is not in the catalog)"}
+             "4060ti": "the 16 GB card (say '4060 ti 8gb' for the 8 GB card)"}
 
 
 def _normal(name: str) -> str:
