@@ -292,7 +292,7 @@ def train_command(args: argparse.Namespace, s, depth: int, best, tokens: int | N
         if value is not None and value != default:
             words += [flag, str(value)]
     if args.gpu:
-        words += ["--gpu", args.gpu]
+        words += ["--gpu", s.gpu.key]
     if args.vram:
         words += ["--vram", f"{args.vram:g}GB"]
     words += ["--recipe", best.recipe.name, "--micro-batch", str(best.recipe.micro_batch)]
