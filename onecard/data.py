@@ -135,8 +135,9 @@ class Corpus:
             raise UsageError(f"corpus {label} lacks its validation shard {', '.join(missing)}: rerun "
                              "`onecard data download` for this folder")
         # A .txt file is one document, so a hash threshold would often hold out none of a few files:
-        # hold out exactly round(fraction * n) of them (at least one, if there are two or more).
-        txt = [i for i, kind in enumerate(self.kinds) if kind == "txt"]
+        # hold out exactly round(fraction * n) of them (at least one, if there are two or more); an empty
+        # file holds nothing to validate on
+        txt = [i for i, kind in enumerate(self.kinds) if kind == "txt" and self.sizes[i]]
         n_val = min(max(round(self.val_fraction * len(txt)), 1), len(txt) - 1) if self.val_fraction > 0 else 0
         self._txt_val = set(sorted(txt, key=lambda i: _unit_hash(self.names[i], 0, 0))[:n_val])
         # ... and one .txt file alone cannot be split that way: its text is cut into pieces instead
@@ -178,10 +179,20 @@ class Corpus:
                 text = b"".join(line for _, line in lines).decode("utf-8", errors="replace")
                 return _cut(text, self.val_fraction)
             if kind == "txt":  # an empty file is not opened: /proc's files say they are empty, and some hang
-                return [path.read_text(encoding="utf-8", errors="replace") if self.sizes[file] else ""]
+                # bytes as they are (no newline translation), as a cut text and .jsonl/.parquet keep them
+                return [path.read_bytes().decode("utf-8", errors="replace") if self.sizes[file] else ""]
             return _read_jsonl_block(path, chunk * BLOCK_BYTES, (chunk + 1) * BLOCK_BYTES)
         except OSError as e:
             raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+
+    def whole_file_split(self, file: int) -> str | None:
+        """'train' or 'val' where a whole file is one split (a dataset's validation shard, a .txt
+        file), None where the split goes document by document: a walk skips the other split's files unread."""
+        if self.val_names:
+            return "val" if self.names[file] in self.val_names and self.val_fraction > 0 else "train"
+        if self.kinds[file] == "txt" and file != self.cut_file:
+            return "val" if file in self._txt_val else "train"
+        return None
 
     def held_out(self, file: int, chunk: int, texts: Sequence[str]) -> list[bool]:
         """Which documents of a chunk are validation documents."""
@@ -214,6 +225,8 @@ class Corpus:
         # Begins at `start` by index lookups: nothing before it is read.
         first = _index(file_order, start.file) if start else 0
         for file in file_order[first:]:
+            if self.whole_file_split(file) not in (None, split):
+                continue  # every document of it is in the other split: not read
             chunks = chunk_order(file)
             at_start = start is not None and file == start.file
             for chunk in chunks[_index(chunks, start.chunk) if at_start else 0:]:

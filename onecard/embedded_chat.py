@@ -42,7 +42,9 @@ def _module_name(relative: str) -> str:
 def documented_functions(corpus: Corpus) -> list[tuple[str, str]]:
     """(qualified name, first sentence of its docstring) of the public functions of public modules."""
     found = []
-    for path, relative in sorted(zip(corpus.files, corpus.names, strict=True), key=lambda pair: pair[1]):
+    for i, (path, relative) in sorted(enumerate(zip(corpus.files, corpus.names, strict=True)), key=lambda p: p[1][1]):
+        if corpus.whole_file_split(i) == "val":
+            continue  # held out of pre-training: its bits per byte stays a held-out measure after SFT
         module = _module_name(relative)
         if not module or any(part.startswith("_") for part in module.split(".")):
             continue

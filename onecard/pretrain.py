@@ -175,6 +175,8 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
         return given if given is not None else getattr(before, key, default) if before else default
 
     data = pick(args.data, "data", None)
+    if args.data:  # recorded absolute: a resume or an eval from another folder finds it again
+        data = str(Path(args.data).expanduser().resolve())
     corpus = Corpus(data) if data else Corpus.embedded()
     params = sum(param_counts(config).values())
     full_batch, ratio_params, ratio = horizon(config)  # the family's batch, counted parameters and ratio

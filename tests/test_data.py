@@ -355,3 +355,59 @@ def test_embedded_corpus_is_the_stdlib_and_quick(tok):
     assert "os.py" in corpus.names and "json/decoder.py" in corpus.names
     assert "standard library" in corpus.describe()
     assert 5 <= len(corpus._txt_val) <= 0.05 * len(corpus.files)
+
+
+def test_each_split_reads_only_files_that_hold_some_of_it(tmp_path, tok, monkeypatch):
+    """A shard folder's validation shard sorts last: validation must not decode every training
+    shard to reach it, nor training the validation shard; the streams stay what they were."""
+    from onecard.datasources import write_manifest
+
+    for i in (0, 1, 2, 1822):
+        write_parquet(tmp_path / f"shard_{i:05d}.parquet", make_docs(20, i, f"s{i}"), row_group_size=5)
+    write_manifest(tmp_path, {"dataset": "fineweb-edu", "validation": ["shard_01822.parquet"], "files": {}})
+    for folder, split, wanted in ((tmp_path, "val", {"shard_01822.parquet"}),
+                                  (tmp_path, "train", {"shard_00000.parquet", "shard_00001.parquet",
+                                                       "shard_00002.parquet"})):
+        corpus = Corpus(folder)
+        read = []
+        original = corpus.read_chunk
+        monkeypatch.setattr(corpus, "read_chunk", lambda f, c, corpus=corpus, original=original, read=read:
+                            read.append(corpus.names[f]) or original(f, c))
+        loader = TokenLoader(corpus, tok, 2, 16, split=split)
+        for _ in range(6):
+            loader.next_batch()
+        assert set(read) <= wanted and read, (split, set(read))
+
+
+def test_txt_files_outside_the_split_are_not_read_and_the_stream_is_unchanged(mixed, tok, monkeypatch):
+    corpus, _ = mixed
+    held = {corpus.names[i] for i in corpus._txt_val}
+    assert held
+    read = []
+    original = corpus.read_chunk
+    monkeypatch.setattr(corpus, "read_chunk", lambda f, c: read.append(corpus.names[f]) or original(f, c))
+    val = TokenLoader(corpus, tok, 2, 12, split="val")
+    batches = [val.next_batch()[0] for _ in range(3)]
+    assert not {n for n in read if n.endswith(".txt")} - held  # no training .txt file opened for validation
+    monkeypatch.undo()
+    # the same validation batches as a walk that reads every file and drops the other split's documents
+    monkeypatch.setattr(corpus, "whole_file_split", lambda file: None)
+    unskipped = TokenLoader(corpus, tok, 2, 12, split="val")
+    assert all(torch.equal(b, unskipped.next_batch()[0]) for b in batches)
+
+
+def test_an_empty_txt_file_is_never_the_held_out_one(tmp_path):
+    for i in range(5):
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(make_docs(3, i)), encoding="utf-8")
+    for name in ("", "a", "b", "draft", "zz"):  # empty files, whichever hashes first
+        (tmp_path / f"empty{name}.txt").write_text("")
+    corpus = Corpus(tmp_path, val_fraction=0.2)
+    assert corpus._txt_val and all(corpus.sizes[i] for i in corpus._txt_val)
+
+
+def test_txt_text_is_kept_byte_for_byte_beside_other_files(tmp_path):
+    text = "first line\r\nsecond\rthird\r\n" * 50
+    (tmp_path / "a.txt").write_bytes(text.encode())
+    (tmp_path / "b.txt").write_bytes(text.encode())
+    together = Corpus(tmp_path, val_fraction=0)
+    assert together.read_chunk(0, 0)[0] == together.read_chunk(1, 0)[0] == text

@@ -124,3 +124,32 @@ def test_summary_and_final_checkpoint(tiny_run):
     assert summary["energy_kwh"] is None and summary["energy_sources"] == [] and summary["cost"] is None
     assert summary["last_checkpoint"] == "checkpoints/step_000040"
     assert (run_dir / "latest").read_text().strip() == "checkpoints/step_000040"
+
+
+def test_a_relative_data_path_still_finds_the_corpus_from_another_folder(tmp_path, monkeypatch):
+    """The run records --data as an absolute path: a resume started elsewhere reads the same text."""
+    from onecard.cli import main
+    from tests.serve_helpers import TINY
+
+    corpus = tmp_path / "work" / "small"
+    corpus.mkdir(parents=True)
+    for i in range(3):
+        words = " ".join(f"{w}{i}{j}" for j in range(300) for w in ("alpha", "beta", "gamma"))
+        (corpus / f"{i}.txt").write_text(words, encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "work")
+    run = tmp_path / "run"
+    tiny = TINY[:-2]  # all but its --steps 2
+    assert main(["train", "--run-dir", str(run), "--data", "small", *tiny, "--steps", "1"]) == 0
+    recorded = json.loads((run / "config.json").read_text())
+    assert str(corpus.resolve()) in json.dumps(recorded)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--run-dir", str(run), "--steps", "2", "--device", "cpu"]) == 0
+
+
+def test_the_embedded_chat_set_leaves_out_pre_trainings_validation_files():
+    from onecard.embedded_chat import _module_name, documented_functions
+
+    corpus = Corpus.embedded()
+    held = {_module_name(corpus.names[i]) for i in corpus._txt_val} - {""}
+    found = {name.rsplit(".", 1)[0] for name, _ in documented_functions(corpus)}
+    assert held and found and not held & found
