@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
                         yield f"{path}, line {number}", json.loads(line)
                     except (ValueError, RecursionError) as error:
                         raise UsageError(f"{path}, line {number}: not JSON ({error})") from None
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:  # zlib.error: a .gz whose compressed bytes are damaged
         raise UsageError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
 
 

@@ -7,6 +7,7 @@ import PyTorch only when a command runs, so `onecard --help` answers at once.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from onecard.args import Parser
@@ -51,13 +52,25 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
-    if unknown:  # said by the command's own parser, so that the error points at its --help
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        args, unknown = build_parser().parse_known_args(argv)  # imports every command module: Ctrl-C can land here
+        if unknown:  # said by the command's own parser, so that the error points at its --help
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return args.run(args)
+    except BrokenPipeError:  # `onecard plan ... | head -1`: the reader left; not the user's input
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports a command that a closed pipe stopped
     except (UsageError, OSError) as error:  # OSError: a file it needs is a directory, unreadable, on a full disk...
         print(f"onecard: error: {error}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:  # the CPU allocator's out of memory; the card's is the step's own
+        if isinstance(error, RuntimeError) and "can't allocate memory" not in str(error):
+            raise
+        print("onecard: error: out of memory on this machine (RAM): ask for less (a smaller --micro-batch, "
+              "--seq-len, model or --size)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if not quiet_rank():

@@ -108,7 +108,7 @@ def check_base_url(url: str) -> None:
         raise UsageError(f"--base-url {url!r} is not an http:// or https:// URL")
     try:
         example = url.format(index=0, name="shard_00000.parquet")
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:  # {index[0]}, {index.x}
         raise UsageError(f"--base-url {url!r}: a pattern may name only {{index}} and {{name}} ({e})") from None
     try:
         host = urlsplit(example).hostname

@@ -142,7 +142,9 @@ def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, wor
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context {config.sequence_len}")
     train_set, val_set = _data(args, tokenizer, seq_len)
     steps = args.steps or max(1, round(len(train_set) * args.epochs / args.batch))
-    micro = args.micro_batch or (MICRO_BATCH if device == "cpu" and not (args.gpu or args.vram) else None)
+    cpu_default = device == "cpu" and not (args.gpu or args.vram)  # the CPU's micro-batch: one --batch divides
+    micro = args.micro_batch or (max((m for m in range(1, MICRO_BATCH + 1) if args.batch % (m * world.size) == 0),
+                                     default=MICRO_BATCH) if cpu_default else None)
     choice = choose_recipe(recipe_request(args, device), config, device, seq_len=seq_len, micro_batch=micro,
                            total_batch=args.batch * seq_len, tokens=steps * args.batch * seq_len, gpus=world.size,
                            local=local_card(), host_bytes=host_memory_available() if device == "cuda" else None,

@@ -4,7 +4,10 @@ print a duration. Plain Python: the planner and the command line share it withou
 from __future__ import annotations
 
 import math
+import re
 
+# a comma only as a thousands separator: 524,288 and 1,000,000.5 but not 0,30 or 1,5B (a decimal comma)
+_GROUPED = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?([eE][-+]?\d+)?[kmbgt]?")
 SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 LARGEST = 1e18  # no count onecard takes (tokens, steps, bytes) comes near this; beyond it is a typo
 
@@ -15,7 +18,13 @@ class NumberError(ValueError):
 
 def parse_number(text: str) -> float:
     """'38e9', '38B', '1.5T', '524_288', '524,288' -> a finite float (NumberError otherwise)."""
-    t = str(text).strip().lower().replace(",", "").replace("_", "")
+    t = str(text).strip().lower()
+    if "," in t:
+        if not _GROUPED.fullmatch(t):
+            raise NumberError(f"{text!r} is not a number: write a decimal point, not a comma (0.5, not 0,5); "
+                              "a comma may only group thousands (524,288)")
+        t = t.replace(",", "")
+    t = t.replace("_", "")
     scale = SUFFIX.get(t[-1:])
     body = t[:-1] if scale else t
     try:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from onecard.cli import main
+from onecard.errors import UsageError
 
 
 def run_cli(capsys, *argv):
@@ -92,3 +93,70 @@ def test_threads_sets_pytorchs_threads_before_anything_runs(monkeypatch, tmp_pat
     asked.clear()
     main([*command, "--run-dir", str(tmp_path / "r"), "--dry-run"])
     assert asked == []  # PyTorch's own default
+
+
+def test_a_reader_that_leaves_the_pipe_is_not_an_error():
+    """`onecard plan ... | head -1`: the command stops quietly (141, as a shell reports SIGPIPE)."""
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, "-m", "onecard.cli", "plan", "--model", "d20", "--gpu", "rtx4070"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process.stdout.readline()
+        process.stdout.close()  # the reader has what it wanted
+        err = process.stderr.read().decode()
+        assert process.wait(60) in (0, 141) and "error" not in err and "Traceback" not in err, err
+
+
+def test_running_out_of_ram_is_one_line(capsys, monkeypatch):
+    import onecard.planning
+
+    def exhausted(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 32768000000 bytes")
+    monkeypatch.setattr(onecard.planning, "run_info", exhausted)
+    assert main(["info", "--model", "d2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onecard: error: out of memory on this machine") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["sft", "--batch", "2"], ["sft", "--batch", "6"], ["train", "--seq-len", "1024"]])
+def test_the_default_micro_batch_fits_a_batch_the_user_set(capsys, tmp_path, argv):
+    from tests.serve_helpers import TINY
+
+    base = tmp_path / "base"
+    if argv[0] == "sft":
+        assert main(["train", "--run-dir", str(base), *TINY]) == 0
+        argv = [*argv, "--from", str(base), "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*argv, "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 0, capsys.readouterr().err
+
+
+def test_a_damaged_gzip_task_file_is_one_line(tmp_path):
+    import gzip
+    import zlib
+
+    from onecard.chat_tasks import read_rows
+
+    good = gzip.compress(b"".join(b'{"question": "q%d"}\n' % i for i in range(2000)))
+
+    def raises_zlib_error(data: bytes) -> bool:
+        try:
+            gzip.decompress(data)
+        except zlib.error:
+            return True
+        except (OSError, EOFError):
+            return False
+        return False
+    damaged_copies = (good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1:] for i in range(12, len(good)))
+    flipped = next(d for d in damaged_copies if raises_zlib_error(d))
+    damaged = tmp_path / "arc.jsonl.gz"
+    damaged.write_bytes(flipped)
+    with pytest.raises(UsageError, match="cannot read"):
+        list(read_rows(damaged))
+
+
+@pytest.mark.parametrize("pattern", ["http://x/{index[0]}", "http://x/{index.foo}", "http://x/{name[x]}"])
+def test_base_url_patterns_that_index_into_a_field_are_refused(pattern):
+    from onecard.datasources import check_base_url
+
+    with pytest.raises(UsageError, match="may name only"):
+        check_base_url(pattern)

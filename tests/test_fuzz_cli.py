@@ -733,3 +733,19 @@ def test_argument_types_return_bounded_values_or_an_argument_type_error(kind, te
         assert str(error) and "\n" not in str(error)
         return
     assert BOUNDS[kind](value), (kind.__name__, text, value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 999), st.text("0123456789", min_size=1, max_size=6).filter(lambda t: len(t) != 3),
+       st.sampled_from(["", "k", "B", "GB"]))
+def test_a_decimal_comma_is_refused_never_read_as_thousands(whole, fraction, suffix):
+    """'0,30' is 0.30 to half the world: refused with a reason, never taken as 30."""
+    with pytest.raises(NumberError, match="decimal point"):
+        (parse_gib if suffix == "GB" else parse_number)(f"{whole},{fraction}{suffix if suffix != 'GB' else ''}"
+                                                        + ("GB" if suffix == "GB" else ""))
+
+
+@pytest.mark.parametrize("text,value", [("524,288", 524_288), ("1,000,000.5", 1_000_000.5), ("1,024k", 1_024_000),
+                                        ("-2,500", -2_500), ("11,219,763,200", 11_219_763_200)])
+def test_commas_grouping_thousands_still_read(text, value):
+    assert parse_number(text) == value

@@ -192,7 +192,9 @@ def _choose(request: RecipeRequest, config: GPTConfig, device: str, *, seq_len: 
     if gpu is None:
         if resumed and not request.asked:
             return Choice(resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch), notes=notes)
-        recipe = named_recipe(request.recipe or "baseline", seq_len=seq_len, micro_batch=micro_batch or 8)
+        if micro_batch is None:  # without a card: 8 rows, or the most of them that --total-batch is a whole number of
+            micro_batch = max((m for m in range(1, 9) if total_batch % (m * seq_len * gpus) == 0), default=8)
+        recipe = named_recipe(request.recipe or "baseline", seq_len=seq_len, micro_batch=micro_batch)
         recipe = recipe.overridden(**request.overrides)
         reason = why_not(recipe)
         if reason:
