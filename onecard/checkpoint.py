@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from onecard import durable
@@ -178,6 +178,21 @@ def _make_room(run_dir: Path, step: int, needed: int, keep: int) -> None:
                               f"{_size(needed)}, {root} has {_size(free)} free", no_space=True)
 
 
+def as_os_error(error: Exception, folder: Path, needed: int) -> OSError:
+    """A write error that safetensors (SafetensorError) or torch.save (RuntimeError) raised, as the
+    OSError it stands for: the disk full or the quota reached where it says so or the space is gone."""
+    text = str(error)
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    try:
+        if shutil.disk_usage(folder).free < needed:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        pass
+    return OSError(errno.EIO, one_line(error))
+
+
 def _write_failed(step: int, error: OSError, root: Path, needed: int) -> CheckpointError:
     """One line for a failed write: the disk full, the permission missing, or else the system's words."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -213,7 +228,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: obje
     name = f"step_{step:06d}"
     tmp = root / f".tmp-{os.getpid()}-{name}"  # the pid tells other processes whether it is still written
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(exist_ok=True)  # not the run directory: gone, it stays gone
         _remove_stale_temporaries(root)
         _make_room(run_dir, step, needed, keep)
         tmp.mkdir()
@@ -237,6 +252,10 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: obje
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_failed(step, error, root, needed) from error
+    except (SafetensorError, RuntimeError) as error:  # safetensors and torch.save report a failed write so
+        failed = as_os_error(error, root, needed)  # before the temporary goes: its bytes count as used
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(step, failed, root, needed) from error
     except BaseException:  # a second Ctrl-C: leave no half-written directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise

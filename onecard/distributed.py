@@ -107,6 +107,24 @@ def from_rank0(value, world: World):
     return box[0]
 
 
+def decided_by_rank0(decide: Callable[[], object], world: World):
+    """What rank 0 decides from files another rank could see change under it (rank 0 sets a damaged
+    checkpoint aside, say), for every rank. A UsageError on rank 0 stops every rank: rank 0 with its
+    reason, the others quietly, as held_by_rank0."""
+    value, refused = None, None
+    if world.main:
+        try:
+            value = decide()
+        except UsageError as error:
+            refused = str(error)
+    value, refused = from_rank0((value, refused), world)
+    if refused is not None:
+        if world.main:
+            raise UsageError(refused)
+        raise SystemExit(2)
+    return value
+
+
 @contextmanager
 def held_by_rank0(make_lock: Callable[[], AbstractContextManager], world: World) -> Iterator[None]:
     """Rank 0 takes a lock (the run directory's) for every rank. When it cannot, every rank stops: rank 0

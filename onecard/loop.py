@@ -157,6 +157,7 @@ class Loop:
     log_file: object = None  # log.jsonl, open while the session runs
     last_save_time: float = 0.0
     compile_s: float | None = None  # how long the first compiled step took, compiling included
+    dir_id: tuple | None = None  # the run directory's (device, inode), taken when the session starts
 
     @property
     def settings(self) -> TrainSettings:
@@ -175,9 +176,20 @@ class Loop:
                    "prediction": self.config.prediction.to_dict() if self.config.prediction else None,
                    "compile_s": self.compile_s,
                    **self.meters.summary()}
-        if self.world.main:
+        if self.world.main and not self.run_dir_lost():
             write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def run_dir_lost(self) -> bool:
+        """Whether the run directory was deleted or moved away while this session trains in it:
+        writing on would make a new directory of a few files, without its tokenizer, log or lock."""
+        try:
+            st = os.stat(self.run_dir)
+        except OSError:
+            return True
+        if self.dir_id is None:
+            self.dir_id = (st.st_dev, st.st_ino)
+        return (st.st_dev, st.st_ino) != self.dir_id
 
     def event(self, kind: str, **extra) -> None:
         self.log_file.write(json.dumps({"event": kind, "step": self.step, "time": time.time(), **extra}) + "\n")
@@ -188,6 +200,9 @@ class Loop:
         if not self.world.main:  # rank 0 writes; the others hold the same weights and states
             self.last_saved = self.step
             return
+        if self.run_dir_lost():
+            raise UsageError(f"{self.run_dir} was deleted or moved while training: stopped at "
+                             f"step {self.step}, writing nothing more; its checkpoints are wherever the directory went")
         state = {"loader": self.batches.state_dict(), "val_bpb_start": self.first_bpb, "val_bpb_last": self.last_bpb,
                  "totals": self.meters.totals()}
         try:

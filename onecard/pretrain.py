@@ -153,7 +153,7 @@ def _steps(args: argparse.Namespace, params: int, total_batch: int, before, demo
 
 def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
     """`onecard train` on this rank (rank 0 alone prints)."""
-    from onecard import family, session
+    from onecard import distributed, family, session
     from onecard.data import Corpus
     from onecard.datasources import plan_shards, shard_set_for
     from onecard.device import host_memory_available, local_card, unrunnable_reason
@@ -164,7 +164,9 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     from onecard.tokenizer import Tokenizer
 
     say = print if world.main else (lambda *_args, **_kwargs: None)
-    saved = None if args.force_new else session.saved_run_config(run_dir)
+    # rank 0's reading: the others could read it after rank 0 set a damaged checkpoint aside
+    saved = None if args.force_new else distributed.decided_by_rank0(
+        lambda: session.saved_run_config(run_dir), world)
     if saved and args.init_from:
         raise UsageError(f"{run_dir} holds a run to resume; --init-from starts a new one: drop it, or add "
                          "--force-new")

@@ -232,13 +232,13 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.lock.release()
-        if self.created and {p.name for p in self.run_dir.iterdir()} <= {".lock", ".lock.owner"}:
-            try:  # a command that failed before writing anything leaves no directory behind
+        try:  # a command that failed before writing anything leaves no directory behind
+            if self.created and {p.name for p in self.run_dir.iterdir()} <= {".lock", ".lock.owner"}:
                 for name in (".lock", ".lock.owner"):
                     (self.run_dir / name).unlink(missing_ok=True)
                 self.run_dir.rmdir()
-            except OSError:
-                pass
+        except OSError:  # the directory deleted or moved meanwhile: the error that says so stands
+            pass
 
 
 # ---------------------------------------------------------------- resuming

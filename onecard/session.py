@@ -10,11 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from onecard import checkpoint, distributed, durable
 from onecard.distributed import World
 from onecard.engine import sample_text
-from onecard.errors import UsageError
+from onecard.errors import UsageError, one_line
 from onecard.family import build_model, build_optimizer
 from onecard.loop import Loop, StopRequest
 from onecard.meters import Meters, PowerMeter, Progress, nvml_power_reader
@@ -71,13 +72,19 @@ def find_checkpoint(settings: TrainSettings, world: World, log: Callable[..., No
         run_dir.mkdir(parents=True, exist_ok=True)
         if settings.force_new and any(not p.name.startswith(("previous-", ".lock")) for p in run_dir.iterdir()):
             log(f"--force-new: the earlier run's files are moved to {set_aside(run_dir)}")
-    found = None
+    found, refused = None, None
     for finding in (True, False):  # rank 0 first: finding may set a damaged checkpoint aside
         if finding == world.main and not settings.force_new:
             try:
                 found = checkpoint.find_latest(run_dir, warn=log)
             except checkpoint.CheckpointError as error:
-                raise UsageError(str(error)) from None
+                refused = str(error)
+        if finding:  # rank 0's verdict stops every rank, or the others die in the barrier with a traceback
+            refused = distributed.from_rank0(refused, world)
+            if refused is not None:
+                if world.main:
+                    raise UsageError(refused)
+                raise SystemExit(2)
         distributed.barrier(world)
     return found
 
@@ -137,7 +144,8 @@ def saved_run_config(run_dir: Path) -> RunConfig | None:
         return None
     # written at each session's start; each checkpoint keeps a copy, read where that one is missing or damaged
     errors = []
-    for path in (run_dir / "config.json", checkpoint.step_dirs(run_dir)[-1][1] / "config.json"):
+    copies = [path / "config.json" for _, path in reversed(checkpoint.step_dirs(run_dir))]
+    for path in (run_dir / "config.json", *copies):  # the newest checkpoint may be the damaged one
         try:
             return read_config(path)
         except UsageError as error:
@@ -253,8 +261,8 @@ def _finish(loop: Loop, model: GPT, config: RunConfig, tokenizer, make_sample: C
         config.results = {"val_bpb_start": loop.first_bpb, "val_bpb_end": loop.last_bpb, "steps": loop.step,
                           "tokens": loop.meters.tokens, "sample": sample}
         save_final(settings.run_dir, model, config)
-    except OSError as error:
-        loop.status, loop.message = "failed", f"the final weights could not be written: {error}"
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        loop.status, loop.message = "failed", f"the final weights could not be written: {one_line(error)}"
         return None
     except KeyboardInterrupt:
         loop.status, loop.message = "interrupted", "interrupted while writing the final weights: the same " \

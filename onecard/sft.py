@@ -128,7 +128,7 @@ def _data(args: argparse.Namespace, tokenizer, seq_len: int):
 
 
 def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, world) -> int:
-    from onecard import family, session, sft_data
+    from onecard import distributed, family, session, sft_data
     from onecard.device import host_memory_available, local_card, unrunnable_reason
     from onecard.plan.choose import choose_recipe
     from onecard.plan.report import dry_run_text
@@ -163,7 +163,9 @@ def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, wor
         return 0
     for note in choice.notes:
         say(f"note: {note}")
-    saved = None if args.force_new else session.saved_run_config(run_dir)
+    # rank 0's reading: the others could read it after rank 0 set a damaged checkpoint aside
+    saved = None if args.force_new else distributed.decided_by_rank0(
+        lambda: session.saved_run_config(run_dir), world)
     clip = saved.train.grad_clip if saved else family.grad_clip(config)  # a run being resumed keeps its own
     result = fine_tune(model, tokenizer, train_set, val_set, recipe, _settings(args, run_dir, steps, device, clip),
                        world, init_from=str(source), prediction=choice.prediction(device), pack=args.pack)

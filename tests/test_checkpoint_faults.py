@@ -298,3 +298,36 @@ def test_a_latest_pointer_that_cannot_be_updated_does_not_fail_a_complete_checkp
     monkeypatch.undo()
     assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_000003"
     assert find(tmp_path)[0].step == 4
+
+
+def test_a_full_disk_as_safetensors_and_torch_report_it_says_so(tmp_path, monkeypatch):
+    """The libraries do not raise OSError for a full disk: safetensors raises its own error naming
+    os error 28, torch.save a RuntimeError about the file position. Both are the documented warning."""
+    from safetensors import SafetensorError
+
+    from onecard import durable
+
+    def safetensors_full(tensors, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(durable, "save_tensors", safetensors_full)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(CheckpointError, match="No space left") as error:
+        save(tmp_path / "a", 1)
+    assert error.value.no_space
+    monkeypatch.undo()
+
+    def torch_full(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3145728 vs 3145664")
+    monkeypatch.setattr(checkpoint.torch, "save", torch_full)
+    real_usage = checkpoint.shutil.disk_usage
+    calls = []
+
+    def filling_up(path):  # room at the check before writing, none once the write failed
+        calls.append(path)
+        usage = real_usage(path)
+        return usage._replace(free=usage.free if len(calls) == 1 else 0)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", filling_up)
+    with pytest.raises(CheckpointError, match="No space left") as error:
+        save(tmp_path / "b", 1)
+    assert error.value.no_space and not list((tmp_path / "b" / "checkpoints").glob(".tmp-*"))

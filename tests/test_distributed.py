@@ -89,3 +89,24 @@ def test_a_run_directory_in_use_is_refused_in_one_line_on_every_rank(runs):
     assert two.returncode != 0
     assert two.stderr.count("is in use by another onecard process") == 1, two.stderr
     assert "RuntimeError" not in two.stderr and "gloo" not in two.stderr.lower(), two.stderr
+
+
+def test_no_intact_checkpoint_is_one_line_on_every_rank(runs):
+    """Rank 0 finds every checkpoint damaged and sets it aside: the other rank must neither read the run
+    as new (and wait in another collective for ever) nor die in the barrier with a traceback."""
+    import shutil
+
+    root, _ = runs
+    broken = root / "broken"
+    shutil.copytree(root / "two", broken)
+    for optimizer in broken.glob("checkpoints/step_*/optimizer.pt"):
+        optimizer.write_bytes(b"0123456789")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "onecard.cli", *ARGS[:-6], "--steps", "5", "--eval-batches", "1", "--eval-every", "0",
+                          "--device", "cpu", "--data", str(root / "corpus.jsonl"), "--run-dir", str(broken)],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode != 0
+    # (torchrun's own ChildFailedError report follows; no rank may add a traceback of its own)
+    assert "RuntimeError" not in two.stderr and "onecard/" not in two.stderr.replace("onecard/cli", ""), \
+        two.stderr[-3000:]
+    assert two.stderr.count("onecard: error:") == 1, two.stderr[-3000:]

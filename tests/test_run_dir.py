@@ -134,11 +134,15 @@ def test_a_damaged_config_json_is_read_from_the_newest_checkpoint(tmp_path, caps
         assert main(["train", "--run-dir", str(run_dir), "--steps", str(steps)]) == 0
         assert f"resuming from step {steps - 1} of {steps}" in capsys.readouterr().out
     assert RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())).train.seed == 3
-    for name in ("config.json", f"checkpoints/step_{5:06d}/config.json"):
+    for name in ("config.json", f"checkpoints/step_{5:06d}/config.json"):  # the newest copy damaged too
         (run_dir / name).write_text("{")
-    assert main(["train", "--run-dir", str(run_dir), "--steps", "6"]) == 2
+    assert main(["train", "--run-dir", str(run_dir), "--steps", "6"]) == 0  # an older checkpoint's copy
+    assert "resuming from step 4 of 6" in capsys.readouterr().out
+    for path in [run_dir / "config.json", *run_dir.glob("checkpoints/step_*/config.json")]:
+        path.write_text("{")
+    assert main(["train", "--run-dir", str(run_dir), "--steps", "7"]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.count("cannot read") == 2 and "--force-new" in err
+    assert len(err.strip().splitlines()) == 1 and err.count("cannot read") >= 2 and "--force-new" in err
 
 
 @pytest.mark.parametrize("name", ["log.jsonl", "summary.json"])
@@ -194,3 +198,23 @@ def test_init_from_a_run_keeps_its_batch_and_context(tmp_path, capsys):
                  "--eval-batches", "1"]) == 0, capsys.readouterr().err
     saved = json.loads((second / "config.json").read_text())
     assert saved["train"]["total_batch"] == 64 and saved["recipe"]["seq_len"] == 16
+
+
+def test_a_run_directory_deleted_while_training_stops_the_run_without_recreating_it(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from onecard import checkpoint
+
+    run_dir = tmp_path / "run"
+    real_save = checkpoint.save
+
+    def save_then_delete(directory, step, *args, **kwargs):
+        path = real_save(directory, step, *args, **kwargs)
+        if step == 1:
+            shutil.rmtree(directory)  # `rm -rf runs/x` in another terminal
+        return path
+    monkeypatch.setattr(checkpoint, "save", save_then_delete)
+    code = main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "3", "--save-every-steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "was deleted or moved while training" in err and "Traceback" not in err
+    assert not run_dir.exists()
