@@ -59,7 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     horizon.add_argument("--ratio", type=positive_float,
                          help=f"training tokens per parameter (default {defaults.RATIO})")
     p.add_argument("--vocab-size", type=positive_int,
-                   help=f"tokenizer size when training one (default {defaults.VOCAB_SIZE})")
+                   help=f"tokenizer size when training one (default {defaults.VOCAB_SIZE}; with --tokenizer, that "
+                        "tokenizer's size, which a --vocab-size given must equal)")
+    p.add_argument("--tokenizer", type=text_arg, metavar="DIR",
+                   help="use this tokenizer instead of training one: a folder `onecard tokenizer train --out DIR` "
+                        "wrote, or a run's RUN_DIR/tokenizer; the model's vocabulary is its size, and it is saved "
+                        "into the run directory (not with --init-from, which brings its own; a resumed run keeps "
+                        "its own and refuses another)")
     p.add_argument("--tokenizer-chars", type=positive_int, help="characters to train the tokenizer on")
     p.add_argument("--seed", type=seed, help="default 0")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cpu, cuda or auto (default)")
@@ -102,8 +108,9 @@ def _locked(args: argparse.Namespace, device: str, world) -> int:
         return train_command(args, run_dir, device, world)
 
 
-def _shape(args: argparse.Namespace, saved, device: str, say):
-    """(model config, model or None, tokenizer or None, seq_len, micro_batch, what was continued)."""
+def _shape(args: argparse.Namespace, saved, device: str, say, given_vocab: int | None = None):
+    """(model config, model or None, tokenizer or None, seq_len, micro_batch, what was continued);
+    given_vocab: the size of the --tokenizer given, for a new model."""
     from onecard.model_config import VOCAB_2026, GPTConfig, depth_from
     from onecard.weights import load_weights
 
@@ -131,7 +138,7 @@ def _shape(args: argparse.Namespace, saved, device: str, say):
     arch = arch or "classic"
     seq_len = args.seq_len or (defaults.DEMO["seq_len"] if demo else defaults.SEQ_LEN)
     full_vocab = VOCAB_2026 if arch == ARCH_2026 else defaults.VOCAB_SIZE
-    vocab = args.vocab_size or (defaults.DEMO["vocab_size"] if demo else full_vocab)
+    vocab = args.vocab_size or given_vocab or (defaults.DEMO["vocab_size"] if demo else full_vocab)
     config = GPTConfig.from_depth(depth, vocab, seq_len, arch=arch) if depth else GPTConfig(
         sequence_len=seq_len, vocab_size=vocab, n_layer=defaults.DEMO["n_layer"], n_head=defaults.DEMO["n_head"],
         n_kv_head=defaults.DEMO["n_head"], n_embd=defaults.DEMO["n_embd"], arch=arch)
@@ -170,7 +177,9 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     if saved and args.init_from:
         raise UsageError(f"{run_dir} holds a run to resume; --init-from starts a new one: drop it, or add "
                          "--force-new")
-    config, model, tokenizer, seq_len, micro_batch, before, demo = _shape(args, saved, device, say)
+    given = given_tokenizer(args, saved, run_dir, world)
+    config, model, tokenizer, seq_len, micro_batch, before, demo = _shape(args, saved, device, say,
+                                                                          given.vocab_size if given else None)
 
     def pick(given, key: str, default):
         """What was given, else what the run continued from used, else the default."""
@@ -206,6 +215,9 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     if saved:
         tokenizer = Tokenizer.load(run_dir / "tokenizer")
         say(f"{run_dir} holds a run: resuming it")
+    elif given is not None:
+        tokenizer = given  # session.run saves it into the run directory with the first files
+        say(f"tokenizer: {given.vocab_size:,} tokens from {args.tokenizer}")
     elif tokenizer is None:
         tokenizer = shared_tokenizer(args, corpus, config.vocab_size, demo, run_dir, world, say)
     settings = _settings(args, pick, demo, run_dir=run_dir, steps=steps, total_batch=total_batch, device=device,
@@ -258,6 +270,43 @@ def _closing_words(result: dict, run_dir: Path, steps: int, total_batch: int, pr
     say(f"\nrun saved in {run_dir}/ — continue a prompt with: onecard sample --run-dir {run_dir} --prompt '...'; "
         f"charts: onecard report {run_dir}")
     return 0
+
+
+def given_tokenizer(args: argparse.Namespace, saved, run_dir: Path, world):
+    """--tokenizer DIR, checked; None without it, and on a resume (which keeps the run's own). Rank 0
+    reads it and hands it to the other ranks: every rank encodes with the one rank 0 checked, and a
+    refusal stops every rank (rank 0 with its reason) instead of leaving them in a collective."""
+    from onecard import distributed
+    from onecard.tokenizer import Tokenizer
+
+    named = getattr(args, "tokenizer", None)
+    if not named:
+        return None
+    if args.init_from:
+        raise UsageError(f"--init-from {args.init_from} brings the tokenizer its weights were trained with: drop "
+                         "--tokenizer")
+    if args.tokenizer_chars:
+        raise UsageError("--tokenizer-chars is for training a tokenizer, and --tokenizer gives one: drop one of them")
+    loaded, refused = None, None
+    if world.main:
+        try:
+            loaded = Tokenizer.load(Path(named).expanduser())
+        except UsageError as error:
+            refused = f"--tokenizer: {error}"
+    loaded, refused = distributed.from_rank0((loaded, refused), world)
+    if refused is not None:
+        if world.main:
+            raise UsageError(refused)
+        raise SystemExit(2)
+    if saved:
+        if not loaded.same_as(Tokenizer.load(run_dir / "tokenizer")):
+            raise UsageError(f"--tokenizer {named} is not the tokenizer of the run in {run_dir}, which resumes with "
+                             "its own: drop --tokenizer, or add --force-new to start a new run with it")
+        return None
+    if args.vocab_size and args.vocab_size != loaded.vocab_size:
+        raise UsageError(f"--tokenizer {named} has {loaded.vocab_size:,} tokens, not --vocab-size "
+                         f"{args.vocab_size:,}: the model's vocabulary is its tokenizer's; drop --vocab-size")
+    return loaded
 
 
 def shared_tokenizer(args: argparse.Namespace, corpus, vocab_size: int, demo: bool, run_dir: Path, world, say):

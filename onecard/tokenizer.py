@@ -125,6 +125,12 @@ class Tokenizer:
         ]
         return torch.tensor(counts, dtype=torch.int64)
 
+    def same_as(self, other: Tokenizer) -> bool:
+        """The same split pattern, tokens and ids: any text encodes to the same ids with either."""
+        mine, theirs = self.enc, other.enc
+        return (mine._pat_str == theirs._pat_str and mine._mergeable_ranks == theirs._mergeable_ranks
+                and mine._special_tokens == theirs._special_tokens)
+
     # ---- storage
 
     def save(self, directory: str | Path) -> None:

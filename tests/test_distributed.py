@@ -54,6 +54,23 @@ def test_rank_zero_alone_writes_and_speaks(runs):
     assert (root / "two" / "latest").read_text().strip() == "checkpoints/step_000003"
 
 
+def test_two_ranks_given_a_tokenizer_train_what_one_process_trains(runs):
+    """--tokenizer under torchrun: rank 0 reads it and hands it to rank 1. Given the tokenizer the single
+    process trained for itself, the two ranks make its steps again."""
+    from onecard.tokenizer import Tokenizer
+
+    root, _ = runs
+    given = root / "one" / "tokenizer"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "onecard.cli", *ARGS, "--data", str(root / "corpus.jsonl"), "--tokenizer", str(given),
+                          "--run-dir", str(root / "given")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("tokenizer: 300 tokens from") == 1 and "training a" not in two.stdout
+    assert Tokenizer.load(root / "given" / "tokenizer").same_as(Tokenizer.load(given))
+    assert [r["loss"] for r in steps_of(root / "given")] == pytest.approx([r["loss"] for r in steps_of(root / "one")],
+                                                                         rel=1e-5)
+
+
 def test_sigterm_stops_every_rank_with_a_checkpoint_and_two_ranks_resume(tmp_path, sigterm_once_training):
     """torchrun passes SIGTERM to the ranks; they agree to stop at a step boundary, rank 0 saves."""
     run_dir = tmp_path / "run"

@@ -152,6 +152,8 @@ CASES = [
     case("train-vocab-size-1e30", "train", "--vocab-size", "1e30"),
     case("train-vocab-size-0", "train", "--vocab-size", "0"),
     case("train-tokenizer-chars-0", "train", "--tokenizer-chars", "0"),
+    case("train-tokenizer-missing", "train", "--tokenizer", T + "/nowhere", "--dry-run", has="no tokenizer in"),
+    case("train-tokenizer-not-one", "train", "--tokenizer", T + "/hfgarbage", "--dry-run", has="tokenizer.json"),
     case("train-eval-batches-0", "train", "--eval-batches", "0"),
     case("train-save-every-min-inf", "train", "--save-every-min", "inf"),
     case("train-save-every-min-neg", "train", "--save-every-min", "-1"),
