@@ -138,14 +138,26 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     saving.add_argument("--keep", type=positive_int, help=f"checkpoints kept (default {defaults.KEEP})")
     saving.add_argument("--force-new", action="store_true",
                         help="start a new run although --run-dir holds one (its files move to previous-<time>/)")
-    p.add_argument("--threads", type=positive_int,
-                   help="PyTorch threads per operation on a CPU (default: PyTorch's, one per core; on a machine busy "
-                        "with other work 1 can be many times faster)")
+    add_threads_argument(p)
     energy = p.add_argument_group("energy and cost")
     energy.add_argument("--price", type=non_negative_float, help="electricity price per kWh, for the cost")
     energy.add_argument("--currency", type=text_arg, help=f"currency of --price (default {defaults.CURRENCY})")
     energy.add_argument("--power", type=positive_float,
                         help="power draw in watts, for an energy estimate where NVML cannot measure it")
+
+
+# Why a command that writes text one token at a time defaults to one thread: measured, `onecard sample` of 300
+# tokens from the demo model on a busy two-core machine took 27-39 s on 1 thread and 130-148 s on 2
+ONE_DECODE_STEP = "one decode step is too small to split over cores"
+BUSY = "on a machine busy with other work 1 can be many times faster"
+
+
+def add_threads_argument(p: argparse.ArgumentParser, default: int | None = None, why: str = BUSY) -> None:
+    """--threads, one meaning in every command (onecard.device.use_threads); default None is PyTorch's, one
+    thread per core. `why` says in the help why the command has its default."""
+    told = "PyTorch's, one per core" if default is None else str(default)
+    p.add_argument("--threads", type=positive_int, default=default,
+                   help=f"PyTorch threads per operation on a CPU (default {told}; {why})")
 
 
 def recipe_request(args: argparse.Namespace, device: str = "cpu"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from onecard.args import fraction, positive_int, seed, temperature, text_arg
+from onecard.args import ONE_DECODE_STEP, add_threads_argument, fraction, positive_int, seed, temperature, text_arg
 from onecard.errors import UsageError
 
 HELP = "commands: /clear  /temperature T  /topk K  /quit   (Ctrl-C stops a reply)"
@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cpu, cuda or auto (default)")
     p.add_argument("--tokenizer", type=text_arg, help="tokenizer.pkl or directory, for a nanochat checkpoint kept "
                                                       "elsewhere")
+    add_threads_argument(p, 1, "text is written one token at a time, and " + ONE_DECODE_STEP)
 
 
 def newest_chat_run():
@@ -107,11 +108,13 @@ def is_base_model(info: dict) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from onecard.device import resolve_device
+    from onecard.device import resolve_device, use_threads
     from onecard.engine import Engine, Sampling
     from onecard.weights import load_weights
 
     device = resolve_device(args.device)
+    if device == "cpu":
+        use_threads(args.threads)
     model, tokenizer, info = load_weights(args.run_dir or newest_chat_run(), device, tokenizer_path=args.tokenizer)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         max_tokens=args.max_tokens, seed=args.seed)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from onecard.args import positive_int, text_arg
+from onecard.args import add_threads_argument, positive_int, text_arg
 from onecard.errors import UsageError
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per forward pass when scoring (default 16384)")
     p.add_argument("--tokenizer", type=text_arg, metavar="PATH",
                    help="tokenizer.pkl or directory, for a nanochat checkpoint")
+    add_threads_argument(p, why="scoring runs batches of --batch-tokens, which split over cores as training's do; "
+                                "GSM8K and HumanEval write replies a token at a time, which 1 thread can speed up on a "
+                                "busy machine")
     data = p.add_argument_group("data (local files in the public datasets' shapes)")
     data.add_argument("--bundle", type=text_arg, metavar="DIR",
                       help="the CORE eval bundle folder (core.yaml, eval_data/, eval_meta_data.csv; default "
@@ -374,6 +377,7 @@ def run_harness(args, model, tokenizer, device: str) -> dict:
 # ---------------------------------------------------------------- the command
 
 def run(args: argparse.Namespace) -> int:
+    from onecard.device import use_threads
     from onecard.eval_results import FILE, GPT2_CORE, merge
     from onecard.weights import load_weights
 
@@ -381,6 +385,8 @@ def run(args: argparse.Namespace) -> int:
     check_common(args)  # bad input is said before the model loads
     prepared = check_tasks(args, tasks)
     device = resolve(args.device)
+    if device == "cpu":
+        use_threads(args.threads)
     model, tokenizer, info = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
     if not tasks:  # the defaults depend on the model: checked once they are known
         tasks = default_tasks(args, is_chat_model(info), corpus_known=info["layout"] == "onecard")

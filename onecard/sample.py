@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onecard.args import positive_int, seed, temperature, text_arg
+from onecard.args import ONE_DECODE_STEP, add_threads_argument, positive_int, seed, temperature, text_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,14 +18,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cpu, cuda or auto (default)")
     p.add_argument("--tokenizer", type=text_arg,
                    help="tokenizer.pkl or directory, for a nanochat checkpoint kept elsewhere")
+    add_threads_argument(p, 1, "text is written one token at a time, and " + ONE_DECODE_STEP)
 
 
 def run(args: argparse.Namespace) -> int:
-    from onecard.device import resolve_device
+    from onecard.device import resolve_device, use_threads
     from onecard.engine import sample_text
     from onecard.weights import load_weights
 
     device = resolve_device(args.device)
+    if device == "cpu":
+        use_threads(args.threads)
     model, tokenizer, _ = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
     print(sample_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
                       top_k=args.top_k, seed=args.seed))

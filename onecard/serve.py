@@ -16,7 +16,7 @@ import threading
 from importlib.util import find_spec
 from pathlib import Path
 
-from onecard.args import gigabytes, non_negative_int, positive_int, text_arg
+from onecard.args import ONE_DECODE_STEP, add_threads_argument, gigabytes, non_negative_int, positive_int, text_arg
 from onecard.errors import UsageError
 
 KINDS = ("auto", "chat", "base")
@@ -55,9 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cpu, cuda or auto (default)")
     p.add_argument("--tokenizer", type=text_arg, help="tokenizer.pkl or directory, for a nanochat checkpoint kept "
                                                       "elsewhere")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="PyTorch threads per operation on a CPU (default 1: one decode step is too small to split, "
-                        "and --max-concurrent requests already run side by side)")
+    add_threads_argument(p, 1, ONE_DECODE_STEP + ", and --max-concurrent requests already run side by side")
     p.add_argument("--log-level", choices=("warning", "info", "debug"), default="warning",
                    help="info also logs every request (default warning)")
 

@@ -1,4 +1,5 @@
-"""Shared by the tests that stop a real `onecard train` process."""
+"""Shared by the tests that stop a real `onecard train` process; every test gets PyTorch's thread count
+as it was."""
 
 import signal
 import subprocess
@@ -24,3 +25,15 @@ def _sigterm_once_training(argv: list[str], run_dir: Path, timeout: float = 120)
 @pytest.fixture
 def sigterm_once_training():
     return _sigterm_once_training
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """`onecard chat` and `sample` set PyTorch's threads (--threads, default 1) in the process that runs them:
+    a test that runs them in-process would leave every later test on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

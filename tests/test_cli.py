@@ -160,3 +160,18 @@ def test_base_url_patterns_that_index_into_a_field_are_refused(pattern):
 
     with pytest.raises(UsageError, match="may name only"):
         check_base_url(pattern)
+
+
+@pytest.mark.parametrize("command, default", [(["chat", "nowhere"], [1]), (["sample", "--run-dir", "nowhere"], [1]),
+                                              (["eval", "nowhere"], [])])
+def test_threads_in_the_commands_that_load_a_model(monkeypatch, tmp_path, command, default):
+    """--threads set before the model loads (here: fails to, there being none); chat and sample write one token
+    at a time and default to 1 thread as serve does, eval keeps PyTorch's default as train does."""
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--device", "cpu", "--threads", "3"]) == 2
+    assert asked == [3]
+    asked.clear()
+    assert main([*command, "--device", "cpu"]) == 2
+    assert asked == default
