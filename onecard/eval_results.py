@@ -29,9 +29,9 @@ FILE = "eval.json"
 FORMAT = 1
 CHAT_BASELINES = {"arc-easy": 0.25, "arc-challenge": 0.25, "mmlu": 0.25, "gsm8k": 0.0, "humaneval": 0.0}
 GPT2_CORE = 0.256525  # GPT-2 1.5B, as nanochat reports it
-# The report card's columns: (heading, task or aggregate in eval.json)
-CARD = [("CORE", "core"), ("ARC-E", "arc-easy"), ("ARC-C", "arc-challenge"), ("MMLU", "mmlu"), ("GSM8K", "gsm8k"),
-        ("HumanEval", "humaneval"), ("ChatCORE", "chatcore")]
+# The report card's columns: (heading, task or aggregate in eval.json); bpb is validation bits per byte
+CARD = [("val bpb", "bpb"), ("CORE", "core"), ("ARC-E", "arc-easy"), ("ARC-C", "arc-challenge"), ("MMLU", "mmlu"),
+        ("GSM8K", "gsm8k"), ("HumanEval", "humaneval"), ("ChatCORE", "chatcore")]
 
 
 def read(run_dir: Path) -> dict:
@@ -81,9 +81,10 @@ def card_value(record: dict, key: str) -> float | None:
 
 
 def card_partial(record: dict, key: str) -> bool:
-    """Whether the cell was measured on --max-per-task examples only."""
+    """Whether the cell was measured on --max-per-task examples only (bpb never is: --bpb-tokens bounds it,
+    and eval records --max-per-task in its entry all the same)."""
     entry = _entry(record, key)
-    return bool(entry and (entry.get("partial") or entry.get("max_per_task")))
+    return key != "bpb" and bool(entry and (entry.get("partial") or entry.get("max_per_task")))
 
 
 def _entry(record: dict, key: str) -> dict | None:

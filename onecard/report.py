@@ -8,8 +8,9 @@ measurement the run could not take (VRAM and power on the CPU, say) gets a chart
 
 Where `onecard eval` has measured the model (RUN_DIR/eval.json), the page and the command's output
 carry a report card: one row for the base run and one for its SFT run (found through the SFT run's
-init_from), with CORE, ARC-E, ARC-C, MMLU, GSM8K, HumanEval and ChatCORE, the time, energy and cost of
-each stage, and GPT-2 1.5B's CORE as the reference line.
+init_from), with validation bits per byte, CORE, ARC-E, ARC-C, MMLU, GSM8K, HumanEval and ChatCORE, the
+time, energy and cost of each stage, and GPT-2 1.5B's CORE as the reference line. Where it holds nothing
+the card shows, both say so from what the file holds.
 """
 
 from __future__ import annotations
@@ -347,9 +348,24 @@ def report_card(run_dir: Path) -> list[CardRow]:
     return rows + [CardRow("GPT-2 1.5B (reference)", None, gpt2, None, None, None)]
 
 
+def not_on_card(run_dir: Path) -> str:
+    """Why there is no card, from what the runs' eval.json files hold: it never asks for the evaluation
+    just run when that evaluation wrote only what the card has no column for (--lm-eval) or no number."""
+    held = {path: sorted(eval_results.read(path)["tasks"]) for path in stage_runs(run_dir).values()
+            if (path / eval_results.FILE).exists()}
+    if not held:
+        return f"Not evaluated yet: onecard eval {run_dir}"
+    said = "; ".join(f"{path / eval_results.FILE} holds {', '.join(names)}" if names else
+                     f"{path / eval_results.FILE} holds no result (empty or damaged)" for path, names in held.items())
+    columns = ", ".join(heading for heading, _ in eval_results.CARD)
+    return f"No score for the report card ({columns}): {said}"
+
+
 def verdict(rows: list[CardRow]) -> str:
     """Does the model beat GPT-2 on CORE? One line, or '' where CORE was not measured."""
-    core = [(row.stage, row.cells[0][0]) for row in rows if row.run_dir is not None and row.cells[0][0] is not None]
+    column = [key for _, key in eval_results.CARD].index("core")
+    core = [(row.stage, row.cells[column][0]) for row in rows
+            if row.run_dir is not None and row.cells[column][0] is not None]
     if not core:
         return ""
     stage, value = core[0]
@@ -375,8 +391,7 @@ def card_text(rows: list[CardRow]) -> str:
 
 def card_html(rows: list[CardRow], run_dir: Path) -> str:
     if not rows:
-        return (f"<h2>Evaluation</h2>\n<p>Not evaluated yet: <code>onecard eval {html.escape(str(run_dir))}</code> "
-                "(see README).</p>")
+        return f"<h2>Evaluation</h2>\n<p>{html.escape(not_on_card(run_dir))} (see README).</p>"
     heads = "".join(f"<th>{html.escape(h)}</th>" for h, _ in eval_results.CARD)
     body = "\n".join(
         f"<tr><th>{html.escape(row.stage)}</th>" + "".join(f"<td>{html.escape(_cell(v, p))}</td>" for v, p in row.cells)
@@ -399,8 +414,7 @@ def run(args) -> int:
     log = read_log(Path(args.run_dir))  # read once: a months-long run's log is large
     page = write_report(Path(args.run_dir), Path(args.out) if args.out else None, log)
     card = report_card(Path(args.run_dir))
-    if card:
-        print(card_text(card))
+    print(card_text(card) if card else not_on_card(Path(args.run_dir)))
     print(f"report written: {page} (and the PNG files beside it)")
     if log.skipped:
         print(f"note: {log.skipped:,} lines of log.jsonl were cut short or are not JSON objects: the report leaves "

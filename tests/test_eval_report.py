@@ -1,12 +1,15 @@
 """`onecard report` carries the report card: BASE and SFT rows (the SFT run found through init_from,
-from either side), CORE and the chat tasks, ChatCORE, each stage's time, energy and cost, and GPT-2's
-CORE as the reference line."""
+from either side), validation bits per byte, CORE and the chat tasks, ChatCORE, each stage's time, energy
+and cost, and GPT-2's CORE as the reference line; without a card it says what eval.json holds."""
 
 import json
 
 from onecard.cli import main
-from onecard.eval_results import merge
+from onecard.eval_results import CARD, merge
 from onecard.report import card_text, report_card, write_report
+from tests.serve_helpers import TINY
+
+COLUMN = {key: i for i, (_, key) in enumerate(CARD)}
 
 
 def make_run(path, stage, init_from=None, energy=None, cost=None):
@@ -28,8 +31,9 @@ def test_card_rows_from_both_sides(tmp_path, capsys):
     for start in (base, sft):
         rows = report_card(start)
         assert [r.stage for r in rows] == ["BASE", "SFT", "GPT-2 1.5B (reference)"]
-        assert rows[0].cells[0] == (0.0123, False) and rows[1].cells[4] == (0.02, True)
-        assert rows[2].cells[0][0] == 0.256525
+        assert rows[0].cells[COLUMN["core"]] == (0.0123, False) and rows[1].cells[COLUMN["gsm8k"]] == (0.02, True)
+        assert rows[0].cells[COLUMN["bpb"]] == (1.2, False)
+        assert rows[2].cells[COLUMN["core"]][0] == 0.256525
     chatcore = json.loads((sft / "eval.json").read_text())["chatcore"]
     assert chatcore["partial"] and chatcore["value"] > 0
     text = card_text(report_card(base))
@@ -46,8 +50,32 @@ def test_card_rows_from_both_sides(tmp_path, capsys):
 def test_no_card_before_an_evaluation_and_a_damaged_file(tmp_path):
     base = make_run(tmp_path / "base", "pretrain")
     assert report_card(base) == []
-    assert f"Not evaluated yet: <code>onecard eval {base}</code>" in write_report(base).read_text()
+    assert f"Not evaluated yet: onecard eval {base}" in write_report(base).read_text()
     (base / "eval.json").write_text("{not json")
     assert report_card(base) == []
     (base / "eval.json").write_text(json.dumps({"tasks": {"core": {"value": "NaN"}, "mmlu": {"value": 1e999}}}))
     assert report_card(base) == []  # nothing it can show
+
+
+def test_a_bits_per_byte_evaluation_reaches_the_card(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *TINY]) == 0
+    # --max-per-task bounds tasks' examples, not bpb's tokens: the cell is not marked partial
+    assert main(["eval", str(run), "--bpb-tokens", "64", "--max-per-task", "2"]) == 0
+    bpb = json.loads((run / "eval.json").read_text())["tasks"]["bpb"]["value"]
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    base = next(line for line in out.splitlines() if line.startswith("BASE"))
+    assert "val bpb" in out and f"{bpb:.4f} " in base and "*" not in out and "Not evaluated" not in out
+    assert f"<td>{bpb:.4f}</td>" in (run / "report" / "report.html").read_text()
+
+
+def test_without_a_card_it_says_what_eval_json_holds(tmp_path, capsys):
+    base = make_run(tmp_path / "base", "pretrain")
+    merge(base, {"lm-eval:hellaswag": {"value": 0.3}})  # a task the card has no column for
+    assert report_card(base) == []
+    assert main(["report", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert f"{base / 'eval.json'} holds lm-eval:hellaswag" in out and "Not evaluated" not in out
+    assert "holds lm-eval:hellaswag" in write_report(base).read_text()
