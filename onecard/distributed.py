@@ -130,17 +130,7 @@ def held_by_rank0(make_lock: Callable[[], AbstractContextManager], world: World)
     """Rank 0 takes a lock (the run directory's) for every rank. When it cannot, every rank stops: rank 0
     with its reason, the others quietly; they would otherwise die in their next collective with a traceback."""
     with ExitStack() as stack:
-        refused = None
-        if world.main:
-            try:
-                stack.enter_context(make_lock())
-            except UsageError as error:
-                refused = str(error)
-        refused = from_rank0(refused, world)
-        if refused is not None:
-            if world.main:
-                raise UsageError(refused)
-            raise SystemExit(2)
+        decided_by_rank0(lambda: stack.enter_context(make_lock()) and None, world)
         yield
 
 
