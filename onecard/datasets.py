@@ -20,8 +20,9 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
                                    "tokens) and save it as tokenizer.json plus nanochat's tokenizer.pkl.")
     t.add_argument("--data", type=text_arg,
                    help="corpus: .txt/.jsonl/.parquet file or directory (default: the embedded corpus)")
-    t.add_argument("--vocab-size", type=positive_int, default=defaults.VOCAB_SIZE,
-                   help=f"vocabulary size incl. 9 special tokens (default {defaults.VOCAB_SIZE})")
+    t.add_argument("--vocab-size", type=positive_int,
+                   help=f"vocabulary size incl. 9 special tokens (default {defaults.VOCAB_SIZE} with --data; on the "
+                        f"embedded corpus, which supports fewer, the demo's {defaults.DEMO['vocab_size']:,})")
     t.add_argument("--max-chars", type=positive_int, default=2_000_000_000,
                    help="characters of training text to read at most (default 2e9)")
     t.add_argument("--out", type=text_arg, default="tokenizer", help="output directory (default ./tokenizer)")
@@ -33,6 +34,8 @@ def run_tokenizer(args: argparse.Namespace) -> int:
 
     check_save_folder(Path(args.out))  # before the work, not after it
     corpus = Corpus(args.data) if args.data else Corpus.embedded()
+    if args.vocab_size is None:
+        args.vocab_size = defaults.VOCAB_SIZE if args.data else defaults.DEMO["vocab_size"]
     print(f"training a {args.vocab_size:,}-token BPE on {corpus.describe()} (at most {args.max_chars:,} chars)")
     started = time.perf_counter()
     tokenizer = Tokenizer.train(iter_texts(corpus, args.max_chars), args.vocab_size)

@@ -175,3 +175,12 @@ def test_threads_in_the_commands_that_load_a_model(monkeypatch, tmp_path, comman
     asked.clear()
     assert main([*command, "--device", "cpu"]) == 2
     assert asked == default
+
+
+def test_tokenizer_train_with_no_arguments_works_on_the_embedded_corpus(capsys, tmp_path, monkeypatch):
+    """The embedded corpus supports about 50,000 tokens: its default is the demo's vocabulary, not 65,536."""
+    from onecard.tokenizer import Tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["tokenizer", "train"]) == 0, capsys.readouterr().err
+    assert Tokenizer.load(tmp_path / "tokenizer").vocab_size == 2048
