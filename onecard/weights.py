@@ -51,7 +51,7 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
     steps = step_dirs(path)
     if steps:  # a run stopped before its final weights
         raise UsageError(f"{path} has no final weights yet (the run has not finished): give one of its checkpoints, "
-                         f"{steps[-1][1]} --tokenizer {path / 'tokenizer'}, or finish the run")
+                         f"{steps[-1][1]}, or finish the run")
     raise UsageError(f"{path} is not a model: it holds neither model.safetensors (onecard), model_*.pt "
                      "(nanochat) nor config.json with model.safetensors (transformers)")
 
@@ -78,6 +78,8 @@ def _load_onecard(path: Path, device: str, tokenizer_path: str | Path | None = N
     model = build_model(config.model_config, device=device, init=False)
     _load_state(model, lambda: load_file(str(path / "model.safetensors"), device=device), path / "model.safetensors")
     tok = Path(tokenizer_path) if tokenizer_path else path / "tokenizer"
+    if not tokenizer_path and not tok.exists() and path.parent.name == "checkpoints":
+        tok = path.parent.parent / "tokenizer"  # a checkpoint of a run: the run's own tokenizer
     tokenizer = Tokenizer.load(tok.parent if tok.name in ("tokenizer.pkl", "tokenizer.json") else tok)
     if tokenizer.vocab_size != config.model_config.vocab_size:
         raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model expects "

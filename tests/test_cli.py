@@ -62,7 +62,24 @@ def test_a_run_without_final_weights_points_at_its_checkpoints(capsys, tmp_path)
     (tmp_path / "run" / "checkpoints" / "step_000040").mkdir(parents=True)  # stopped before its final weights
     code, _, err = run_cli(capsys, "sample", "--run-dir", str(tmp_path / "run"))
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "has no final weights yet" in err and "step_000040 --tokenizer" in err
+    assert "has no final weights yet" in err and "step_000040, or finish" in err
+
+
+def test_a_checkpoint_of_an_unfinished_run_loads_with_the_runs_tokenizer(capsys, tmp_path):
+    """What the message above advises works as given: `sft --from RUN/checkpoints/step_N` (no --tokenizer,
+    which sft does not take) finds the run's own tokenizer."""
+    from onecard.weights import load_weights
+    from tests.serve_helpers import TINY
+
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *TINY, "--save-every-steps", "1"]) == 0
+    (run / "model.safetensors").unlink()  # as if it stopped before its final weights
+    checkpoint_dir = sorted((run / "checkpoints").glob("step_*"))[-1]
+    model, tokenizer, _ = load_weights(checkpoint_dir)
+    assert tokenizer.vocab_size == model.config.vocab_size
+    capsys.readouterr()
+    assert main(["sft", "--from", str(checkpoint_dir), "--run-dir", str(tmp_path / "sft"), "--device", "cpu",
+                 "--dry-run"]) == 0, capsys.readouterr().err
 
 
 def test_empty_data_directory(capsys, tmp_path):
