@@ -113,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from onecard.weights import load_weights
 
     device = resolve_device(args.device)
-    if device == "cpu":
-        use_threads(args.threads)
+    use_threads(args.threads, device)
     model, tokenizer, info = load_weights(args.run_dir or newest_chat_run(), device, tokenizer_path=args.tokenizer)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         max_tokens=args.max_tokens, seed=args.seed)

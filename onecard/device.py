@@ -24,11 +24,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def use_threads(threads: int | None) -> None:
-    """--threads: PyTorch's threads per operation on the CPU (None: PyTorch's default, one per core).
-    With other work on the cores, threads that wait for each other at every operation can make a
-    step many times slower than one thread."""
-    if threads:
+def use_threads(threads: int | None, device: str) -> None:
+    """--threads: PyTorch's threads per operation where a run computes on the CPU (None: PyTorch's
+    default, one per core). With other work on the cores, threads that wait for each other at every
+    operation can make a step many times slower than one thread."""
+    if threads and device == "cpu":
         torch.set_num_threads(threads)
 
 

@@ -386,8 +386,7 @@ def run(args: argparse.Namespace) -> int:
     check_common(args)  # bad input is said before the model loads
     prepared = check_tasks(args, tasks)
     device = resolve(args.device)
-    if device == "cpu":
-        use_threads(args.threads)
+    use_threads(args.threads, device)
     model, tokenizer, info = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
     if not tasks:  # the defaults depend on the model: checked once they are known
         tasks = default_tasks(args, is_chat_model(info), corpus_known=info["layout"] == "onecard")

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from onecard.device import resolve_device, use_threads
 
     device = resolve_device(args.device)
-    use_threads(args.threads)
+    use_threads(args.threads, device)
     world = distributed.init(device)  # several ranks when started by torchrun
     try:
         code = _locked(args, device, world)
@@ -177,17 +177,16 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     if saved and args.init_from:
         raise UsageError(f"{run_dir} holds a run to resume; --init-from starts a new one: drop it, or add "
                          "--force-new")
-    given = given_tokenizer(args, saved, run_dir, world)
-    config, model, tokenizer, seq_len, micro_batch, before, demo = _shape(args, saved, device, say,
-                                                                          given.vocab_size if given else None)
+    named_tokenizer = given_tokenizer(args, saved, run_dir, world)
+    config, model, tokenizer, seq_len, micro_batch, before, demo = _shape(
+        args, saved, device, say, named_tokenizer.vocab_size if named_tokenizer else None)
 
     def pick(given, key: str, default):
         """What was given, else what the run continued from used, else the default."""
         return given if given is not None else getattr(before, key, default) if before else default
 
-    data = pick(args.data, "data", None)
-    if args.data:  # recorded absolute: a resume or an eval from another folder finds it again
-        data = str(Path(args.data).expanduser().resolve())
+    # recorded absolute: a resume or an eval from another folder finds it again
+    data = pick(str(Path(args.data).expanduser().resolve()) if args.data else None, "data", None)
     corpus = Corpus(data) if data else Corpus.embedded()
     params = sum(param_counts(config).values())
     full_batch, ratio_params, ratio = horizon(config)  # the family's batch, counted parameters and ratio
@@ -215,9 +214,9 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     if saved:
         tokenizer = Tokenizer.load(run_dir / "tokenizer")
         say(f"{run_dir} holds a run: resuming it")
-    elif given is not None:
-        tokenizer = given  # session.run saves it into the run directory with the first files
-        say(f"tokenizer: {given.vocab_size:,} tokens from {args.tokenizer}")
+    elif named_tokenizer is not None:
+        tokenizer = named_tokenizer  # session.run saves it into the run directory with the first files
+        say(f"tokenizer: {tokenizer.vocab_size:,} tokens from {args.tokenizer}")
     elif tokenizer is None:
         tokenizer = shared_tokenizer(args, corpus, config.vocab_size, demo, run_dir, world, say)
     settings = _settings(args, pick, demo, run_dir=run_dir, steps=steps, total_batch=total_batch, device=device,
@@ -287,17 +286,12 @@ def given_tokenizer(args: argparse.Namespace, saved, run_dir: Path, world):
                          "--tokenizer")
     if args.tokenizer_chars:
         raise UsageError("--tokenizer-chars is for training a tokenizer, and --tokenizer gives one: drop one of them")
-    loaded, refused = None, None
-    if world.main:
+    def load() -> Tokenizer:
         try:
-            loaded = Tokenizer.load(Path(named).expanduser())
+            return Tokenizer.load(Path(named).expanduser())
         except UsageError as error:
-            refused = f"--tokenizer: {error}"
-    loaded, refused = distributed.from_rank0((loaded, refused), world)
-    if refused is not None:
-        if world.main:
-            raise UsageError(refused)
-        raise SystemExit(2)
+            raise UsageError(f"--tokenizer: {error}") from None
+    loaded = distributed.decided_by_rank0(load, world)
     if saved:
         if not loaded.same_as(Tokenizer.load(run_dir / "tokenizer")):
             raise UsageError(f"--tokenizer {named} is not the tokenizer of the run in {run_dir}, which resumes with "

@@ -118,6 +118,14 @@ NAMED: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
+def default_micro_batch(rows: float, most: int) -> int:
+    """A micro-batch where no card is planned for: `most` sequences, or the most that divide `rows`
+    (a step's sequences on each rank), so that a batch the user chose is a whole number of them."""
+    if rows != int(rows) or rows < 1:
+        return most  # no micro-batch divides it: the batch check says so in one line
+    return max(m for m in range(1, most + 1) if int(rows) % m == 0)
+
+
 def named_recipe(name: str, **overrides) -> Recipe:
     key = name.strip().lower()
     if key not in NAMED:

@@ -27,8 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from onecard.weights import load_weights
 
     device = resolve_device(args.device)
-    if device == "cpu":
-        use_threads(args.threads)
+    use_threads(args.threads, device)
     model, tokenizer, _ = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
     print(sample_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
                       top_k=args.top_k, seed=args.seed))

@@ -72,20 +72,16 @@ def find_checkpoint(settings: TrainSettings, world: World, log: Callable[..., No
         run_dir.mkdir(parents=True, exist_ok=True)
         if settings.force_new and any(not p.name.startswith(("previous-", ".lock")) for p in run_dir.iterdir()):
             log(f"--force-new: the earlier run's files are moved to {set_aside(run_dir)}")
-    found, refused = None, None
-    for finding in (True, False):  # rank 0 first: finding may set a damaged checkpoint aside
-        if finding == world.main and not settings.force_new:
-            try:
-                found = checkpoint.find_latest(run_dir, warn=log)
-            except checkpoint.CheckpointError as error:
-                refused = str(error)
-        if finding:  # rank 0's verdict stops every rank, or the others die in the barrier with a traceback
-            refused = distributed.from_rank0(refused, world)
-            if refused is not None:
-                if world.main:
-                    raise UsageError(refused)
-                raise SystemExit(2)
-        distributed.barrier(world)
+    def find() -> checkpoint.Found | None:
+        if settings.force_new:
+            return None
+        try:
+            return checkpoint.find_latest(run_dir, warn=log)
+        except checkpoint.CheckpointError as error:
+            raise UsageError(str(error)) from None
+    # rank 0 alone looks (it may set a damaged checkpoint aside, and verifying reads every byte once) and every
+    # rank resumes from what it found; its refusal stops them all, not only rank 0
+    found = distributed.decided_by_rank0(find, world)
     return found
 
 

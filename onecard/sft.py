@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from onecard.run import RunLock
 
     device = resolve_device(args.device)
-    use_threads(args.threads)
+    use_threads(args.threads, device)
     if args.steps and args.epochs:
         raise UsageError("give --steps or --epochs, not both")
     embedded = not args.data
@@ -132,6 +132,7 @@ def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, wor
     from onecard.device import host_memory_available, local_card, unrunnable_reason
     from onecard.plan.choose import choose_recipe
     from onecard.plan.report import dry_run_text
+    from onecard.recipe import default_micro_batch
     from onecard.weights import load_weights
 
     say = print if world.main else (lambda *_args, **_kwargs: None)
@@ -142,9 +143,8 @@ def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, wor
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context {config.sequence_len}")
     train_set, val_set = _data(args, tokenizer, seq_len)
     steps = args.steps or max(1, round(len(train_set) * args.epochs / args.batch))
-    cpu_default = device == "cpu" and not (args.gpu or args.vram)  # the CPU's micro-batch: one --batch divides
-    micro = args.micro_batch or (max((m for m in range(1, MICRO_BATCH + 1) if args.batch % (m * world.size) == 0),
-                                     default=MICRO_BATCH) if cpu_default else None)
+    cpu_default = device == "cpu" and not (args.gpu or args.vram)  # else the planner picks the largest that fits
+    micro = args.micro_batch or (default_micro_batch(args.batch / world.size, MICRO_BATCH) if cpu_default else None)
     choice = choose_recipe(recipe_request(args, device), config, device, seq_len=seq_len, micro_batch=micro,
                            total_batch=args.batch * seq_len, tokens=steps * args.batch * seq_len, gpus=world.size,
                            local=local_card(), host_bytes=host_memory_available() if device == "cuda" else None,

@@ -20,7 +20,7 @@ from onecard.plan import calibrate
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import CATALOG, GPU, GiB, find_gpu, with_vram
 from onecard.plan.search import Candidate, Settings, check_batch, evaluate, pick_recipe
-from onecard.recipe import Recipe, named_recipe
+from onecard.recipe import Recipe, default_micro_batch, named_recipe
 from onecard.units import finite_number
 
 WhyNot = Callable[[Recipe], "str | None"]
@@ -192,8 +192,7 @@ def _choose(request: RecipeRequest, config: GPTConfig, device: str, *, seq_len: 
     if gpu is None:
         if resumed and not request.asked:
             return Choice(resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch), notes=notes)
-        if micro_batch is None:  # without a card: 8 rows, or the most of them that --total-batch is a whole number of
-            micro_batch = max((m for m in range(1, 9) if total_batch % (m * seq_len * gpus) == 0), default=8)
+        micro_batch = micro_batch or default_micro_batch(total_batch / (seq_len * gpus), 8)
         recipe = named_recipe(request.recipe or "baseline", seq_len=seq_len, micro_batch=micro_batch)
         recipe = recipe.overridden(**request.overrides)
         reason = why_not(recipe)
