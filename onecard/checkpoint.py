@@ -426,8 +426,14 @@ def load_weights(found: Found, model: torch.nn.Module) -> None:
 
 
 def read_optimizer(found: Found) -> object:
-    """The state to hand to Optimizers.load_state_dict (on the CPU; loading copies it into place)."""
-    return torch.load(found.path / "optimizer.pt", map_location="cpu", weights_only=True)
+    """The state to hand to Optimizers.load_state_dict (on the CPU; loading copies it into place).
+    Memory-mapped where the file system allows: the states are read as they are copied into place,
+    never all at once in RAM, and a rank reads only the states of the parameters it updates."""
+    path = found.path / "optimizer.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not every file or file system maps: read it whole
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_rng(found: Found) -> tuple[dict, dict[str, torch.Tensor]]:

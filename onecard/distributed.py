@@ -2,18 +2,20 @@
 
     torchrun --nproc_per_node 2 -m onecard.cli train --model d20 ...
 
-Every rank holds the whole model and the whole optimizer (any recipe). Each optimizer step, the
-ranks take turns through the one token stream (rank r trains micro-batches r, r+N, r+2N, ...),
-so the step sees the same --total-batch tokens it would on one card and the loader's position
-is the same on every rank; then the accumulated gradients are averaged across ranks and every
-rank applies the same update. Rank 0 alone writes the run directory and prints.
+Every rank holds the whole model (any recipe); the optimizer states are sharded: each parameter
+has one owner rank (recipe.shard_owners) that alone keeps its states and master copy. Each
+optimizer step, the ranks take turns through the one token stream (rank r trains micro-batches
+r, r+N, r+2N, ...), so the step sees the same --total-batch tokens it would on one card and the
+loader's position is the same on every rank; then each gradient is averaged onto its owner, the
+owner updates the parameter and sends the new weight to the others. A checkpoint gathers every
+state onto rank 0, which alone writes the run directory and prints.
 
 Each rank tokenizes the whole stream and keeps its share: simple, and the loader state stays one
 state, but the CPU work grows with the number of ranks. At the few thousand tokens per second a
 consumer card trains, that is negligible; at datacenter speeds a sharded loader would be needed.
 
 No torch DistributedDataParallel wrapper: the recipes keep gradients in their own buffers
-(bf16, or fp32 in CPU RAM), which are averaged in place once per step, so there is no second
+(bf16, or fp32 in CPU RAM), which are summed in place once per step, so there is no second
 copy of the gradients in buckets. Tensors in CPU RAM go through a gloo group when the main
 backend is NCCL.
 """
@@ -68,13 +70,53 @@ def _group(world: World, tensor: torch.Tensor):
     return world.cpu_group if tensor.device.type == "cpu" and world.cpu_group is not None else None
 
 
-def average(tensors: list[torch.Tensor], world: World) -> None:
-    """Replace each tensor by its mean over the ranks, in place."""
-    if world.size == 1:
-        return
-    for t in tensors:
-        dist.all_reduce(t, group=_group(world, t))
-        t.div_(world.size)
+def average_onto(tensors: list[tuple[torch.Tensor, int]], world: World) -> None:
+    """Each tensor summed over the ranks onto its owner rank and divided there by the number of
+    ranks, in place (the others keep their own partial sums, which they then discard)."""
+    works = [dist.reduce(t, dst=owner, group=_group(world, t), async_op=True) for t, owner in tensors]
+    for work in works:
+        work.wait()
+    for t, owner in tensors:
+        if owner == world.rank:
+            t.div_(world.size)
+
+
+def broadcast_from(tensors: list[tuple[torch.Tensor, int]], world: World) -> None:
+    """Each tensor from its owner rank to every other, in place."""
+    works = [dist.broadcast(t, src=owner, group=_group(world, t), async_op=True) for t, owner in tensors]
+    for work in works:
+        work.wait()
+
+
+def sum_on_host(value: torch.Tensor, world: World) -> torch.Tensor:
+    """A CPU tensor summed over the ranks (through the gloo group when the main backend is NCCL)."""
+    value = value.clone()
+    dist.all_reduce(value, group=_group(world, value))
+    return value
+
+
+def _on_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    return value
+
+
+def onto_rank0(value, owner: int, world: World):
+    """Rank 0's copy of a value the `owner` rank holds (its tensors arrive in CPU memory); None on
+    every other rank. Only rank 0 and the owner take part: call it in the same order on every rank."""
+    if owner == 0:
+        return value if world.main else None
+    group = world.cpu_group if world.cpu_group is not None else None
+    if world.rank == owner:
+        dist.send_object_list([_on_cpu(value)], dst=0, group=group)
+        return None
+    if world.main:
+        box = [None]
+        dist.recv_object_list(box, src=owner, group=group)
+        return box[0]
+    return None
 
 
 def mean(value: float, world: World, device: str) -> float:

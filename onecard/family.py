@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from onecard.distributed import SINGLE, World
 from onecard.model import GPT
 from onecard.model import build_model as build_classic
 from onecard.model_config import GPTConfig
@@ -25,17 +26,17 @@ def build_model(config: GPTConfig, device: str | torch.device = "cpu", init: boo
 
 def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float = 0.02, embedding_lr: float = 0.2,
                     unembedding_lr: float = 0.004, total_batch: int | None = None,
-                    fine_tune: float | None = None) -> Optimizers:
-    """The family's optimizer setup laid out as the recipe says. The classic takes the learning
-    rates given; nanochat-2026 sets its own: scaled with total_batch (tokens) for pre-training, or
-    the share `fine_tune` of them for fine-tuning (optim_2026.py)."""
+                    fine_tune: float | None = None, world: World = SINGLE) -> Optimizers:
+    """The family's optimizer setup laid out as the recipe says, for rank world.rank of world.size.
+    The classic takes the learning rates given; nanochat-2026 sets its own: scaled with total_batch
+    (tokens) for pre-training, or the share `fine_tune` of them for fine-tuning (optim_2026.py)."""
     if model.config.arch == "classic":
         return build_classic_optimizer(model, recipe, matrix_lr=matrix_lr, embedding_lr=embedding_lr,
-                                       unembedding_lr=unembedding_lr)
+                                       unembedding_lr=unembedding_lr, world=world)
     from onecard.optim_2026 import build_optimizer_2026, fine_tuning_optimizer_2026
     if fine_tune is not None:
-        return fine_tuning_optimizer_2026(model, recipe, fine_tune)
-    return build_optimizer_2026(model, recipe, total_batch or 2 ** 19)
+        return fine_tuning_optimizer_2026(model, recipe, fine_tune, world)
+    return build_optimizer_2026(model, recipe, total_batch or 2 ** 19, world=world)
 
 
 def grad_clip(config: GPTConfig) -> float:

@@ -197,7 +197,8 @@ class Loop:
 
     def save_checkpoint(self) -> None:
         self.last_save_time = time.monotonic()
-        if not self.world.main:  # rank 0 writes; the others hold the same weights and states
+        optimizer_state = self.opt.state_dict()  # several ranks: each sends rank 0 the states it holds
+        if not self.world.main:  # rank 0 writes; the others hold the same weights
             self.last_saved = self.step
             return
         if self.run_dir_lost():
@@ -206,7 +207,7 @@ class Loop:
         state = {"loader": self.batches.state_dict(), "val_bpb_start": self.first_bpb, "val_bpb_last": self.last_bpb,
                  "totals": self.meters.totals()}
         try:
-            path = checkpoint.save(self.run_dir, self.step, self.model, self.opt.state_dict(), state,
+            path = checkpoint.save(self.run_dir, self.step, self.model, optimizer_state, state,
                                    self.config.to_dict(), self.settings.keep, warn=self.log)
         except checkpoint.CheckpointError as error:
             kept = "there is no complete checkpoint yet" if self.last_saved is None else \
@@ -223,6 +224,8 @@ class Loop:
         every_steps, every_min = self.settings.save_every_steps, self.settings.save_every_min
         by_steps = every_steps and self.step % every_steps == 0
         by_time = every_min and time.monotonic() - self.last_save_time >= 60 * every_min
+        if every_min and self.world.size > 1:  # every rank takes part in a save: they agree on when
+            by_time = distributed.any_rank(bool(by_time), self.world, self.settings.device)
         return bool(by_steps or by_time)
 
     # ------------------------------------------------------------ the loop
@@ -251,13 +254,15 @@ class Loop:
                 self.step += 1
                 self.record(outcome, multiplier, time.perf_counter() - started, progress)
             except OutOfMemory as error:
-                if error.intact and self.step != self.last_saved and self.step > 0:
+                # one card alone: with several, the others are not there to hand over their states
+                if error.intact and self.step != self.last_saved and self.step > 0 and self.world.size == 1:
                     self.save_checkpoint()
                 raise UsageError(self.out_of_memory(self.last_saved)) from None
             stopping = self.check_stops(stop, bad_in_row, first_step)
             if self.step < self.settings.steps and not stopping and self.save_due():
                 self.save_checkpoint()
-        if self.step != self.last_saved:
+        # rank 0's word: its save may have failed where the others' (which only send) did not
+        if distributed.from_rank0(self.step != self.last_saved, self.world):
             self.save_checkpoint()
         finished = self.step >= self.settings.steps
         self.status, self.message = ("running", "") if finished else ("stopped", stop.message)

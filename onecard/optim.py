@@ -17,10 +17,12 @@ minutes at d32 (one matrix at a time goes down and up in bf16).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
+from onecard import distributed
+from onecard.distributed import SINGLE, World
 from onecard.fp8 import convert_to_fp8
 from onecard.lowbit import StateTensor
 from onecard.model import GPT
@@ -86,10 +88,11 @@ class StatefulOptimizer:
 
     def momentum(self, p: torch.nn.Parameter, beta: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This step's gradient of `p` in fp32 where its states live, and its momentum buffer with
-        the gradient averaged in (stored back); None when `p` has no gradient this step."""
+        the gradient averaged in (stored back); None when `p` has no gradient this step or is
+        another rank's to update."""
         slot = self.slots[p]
         grad = slot.grad()
-        if grad is None:
+        if grad is None or not slot.owned:
             return None
         g = grad.to(slot.place).float()
         state = self.stored[p]["momentum_buffer"]
@@ -110,15 +113,24 @@ class StatefulOptimizer:
         for slot in self.slots.values():
             slot.zero_grad()
 
-    def state_dict(self) -> dict:
-        """Only tensors, numbers and strings: loads with torch.load(weights_only=True)."""
-        state = []
-        for p in self.params():
-            saved = {k: v.state_dict() if isinstance(v, StateTensor) else v
-                     for k, v in self.stored[p].items()}
-            if self.slots[p].master is not None:
-                saved["master"] = self.slots[p].master
-            state.append(saved)
+    def owned(self) -> list[torch.nn.Parameter]:
+        """The parameters this rank updates and holds states for (all of them on one card)."""
+        return [p for p in self.params() if self.slots[p].owned]
+
+    def saved_state(self, p: torch.nn.Parameter) -> dict | None:
+        """What a checkpoint keeps of an owned parameter's states (None for another rank's)."""
+        if not self.slots[p].owned:
+            return None
+        saved = {k: v.state_dict() if isinstance(v, StateTensor) else v for k, v in self.stored[p].items()}
+        if self.slots[p].master is not None:
+            saved["master"] = self.slots[p].master
+        return saved
+
+    def state_dict(self, collect: Callable[[dict | None, int], dict | None] | None = None) -> dict:
+        """Only tensors, numbers and strings: loads with torch.load(weights_only=True). With several
+        ranks, `collect(saved, owner)` brings each parameter's state from its owner to rank 0."""
+        state = [self.saved_state(p) if collect is None else collect(self.saved_state(p), self.slots[p].owner)
+                 for p in self.params()]
         groups = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         return {"param_groups": groups, "state": state}
 
@@ -131,6 +143,8 @@ class StatefulOptimizer:
         for group, saved_group in zip(self.param_groups, saved["param_groups"], strict=True):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
         for p, saved_state in zip(params, saved["state"], strict=True):
+            if not self.slots[p].owned:  # another rank's: it sends the updated weight each step
+                continue
             stored = self.stored[p]
             for key, value in saved_state.items():
                 if key == "master":
@@ -155,6 +169,7 @@ class Muon(StatefulOptimizer):
         for p in self.params():
             if p.ndim != 2:
                 raise ValueError(f"Muon updates matrices; got a parameter of shape {tuple(p.shape)}")
+        for p in self.owned():
             self.stored[p] = {"momentum_buffer": StateTensor(p.shape, states, self.slots[p].place)}
 
     @torch.no_grad()
@@ -184,7 +199,7 @@ class AdamW(StatefulOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, states: str = "fp32", slots: dict | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), slots)
-        for p in self.params():
+        for p in self.owned():
             place = self.slots[p].place
             self.stored[p] = {"step": 0,
                               "exp_avg": StateTensor(p.shape, states, place, code="signed_log"),
@@ -197,7 +212,7 @@ class AdamW(StatefulOptimizer):
             for p in group["params"]:
                 slot = self.slots[p]
                 grad = slot.grad()
-                if grad is None:
+                if grad is None or not slot.owned:
                     continue
                 stored = self.stored[p]
                 stored["step"] += 1
@@ -221,9 +236,11 @@ class AdamW(StatefulOptimizer):
 class Optimizers:
     """The run's optimizers stepped together, with the schedule knobs the trainer turns."""
 
-    def __init__(self, optimizers: list[StatefulOptimizer], recipe: Recipe | None = None) -> None:
+    def __init__(self, optimizers: list[StatefulOptimizer], recipe: Recipe | None = None,
+                 world: World = SINGLE) -> None:
         self.optimizers = optimizers
         self.recipe = recipe or Recipe()
+        self.world = world
         self.slots = [opt.slots[p] for opt in optimizers for p in opt.params()]
         for opt in optimizers:
             for group in opt.param_groups:
@@ -249,13 +266,26 @@ class Optimizers:
             slot.fold_grad()
 
     def gradients(self) -> list[torch.Tensor]:
-        """The step's accumulated gradients, wherever the recipe keeps them (to average across ranks)."""
-        return [g for slot in self.slots if (g := slot.grad()) is not None]
+        """The step's accumulated gradients of the parameters this rank updates, wherever the recipe
+        keeps them (after reduce_gradients, with several ranks: averaged over them)."""
+        return [g for slot in self.slots if slot.owned and (g := slot.grad()) is not None]
+
+    def reduce_gradients(self) -> None:
+        """With several ranks: each parameter's gradient averaged onto the rank that updates it."""
+        if self.world.size > 1:
+            distributed.average_onto([(g, slot.owner) for slot in self.slots if (g := slot.grad()) is not None],
+                                     self.world)
+
+    def broadcast_weights(self) -> None:
+        """With several ranks: each updated weight from its owner to the others."""
+        if self.world.size > 1:
+            distributed.broadcast_from([(slot.param.detach(), slot.owner) for slot in self.slots], self.world)
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the accumulated gradients to max_norm (as torch's clip_grad_norm_; 0: no clipping, as
-        nanochat-2026 trains); returns the norm before clipping, on the CPU."""
+        nanochat-2026 trains); returns the norm before clipping, on the CPU. With several ranks, the
+        norm of the whole averaged gradient, each rank holding its owned part."""
         grads = self.gradients()
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
@@ -263,6 +293,8 @@ class Optimizers:
         norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
                                                        for g in gs])).cpu() for gs in by_device.values()]
         total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if self.world.size > 1:
+            total = distributed.sum_on_host(total.square(), self.world).sqrt()
         if max_norm <= 0:
             return total
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -290,8 +322,14 @@ class Optimizers:
         for group in self.muon.param_groups:
             group["momentum"] = momentum
 
-    def state_dict(self) -> list[dict]:
-        return [opt.state_dict() for opt in self.optimizers]
+    def state_dict(self) -> list[dict] | None:
+        """Every optimizer's state; with several ranks, gathered onto rank 0 (every rank takes part)
+        and None on the others. The same file either way: a run may resume on another number of cards."""
+        if self.world.size == 1:
+            return [opt.state_dict() for opt in self.optimizers]
+        state = [opt.state_dict(lambda saved, owner: distributed.onto_rank0(saved, owner, self.world))
+                 for opt in self.optimizers]
+        return state if self.world.main else None
 
     def load_state_dict(self, states: list[dict]) -> None:
         for opt, state in zip(self.optimizers, states, strict=True):
@@ -323,7 +361,7 @@ class Optimizers:
 
 def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float = 0.02,
                     embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
-                    weight_decay: float = 0.0) -> Optimizers:
+                    weight_decay: float = 0.0, world: World = SINGLE) -> Optimizers:
     """nanochat's optimizer setup, laid out as the recipe says; AdamW rates scale with
     (n_embd/768)^-0.5, Muon's does not. (nanochat-2026 models: onecard.family.build_optimizer.)
 
@@ -336,7 +374,7 @@ def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float =
         raise ValueError(f"{model.config.arch} optimizers are built by onecard.family.build_optimizer")
     if recipe.matmul == "fp8":
         convert_to_fp8(model)
-    slots = make_slots(model, recipe)
+    slots = make_slots(model, recipe, world.rank, world.size)
     groups = model.parameter_groups()
     scale = (model.config.n_embd / 768) ** -0.5
     adam = AdamW(
@@ -345,4 +383,4 @@ def build_optimizer(model: GPT, recipe: Recipe | None = None, matrix_lr: float =
         betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay, states=recipe.optim_states, slots=slots,
     )
     muon = Muon(groups["matrix"], lr=matrix_lr, momentum=0.95, states=recipe.optim_states, slots=slots)
-    return Optimizers([adam, muon], recipe)
+    return Optimizers([adam, muon], recipe, world)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from onecard.distributed import SINGLE, World
 from onecard.model_2026 import GPT2026, compute_dtype
 from onecard.optim import AdamW, Muon, Optimizers
 from onecard.recipe import Recipe
@@ -69,7 +70,7 @@ class NorMuon(Muon):
         for group in self.param_groups:
             group.setdefault("beta2", beta2)
             group.setdefault("weight_decay", weight_decay)
-        for p in self.params():
+        for p in self.owned():
             rows, cols = p.shape
             shape = (rows, 1) if rows >= cols else (1, cols)
             self.stored[p]["second_momentum_buffer"] = torch.zeros(shape, device=self.slots[p].place)
@@ -103,19 +104,21 @@ class NorMuon(Muon):
                 slot.apply(0, p.numel(), (lr * u + lr * wd * weight * cautious).reshape(-1), 1.0, 1.0)
 
 
-def fine_tuning_optimizer_2026(model: GPT2026, recipe: Recipe | None, fraction: float) -> Optimizers:
+def fine_tuning_optimizer_2026(model: GPT2026, recipe: Recipe | None, fraction: float,
+                               world: World = SINGLE) -> Optimizers:
     """Fine-tuning's optimizer, as nanochat's chat_sft.py (karpathy/nanochat 00255c1) sets it up: the
     pre-training rates unscaled by any batch, every group's times `fraction`, no weight decay (the
     pre-training schedule has brought it to zero)."""
     return build_optimizer_2026(model, recipe, embedding_lr=EMBEDDING_LR * fraction,
                                 unembedding_lr=UNEMBEDDING_LR * fraction, matrix_lr=MATRIX_LR * fraction,
-                                scalar_lr=SCALAR_LR * fraction, smear_lr=SMEAR_LR * fraction, weight_decay=0.0)
+                                scalar_lr=SCALAR_LR * fraction, smear_lr=SMEAR_LR * fraction, weight_decay=0.0,
+                                world=world)
 
 
 def build_optimizer_2026(model: GPT2026, recipe: Recipe | None = None, total_batch: int = 2 ** 19,
                          embedding_lr: float = EMBEDDING_LR, unembedding_lr: float = UNEMBEDDING_LR,
                          matrix_lr: float = MATRIX_LR, scalar_lr: float = SCALAR_LR, smear_lr: float = SMEAR_LR,
-                         weight_decay: float | None = None) -> Optimizers:
+                         weight_decay: float | None = None, world: World = SINGLE) -> Optimizers:
     """nanochat's groups and rates; learning rates scaled by sqrt(total_batch / 2^19) and Muon's
     weight decay by the batch and depth (schedule_2026.py), unless weight_decay is given."""
     from onecard.fp8 import convert_to_fp8
@@ -123,7 +126,7 @@ def build_optimizer_2026(model: GPT2026, recipe: Recipe | None = None, total_bat
     recipe = recipe or Recipe()
     if recipe.matmul == "fp8":
         convert_to_fp8(model)
-    slots = make_slots(model, recipe)
+    slots = make_slots(model, recipe, world.rank, world.size)
     groups = model.parameter_groups()
     batch = batch_lr_scale(total_batch)
     if weight_decay is None:
@@ -144,4 +147,4 @@ def build_optimizer_2026(model: GPT2026, recipe: Recipe | None = None, total_bat
                    lr=matrix_lr * batch, weight_decay=weight_decay, states=recipe.optim_states, slots=slots)
     for group in muon.param_groups:
         group["initial_weight_decay"] = group["weight_decay"]
-    return Optimizers([adam, muon], recipe)
+    return Optimizers([adam, muon], recipe, world)

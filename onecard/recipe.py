@@ -25,6 +25,11 @@ loss          full      logits (B·T, V) materialized in fp32
                         each chunk recomputed in backward: full logits never exist
               fused     a fused linear + cross-entropy kernel (CUDA only, optional library)
 matmul        bf16 | fp8    precision of the block linears' matrix multiplies (fp8: sm_89+)
+
+With several cards (torchrun), each parameter is updated by one rank, its owner, which alone
+holds its optimizer states (and its fp32 master copy): the states are sharded across the ranks,
+whole tensors each, so Muon orthogonalizes whole matrices. shard_owners decides the owners for
+the trainer and the planner alike.
 """
 
 from __future__ import annotations
@@ -116,6 +121,17 @@ NAMED: dict[str, Recipe] = {r.name: r for r in [
     Recipe(name="offload-max", params="cpu_master", grads="cpu", optim_states="int8", optim_place="cpu",
            activations="offload", loss="chunked"),
 ]}
+
+
+def shard_owners(costs: list[int], ranks: int) -> list[int]:
+    """The rank that updates each parameter, given each one's cost (its optimizer-state elements):
+    largest first, each to the rank holding least so far (the lowest such rank). Parameters of
+    equal cost are interchangeable, so the ranks' loads depend only on the costs, not their order."""
+    loads, owner = [0] * ranks, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        rank = loads.index(min(loads))
+        owner[i], loads[rank] = rank, loads[rank] + costs[i]
+    return owner
 
 
 def default_micro_batch(rows: float, most: int) -> int:

@@ -112,7 +112,7 @@ def prepare(model_config: GPTConfig, recipe: Recipe, settings: TrainSettings, da
         checkpoint.load_weights(found, model)  # before the optimizer: a cpu_master recipe copies them
     opt = build_optimizer(model, recipe, matrix_lr=settings.matrix_lr, embedding_lr=settings.embedding_lr,
                           unembedding_lr=settings.unembedding_lr, total_batch=settings.total_batch,
-                          fine_tune=settings.lr_fraction if stage == "sft" else None)
+                          fine_tune=settings.lr_fraction if stage == "sft" else None, world=world)
     return found, model, config, opt
 
 

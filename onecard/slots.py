@@ -11,6 +11,8 @@ Each parameter has a Slot (recipe.py has the layouts):
              With grads=cpu the hook only queues the fold (grad_fold.py) and a worker thread does
              it while backward goes on; whatever reads a buffer first waits for the queue.
   states     the optimizers' (onecard/optim.py), on the device or on the CPU (optim_place).
+  owner      the rank that updates it (recipe.shard_owners): only the owner holds its states and
+             master copy; the others receive the updated weight.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from onecard.grad_fold import STAGING_BYTES, GradFolder, fold_into
 from onecard.lowbit import stochastic_round_bf16
 from onecard.model import GPT
-from onecard.recipe import Recipe
+from onecard.recipe import Recipe, shard_owners
 
 GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,6 +45,8 @@ class Slot:
     stochastic: bool = False                # bf16 weight written back with stochastic rounding
     grad_empty: bool = True                 # grad_buf holds nothing yet this step
     folder: GradFolder | None = None        # folds into grad_buf on a worker thread (grads=cpu)
+    owner: int = 0                          # the rank that updates it
+    owned: bool = True                      # this rank is its owner: it holds the states and master
 
     def grad(self) -> torch.Tensor | None:
         """The gradient accumulated so far this step (None when there is none)."""
@@ -138,18 +142,27 @@ def folder_for(slots: list[Slot]) -> GradFolder:
     return folder
 
 
-def make_slots(model: GPT, recipe: Recipe) -> dict[torch.nn.Parameter, Slot]:
-    """Lay the model's parameters out as the recipe says, casting the weights in place."""
+def owners(model: GPT, ranks: int) -> list[int]:
+    """Each parameter's owner among `ranks`, in model.parameters() order, by its optimizer-state
+    elements: one per element for Muon's matrices, two for AdamW's (plan/memory.py counts the same)."""
+    matrices = {id(p) for p in model.parameter_groups()["matrix"]}
+    return shard_owners([p.numel() * (1 if id(p) in matrices else 2) for p in model.parameters()], ranks)
+
+
+def make_slots(model: GPT, recipe: Recipe, rank: int = 0, ranks: int = 1) -> dict[torch.nn.Parameter, Slot]:
+    """Lay the model's parameters out as the recipe says, casting the weights in place; this is
+    rank `rank` of `ranks`."""
     device = model.lm_head.weight.device
     place = torch.device("cpu") if recipe.optim_place == "cpu" else device
     pin = device.type == "cuda"  # pinned host memory: faster, asynchronous copies to and from the GPU
     slots = {}
-    for p in model.parameters():
+    for p, owner in zip(model.parameters(), owners(model, ranks), strict=True):
         master = None
-        if recipe.params == "cpu_master":  # taken before the cast, so it keeps all of fp32
+        if recipe.params == "cpu_master" and owner == rank:  # taken before the cast: all of fp32
             master = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
             master.copy_(p.detach())
-        slots[p] = Slot(p, place, master=master, stochastic=recipe.params == "bf16_sr")
+        slots[p] = Slot(p, place, master=master, stochastic=recipe.params == "bf16_sr", owner=owner,
+                        owned=owner == rank)
     # nanochat keeps wte (nanochat-2026: and the value embeddings) in bf16 on CUDA (recipe.py)
     bf16_on_cuda = {id(p) for p in getattr(model, "bf16_on_cuda", lambda: [model.transformer.wte.weight])()}
     for p in model.parameters():

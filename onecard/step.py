@@ -134,10 +134,11 @@ class TrainStep:
         return OutOfMemory(error, intact=snapshot is not None)
 
     def update(self, loss: float, snapshot: Snapshot) -> StepOutcome:
-        """Average across ranks, clip, and apply the update unless something is not finite."""
+        """Average across ranks, clip, and apply the update unless something is not finite. With
+        several ranks, each updates the parameters it owns and sends them to the others."""
         try:
-            if self.world.size > 1:  # every rank applies the update of the whole step's gradients
-                distributed.average(self.opt.gradients(), self.world)
+            if self.world.size > 1:
+                self.opt.reduce_gradients()
                 loss = distributed.mean(loss, self.world, self.device)
             grad_norm = float(self.opt.clip_grad_norm(self.grad_clip))
         except torch.OutOfMemoryError as error:  # nothing is updated yet: rewound, redone on resume
@@ -148,5 +149,6 @@ class TrainStep:
                 self.opt.step()
             except torch.OutOfMemoryError as error:  # some parameters updated, others not: not to be saved
                 raise self.out_of_memory(error, None) from None
+            self.opt.broadcast_weights()
         self.opt.zero_grad()
         return StepOutcome(loss, grad_norm, skipped)

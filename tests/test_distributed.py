@@ -127,3 +127,55 @@ def test_no_intact_checkpoint_is_one_line_on_every_rank(runs):
     assert "RuntimeError" not in two.stderr and "onecard/" not in two.stderr.replace("onecard/cli", ""), \
         two.stderr[-3000:]
     assert two.stderr.count("onecard: error:") == 1, two.stderr[-3000:]
+
+
+OFFLOAD = ["--recipe", "offload", "--optim-states", "int8"]  # master copy, gradients and 8-bit states in CPU RAM
+
+
+def train(args: list[str], ranks: int) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    done = subprocess.run([*launcher, "-m", "onecard.cli", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def offload_runs(runs):
+    """A recipe whose master copy and states each rank holds only for the parameters it owns; one
+    process and two ranks, each then resumed on the other number of ranks."""
+    import shutil
+
+    root, _ = runs
+    given = [*ARGS, *OFFLOAD, "--data", str(root / "corpus.jsonl"), "--tokenizer", str(root / "one" / "tokenizer")]
+    train([*given, "--run-dir", str(root / "offload-one")], 1)
+    train([*given, "--run-dir", str(root / "offload-two")], 2)
+    shutil.copytree(root / "offload-one", root / "one-then-two")
+    shutil.copytree(root / "offload-two", root / "two-then-one")
+    four = [*given[:given.index("--steps")], "--steps", "4", *given[given.index("--steps") + 2:]]
+    train([*four, "--run-dir", str(root / "one-then-two")], 2)
+    train([*four, "--run-dir", str(root / "two-then-one")], 1)
+    return root
+
+
+def test_two_ranks_with_sharded_master_and_states_train_what_one_process_trains(offload_runs):
+    root = offload_runs
+    one, two = steps_of(root / "offload-one"), steps_of(root / "offload-two")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    a, b = load_file(root / "offload-one" / "model.safetensors"), load_file(root / "offload-two" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=2e-3, msg=key)
+
+
+def test_a_checkpoint_resumes_on_another_number_of_ranks(offload_runs):
+    """Rank 0 gathers every rank's states into the checkpoint; each rank takes its own on resume."""
+    root = offload_runs
+    one_then_two, two_then_one = steps_of(root / "one-then-two"), steps_of(root / "two-then-one")
+    assert [r["step"] for r in one_then_two] == [r["step"] for r in two_then_one] == [1, 2, 3, 4]
+    assert one_then_two[-1]["loss"] == pytest.approx(two_then_one[-1]["loss"], rel=1e-5)
+    optimizers = [torch.load(root / run / "checkpoints" / "step_000004" / "optimizer.pt", weights_only=True)
+                  for run in ("one-then-two", "two-then-one")]
+    for saved_a, saved_b in zip(*optimizers, strict=True):
+        for state_a, state_b in zip(saved_a["state"], saved_b["state"], strict=True):
+            assert state_a.keys() == state_b.keys() and "master" in state_a
+            torch.testing.assert_close(state_b["master"], state_a["master"], rtol=0, atol=2e-3)

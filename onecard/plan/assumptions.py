@@ -55,9 +55,9 @@ class Assumptions:
     # exposed. 1 = that overlap; 0 = folding inside backward, as the trainer did when the rows of
     # benchmarks/results/gpu_session1 and gpu_session2 were measured. Not yet measured on a GPU.
     grad_fold_overlap: float = 1.0
-    # Share of the data-parallel gradient all-reduce hidden behind backward. onecard averages the
-    # gradients once per optimizer step, after the last micro-batch's backward
-    # (onecard/distributed.py): nothing overlaps.
+    # Share of the data-parallel exchange (gradients onto their owners, weights back) hidden behind
+    # backward. onecard exchanges them once per optimizer step, after the last micro-batch's
+    # backward (onecard/distributed.py): nothing overlaps.
     dp_overlap: float = 0.0
     # ---- How fast a step runs (docs/time.md#utilization). Fitted by benchmarks/fit_planner.py to
     # onecard's eager rows measured on an H200 (benchmarks/results/gpu_session1, gpu_session2) and

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from onecard.model_config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig, value_embedding_layers
 from onecard.plan.assumptions import DEFAULT, Assumptions
-from onecard.recipe import INT8_BLOCK, LOSS_CHUNK_ROWS, Recipe
+from onecard.recipe import INT8_BLOCK, LOSS_CHUNK_ROWS, Recipe, shard_owners
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
@@ -82,8 +82,9 @@ class Persistent:
     grad_transient: int = 0  # a .grad on its way into a buffer of another dtype or place
 
 
-def persistent_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda") -> Persistent:
-    """Parameters, gradients and optimizer states, exactly as onecard.optim lays them out.
+def persistent_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda", shards: int = 1) -> Persistent:
+    """Parameters, gradients and optimizer states, exactly as onecard.optim lays them out; with
+    `shards` ranks, on the rank that owns the most optimizer states (recipe.shard_owners).
 
     Weights: each parameter in its dtype, plus an fp32 master copy in host RAM for cpu_master.
     Gradients: autograd's .grad where the recipe's gradient dtype is the weight's; otherwise a
@@ -107,15 +108,29 @@ def persistent_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda") ->
                 host_grads += 4 * r * c
             else:
                 grads += r * c * DTYPE_BYTES[recipe.grads]
-    host_weights = 4 * sum(r * c for s in shapes.values() for r, c in s) if recipe.params == "cpu_master" else 0
-    fmt = recipe.optim_states
-    states = sum(state_bytes(r * c, fmt) for r, c in shapes["blocks"])  # Muon momentum
-    states += sum(2 * state_bytes(r * c, fmt) for g in shapes if g != "blocks" for r, c in shapes[g])  # AdamW
-    if config.arch != "classic":  # NorMuon's factored second moment, fp32, one per row or column
-        states += sum(4 * max(r, c) for r, c in shapes["blocks"])
+    host_weights, states = _owned_bytes(config, recipe, shapes, shards)
     on_cpu = recipe.optim_place == "cpu"
     return Persistent(weights, grads, 0 if on_cpu else states, host_weights, host_grads,
                       states if on_cpu else 0, transient)
+
+
+def _owned_bytes(config: GPTConfig, recipe: Recipe, shapes: dict[str, list[tuple[int, int]]],
+                 shards: int) -> tuple[int, int]:
+    """The fp32 master copies (cpu_master) and optimizer states held by the rank with the most."""
+    fmt, master = recipe.optim_states, recipe.params == "cpu_master"
+    each = []  # (state elements, master bytes, state bytes) per parameter
+    for group, group_shapes in shapes.items():
+        for r, c in group_shapes:
+            if group == "blocks":  # Muon's momentum; nanochat-2026: NorMuon's factored second moment
+                held = state_bytes(r * c, fmt) + (4 * max(r, c) if config.arch != "classic" else 0)
+                each.append((r * c, 4 * r * c * master, held))
+            else:  # AdamW's two moments
+                each.append((2 * r * c, 4 * r * c * master, 2 * state_bytes(r * c, fmt)))
+    owners = shard_owners([elements for elements, _, _ in each], shards)
+    per_rank = [(0, 0)] * shards
+    for owner, (_, master_bytes, held) in zip(owners, each, strict=True):
+        per_rank[owner] = (per_rank[owner][0] + master_bytes, per_rank[owner][1] + held)
+    return max(per_rank, key=lambda pair: pair[0] + pair[1])
 
 
 def checkpoint_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda") -> int:
@@ -396,10 +411,11 @@ class Memory:
 
 
 def predict_memory(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFAULT,
-                   micro_steps: int = 2) -> Memory:
-    """Peak CUDA memory of one card (one data-parallel rank) training `config` with `recipe`.
-    With several cards each holds the same: onecard averages the recipe's own gradient buffers
-    in place (onecard/distributed.py), with no bucketed second copy as DDP keeps.
+                   micro_steps: int = 2, shards: int = 1) -> Memory:
+    """Peak CUDA memory of one card (one data-parallel rank of `shards`) training `config` with
+    `recipe`. With several cards each holds the whole model and its gradient buffers (averaged in
+    place, with no bucketed second copy as DDP keeps) and its share of the optimizer states: the
+    card owning the most is counted.
 
     The peak is at the start of backward: parameters, gradients (accumulated from the previous
     micro-batch) and optimizer states, everything the forward saved, the loss at its peak, plus
@@ -410,7 +426,7 @@ def predict_memory(config: GPTConfig, recipe: Recipe, assume: Assumptions = DEFA
     micro-batch per optimizer step (`micro_steps` 1) no gradient exists yet at that point: they
     are made as backward frees the activations, and the peak is the larger of the two.
     """
-    p = persistent_bytes(config, recipe, "cuda")
+    p = persistent_bytes(config, recipe, "cuda", shards)
     a = activation_bytes(config, recipe, "bf16")
     block_backward = a.recompute + a.working
     if recipe.activations != "offload":  # the loss's backward frees its logits and their gradient

@@ -86,7 +86,8 @@ def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
         act += f" ({' + '.join(after)} come after the loss's backward{within})"
     rows = [("weights", m.weights, f"{r.params} ({params:,} parameters)"),
             ("gradients", m.grads, "window in flight to CPU RAM" if r.grads == "cpu" else r.grads),
-            ("optimizer states", m.optimizer, f"Muon momentum + AdamW moments, {where}"),
+            ("optimizer states", m.optimizer, f"Muon momentum + AdamW moments, {where}"
+             + (f"; the share of the card holding the most of {s.gpus}" if s.gpus > 1 else "")),
             ("activations", m.activations, act),
             ("logits / loss", m.logits, f"loss={r.loss} at its peak, gradients included"),
             ("rotary tables", m.buffers, "cos/sin for 10x the sequence, bf16"),
@@ -136,7 +137,7 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
               f"  utilization        {t.utilization:.0%} of peak assumed: {t.utilization_source}",
               f"  per step           {seconds(t.compute_s)} s GPU compute + {seconds(t.optimizer_s)} s optimizer "
               f"(Newton-Schulz {t.optimizer_flops_per_step:.2e} FLOPs + update) + {seconds(t.pcie_s)} s PCIe"
-              + (f" + {seconds(t.comm_s)} s all-reduce" if s.gpus > 1 else "")
+              + (f" + {seconds(t.comm_s)} s exchange between cards" if s.gpus > 1 else "")
               + (f" + {seconds(t.grad_fold_s)} s CPU gradient folding" if t.grad_fold_s else "")
               + f" = {seconds(t.step_s)} s for {s.total_batch:,} tokens"]
     if t.pcie_bytes:

@@ -94,7 +94,8 @@ def evaluate(config: GPTConfig, recipe: Recipe, s: Settings, tokens: int | None 
     chosen, memory = None, None
     for b in micro_batches(s):
         r = recipe.with_(micro_batch=b, seq_len=s.seq_len)
-        m = predict_memory(config, r, s.assume, micro_steps=s.total_batch // (s.gpus * b * s.seq_len))
+        m = predict_memory(config, r, s.assume, micro_steps=s.total_batch // (s.gpus * b * s.seq_len),
+                           shards=s.gpus)
         chosen, memory = r, m
         if m.total <= s.gpu.vram_bytes:
             break

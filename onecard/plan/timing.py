@@ -3,7 +3,7 @@ the time of bytes that cross PCIe and of the optimizer, then energy and cost (do
 
 time per optimizer step = GPU compute (model FLOPs + recompute, bf16 and fp8 parts at their own
 peaks) + optimizer (Newton-Schulz FLOPs, the elementwise update's memory traffic) + PCIe
-transfers not hidden behind compute + the data-parallel all-reduce not hidden behind backward.
+transfers not hidden behind compute + the data-parallel exchange not hidden behind backward.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class Timing:
     optimizer_s: float
     pcie_bytes: float  # per optimizer step
     pcie_s: float  # exposed part
-    comm_s: float  # exposed part of the all-reduce
+    comm_s: float  # exposed part of the data-parallel exchange
     step_s: float
     grad_fold_s: float  # CPU time folding gradients into CPU RAM (grads=cpu), per optimizer step
     tokens_per_s: float
@@ -142,16 +142,20 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
         compute += per_gpu_tokens * fp8 / (gpu.peak_bf16 * u * assume.fp8_eager_efficiency)
 
     # The optimizer: Newton-Schulz runs on the GPU in bf16 wherever the states live (with
-    # optim_place=cpu each matrix travels to the GPU and back in bf16 for it); with several cards
-    # every rank runs the whole update on the averaged gradients (onecard/distributed.py), not a
-    # share of it as nanochat's DistMuon does. The elementwise update streams weights, gradients
-    # and states once through the memory they live in.
+    # optim_place=cpu each matrix travels to the GPU and back in bf16 for it). The elementwise
+    # update streams weights, gradients and states once through the memory they live in. With
+    # several cards each rank updates the parameters it owns (recipe.shard_owners): the busiest
+    # rank's share of the states stands for its share of the update.
+    persistent = persistent_bytes(config, recipe, "cuda")
+    share = 1.0
+    if gpus > 1:
+        owned = persistent_bytes(config, recipe, "cuda", gpus)
+        share = (owned.optimizer + owned.host_optimizer) / (persistent.optimizer + persistent.host_optimizer)
     numel = sum(param_counts(config).values())
     matrices = param_counts(config)["blocks"]
     ns = newton_schulz_flops(config)
     tensors = sum(len(shapes) for shapes in parameter_shapes(config).values())
     optimizer = ns / (gpu.peak_bf16 * u) + tensors * assume.optimizer_tensor_overhead_s
-    persistent = persistent_bytes(config, recipe, "cuda")
     pbytes = DTYPE_BYTES[parameter_dtypes(recipe, "cuda")["blocks"]]
     pcie = 0.0
     if recipe.optim_place == "gpu":
@@ -164,7 +168,8 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
             host += persistent.grads
             pcie += persistent.grads  # gradients go to the CPU once per step
         optimizer += 2 * host / assume.cpu_memory_bandwidth
-        pcie += numel * pbytes + 2 * 2 * matrices  # updated weights back; matrices to/from NS
+        pcie = share * (pcie + numel * pbytes + 2 * 2 * matrices)  # updated weights back; matrices to/from NS
+    optimizer *= share
     grad_fold = 0.0
     if recipe.grads == "cpu":  # every micro-batch's gradients go out and are added up on the CPU,
         pcie += micro_steps * numel * pbytes  # on a background thread while backward goes on
@@ -178,10 +183,10 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
     pcie_s = pcie / pcie_bw * (1 - assume.pcie_overlap)
 
     comm = 0.0
-    if gpus > 1:  # ring all-reduce of the gradients once per optimizer step
-        link = gpu.nvlink or pcie_bw
-        grad_bytes = persistent.grads + persistent.host_grads
-        comm = 2 * (gpus - 1) / gpus * grad_bytes / link * (1 - assume.dp_overlap)
+    if gpus > 1:  # once per step, each gradient summed onto its owner and each weight sent from it:
+        link = gpu.nvlink or pcie_bw  # a pipelined ring carries each tensor over every link once
+        moved = persistent.grads + persistent.host_grads + persistent.weights
+        comm = moved / link * (1 - assume.dp_overlap)
 
     step = compute + optimizer + pcie_s + comm + grad_fold
     tokens_per_s = total_batch / step
