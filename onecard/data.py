@@ -1,13 +1,13 @@
 """Text corpora and the token stream the trainer eats.
 
 A corpus is a file or a folder (searched recursively, in sorted order) of
-  .txt      one file = one document,
+  .txt      one file = one document (a file over BIG_TXT_BYTES: one document per block),
   .jsonl    one document per line, in its "text" field,
   .parquet  one document per row of a "text" column (FineWeb-EDU's shard layout).
 Every document has a stable address (file, chunk, doc): the chunk is a parquet row group, a
-1 MiB byte range of a .jsonl file (the lines that start inside it), or 0 for a .txt file. Files are
-read one chunk at a time, so a parquet shard is never read whole and a run resumes at its chunk
-without rereading anything before it.
+1 MiB byte range of a .jsonl file (the lines that start inside it) or of a large .txt file, or 0
+for a .txt file. Files are read one chunk at a time, so a parquet shard is never read whole and a
+run resumes at its chunk without rereading anything before it.
 
 Whether a document is held out for validation depends only on its address, so the split is the
 same on every machine and for every seed. A folder that `onecard data download` filled has a
@@ -15,7 +15,7 @@ manifest naming the dataset's own validation shard (FineWeb-EDU's last shard, sa
 shard is the validation split, whole, and every other file is training text. A corpus whose only
 text is one .txt file (a book, say) has no second document to hold out, so its text is cut: read in
 1 MiB blocks of whole lines like a .jsonl file, each block cut at line ends into pieces (the
-documents), some of each block held out.
+documents), some of each block held out. Several .txt files are held out whole (_held_out_txt).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 ACCEPTED = (".txt files (one document each), .jsonl files (a 'text' field per line) "
             "or .parquet files (a 'text' column)")
 BLOCK_BYTES = 1 << 20  # a chunk of a .jsonl file, or of a lone .txt file that is cut into pieces
+# A larger .txt file is read in blocks of BLOCK_BYTES, each a document: one tokenized whole would
+# take gigabytes of RAM (a 2 GB text is about 500 M tokens).
+BIG_TXT_BYTES = 64 << 20
 PIECE_CHARS = 4000  # the longest piece of a cut text: about a web page, as in FineWeb
 MIN_PIECE_CHARS = 100  # shorter pieces only when a text has less than two of these
 DEFAULT_VAL_FRACTION = 0.02
@@ -138,12 +141,12 @@ class Corpus:
         # hold out exactly round(fraction * n) of them (at least one, if there are two or more); an empty
         # file holds nothing to validate on
         txt = [i for i, kind in enumerate(self.kinds) if kind == "txt" and self.sizes[i]]
-        n_val = min(max(round(self.val_fraction * len(txt)), 1), len(txt) - 1) if self.val_fraction > 0 else 0
-        self._txt_val = set(sorted(txt, key=lambda i: _unit_hash(self.names[i], 0, 0))[:n_val])
+        self._txt_val, self._txt_val_by_size = _held_out_txt(txt, self.names, self.sizes, self.val_fraction)
         # ... and one .txt file alone cannot be split that way: its text is cut into pieces instead
         holding = [i for i, size in enumerate(self.sizes) if size]
         lone_txt = len(holding) == 1 and self.kinds[holding[0]] == "txt" and self.val_fraction > 0
         self.cut_file = holding[0] if lone_txt else None
+        self._big_txt = {i for i in txt if self.sizes[i] > BIG_TXT_BYTES and i != self.cut_file}
 
     def describe(self) -> str:
         """One line that a run records: what was read, how much, and a fingerprint of the file list."""
@@ -157,6 +160,11 @@ class Corpus:
         if self.cut_file is not None:  # other documents than the whole file: a resume must see the change
             digest.update(b"text cut into pieces v1\0")
             cut = f", its text cut into pieces of at most {PIECE_CHARS:,} characters"
+        if self._big_txt:  # (each such change of what the documents are changes the fingerprint)
+            digest.update(b"large text files read in blocks v1\0")
+            cut += f", .txt files over {BIG_TXT_BYTES >> 20} MiB read as {BLOCK_BYTES >> 20} MiB documents"
+        if self._txt_val_by_size:
+            digest.update(b"held-out text files chosen by size v1\0")
         counts = {kind: self.kinds.count(kind) for kind in dict.fromkeys(self.kinds)}
         what = ", ".join(f"{n} {kind}" for kind, n in counts.items())
         return (f"{self.label}: {len(self.files)} files ({what}), {sum(self.sizes) / 1e6:.1f} MB{cut}, "
@@ -164,7 +172,7 @@ class Corpus:
 
     def num_chunks(self, file: int) -> int:
         if file not in self._chunks:
-            blocks = self.kinds[file] == "jsonl" or file == self.cut_file
+            blocks = self.kinds[file] == "jsonl" or file == self.cut_file or file in self._big_txt
             self._chunks[file] = -(-self.sizes[file] // BLOCK_BYTES) if blocks else 1
         return self._chunks[file]
 
@@ -175,9 +183,9 @@ class Corpus:
             return _read_row_group(path, chunk)
         try:
             if file == self.cut_file:
-                lines = _lines(path, chunk * BLOCK_BYTES, (chunk + 1) * BLOCK_BYTES)  # b"\n" never cuts a character
-                text = b"".join(line for _, line in lines).decode("utf-8", errors="replace")
-                return _cut(text, self.val_fraction)
+                return _cut(_text_block(path, chunk, self.sizes[file]), self.val_fraction)
+            if file in self._big_txt:
+                return [_text_block(path, chunk, self.sizes[file])]
             if kind == "txt":  # an empty file is not opened: /proc's files say they are empty, and some hang
                 # bytes as they are (no newline translation), as a cut text and .jsonl/.parquet keep them
                 return [path.read_bytes().decode("utf-8", errors="replace") if self.sizes[file] else ""]
@@ -310,6 +318,54 @@ def _lines(path: Path, begin: int, end: int) -> Iterator[tuple[int, bytes]]:
             if not line:
                 break
             yield offset, line
+
+
+def _block_start(f, at: int, size: int) -> int:
+    """Where the block nominally starting at byte `at` of an open file begins: after the first line
+    end at `at` - 1 or later (so a block holds the lines that start in its range, as _lines gives
+    them), or, when no line ends within BLOCK_BYTES, at the first character that starts at `at` or
+    later: a line that long is cut, and no line is ever read whole."""
+    if at <= 0 or at >= size:
+        return max(0, min(at, size))
+    f.seek(at - 1)
+    newline = f.read(BLOCK_BYTES).find(b"\n")
+    if newline >= 0:
+        return at + newline
+    f.seek(at)
+    head = f.read(4)  # a UTF-8 character is at most 4 bytes; continuation bytes are 0b10xxxxxx
+    return at + next((i for i, byte in enumerate(head) if byte & 0xC0 != 0x80), len(head))
+
+
+def _text_block(path: Path, chunk: int, size: int) -> str:
+    """Block `chunk` of a text file: from its start to the next block's (see _block_start)."""
+    with open(path, "rb") as f:
+        begin = _block_start(f, chunk * BLOCK_BYTES, size)
+        end = _block_start(f, (chunk + 1) * BLOCK_BYTES, size)
+        f.seek(begin)
+        return f.read(end - begin).decode("utf-8", errors="replace")
+
+
+def _held_out_txt(txt: list[int], names: list[str], sizes: list[int], fraction: float) -> tuple[set[int], bool]:
+    """Which of several .txt files are validation files: round(fraction * n) of them (at least one,
+    never all) in an order fixed by their names. When those hold more than twice the fraction of
+    the text (a big train.txt beside a small valid.txt, say), files are taken in that order while
+    they fit in the fraction's bytes instead (the smallest if none does). Also: whether the sizes
+    decided."""
+    if fraction <= 0 or len(txt) < 2:
+        return set(), False
+    order = sorted(txt, key=lambda i: _unit_hash(names[i], 0, 0))
+    by_count = set(order[:min(max(round(fraction * len(txt)), 1), len(txt) - 1)])
+    total = sum(sizes[i] for i in txt)
+    if sum(sizes[i] for i in by_count) <= 2 * fraction * total:
+        return by_count, False
+    by_size, held = set(), 0
+    for i in order:
+        if held + sizes[i] <= fraction * total and len(by_size) < len(txt) - 1:
+            by_size.add(i)
+            held += sizes[i]
+    if not by_size:
+        by_size = {min(order, key=lambda i: sizes[i])}
+    return by_size, by_size != by_count
 
 
 def _read_jsonl_block(path: Path, begin: int, end: int) -> list[str]:

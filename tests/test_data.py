@@ -411,3 +411,65 @@ def test_txt_text_is_kept_byte_for_byte_beside_other_files(tmp_path):
     (tmp_path / "b.txt").write_bytes(text.encode())
     together = Corpus(tmp_path, val_fraction=0)
     assert together.read_chunk(0, 0)[0] == together.read_chunk(1, 0)[0] == text
+
+
+def test_text_blocks_are_the_lines_starting_in_each_range_and_a_very_long_line_is_cut(tmp_path, monkeypatch):
+    """_text_block reads a text file a block at a time without reading any line whole. Where lines
+    are shorter than a block it gives what the line reader (_lines, which .jsonl files use) gives."""
+    monkeypatch.setattr(data, "BLOCK_BYTES", 64)
+    rng = random.Random(0)
+    lines = ["".join(rng.choice("abcdé€😀 ") for _ in range(rng.randrange(0, 40))) + "\n" for _ in range(300)]
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(lines), encoding="utf-8")
+    size = path.stat().st_size
+    blocks = [data._text_block(path, chunk, size) for chunk in range(-(-size // 64))]
+    expected = [b"".join(line for _, line in data._lines(path, c * 64, (c + 1) * 64)).decode()
+                for c in range(len(blocks))]
+    assert blocks == expected and "".join(blocks) == path.read_text(encoding="utf-8")
+
+    long = tmp_path / "long.txt"  # one line of multi-byte characters, far longer than a block
+    long.write_text("é€😀x" * 500 + "\nend\n", encoding="utf-8")
+    size = long.stat().st_size
+    blocks = [data._text_block(long, chunk, size) for chunk in range(-(-size // 64))]
+    assert "".join(blocks) == long.read_text(encoding="utf-8")  # no character split, none lost or doubled
+    assert all(len(b.encode()) <= 2 * 64 + 4 for b in blocks)  # a block reaches at most a block past its range
+
+
+def test_a_large_txt_file_beside_others_is_read_in_block_documents(tmp_path, monkeypatch):
+    """A .txt file over BIG_TXT_BYTES is read (and tokenized) one block at a time, each block a
+    document of its file's split; the corpus's fingerprint says so, so an older run does not resume on it."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    big = "".join(f"line {i} of the big text\n" for i in range(400))
+    (folder / "big.txt").write_text(big)
+    for name in ("small1.txt", "small2.txt", "small3.txt"):
+        (folder / name).write_text(f"the small text {name}\n" * 3)
+    before = Corpus(folder, val_fraction=0.3).describe()
+    monkeypatch.setattr(data, "BIG_TXT_BYTES", 1000)
+    monkeypatch.setattr(data, "BLOCK_BYTES", 256)
+    corpus = Corpus(folder, val_fraction=0.3)
+    assert corpus.describe() != before and "read as" in corpus.describe()
+    big_index = corpus.names.index("big.txt")
+    split = corpus.whole_file_split(big_index)
+    docs = [text for pos, text in corpus.documents(split) if pos.file == big_index]
+    assert len(docs) == -(-len(big) // 256) and "".join(docs) == big
+    assert all(len(doc) <= 2 * 256 for doc in docs)
+
+
+@pytest.mark.parametrize("big_name", ["train.txt", "valid.txt", "a.txt", "z.txt"])
+def test_a_small_txt_file_is_held_out_rather_than_a_big_one(tmp_path, big_name):
+    """Two files, one 100x the other: whichever the name order puts first, the small one is validation."""
+    small_name = "b.txt" if big_name != "b.txt" else "c.txt"
+    (tmp_path / big_name).write_text("a line of the large training text\n" * 3000)
+    (tmp_path / small_name).write_text("a line of the small text\n" * 40)
+    corpus = Corpus(tmp_path, val_fraction=0.02)
+    held = [corpus.names[i] for i in range(len(corpus.files)) if corpus.whole_file_split(i) == "val"]
+    assert held == [small_name]
+
+
+def test_the_held_out_txt_files_of_the_embedded_corpus_are_chosen_by_count():
+    """The size rule steps in only where the count rule holds out far more than the fraction: the
+    embedded corpus keeps its split (and its runs resume)."""
+    corpus = Corpus.embedded()
+    assert not corpus._txt_val_by_size
+    assert len(corpus._txt_val) == round(0.02 * sum(1 for s in corpus.sizes if s))
