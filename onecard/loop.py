@@ -210,15 +210,17 @@ class Loop:
             path = checkpoint.save(self.run_dir, self.step, self.model, optimizer_state, state,
                                    self.config.to_dict(), self.settings.keep, warn=self.log)
         except checkpoint.CheckpointError as error:
-            kept = "there is no complete checkpoint yet" if self.last_saved is None else \
-                f"the last complete checkpoint, step {self.last_saved}, is intact"
-            self.log(f"warning: {error}; {kept}. Training goes on; the next save tries again.")
+            self.log(f"warning: {error}; {self.kept()}. Training goes on; the next save tries again.")
             self.event("checkpoint_failed", message=str(error))
             self.save_error = str(error)
             return
         self.last_saved, self.save_error = self.step, None
         self.event("checkpoint", path=str(path.relative_to(self.run_dir)))
         self.write_summary()
+
+    def kept(self) -> str:
+        return "there is no complete checkpoint yet" if self.last_saved is None else \
+            f"the last complete checkpoint, step {self.last_saved}, is intact"
 
     def save_due(self) -> bool:
         every_steps, every_min = self.settings.save_every_steps, self.settings.save_every_min

@@ -190,7 +190,11 @@ def write_json(path: Path, data: dict) -> None:
     """Replace a small JSON file atomically and durably: a reader never sees half of it, and a power
     cut leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError:  # a full disk: leave no empty .tmp behind
+        tmp.unlink(missing_ok=True)
+        raise
     durable.replace(tmp, path)
 
 

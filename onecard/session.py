@@ -285,12 +285,19 @@ def _run_files(loop: Loop, found, main: bool, run_dir: Path) -> None:
     except KeyboardInterrupt:
         loop.status = "interrupted"
         raise
+    except OSError as error:  # a full disk, most often, under the log or the summary
+        loop.status, loop.message = "failed", f"{one_line(error)}: stopped at step {loop.step}; {loop.kept()}. " \
+            "Free space (or fix what the error names) and run the same command to resume"
+        raise UsageError(loop.message) from None
     except Exception as error:
         loop.status, loop.message = "failed", str(error)
         raise
     finally:
         loop.meters.power.stop()
-        loop.write_summary()
+        try:
+            loop.write_summary()
+        except OSError:  # the same full disk: the error on its way out says what happened
+            pass
 
 
 def _quiet(*_args, **_kwargs) -> None:

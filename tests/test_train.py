@@ -153,3 +153,56 @@ def test_the_embedded_chat_set_leaves_out_pre_trainings_validation_files():
     held = {_module_name(corpus.names[i]) for i in corpus._txt_val} - {""}
     found = {name.rsplit(".", 1)[0] for name, _ in documented_functions(corpus)}
     assert held and found and not held & found
+
+
+def test_a_full_disk_under_the_log_stops_in_one_line_that_says_where_to_resume(tmp_path, monkeypatch, capsys):
+    """The log file is written every step: when the disk fills, the run stops with the error, the step,
+    and the last complete checkpoint, exit 2, and no traceback; resuming goes on from that checkpoint."""
+    import errno
+    import pathlib
+
+    from onecard.cli import main
+    from tests.serve_helpers import TINY
+
+    run = tmp_path / "run"
+    real_open = pathlib.Path.open
+
+    class FillsUp:
+        def __init__(self, file):
+            self.file, self.lines = file, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines > 4:  # the resume event, step 3, its checkpoint event and step 4 fit
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+    def open_(path, mode="r", *args, **kwargs):
+        opened = real_open(path, mode, *args, **kwargs)
+        return FillsUp(opened) if path.name == "log.jsonl" and mode == "a" else opened
+
+    tiny = TINY[:-2]
+    assert main(["train", "--run-dir", str(run), *tiny, "--steps", "2"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(pathlib.Path, "open", open_)
+    assert main(["train", "--run-dir", str(run), *tiny, "--steps", "6", "--save-every-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [error] = [line for line in err.splitlines() if line.startswith("onecard: error:")]
+    # step 4's checkpoint was written; the line saying so in the log was not
+    assert "No space left on device: stopped at step 4; the last complete checkpoint, step 4, is intact" in error
+    assert (run / "latest").read_text().strip() == "checkpoints/step_000004"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "No space left" in summary["message"]
+    monkeypatch.setattr(pathlib.Path, "open", real_open)
+    assert main(["train", "--run-dir", str(run), *tiny, "--steps", "6"]) == 0
+    assert json.loads((run / "summary.json").read_text())["step"] == 6
