@@ -43,7 +43,8 @@ SAMPLE_QUESTION = "What does `json.dumps` do?"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", type=text_arg,
                    help="the base model: an onecard run directory or a nanochat checkpoint directory (default: "
-                        "the newest finished `onecard train` run under ./runs)")
+                        "the newest finished `onecard train` run under ./runs; resuming: the base the run started "
+                        "from, or, if that is gone, the run's own checkpoint)")
     p.add_argument("--data", action="append", type=text_arg, metavar="FILE[:WEIGHT]",
                    help="conversations: .jsonl ({\"messages\": [...]} or a list of messages per line), .json "
                         "(a list of them) or .parquet (a messages column); repeat to mix, :2 for two epochs of a "
@@ -98,16 +99,13 @@ def run(args: argparse.Namespace) -> int:
     embedded = not args.data
     args.epochs = args.epochs or (EMBEDDED_EPOCHS if embedded else 1.0)
     args.lr_fraction = args.lr_fraction or (EMBEDDED_LR_FRACTION if embedded else LR_FRACTION)
-    source = Path(args.source) if args.source else newest_base_run()
     world = distributed.init(device)
     try:
         run_dir = Path(distributed.from_rank0(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-sft", world))
         if run_dir.exists() and not run_dir.is_dir():
             raise UsageError(f"--run-dir {run_dir} is a file, not a directory")
-        if run_dir.resolve() == source.resolve():
-            raise UsageError("--run-dir must differ from --from: SFT writes a new run beside the base model")
         with nullcontext() if args.dry_run else distributed.held_by_rank0(lambda: RunLock(run_dir), world):
-            code = _sft(args, source, run_dir, device, world)
+            code = _sft(args, run_dir, device, world)
         distributed.barrier(world)
         return code
     finally:
@@ -127,16 +125,39 @@ def _data(args: argparse.Namespace, tokenizer, seq_len: int):
     return sft_data.load([], tokenizer, seq_len + 1, raw=conversations(corpus), label=label)
 
 
-def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, world) -> int:
+def _base_model(args: argparse.Namespace, run_dir: Path, saved, device: str):
+    """(the base model's directory, model, tokenizer, info). A run being resumed starts from the base
+    it started from (not the newest base run, which may have come since), and needs only its own
+    directory: its checkpoint holds the weights, its tokenizer/ the tokenizer, if the base is gone."""
+    from onecard.family import build_model
+    from onecard.tokenizer import Tokenizer
+    from onecard.weights import load_weights
+
+    source = Path(args.source) if args.source else Path(saved.init_from) if saved and saved.init_from \
+        else newest_base_run()
+    if run_dir.resolve() == source.resolve():
+        raise UsageError("--run-dir must differ from --from: SFT writes a new run beside the base model")
+    if saved and not source.exists() and (run_dir / "tokenizer").is_dir():
+        model = build_model(saved.model_config, device, init=False)  # the checkpoint's weights come next
+        return source, model, Tokenizer.load(run_dir / "tokenizer"), {
+            "layout": "onecard", "note": f"{source} is gone: the run resumes from its own checkpoint and tokenizer"}
+    return (source, *load_weights(source, device))
+
+
+def _sft(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
     from onecard import distributed, family, session, sft_data
     from onecard.device import host_memory_available, local_card, unrunnable_reason
     from onecard.plan.choose import choose_recipe
     from onecard.plan.report import dry_run_text
     from onecard.recipe import default_micro_batch
-    from onecard.weights import load_weights
 
     say = print if world.main else (lambda *_args, **_kwargs: None)
-    model, tokenizer, info = load_weights(source, device)
+    # rank 0's reading: the others could read it after rank 0 set a damaged checkpoint aside
+    saved = None if args.force_new else distributed.decided_by_rank0(
+        lambda: session.saved_run_config(run_dir), world)
+    source, model, tokenizer, info = _base_model(args, run_dir, saved, device)
+    if "note" in info:
+        say(f"note: {info['note']}")
     config = model.config
     seq_len = args.seq_len or config.sequence_len
     if seq_len > config.sequence_len:
@@ -163,9 +184,6 @@ def _sft(args: argparse.Namespace, source: Path, run_dir: Path, device: str, wor
         return 0
     for note in choice.notes:
         say(f"note: {note}")
-    # rank 0's reading: the others could read it after rank 0 set a damaged checkpoint aside
-    saved = None if args.force_new else distributed.decided_by_rank0(
-        lambda: session.saved_run_config(run_dir), world)
     clip = saved.train.grad_clip if saved else family.grad_clip(config)  # a run being resumed keeps its own
     result = fine_tune(model, tokenizer, train_set, val_set, recipe, _settings(args, run_dir, steps, device, clip),
                        world, init_from=str(source), prediction=choice.prediction(device), pack=args.pack)

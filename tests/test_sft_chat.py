@@ -236,3 +236,25 @@ def test_parquet_conversations_and_what_is_dropped_is_reported(base, tmp_path, c
     assert "recipe " in said and "RTX 4070" in said  # the planner's pick and its prediction
     train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0, skip_bad=True)
     assert len(train) == 20
+
+
+def test_an_sft_run_resumes_from_its_own_base_even_when_it_is_gone(base, chats, tmp_path, monkeypatch, capsys):
+    """A resumed run starts from the base it was started from (not the newest base run under runs/,
+    which may have come since), and when that base has been deleted, from its own checkpoint alone."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    mine = shutil.copytree(base, tmp_path / "runs" / "base-one")
+    out = tmp_path / "sft"
+    args = ["sft", "--data", str(chats), "--run-dir", str(out), *SFT]
+    assert main([*args, "--steps", "2"]) == 0  # --from: the newest base run, base-one
+    assert json.loads((out / "config.json").read_text())["init_from"] == str(mine.relative_to(tmp_path))
+    shutil.copytree(base, tmp_path / "runs" / "base-two")  # a newer base run
+    assert main([*args, "--steps", "3"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["step"] == 3
+    shutil.rmtree(mine)
+    capsys.readouterr()
+    assert main([*args, "--steps", "4"]) == 0, capsys.readouterr().err
+    assert "is gone: the run resumes from its own checkpoint and tokenizer" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["step"] == 4
+    assert main(["chat", str(out), "-p", "What is 3 + 3?", "--max-tokens", "4", "--device", "cpu"]) == 0
