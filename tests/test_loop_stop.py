@@ -27,8 +27,11 @@ def test_a_signal_landing_after_the_ranks_agreed_waits_for_the_next_agreement(tm
         return agreed
 
     monkeypatch.setattr(onecard.loop.distributed, "any_rank", any_rank)
+    monkeypatch.setattr(onecard.loop.distributed, "from_rank0", lambda value, world: value)  # rank 0 agrees
     settings = TrainSettings(run_dir=tmp_path, steps=10, total_batch=64, eval_every=0, save_every_min=0)
-    loop = Loop(model=None, opt=None, batches=None, accum=1, evaluate=lambda: 0.0, schedule=lambda step: 1.0,
+    # this rank's part in a checkpoint: its optimizer states go to rank 0
+    opt = SimpleNamespace(state_dict=lambda: None)
+    loop = Loop(model=None, opt=opt, batches=None, accum=1, evaluate=lambda: 0.0, schedule=lambda step: 1.0,
                 train_step=lambda batches, accum, should_stop: trained.append(1) or StepOutcome(1.0, 1.0),
                 config=SimpleNamespace(train=settings), meters=Meters(), out_of_memory=str,
                 world=World(rank=1, size=2), log=lambda *_: None)
