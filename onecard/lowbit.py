@@ -92,10 +92,10 @@ def dequantize_log(q: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     return torch.where(codes != 0, values * codes.sign(), 0.0)
 
 
-def stochastic_round_bf16(x: torch.Tensor) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Round fp32 x to bf16, up or down at random so that the expected result is x."""
     bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
     # Adding below the mantissa carries into it with the right probability (sign-magnitude:
     # this rounds the magnitude, so it is unbiased for negative values too); -65536 = 0xFFFF0000.
     rounded = ((bits + noise) & -65536).view(torch.float32)

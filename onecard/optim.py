@@ -124,6 +124,8 @@ class StatefulOptimizer:
         saved = {k: v.state_dict() if isinstance(v, StateTensor) else v for k, v in self.stored[p].items()}
         if self.slots[p].master is not None:
             saved["master"] = self.slots[p].master
+        if self.slots[p].generator is not None:
+            saved["rounding_rng"] = self.slots[p].generator.get_state()
         return saved
 
     def state_dict(self, collect: Callable[[dict | None, int], dict | None] | None = None) -> dict:
@@ -149,6 +151,9 @@ class StatefulOptimizer:
             for key, value in saved_state.items():
                 if key == "master":
                     self.slots[p].load_master(value)
+                elif key == "rounding_rng":  # another recipe's stochastic rounding: nothing to restore
+                    if self.slots[p].generator is not None:
+                        self.slots[p].generator.set_state(value.clone())
                 elif isinstance(stored.get(key), StateTensor):
                     stored[key].load_state_dict(value)
                 elif isinstance(stored.get(key), torch.Tensor):  # into place: a checkpoint is read onto the CPU

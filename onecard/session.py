@@ -47,7 +47,8 @@ def leaner_recipe(recipe: Recipe) -> str:
     return LEANER[min(LEANER.index(name) + 1, len(LEANER) - 1)]
 
 
-def out_of_memory_message(model_config: GPTConfig, recipe: Recipe, device: str, saved: int | None) -> str:
+def out_of_memory_message(model_config: GPTConfig, recipe: Recipe, device: str, saved: int | None,
+                          shards: int = 1) -> str:
     """What ran out, the planner's breakdown of where the memory goes, and what to try next."""
 
     lines = [f"CUDA ran out of memory training with recipe {recipe.name} "
@@ -58,7 +59,7 @@ def out_of_memory_message(model_config: GPTConfig, recipe: Recipe, device: str, 
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory  # this rank's card
         lines.append(f"  measured: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated of the "
                      f"card's {total / 2**30:.2f} GiB")
-    lines.append(f"  planner's prediction: {breakdown(predict_memory(model_config, recipe))}")
+    lines.append(f"  planner's prediction: {breakdown(predict_memory(model_config, recipe, shards=shards))}")
     smaller = f" or --micro-batch {recipe.micro_batch // 2}" if recipe.micro_batch > 1 else ""
     lines.append(f"  try --recipe {leaner_recipe(recipe)}{smaller} (the same total batch, more accumulation); "
                  f"`onecard plan --model d{model_config.n_layer} --gpu <your card>` shows what fits")
@@ -177,6 +178,9 @@ def save_final(run_dir: Path, model: GPT, config: RunConfig) -> None:
 
 def _restore(loop: Loop, found: checkpoint.Found, config: RunConfig, log: Callable[..., None]) -> None:
     loop.opt.load_state_dict(checkpoint.read_optimizer(found))
+    # an owner may have set its weights from the checkpoint's fp32 master copy (a cpu_master run
+    # resumed with another recipe), which the other ranks do not read: they take the owner's
+    loop.opt.broadcast_weights()
     loop.batches.load_state_dict(found.state["loader"])
     loop.step, loop.first_bpb, loop.last_bpb = found.step, found.state["val_bpb_start"], found.state["val_bpb_last"]
     loop.last_saved = found.step
@@ -218,7 +222,8 @@ def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], sch
                      world=world)  # its compile-failure report is set below, once the log file is open
     recipe, device = config.recipe, settings.device
     loop = Loop(model, opt, step, batches, accum, evaluate, schedule, config, meters=None, world=world, log=log,
-                out_of_memory=lambda saved: out_of_memory_message(config.model_config, recipe, device, saved))
+                out_of_memory=lambda saved: out_of_memory_message(config.model_config, recipe, device, saved,
+                                                                  world.size))
     if found:
         _restore(loop, found, config, log)
     else:

@@ -47,6 +47,9 @@ class Slot:
     folder: GradFolder | None = None        # folds into grad_buf on a worker thread (grads=cpu)
     owner: int = 0                          # the rank that updates it
     owned: bool = True                      # this rank is its owner: it holds the states and master
+    # the stochastic rounding's own random stream (bf16_sr, owner only): it draws for this parameter
+    # alone, so the global RNG stays the same on every rank, whichever parameters a rank owns
+    generator: torch.Generator | None = None
 
     def grad(self) -> torch.Tensor | None:
         """The gradient accumulated so far this step (None when there is none)."""
@@ -102,7 +105,7 @@ class Slot:
         if decay != 1.0:
             w.mul_(decay)
         w.add_(update.to(w.device), alpha=-alpha)
-        flat[lo:hi].copy_(stochastic_round_bf16(w) if self.stochastic else w)
+        flat[lo:hi].copy_(stochastic_round_bf16(w, self.generator) if self.stochastic else w)
 
     @torch.no_grad()
     def load_master(self, master: torch.Tensor) -> None:
@@ -156,13 +159,16 @@ def make_slots(model: GPT, recipe: Recipe, rank: int = 0, ranks: int = 1) -> dic
     place = torch.device("cpu") if recipe.optim_place == "cpu" else device
     pin = device.type == "cuda"  # pinned host memory: faster, asynchronous copies to and from the GPU
     slots = {}
-    for p, owner in zip(model.parameters(), owners(model, ranks), strict=True):
-        master = None
+    seed = torch.initial_seed()  # the run's seed (session.prepare), the same on every rank
+    for index, (p, owner) in enumerate(zip(model.parameters(), owners(model, ranks), strict=True)):
+        master, generator = None, None
         if recipe.params == "cpu_master" and owner == rank:  # taken before the cast: all of fp32
             master = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
             master.copy_(p.detach())
+        if recipe.params == "bf16_sr" and owner == rank:
+            generator = torch.Generator(device=p.device).manual_seed((seed + index) % 2 ** 63)
         slots[p] = Slot(p, place, master=master, stochastic=recipe.params == "bf16_sr", owner=owner,
-                        owned=owner == rank)
+                        owned=owner == rank, generator=generator)
     # nanochat keeps wte (nanochat-2026: and the value embeddings) in bf16 on CUDA (recipe.py)
     bf16_on_cuda = {id(p) for p in getattr(model, "bf16_on_cuda", lambda: [model.transformer.wte.weight])()}
     for p in model.parameters():

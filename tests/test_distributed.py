@@ -155,6 +155,11 @@ def offload_runs(runs):
     four = [*given[:given.index("--steps")], "--steps", "4", *given[given.index("--steps") + 2:]]
     train([*four, "--run-dir", str(root / "one-then-two")], 2)
     train([*four, "--run-dir", str(root / "two-then-one")], 1)
+    # resumed with fp32 weights: the owners take theirs from the fp32 master copies, the others must get them
+    baseline = [*four[:four.index("--recipe")], *four[four.index("--recipe") + 4:], "--recipe", "baseline"]
+    for name, ranks in (("fp32-on-one", 1), ("fp32-on-two", 2)):
+        shutil.copytree(root / "offload-one", root / name)
+        train([*baseline, "--run-dir", str(root / name)], ranks)
     return root
 
 
@@ -165,6 +170,13 @@ def test_two_ranks_with_sharded_master_and_states_train_what_one_process_trains(
     a, b = load_file(root / "offload-one" / "model.safetensors"), load_file(root / "offload-two" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=2e-3, msg=key)
+
+
+def test_a_master_copy_resumed_with_fp32_weights_reaches_every_rank(offload_runs):
+    root = offload_runs
+    one, two = steps_of(root / "fp32-on-one"), steps_of(root / "fp32-on-two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    assert two[-1]["loss"] == pytest.approx(one[-1]["loss"], rel=1e-6)
 
 
 def test_a_checkpoint_resumes_on_another_number_of_ranks(offload_runs):

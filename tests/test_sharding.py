@@ -85,3 +85,22 @@ def test_a_rank_loads_its_share_of_one_cards_checkpoint(recipe_name):
                 for key, value in part_one.state[p_one].items():
                     if isinstance(value, torch.Tensor):
                         torch.testing.assert_close(part_rank.state[p_rank][key], value, rtol=0, atol=0)
+
+
+def test_a_parameters_stochastic_rounding_does_not_depend_on_which_rank_owns_it():
+    """Each bf16_sr parameter rounds with its own generator: its update is bitwise the same on one
+    card and on whichever rank owns it, and stepping leaves the global RNG, which every rank must
+    keep equal (a checkpoint holds rank 0's), alone."""
+    torch.manual_seed(0)
+    one, each = layouts(CLASSIC, "lean", 2)
+    for opt in [one, *each]:
+        torch.manual_seed(1)
+        for slot in opt.slots:
+            slot.param.grad = torch.randn_like(slot.param)
+        opt.accumulate()
+        before = torch.get_rng_state()
+        opt.step()
+        assert torch.equal(torch.get_rng_state(), before)
+    for i, slot in enumerate(one.slots):
+        [owner] = [rank for rank in each if rank.slots[i].owned]
+        assert torch.equal(owner.slots[i].param, slot.param)

@@ -136,7 +136,8 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
     lines += [f"  peak               {gpu.peak_bf16 / 1e12:.1f} TFLOP/s bf16 dense per card (source above)",
               f"  utilization        {t.utilization:.0%} of peak assumed: {t.utilization_source}",
               f"  per step           {seconds(t.compute_s)} s GPU compute + {seconds(t.optimizer_s)} s optimizer "
-              f"(Newton-Schulz {t.optimizer_flops_per_step:.2e} FLOPs + update) + {seconds(t.pcie_s)} s PCIe"
+              + ("(the busiest card's share of " if s.gpus > 1 else "(")
+              + f"Newton-Schulz {t.optimizer_flops_per_step:.2e} FLOPs + update) + {seconds(t.pcie_s)} s PCIe"
               + (f" + {seconds(t.comm_s)} s exchange between cards" if s.gpus > 1 else "")
               + (f" + {seconds(t.grad_fold_s)} s CPU gradient folding" if t.grad_fold_s else "")
               + f" = {seconds(t.step_s)} s for {s.total_batch:,} tokens"]
