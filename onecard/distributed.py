@@ -108,7 +108,7 @@ def onto_rank0(value, owner: int, world: World):
     every other rank. Only rank 0 and the owner take part: call it in the same order on every rank."""
     if owner == 0:
         return value if world.main else None
-    group = world.cpu_group if world.cpu_group is not None else None
+    group = world.cpu_group  # objects travel as CPU bytes: gloo's group when the main backend is NCCL
     if world.rank == owner:
         dist.send_object_list([_on_cpu(value)], dst=0, group=group)
         return None
