@@ -39,10 +39,11 @@ def autocast_for(device: str) -> AbstractContextManager:
     return nullcontext()
 
 
-def local_card() -> tuple[str, int, int] | None:
-    """(name, total bytes, bytes other processes hold) of the CUDA card this process uses, or None
-    without one. Others (a desktop's display, another program) hold what the card has in use less
-    this process's own: what PyTorch reserved and its context, taken at the planner's assumed size."""
+def local_card() -> tuple[str, int, int, tuple[int, int]] | None:
+    """(name, total bytes, bytes other processes hold, compute capability) of the CUDA card this
+    process uses, or None without one. Others (a desktop's display, another program) hold what the
+    card has in use less this process's own: what PyTorch reserved and its context, taken at the
+    planner's assumed size."""
     if not torch.cuda.is_available():
         return None
     from onecard.plan.assumptions import DEFAULT
@@ -51,7 +52,7 @@ def local_card() -> tuple[str, int, int] | None:
     props = torch.cuda.get_device_properties(index)
     free, total = torch.cuda.mem_get_info(index)
     own = torch.cuda.memory_reserved(index) + DEFAULT.cuda_context_bytes
-    return props.name, props.total_memory, max(0, total - free - own)
+    return props.name, props.total_memory, max(0, total - free - own), (props.major, props.minor)
 
 
 def host_memory_available() -> int | None:

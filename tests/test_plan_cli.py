@@ -398,3 +398,18 @@ def test_memory_other_processes_hold_is_left_out_of_the_fit(capsys, monkeypatch)
     assert detected["best"]["memory"]["total"] <= 11.25 * gib
     monkeypatch.setattr(onecard.device, "local_card", lambda: ("NVIDIA GeForce RTX 4070", 12 * gib, 0))
     assert run_json(capsys, "--model", "d20")["best"]["recipe"]["name"] == "baseline"  # 11.91 GiB: fits 12
+
+
+def test_a_card_outside_the_catalog_is_refused_with_the_catalogs_cards_of_its_architecture(capsys, monkeypatch):
+    import onecard.device
+
+    gib = 2**30
+    monkeypatch.setattr(onecard.device, "local_card", lambda: ("NVIDIA GeForce RTX 3050", 8 * gib, 0, (8, 6)))
+    assert main(["plan", "--model", "d12"]) == 2
+    err = capsys.readouterr().err
+    assert "(NVIDIA GeForce RTX 3050) is not in the catalog" in err and "--vram 8" in err
+    # the Ampere GeForce cards, nearest to 8 GiB first
+    assert "the catalog's sm_86 cards, nearest in memory first: rtx3060ti, rtx3070, rtx3070ti" in err
+    monkeypatch.setattr(onecard.device, "local_card", lambda: ("NVIDIA GeForce GTX 1080 Ti", 11 * gib, 0, (6, 1)))
+    assert main(["plan", "--model", "d12"]) == 2
+    assert "the catalog has no card of its architecture, sm_61" in capsys.readouterr().err

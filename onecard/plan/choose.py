@@ -18,7 +18,7 @@ from onecard.errors import UsageError
 from onecard.model_config import GPTConfig
 from onecard.plan import calibrate
 from onecard.plan.assumptions import DEFAULT, Assumptions
-from onecard.plan.catalog import CATALOG, GPU, GiB, find_gpu, with_vram
+from onecard.plan.catalog import CATALOG, GPU, GPUS, GiB, find_gpu, with_vram
 from onecard.plan.search import Candidate, Settings, check_batch, evaluate, pick_recipe
 from onecard.recipe import Recipe, default_micro_batch, named_recipe
 from onecard.units import finite_number
@@ -103,7 +103,8 @@ def choose_gpu(name: str | None, vram_gib: float | None, local: tuple | None) ->
             gpu, _ = find_gpu(local_name)
         except UsageError:
             raise UsageError(f"this machine's GPU ({local_name}) is not in the catalog: name the closest one "
-                             f"with --gpu and give --vram {total / GiB:.0f}") from None
+                             f"with --gpu and give --vram {total / GiB:.0f}"
+                             + _same_architecture(local_name, others[1] if len(others) > 1 else None, total)) from None
         gpu = replace(gpu, vram_gib=round((total - held) / GiB, 2))
         note = f"detected {local_name} ({total / GiB:.1f} GiB) on this machine"
         if held >= GiB / 20:  # a desktop's display takes a few hundred MB: a fit to the last 0.1 GiB would fail
@@ -114,6 +115,20 @@ def choose_gpu(name: str | None, vram_gib: float | None, local: tuple | None) ->
     if vram_gib is not None:
         gpu = with_vram(gpu, vram_gib)
     return gpu, [note] if note else []
+
+
+def _same_architecture(name: str, capability: tuple[int, int] | None, total: int) -> str:
+    """The catalog's cards of a compute capability, GeForce cards first for a GeForce card (their
+    tensor rate with fp32 accumulation is half the others'), then nearest in memory: for --gpu."""
+    if capability is None:
+        return ""
+    geforce = "geforce" in name.lower()
+    same = sorted((g for g in GPUS if g.compute_capability == tuple(capability)),
+                  key=lambda g: ((g.kind == "datacenter") == geforce, abs(g.vram_bytes - total)))
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if not same:
+        return f" (the catalog has no card of its architecture, {sm})"
+    return f" (the catalog's {sm} cards, nearest in memory first: {', '.join(g.key for g in same[:6])})"
 
 
 def _positive(value, most: float = 100.0) -> bool:
