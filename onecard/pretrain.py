@@ -201,7 +201,8 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     grad_accum_steps(total_batch, recipe.micro_batch, recipe.seq_len, world.size, saved is not None)  # dry runs too
     what = ("demo model" if demo else f"d{config.n_layer}") + (f" ({config.arch})" if config.arch != "classic" else "")
     say(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
-        f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}, recipe {recipe.name}")
+        f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}"
+        + (f" x {world.size} ranks" if world.size > 1 else "") + f", recipe {recipe.name}")
     say(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
     if args.dry_run:
         say(dry_run_text(recipe, choice.candidate, choice.settings, choice.notes, config))
@@ -227,7 +228,15 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
             f"({prediction.peak_allocated_bytes / 2**30:.2f} GiB allocated), "
             f"{prediction.step_time_s:.2f} s per step, {prediction.tokens_per_s:,.0f} tokens/s")
     result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction, world=world)
-    return _closing_words(result, run_dir, steps, total_batch, prediction, say)
+    return _closing_words(result, resume_command("train", run_dir, world.size, args.threads), steps, total_batch,
+                          prediction, say)
+
+
+def resume_command(command: str, run_dir: Path, ranks: int, threads: int | None) -> str:
+    """The command that resumes a run as it was started: under torchrun with as many ranks, and with
+    the same --threads (a CPU run's sums, hence its weights, depend on the thread count)."""
+    start = f"torchrun --standalone --nproc_per_node {ranks} -m onecard.cli" if ranks > 1 else "onecard"
+    return f"{start} {command} --run-dir {run_dir}" + (f" --threads {threads}" if threads else "")
 
 
 def _settings(args: argparse.Namespace, pick, demo: bool, **chosen):
@@ -247,10 +256,10 @@ def _settings(args: argparse.Namespace, pick, demo: bool, **chosen):
         currency=pick(args.currency, "currency", defaults.CURRENCY), power_watts=pick(args.power, "power_watts", None))
 
 
-def _closing_words(result: dict, run_dir: Path, steps: int, total_batch: int, prediction, say) -> int:
+def _closing_words(result: dict, resume: str, steps: int, total_batch: int, prediction, say) -> int:
     from onecard.run import compare_text
 
-    resume = f"onecard train --run-dir {run_dir}"
+    run_dir = result["run_dir"]
     if result["stopped"] in ("nonfinite", "failed"):
         say(f"onecard: {result['message']}; last complete checkpoint: step {result['last_checkpoint']} in "
               f"{run_dir}/ (resume: {resume})", file=sys.stderr)

@@ -83,6 +83,9 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_two_ranks_resume(tmp_pat
     assert (run_dir / "summary.json").exists(), stopped.stdout[-3000:]  # what torchrun and the ranks said
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["last_checkpoint"]
+    # the hint resumes it as it ran: under torchrun, on two ranks
+    assert f"resume with: torchrun --standalone --nproc_per_node 2 -m onecard.cli train --run-dir {run_dir}" \
+        in stopped.stdout
     step = summary["step"]
     assert (run_dir / "latest").read_text().strip() == f"checkpoints/step_{step:06d}"
 

@@ -355,3 +355,15 @@ def test_a_later_save_that_succeeds_clears_a_failed_one(setup, tmp_path, monkeyp
     assert any("not enough disk space" in m for m in messages)
     assert result["stopped"] is None and result["last_checkpoint"] == 6
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
+
+
+def test_the_resume_hint_keeps_the_ranks_and_threads():
+    """A CPU run's sums depend on the thread count: resuming bitwise needs the same --threads."""
+    from pathlib import Path
+
+    from onecard.pretrain import resume_command
+
+    assert resume_command("train", Path("runs/a"), 1, None) == "onecard train --run-dir runs/a"
+    assert resume_command("train", Path("runs/a"), 1, 1) == "onecard train --run-dir runs/a --threads 1"
+    assert resume_command("train", Path("runs/a"), 2, None) == \
+        "torchrun --standalone --nproc_per_node 2 -m onecard.cli train --run-dir runs/a"
