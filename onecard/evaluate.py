@@ -391,6 +391,9 @@ def run(args: argparse.Namespace) -> int:
     if not tasks:  # the defaults depend on the model: checked once they are known
         tasks = default_tasks(args, is_chat_model(info), corpus_known=info["layout"] == "onecard")
         prepared = check_tasks(args, tasks)
+        if not is_chat_model(info) and "core" not in tasks and not args.lm_eval:
+            from onecard.core_metric import BUNDLE_HELP
+            print(f"note: no CORE score: the eval bundle is not at hand ({BUNDLE_HELP})")
     named = tasks + ([f"lm-eval:{args.lm_eval}"] if args.lm_eval else [])
     print(f"evaluating {args.run_dir} on {device}: {', '.join(named)}")
     results: dict[str, dict] = {}

@@ -57,13 +57,17 @@ def test_no_card_before_an_evaluation_and_a_damaged_file(tmp_path):
     assert report_card(base) == []  # nothing it can show
 
 
-def test_a_bits_per_byte_evaluation_reaches_the_card(tmp_path, capsys):
+def test_a_bits_per_byte_evaluation_reaches_the_card(tmp_path, capsys, monkeypatch):
+    import onecard.core_metric
+
     run = tmp_path / "run"
     assert main(["train", "--run-dir", str(run), *TINY]) == 0
-    # --max-per-task bounds tasks' examples, not bpb's tokens: the cell is not marked partial
-    assert main(["eval", str(run), "--bpb-tokens", "64", "--max-per-task", "2"]) == 0
-    bpb = json.loads((run / "eval.json").read_text())["tasks"]["bpb"]["value"]
     capsys.readouterr()
+    # --max-per-task bounds tasks' examples, not bpb's tokens: the cell is not marked partial
+    monkeypatch.setattr(onecard.core_metric, "DEFAULT_BUNDLE", tmp_path / "no-bundle")
+    assert main(["eval", str(run), "--bpb-tokens", "64", "--max-per-task", "2"]) == 0
+    assert "note: no CORE score: the eval bundle is not at hand" in capsys.readouterr().out  # not left out unsaid
+    bpb = json.loads((run / "eval.json").read_text())["tasks"]["bpb"]["value"]
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
     base = next(line for line in out.splitlines() if line.startswith("BASE"))
