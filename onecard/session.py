@@ -77,9 +77,13 @@ def find_checkpoint(settings: TrainSettings, world: World, log: Callable[..., No
         if settings.force_new:
             return None
         try:
-            return checkpoint.find_latest(run_dir, warn=log)
+            found = checkpoint.find_latest(run_dir, warn=log)
         except checkpoint.CheckpointError as error:
             raise UsageError(str(error)) from None
+        if found is None and any((run_dir / name).exists() for name in ("log.jsonl", "summary.json")):
+            log(f"{run_dir} holds a run stopped before its first checkpoint: starting it over; its files are "
+                f"moved to {set_aside(run_dir)}")  # its log, kept, says how far it got
+        return found
     # rank 0 alone looks (it may set a damaged checkpoint aside, and verifying reads every byte once) and every
     # rank resumes from what it found; its refusal stops them all, not only rank 0
     found = distributed.decided_by_rank0(find, world)

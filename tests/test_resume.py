@@ -367,3 +367,25 @@ def test_the_resume_hint_keeps_the_ranks_and_threads():
     assert resume_command("train", Path("runs/a"), 1, 1) == "onecard train --run-dir runs/a --threads 1"
     assert resume_command("train", Path("runs/a"), 2, None) == \
         "torchrun --standalone --nproc_per_node 2 -m onecard.cli train --run-dir runs/a"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_over_with_its_files_kept(tmp_path, capsys):
+    """Killed before its first checkpoint, a run has nothing to resume: the same command starts it
+    over, says so, and keeps the earlier session's log (it used to be overwritten without a word)."""
+    import shutil
+
+    from onecard.cli import main
+    from tests.serve_helpers import TINY
+
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *TINY]) == 0
+    shutil.rmtree(run / "checkpoints")  # as if killed before the first save
+    (run / "latest").unlink(missing_ok=True)
+    earlier_log = (run / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "holds a run stopped before its first checkpoint: starting it over" in out
+    [aside] = run.glob("previous-*")
+    assert (aside / "log.jsonl").read_text() == earlier_log
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
