@@ -174,7 +174,7 @@ class Loop:
                    "val_bpb_start": self.first_bpb, "val_bpb_end": self.last_bpb,
                    "last_checkpoint": None if self.last_saved is None else f"checkpoints/step_{self.last_saved:06d}",
                    "prediction": self.config.prediction.to_dict() if self.config.prediction else None,
-                   "compile_s": self.compile_s,
+                   "compile_s": self.compile_s, "ranks": self.world.size,
                    **self.meters.summary()}
         if self.world.main and not self.run_dir_lost():
             write_json(self.run_dir / "summary.json", summary)

@@ -50,7 +50,7 @@ def test_rank_zero_alone_writes_and_speaks(runs):
     assert two.stdout.count("validation bits per byte:") == 1
     assert not (root / "two" / ".tokenizer-for-ranks").exists()
     summary = json.loads((root / "two" / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["tokens"] == 768
+    assert summary["status"] == "finished" and summary["tokens"] == 768 and summary["ranks"] == 2
     assert (root / "two" / "latest").read_text().strip() == "checkpoints/step_000003"
 
 
