@@ -165,6 +165,7 @@ class Corpus:
             cut += f", .txt files over {BIG_TXT_BYTES >> 20} MiB read as {BLOCK_BYTES >> 20} MiB documents"
         if self._txt_val_by_size:
             digest.update(b"held-out text files chosen by size v1\0")
+            cut += ", held-out .txt files chosen by size"
         counts = {kind: self.kinds.count(kind) for kind in dict.fromkeys(self.kinds)}
         what = ", ".join(f"{n} {kind}" for kind, n in counts.items())
         return (f"{self.label}: {len(self.files)} files ({what}), {sum(self.sizes) / 1e6:.1f} MB{cut}, "
@@ -328,9 +329,12 @@ def _block_start(f, at: int, size: int) -> int:
     if at <= 0 or at >= size:
         return max(0, min(at, size))
     f.seek(at - 1)
-    newline = f.read(BLOCK_BYTES).find(b"\n")
+    window = f.read(BLOCK_BYTES)
+    newline = window.find(b"\n")
     if newline >= 0:
         return at + newline
+    if at - 1 + len(window) >= size:  # the file's last line, without a line end, started before `at`:
+        return size  # it belongs to the block it starts in (as _lines gives it), not cut at `at`
     f.seek(at)
     head = f.read(4)  # a UTF-8 character is at most 4 bytes; continuation bytes are 0b10xxxxxx
     return at + next((i for i, byte in enumerate(head) if byte & 0xC0 != 0x80), len(head))
@@ -365,6 +369,8 @@ def _held_out_txt(txt: list[int], names: list[str], sizes: list[int], fraction: 
             held += sizes[i]
     if not by_size:
         by_size = {min(order, key=lambda i: sizes[i])}
+    if 2 * sum(sizes[i] for i in by_size) > sum(sizes[i] for i in by_count):
+        return by_count, False  # not even half as much: the names' choice stands (and older runs resume)
     return by_size, by_size != by_count
 
 

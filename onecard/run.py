@@ -282,11 +282,19 @@ def conflicts(saved: RunConfig, config: RunConfig) -> list[str]:
     return out
 
 
-def set_aside(run_dir: Path) -> Path:
-    """Move an earlier run's files into run_dir/previous-<time>/: --force-new deletes nothing."""
+# What a run writes into its directory (an eval and a report add theirs): all that a run started over moves
+RUN_FILES = ("config.json", "log.jsonl", "summary.json", "tokenizer", "model.safetensors", "latest", "checkpoints",
+             "eval.json", "report", ".tokenizer-for-ranks")
+
+
+def set_aside(run_dir: Path, only_run_files: bool = False) -> Path:
+    """Move an earlier run's files into run_dir/previous-<time>/: --force-new deletes nothing.
+    only_run_files: the run's own files alone (RUN_FILES and their .tmp), not what else the folder holds."""
     aside = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir()
     for path in run_dir.iterdir():
+        if only_run_files and path.name.removesuffix(".tmp") not in RUN_FILES:
+            continue
         if path != aside and not path.name.startswith("previous-") and not path.name.startswith(".lock"):
             path.rename(aside / path.name)
     return aside

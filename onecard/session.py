@@ -80,9 +80,12 @@ def find_checkpoint(settings: TrainSettings, world: World, log: Callable[..., No
             found = checkpoint.find_latest(run_dir, warn=log)
         except checkpoint.CheckpointError as error:
             raise UsageError(str(error)) from None
+        if found is None and final_written(run_dir):  # its checkpoints deleted after it finished: nothing to go on from
+            raise UsageError(f"{run_dir} holds a finished run without a checkpoint to continue from: start over with "
+                             "--force-new, or give another --run-dir")
         if found is None and any((run_dir / name).exists() for name in ("log.jsonl", "summary.json")):
             log(f"{run_dir} holds a run stopped before its first checkpoint: starting it over; its files are "
-                f"moved to {set_aside(run_dir)}")  # its log, kept, says how far it got
+                f"moved to {set_aside(run_dir, only_run_files=True)}")  # its log, kept, says how far it got
         return found
     # rank 0 alone looks (it may set a damaged checkpoint aside, and verifying reads every byte once) and every
     # rank resumes from what it found; its refusal stops them all, not only rank 0
@@ -293,6 +296,9 @@ def _run_files(loop: Loop, found, main: bool, run_dir: Path) -> None:
             loop.stop_reason = stop.reason
     except KeyboardInterrupt:
         loop.status = "interrupted"
+        raise
+    except BrokenPipeError as error:  # the reader of the output left (`| head`): cli.main exits 141, no advice
+        loop.status, loop.message = "failed", str(error)
         raise
     except OSError as error:  # a full disk, most often, under the log or the summary
         loop.status, loop.message = "failed", f"{one_line(error)}: stopped at step {loop.step}; {loop.kept()}. " \

@@ -137,10 +137,11 @@ def _base_model(args: argparse.Namespace, run_dir: Path, saved, device: str):
         else newest_base_run()
     if run_dir.resolve() == source.resolve():
         raise UsageError("--run-dir must differ from --from: SFT writes a new run beside the base model")
-    if saved and not source.exists() and (run_dir / "tokenizer").is_dir():
+    if saved and (run_dir / "tokenizer").is_dir():  # its own tokenizer even where the base is (retrained since?)
         model = build_model(saved.model_config, device, init=False)  # the checkpoint's weights come next
-        return source, model, Tokenizer.load(run_dir / "tokenizer"), {
-            "layout": "onecard", "note": f"{source} is gone: the run resumes from its own checkpoint and tokenizer"}
+        gone = {} if source.exists() else {
+            "note": f"{source} is gone: the run resumes from its own checkpoint and tokenizer"}
+        return source, model, Tokenizer.load(run_dir / "tokenizer"), {"layout": "onecard", **gone}
     return (source, *load_weights(source, device))
 
 

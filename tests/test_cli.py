@@ -201,3 +201,23 @@ def test_tokenizer_train_with_no_arguments_works_on_the_embedded_corpus(capsys, 
     monkeypatch.chdir(tmp_path)
     assert main(["tokenizer", "train"]) == 0, capsys.readouterr().err
     assert Tokenizer.load(tmp_path / "tokenizer").vocab_size == 2048
+
+
+def test_a_reader_that_leaves_a_training_run_stops_it_as_a_broken_pipe(tmp_path):
+    """`onecard train ... 2>&1 | head -8` during training: exit 141, and the run's summary says what
+    happened (a pipe, not a disk to free)."""
+    import json
+
+    from tests.serve_helpers import TINY
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "onecard.cli", "train", "--run-dir", str(run), *TINY[:-2], "--steps", "400",
+            "--eval-every", "5"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in range(8):
+        process.stdout.readline()
+    process.stdout.close()
+    assert process.wait(120) == 141
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "Broken pipe" in summary["message"] and "Free space" not in \
+        summary["message"]

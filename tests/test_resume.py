@@ -381,6 +381,8 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_over_with_its_file
     assert main(["train", "--run-dir", str(run), *TINY]) == 0
     shutil.rmtree(run / "checkpoints")  # as if killed before the first save
     (run / "latest").unlink(missing_ok=True)
+    (run / "model.safetensors").unlink()  # (a finished run without checkpoints is refused: nothing to go on from)
+    (run / "notes.txt").write_text("the user's own")  # not the run's: stays where it is
     earlier_log = (run / "log.jsonl").read_text()
     capsys.readouterr()
     assert main(["train", "--run-dir", str(run), *TINY]) == 0
@@ -388,4 +390,21 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_over_with_its_file
     assert "holds a run stopped before its first checkpoint: starting it over" in out
     [aside] = run.glob("previous-*")
     assert (aside / "log.jsonl").read_text() == earlier_log
+    assert (run / "notes.txt").is_file() and not (aside / "notes.txt").exists()
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_finished_run_whose_checkpoints_were_deleted_is_refused_not_redone(tmp_path, capsys):
+    import shutil
+
+    from onecard.cli import main
+    from tests.serve_helpers import TINY
+
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *TINY]) == 0
+    shutil.rmtree(run / "checkpoints")
+    (run / "latest").unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), *TINY[:-2], "--steps", "3"]) == 2
+    assert "holds a finished run without a checkpoint to continue from" in capsys.readouterr().err
+    assert not list(run.glob("previous-*")) and (run / "model.safetensors").is_file()
