@@ -187,7 +187,7 @@ def _sft(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
         say(f"note: {note}")
     clip = saved.train.grad_clip if saved else family.grad_clip(config)  # a run being resumed keeps its own
     result = fine_tune(model, tokenizer, train_set, val_set, recipe, _settings(args, run_dir, steps, device, clip),
-                       world, init_from=str(source), prediction=choice.prediction(device), pack=args.pack)
+                       world, init_from=str(source.expanduser().resolve()), prediction=choice.prediction(device), pack=args.pack)
     return _closing_words(result, run_dir, steps, say)
 
 
