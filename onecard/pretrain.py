@@ -168,6 +168,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     from onecard.plan.choose import choose_recipe
     from onecard.plan.report import dry_run_text
     from onecard.plan.search import horizon
+    from onecard.run import resume_command
     from onecard.tokenizer import Tokenizer
 
     say = print if world.main else (lambda *_args, **_kwargs: None)
@@ -228,15 +229,8 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
             f"({prediction.peak_allocated_bytes / 2**30:.2f} GiB allocated), "
             f"{prediction.step_time_s:.2f} s per step, {prediction.tokens_per_s:,.0f} tokens/s")
     result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction, world=world)
-    return _closing_words(result, resume_command("train", run_dir, world.size, args.threads), steps, total_batch,
-                          prediction, say)
-
-
-def resume_command(command: str, run_dir: Path, ranks: int, threads: int | None) -> str:
-    """The command that resumes a run as it was started: under torchrun with as many ranks, and with
-    the same --threads (a CPU run's sums, hence its weights, depend on the thread count)."""
-    start = f"torchrun --standalone --nproc_per_node {ranks} -m onecard.cli" if ranks > 1 else "onecard"
-    return f"{start} {command} --run-dir {run_dir}" + (f" --threads {threads}" if threads else "")
+    resume = resume_command("train", run_dir, world.size, args.threads, args.device if args.device != "auto" else None)
+    return _closing_words(result, resume, steps, total_batch, prediction, say)
 
 
 def _settings(args: argparse.Namespace, pick, demo: bool, **chosen):
@@ -257,12 +251,12 @@ def _settings(args: argparse.Namespace, pick, demo: bool, **chosen):
 
 
 def _closing_words(result: dict, resume: str, steps: int, total_batch: int, prediction, say) -> int:
-    from onecard.run import compare_text
+    from onecard.run import compare_text, last_checkpoint_words
 
     run_dir = result["run_dir"]
     if result["stopped"] in ("nonfinite", "failed"):
-        say(f"onecard: {result['message']}; last complete checkpoint: step {result['last_checkpoint']} in "
-              f"{run_dir}/ (resume: {resume})", file=sys.stderr)
+        say(f"onecard: {result['message']}; {last_checkpoint_words(result, run_dir)} (resume: {resume})",
+            file=sys.stderr)
         return 1
     if result["stopped"]:
         where = ("no checkpoint could be written" if result["last_checkpoint"] is None

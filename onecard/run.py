@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -280,6 +281,21 @@ def conflicts(saved: RunConfig, config: RunConfig) -> list[str]:
     if saved.init_from and config.init_from and Path(saved.init_from).resolve() != Path(config.init_from).resolve():
         out.append(f"started from {saved.init_from} -> {config.init_from}")
     return out
+
+
+def resume_command(command: str, run_dir: Path, ranks: int, threads: int | None, device: str | None = None) -> str:
+    """The command that resumes a run as it was started: under torchrun with as many ranks, on the
+    --device given, with the same --threads (a CPU run's sums, hence its weights, depend on the
+    thread count)."""
+    start = f"torchrun --standalone --nproc_per_node {ranks} -m onecard.cli" if ranks > 1 else "onecard"
+    return (f"{start} {command} --run-dir {shlex.quote(str(run_dir))}" + (f" --device {device}" if device else "")
+            + (f" --threads {threads}" if threads else ""))
+
+
+def last_checkpoint_words(result: dict, run_dir: Path) -> str:
+    step = result["last_checkpoint"]
+    return f"no checkpoint of this run in {run_dir}/" if step is None else \
+        f"last complete checkpoint: step {step} in {run_dir}/"
 
 
 # What a run writes into its directory (an eval and a report add theirs): all that a run started over moves

@@ -186,8 +186,9 @@ def _sft(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
     for note in choice.notes:
         say(f"note: {note}")
     clip = saved.train.grad_clip if saved else family.grad_clip(config)  # a run being resumed keeps its own
-    result = fine_tune(model, tokenizer, train_set, val_set, recipe, _settings(args, run_dir, steps, device, clip),
-                       world, init_from=str(source.expanduser().resolve()), prediction=choice.prediction(device), pack=args.pack)
+    settings = _settings(args, run_dir, steps, device, clip)
+    result = fine_tune(model, tokenizer, train_set, val_set, recipe, settings, world, pack=args.pack,
+                       init_from=str(source.expanduser().resolve()), prediction=choice.prediction(device))
     return _closing_words(result, run_dir, steps, say)
 
 
@@ -247,8 +248,8 @@ def _closing_words(result: dict, run_dir: Path, steps: int, say) -> int:
     import sys
 
     if result["stopped"] in ("nonfinite", "failed"):
-        say(f"onecard: {result['message']}; last complete checkpoint: step {result['last_checkpoint']} in "
-              f"{run_dir}/", file=sys.stderr)
+        from onecard.run import last_checkpoint_words
+        say(f"onecard: {result['message']}; {last_checkpoint_words(result, run_dir)}", file=sys.stderr)
         return 1
     if result["stopped"]:
         say(f"stopped at step {result['step']} of {steps}; resume with the same command and --run-dir {run_dir}")

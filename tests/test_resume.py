@@ -361,12 +361,14 @@ def test_the_resume_hint_keeps_the_ranks_and_threads():
     """A CPU run's sums depend on the thread count: resuming bitwise needs the same --threads."""
     from pathlib import Path
 
-    from onecard.pretrain import resume_command
+    from onecard.run import resume_command
 
     assert resume_command("train", Path("runs/a"), 1, None) == "onecard train --run-dir runs/a"
     assert resume_command("train", Path("runs/a"), 1, 1) == "onecard train --run-dir runs/a --threads 1"
     assert resume_command("train", Path("runs/a"), 2, None) == \
         "torchrun --standalone --nproc_per_node 2 -m onecard.cli train --run-dir runs/a"
+    assert resume_command("train", Path("my runs/a"), 1, None, "cpu") == \
+        "onecard train --run-dir 'my runs/a' --device cpu"
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_started_over_with_its_files_kept(tmp_path, capsys):
