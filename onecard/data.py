@@ -45,6 +45,7 @@ BLOCK_BYTES = 1 << 20  # a chunk of a .jsonl file, or of a lone .txt file that i
 # A larger .txt file is read in blocks of BLOCK_BYTES, each a document: one tokenized whole would
 # take gigabytes of RAM (a 2 GB text is about 500 M tokens).
 BIG_TXT_BYTES = 64 << 20
+SCAN_BYTES = 4096  # how far a block's boundary looks ahead at a time for a line end
 PIECE_CHARS = 4000  # the longest piece of a cut text: about a web page, as in FineWeb
 MIN_PIECE_CHARS = 100  # shorter pieces only when a text has less than two of these
 DEFAULT_VAL_FRACTION = 0.02
@@ -329,12 +330,15 @@ def _block_start(f, at: int, size: int) -> int:
     if at <= 0 or at >= size:
         return max(0, min(at, size))
     f.seek(at - 1)
-    window = f.read(BLOCK_BYTES)
-    newline = window.find(b"\n")
-    if newline >= 0:
-        return at + newline
-    if at - 1 + len(window) >= size:  # the file's last line, without a line end, started before `at`:
-        return size  # it belongs to the block it starts in (as _lines gives it), not cut at `at`
+    scanned = 0  # read in small pieces: a line end is usually a few bytes away
+    while scanned < BLOCK_BYTES:
+        piece = f.read(min(SCAN_BYTES, BLOCK_BYTES - scanned))
+        newline = piece.find(b"\n")
+        if newline >= 0:
+            return at + scanned + newline
+        scanned += len(piece)
+        if not piece or at - 1 + scanned >= size:  # the file's last line, without a line end, started before
+            return size  # `at`: it belongs to the block it starts in (as _lines gives it), not cut at `at`
     f.seek(at)
     head = f.read(4)  # a UTF-8 character is at most 4 bytes; continuation bytes are 0b10xxxxxx
     return at + next((i for i, byte in enumerate(head) if byte & 0xC0 != 0x80), len(head))
