@@ -251,7 +251,8 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
         ("step", f"{step} of {summary.get('steps', as_dict(config.get('train')).get('steps', '—'))}"),
         ("model", json.dumps(config.get("model_config", {}))),
         ("recipe", as_dict(config.get("recipe")).get("name")),
-        ("device", f"{summary.get('device')} {summary.get('gpu') or ''}".strip()),
+        ("device", f"{summary.get('device')} {summary.get('gpu') or ''}".strip()
+         + (f" x {summary['ranks']} ranks" if isinstance(summary.get("ranks"), int) and summary["ranks"] > 1 else "")),
         ("tokens", fmt(summary.get("tokens"))),
         ("run time", "—" if wall is None else format_duration(wall)),
         ("tokens/s (mean over run time)", fmt(summary.get("tokens_per_s_mean"), digits=5)),

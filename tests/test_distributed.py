@@ -51,6 +51,9 @@ def test_rank_zero_alone_writes_and_speaks(runs):
     assert not (root / "two" / ".tokenizer-for-ranks").exists()
     summary = json.loads((root / "two" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["tokens"] == 768 and summary["ranks"] == 2
+    from onecard.cli import main
+    assert main(["report", str(root / "two")]) == 0
+    assert "cpu x 2 ranks" in (root / "two" / "report" / "report.html").read_text()
     assert (root / "two" / "latest").read_text().strip() == "checkpoints/step_000003"
 
 
