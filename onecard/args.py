@@ -124,6 +124,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                       help="torch.compile the model (default: on with CUDA, off on the CPU; --no-compile for eager)")
     lean.add_argument("--dry-run", action="store_true", help="print the chosen recipe with its predicted memory "
                                                              "and step time, and exit")
+    lean.add_argument("--assume", action="append", metavar="NAME=VALUE",
+                      help="override a planner assumption when fitting the recipe, as `onecard plan --assume` "
+                           "(see onecard/plan/assumptions.py); repeatable")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -170,4 +173,5 @@ def recipe_request(args: argparse.Namespace, device: str = "cpu"):
         overrides["compile"] = args.compile
     return RecipeRequest(recipe=args.recipe, overrides=overrides, gpu=args.gpu, vram_gib=args.vram,
                          dry_run=args.dry_run, power_watts=args.power, price=getattr(args, "price", None),
-                         currency=getattr(args, "currency", None), compile_by_default=device == "cuda")
+                         currency=getattr(args, "currency", None), compile_by_default=device == "cuda",
+                         assume=getattr(args, "assume", None))

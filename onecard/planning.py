@@ -157,13 +157,14 @@ def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None)
                                     "command": command(o) or None}
                                    for o in opts]}, indent=2))
         return 0
-    lines = gpt2.summary_lines(opts)
+    where = f"these {s.gpus} cards" if s.gpus > 1 else "this card"
+    lines = gpt2.summary_lines(opts, where)
     if best is None:
-        lines.append("\nNone of these fits this card.")
+        lines.append(f"\nNone of these fits {where}.")
         print("\n".join(lines))
         return 0
     o = best
-    lines += ["", f"Fastest to GPT-2 on this card: d{o.run.depth} at ratio {o.run.ratio:g} "
+    lines += ["", f"Fastest to GPT-2 on {where}: d{o.run.depth} at ratio {o.run.ratio:g} "
                   f"(nanochat-2026), recipe {o.best.recipe.name}", ""]
     tokens_line = (f"{o.tokens:,} ({o.run.ratio:g} per scaling parameter: matrices + lm_head) = "
                    f"{o.tokens / o.settings.total_batch:,.0f} steps of {o.settings.total_batch:,} tokens, "
@@ -242,8 +243,9 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
     shown_tokens = best.tokens if best else cands[0].tokens
     if args.days is not None and not shown_tokens:
         step = (best or cands[0]).timing.step_s
+        where = "these cards" if s.gpus > 1 else "this card"
         raise UsageError(f"--days {args.days:g} is shorter than one optimizer step of {s.total_batch:,} tokens "
-                         f"({step:,.3g} s with {(best or cands[0]).recipe.name} on this card): give more days")
+                         f"({step:,.3g} s with {(best or cands[0]).recipe.name} on {where}): give more days")
     if args.days is not None:
         line = (f"as many as fit in {args.days:g} days: {shown_tokens:,} with the best recipe "
                 f"({report.amount(shown_tokens / counted)} {per})")
@@ -298,4 +300,11 @@ def train_command(args: argparse.Namespace, s, depth: int, best, tokens: int | N
     words += ["--recipe", best.recipe.name, "--micro-batch", str(best.recipe.micro_batch)]
     if not args.compile:
         words.append("--no-compile")
+    for pair in args.assume or []:  # the fit and the forecast the plan made, made again by train
+        words += ["--assume", pair]
+    if args.price != defaults.PRICE or args.currency != defaults.CURRENCY:  # the run's cost, as planned
+        words += ["--price", f"{args.price:g}"] + (["--currency", args.currency]
+                                                   if args.currency != defaults.CURRENCY else [])
+    if args.power is not None:
+        words += ["--power", f"{args.power:g}"]
     return shlex.join(words)

@@ -350,6 +350,10 @@ def test_host_ram_is_shared_by_the_ranks_on_one_machine(monkeypatch, tmp_path):
     (["--model", "d32", "--gpu", "rtx4070", "--vram", "8GB", "--seq-len", "1024"], lambda p: (p["command"], p["best"])),
     (["--days", "3", "--gpu", "rtx4090", "--arch", "nanochat-2026"], lambda p: (p["command"], p["best"])),
     (["--target", "gpt2", "--gpu", "rtx4070"], lambda p: (p["runs"][1]["command"], p["runs"][1]["best"])),
+    # an assumption changes the fit (train refused this micro-batch when it fitted with the defaults),
+    # and price and power the forecast the run records
+    (["--model", "d12", "--gpu", "rtx4090", "--assume", "fragmentation=0", "--price", "0.3", "--currency", "EUR",
+      "--power", "350"], lambda p: (p["command"], p["best"])),
 ])
 def test_the_plans_run_it_line_trains_what_it_planned(capsys, tmp_path, monkeypatch, plan_args, pick):
     """The command the plan prints, given to `onecard train --dry-run` (which chooses through its own
@@ -370,6 +374,8 @@ def test_the_plans_run_it_line_trains_what_it_planned(capsys, tmp_path, monkeypa
     assert int(tokens.replace(",", "")) == best["tokens"]
     assert f"recipe {best['recipe']['name']}: " in out
     assert f"micro-batch {best['recipe']['micro_batch']} x " in out
+    if "--power" in plan_args:
+        assert "350 W" in out and "EUR at 0.3 EUR/kWh" in out
 
 
 def test_data_sizing_follows_the_family_and_the_folders_manifest(capsys, tmp_path):

@@ -214,3 +214,22 @@ def test_nanochat_d32_run_on_8_h100s_is_reproduced():
     assert whole / 8 < t.optimizer_s < (whole + 0.03) / 8 * 1.01  # + ~30 GB of state
     hours = 71_680 * t.step_s / 3600
     assert 29 < hours < 33
+
+
+def test_several_cards_on_one_host_share_its_memory_bandwidth_and_its_gradient_exchange():
+    """torchrun --standalone puts every rank on one host: updates in CPU RAM stream through the same
+    memory together (their time is not divided by the cards), and gradients kept in CPU RAM are
+    summed there, at the host's memory bandwidth, not over the cards' links."""
+    from onecard.plan.memory import persistent_bytes
+
+    gpu, d20 = CATALOG["rtx4090"], GPTConfig.from_depth(20)
+    states = named_recipe("offload-states", micro_batch=4)
+    one, two = (predict_time(d20, states, gpu, gpus=g, utilization=0.4) for g in (1, 2))
+    p = persistent_bytes(d20, states, "cuda")
+    host_s = 2 * (p.host_weights + p.host_optimizer + p.grads) / DEFAULT.cpu_memory_bandwidth
+    assert host_s < two.optimizer_s < one.optimizer_s < host_s * 1.5
+    offload = named_recipe("offload", micro_batch=4)
+    eight = predict_time(d20, offload, CATALOG["h100-sxm"], gpus=8, utilization=0.4)
+    p = persistent_bytes(d20, offload, "cuda")
+    assert p.host_grads and eight.comm_s == pytest.approx(
+        (p.grads + p.weights) / CATALOG["h100-sxm"].nvlink + p.host_grads / DEFAULT.cpu_memory_bandwidth)

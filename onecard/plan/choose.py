@@ -38,6 +38,7 @@ class RecipeRequest:
     price: float | None = None  # per kWh, and its currency: the plan's cost (defaults where not given)
     currency: str | None = None
     compile_by_default: bool = False  # CUDA runs compile unless --no-compile (not counted as a request)
+    assume: list[str] | None = None  # --assume NAME=VALUE pairs, as `onecard plan` takes them
 
     @property
     def asked(self) -> bool:
@@ -220,7 +221,8 @@ def _choose(request: RecipeRequest, config: GPTConfig, device: str, *, seq_len: 
     s = build_settings(gpu, notes, gpus=gpus, seq_len=seq_len, total_batch=total_batch, micro_batch=micro_batch,
                        vocab_size=config.vocab_size, power=request.power_watts, compile=compiled,
                        price=defaults.PRICE if request.price is None else request.price,
-                       currency=request.currency or defaults.CURRENCY)
+                       currency=request.currency or defaults.CURRENCY,
+                       assume=DEFAULT.with_overrides(request.assume))
     if resumed and not request.asked:
         recipe = resumed.with_(seq_len=seq_len, micro_batch=micro_batch or resumed.micro_batch)
         planned = evaluate(config, recipe, replace(s, micro_batch=recipe.micro_batch, compile=recipe.compile), tokens)

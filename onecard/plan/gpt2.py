@@ -72,15 +72,15 @@ def fastest(opts: list[Option]) -> Option | None:
     return min(fitting, key=lambda o: o.best.time_s) if fitting else None
 
 
-def summary_lines(opts: list[Option]) -> list[str]:
+def summary_lines(opts: list[Option], where: str = "this card") -> list[str]:
     lines = [f"Beat GPT-2 (CORE {GPT2_CORE}) with nanochat-2026 (nanochat 92d63d4), replaying nanochat's "
              "published runs. The CORE is nanochat's published result on 8xH100, not a onecard measurement;",
-             "onecard predicts only the time, energy and cost of the same model and tokens on this card.", ""]
+             f"onecard predicts only the time, energy and cost of the same model and tokens on {where}.", ""]
     for o in opts:
         head = (f"  d{o.run.depth} ratio {o.run.ratio:g}: {o.tokens:,} tokens, batch {o.settings.total_batch:,}; "
                 f"CORE {o.run.core} (nanochat {o.run.commit}, {o.run.note})")
         if o.best is None:
-            lines += [head, "      no recipe fits this card"]
+            lines += [head, f"      no recipe fits {where}"]
         else:
             b = o.best
             lines += [head, f"      {b.recipe.name}, micro-batch {b.recipe.micro_batch}: "

@@ -70,7 +70,7 @@ def table(cands: list[Candidate], s: Settings, by_tokens: bool = False) -> list[
     return lines
 
 
-def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
+def memory_lines(c: Candidate, s: Settings, params: int, arch: str = "classic") -> list[str]:
     m, a, r, assume = c.memory, c.memory.activation_detail, c.recipe, s.assume
     where = "on the CPU" if r.optim_place == "cpu" else f"{r.optim_states}"
     pieces = [("saved", a.saved), ("autocast's bf16 weight copies", a.weight_copies)]
@@ -86,7 +86,9 @@ def memory_lines(c: Candidate, s: Settings, params: int) -> list[str]:
         act += f" ({' + '.join(after)} come after the loss's backward{within})"
     rows = [("weights", m.weights, f"{r.params} ({params:,} parameters)"),
             ("gradients", m.grads, "window in flight to CPU RAM" if r.grads == "cpu" else r.grads),
-            ("optimizer states", m.optimizer, f"Muon momentum + AdamW moments, {where}"
+            ("optimizer states", m.optimizer, ("Muon momentum" if arch == "classic" else
+                                               "Muon momentum and NorMuon's second moment")
+             + f" + AdamW moments, {where}"
              + (f"; the share of the card holding the most of {s.gpus}" if s.gpus > 1 else "")),
             ("activations", m.activations, act),
             ("logits / loss", m.logits, f"loss={r.loss} at its peak, gradients included"),
@@ -136,7 +138,7 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
     lines += [f"  peak               {gpu.peak_bf16 / 1e12:.1f} TFLOP/s bf16 dense per card (source above)",
               f"  utilization        {t.utilization:.0%} of peak assumed: {t.utilization_source}",
               f"  per step           {seconds(t.compute_s)} s GPU compute + {seconds(t.optimizer_s)} s optimizer "
-              + ("(the busiest card's share of " if s.gpus > 1 else "(")
+              + ("(each card's part, as its share of the optimizer states, of " if s.gpus > 1 else "(")
               + f"Newton-Schulz {t.optimizer_flops_per_step:.2e} FLOPs + update) + {seconds(t.pcie_s)} s PCIe"
               + (f" + {seconds(t.comm_s)} s exchange between cards" if s.gpus > 1 else "")
               + (f" + {seconds(t.grad_fold_s)} s CPU gradient folding" if t.grad_fold_s else "")
@@ -148,7 +150,8 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
     lines += [f"  throughput         {t.tokens_per_s:,.0f} tokens/s = MFU {t.mfu:.1%} (model FLOPs / peak)",
               f"  wall time          {format_duration(c.time_s)} ({steps:,.0f} steps)"]
     watts = (s.power_watts or gpu.power_watts) * s.assume.power_fraction * s.gpus + s.assume.overhead_watts
-    what = ("the card's board power alone: add the rest of the computer with --assume overhead_watts=W"
+    boards = f"{s.gpus} cards' board power" if s.gpus > 1 else "the card's board power"
+    what = (f"{boards} alone: add the rest of the computer with --assume overhead_watts=W"
             if not s.assume.overhead_watts else f"cards + {s.assume.overhead_watts:g} W for the rest of the computer")
     lines.append(f"Energy and cost: {watts:,.0f} W ({what}) x {amount(c.time_s / 3600)} h = {amount(c.energy_kwh)} "
                  f"kWh -> {c.cost:,.2f} {s.currency} at {s.price:g} {s.currency}/kWh")
@@ -200,7 +203,8 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
                     "expandable_segments:True it may fit; check with `onecard bench`)" if over < margin else "")
             lines.append(f"  faster but over the card: {c.recipe.name} ({format_duration(c.time_s)}) needs "
                          f"{c.memory.total / GiB:.2f} GiB, {over / GiB:.2f} GiB too much{hint}")
-    lines += memory_lines(best, s, config_params(config)) + time_lines(best, s) + [disk_line(config, best.recipe)]
+    lines += (memory_lines(best, s, config_params(config), config.arch) + time_lines(best, s)
+              + [disk_line(config, best.recipe)])
     return "\n".join(lines)
 
 
@@ -224,7 +228,7 @@ def budget_text(s: Settings, days: float, ratio: float | None, found: list, note
     lines += ["", f"Best: d{config.n_layer} with {best.recipe.name} ({describe(best.recipe)})"]
     if command:
         lines.append(f"Run it: {command}")
-    lines += memory_lines(best, s, config_params(config)) + time_lines(best, for_model(s, config))
+    lines += memory_lines(best, s, config_params(config), config.arch) + time_lines(best, for_model(s, config))
     lines.append(disk_line(config, best.recipe))
     return "\n".join(lines)
 
@@ -352,5 +356,5 @@ def dry_run_text(recipe: Recipe, candidate: Candidate | None, s: Settings | None
         return "\n".join(lines)
     params = sum(param_counts(config).values())
     lines += [f"card: {gpu_line(s.gpu, s.gpus)}", f"      source: {s.gpu.source}",
-              *memory_lines(candidate, s, params), *time_lines(candidate, s)]
+              *memory_lines(candidate, s, params, config.arch), *time_lines(candidate, s)]
     return "\n".join(lines)

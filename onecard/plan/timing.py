@@ -157,7 +157,7 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
     tensors = sum(len(shapes) for shapes in parameter_shapes(config).values())
     optimizer = ns / (gpu.peak_bf16 * u) + tensors * assume.optimizer_tensor_overhead_s
     pbytes = DTYPE_BYTES[parameter_dtypes(recipe, "cuda")["blocks"]]
-    pcie = 0.0
+    pcie, host_s = 0.0, 0.0
     if recipe.optim_place == "gpu":
         optimizer += 2 * (persistent.weights + persistent.grads + persistent.optimizer) / gpu.memory_bandwidth
     else:
@@ -167,9 +167,11 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
         if recipe.grads != "cpu":
             host += persistent.grads
             pcie += persistent.grads  # gradients go to the CPU once per step
-        optimizer += 2 * host / assume.cpu_memory_bandwidth
+        # the ranks' processes share one host's memory bandwidth (torchrun --standalone) and update
+        # at the same time: together they stream what one card's update does, in as long
+        host_s = 2 * host / assume.cpu_memory_bandwidth
         pcie = share * (pcie + numel * pbytes + 2 * 2 * matrices)  # updated weights back; matrices to/from NS
-    optimizer *= share
+    optimizer = optimizer * share + host_s
     grad_fold = 0.0
     if recipe.grads == "cpu":  # every micro-batch's gradients go out and are added up on the CPU,
         pcie += micro_steps * numel * pbytes  # on a background thread while backward goes on
@@ -185,8 +187,9 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
     comm = 0.0
     if gpus > 1:  # once per step, each gradient summed onto its owner and each weight sent from it:
         link = gpu.nvlink or pcie_bw  # a pipelined ring carries each tensor over every link once
-        moved = persistent.grads + persistent.host_grads + persistent.weights
-        comm = moved / link * (1 - assume.dp_overlap)
+        moved = persistent.grads + persistent.weights
+        # gradients in CPU RAM (grads=cpu) are summed through gloo in host memory, not over the cards' links
+        comm = (moved / link + persistent.host_grads / assume.cpu_memory_bandwidth) * (1 - assume.dp_overlap)
 
     step = compute + optimizer + pcie_s + comm + grad_fold
     tokens_per_s = total_batch / step
