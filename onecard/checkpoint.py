@@ -331,10 +331,7 @@ def _check_loadable(path: Path) -> None:
     """The checksums prove the bytes are the ones written, not that they load: an optimizer state
     holding an object that weights_only refuses would otherwise fail after resuming had begun."""
     try:
-        try:  # memory-mapped: only the structure is read, the tensors' data stays on disk
-            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not every file or file system maps: the plain load decides
-            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        _load_optimizer(path / "optimizer.pt")  # mapped: only the structure is read, the data stays on disk
         load_file(str(path / "rng.safetensors"))
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             f.keys()  # the header: the data itself is checksummed
@@ -429,11 +426,16 @@ def read_optimizer(found: Found) -> object:
     """The state to hand to Optimizers.load_state_dict (on the CPU; loading copies it into place).
     Memory-mapped where the file system allows: the states are read as they are copied into place,
     never all at once in RAM, and a rank reads only the states of the parameters it updates."""
-    path = found.path / "optimizer.pt"
+    return _load_optimizer(found.path / "optimizer.pt")
+
+
+def _load_optimizer(file: Path) -> object:
+    """optimizer.pt memory-mapped where the file system allows (a tensor's data is read when used),
+    else read whole; only tensors, numbers and strings (weights_only)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not every file or file system maps: read it whole
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not every file or file system maps: the plain load decides
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def read_rng(found: Found) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -206,10 +206,9 @@ class Corpus:
 
     def held_out(self, file: int, chunk: int, texts: Sequence[str]) -> list[bool]:
         """Which documents of a chunk are validation documents."""
-        if self.val_names:
-            return [self.names[file] in self.val_names and self.val_fraction > 0] * len(texts)
-        if self.kinds[file] == "txt" and file != self.cut_file:
-            return [file in self._txt_val] * len(texts)
+        whole = self.whole_file_split(file)
+        if whole is not None:
+            return [whole == "val"] * len(texts)
         if file != self.cut_file:
             return [_unit_hash(self.names[file], chunk, doc) < self.val_fraction for doc in range(len(texts))]
         # The pieces of a cut text, like .txt files: exactly round(fraction * n) of a block's non-blank

@@ -123,6 +123,12 @@ NAMED: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
+def state_elements(numel: int, matrix: bool) -> int:
+    """A parameter's optimizer-state elements, what shard_owners balances: Muon keeps one per
+    element of a block matrix, AdamW two (its moments) for every other parameter."""
+    return numel if matrix else 2 * numel
+
+
 def shard_owners(costs: list[int], ranks: int) -> list[int]:
     """The rank that updates each parameter, given each one's cost (its optimizer-state elements):
     largest first, each to the rank holding least so far (the lowest such rank). Parameters of

@@ -247,8 +247,9 @@ def fine_tune(model, tokenizer, train_set, val_set, recipe, settings, world=None
 def _closing_words(result: dict, run_dir: Path, steps: int, say) -> int:
     import sys
 
+    from onecard.run import last_checkpoint_words
+
     if result["stopped"] in ("nonfinite", "failed"):
-        from onecard.run import last_checkpoint_words
         say(f"onecard: {result['message']}; {last_checkpoint_words(result, run_dir)}", file=sys.stderr)
         return 1
     if result["stopped"]:

@@ -25,7 +25,7 @@ import torch
 from onecard.grad_fold import STAGING_BYTES, GradFolder, fold_into
 from onecard.lowbit import stochastic_round_bf16
 from onecard.model import GPT
-from onecard.recipe import Recipe, shard_owners
+from onecard.recipe import Recipe, shard_owners, state_elements
 
 GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -147,9 +147,9 @@ def folder_for(slots: list[Slot]) -> GradFolder:
 
 def owners(model: GPT, ranks: int) -> list[int]:
     """Each parameter's owner among `ranks`, in model.parameters() order, by its optimizer-state
-    elements: one per element for Muon's matrices, two for AdamW's (plan/memory.py counts the same)."""
+    elements (recipe.state_elements, as plan/memory.py counts them)."""
     matrices = {id(p) for p in model.parameter_groups()["matrix"]}
-    return shard_owners([p.numel() * (1 if id(p) in matrices else 2) for p in model.parameters()], ranks)
+    return shard_owners([state_elements(p.numel(), id(p) in matrices) for p in model.parameters()], ranks)
 
 
 def make_slots(model: GPT, recipe: Recipe, rank: int = 0, ranks: int = 1) -> dict[torch.nn.Parameter, Slot]:

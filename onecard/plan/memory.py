@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from onecard.model_config import SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig, value_embedding_layers
 from onecard.plan.assumptions import DEFAULT, Assumptions
-from onecard.recipe import INT8_BLOCK, LOSS_CHUNK_ROWS, Recipe, shard_owners
+from onecard.recipe import INT8_BLOCK, LOSS_CHUNK_ROWS, Recipe, shard_owners, state_elements
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
@@ -123,9 +123,9 @@ def _owned_bytes(config: GPTConfig, recipe: Recipe, shapes: dict[str, list[tuple
         for r, c in group_shapes:
             if group == "blocks":  # Muon's momentum; nanochat-2026: NorMuon's factored second moment
                 held = state_bytes(r * c, fmt) + (4 * max(r, c) if config.arch != "classic" else 0)
-                each.append((r * c, 4 * r * c * master, held))
             else:  # AdamW's two moments
-                each.append((2 * r * c, 4 * r * c * master, 2 * state_bytes(r * c, fmt)))
+                held = 2 * state_bytes(r * c, fmt)
+            each.append((state_elements(r * c, group == "blocks"), 4 * r * c * master, held))
     owners = shard_owners([elements for elements, _, _ in each], shards)
     per_rank = [(0, 0)] * shards
     for owner, (_, master_bytes, held) in zip(owners, each, strict=True):
