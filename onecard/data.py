@@ -21,7 +21,6 @@ documents), some of each block held out. Several .txt files are held out whole (
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import random
@@ -35,17 +34,16 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from onecard import textblocks
 from onecard.datasources import MANIFEST, read_manifest
 from onecard.errors import UsageError
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 ACCEPTED = (".txt files (one document each), .jsonl files (a 'text' field per line) "
             "or .parquet files (a 'text' column)")
-BLOCK_BYTES = 1 << 20  # a chunk of a .jsonl file, or of a lone .txt file that is cut into pieces
-# A larger .txt file is read in blocks of BLOCK_BYTES, each a document: one tokenized whole would
-# take gigabytes of RAM (a 2 GB text is about 500 M tokens).
+# A larger .txt file is read in blocks (textblocks.BLOCK_BYTES), each a document: one tokenized
+# whole would take gigabytes of RAM (a 2 GB text is about 500 M tokens).
 BIG_TXT_BYTES = 64 << 20
-SCAN_BYTES = 4096  # how far a block's boundary looks ahead at a time for a line end
 PIECE_CHARS = 4000  # the longest piece of a cut text: about a web page, as in FineWeb
 MIN_PIECE_CHARS = 100  # shorter pieces only when a text has less than two of these
 DEFAULT_VAL_FRACTION = 0.02
@@ -163,7 +161,7 @@ class Corpus:
             cut = f", its text cut into pieces of at most {PIECE_CHARS:,} characters"
         if self._big_txt:  # (each such change of what the documents are changes the fingerprint)
             digest.update(b"large text files read in blocks v1\0")
-            cut += f", .txt files over {BIG_TXT_BYTES >> 20} MiB read as {BLOCK_BYTES >> 20} MiB documents"
+            cut += f", .txt files over {BIG_TXT_BYTES >> 20} MiB read as {textblocks.BLOCK_BYTES >> 20} MiB documents"
         if self._txt_val_by_size:
             digest.update(b"held-out text files chosen by size v1\0")
             cut += ", held-out .txt files chosen by size"
@@ -175,7 +173,7 @@ class Corpus:
     def num_chunks(self, file: int) -> int:
         if file not in self._chunks:
             blocks = self.kinds[file] == "jsonl" or file == self.cut_file or file in self._big_txt
-            self._chunks[file] = -(-self.sizes[file] // BLOCK_BYTES) if blocks else 1
+            self._chunks[file] = textblocks.num_blocks(self.sizes[file]) if blocks else 1
         return self._chunks[file]
 
     def read_chunk(self, file: int, chunk: int) -> list[str]:
@@ -185,13 +183,13 @@ class Corpus:
             return _read_row_group(path, chunk)
         try:
             if file == self.cut_file:
-                return _cut(_text_block(path, chunk, self.sizes[file]), self.val_fraction)
+                return _cut(textblocks.text_block(path, chunk, self.sizes[file]), self.val_fraction)
             if file in self._big_txt:
-                return [_text_block(path, chunk, self.sizes[file])]
+                return [textblocks.text_block(path, chunk, self.sizes[file])]
             if kind == "txt":  # an empty file is not opened: /proc's files say they are empty, and some hang
                 # bytes as they are (no newline translation), as a cut text and .jsonl/.parquet keep them
                 return [path.read_bytes().decode("utf-8", errors="replace") if self.sizes[file] else ""]
-            return _read_jsonl_block(path, chunk * BLOCK_BYTES, (chunk + 1) * BLOCK_BYTES)
+            return textblocks.jsonl_block(path, chunk)
         except OSError as e:
             raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -307,51 +305,6 @@ def _read_row_group(path: Path, group: int) -> list[str]:
     return [text or "" for text in texts]
 
 
-def _lines(path: Path, begin: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, line) of the lines of a file that start at an offset in [begin, end)."""
-    with open(path, "rb") as f:
-        if begin > 0:
-            f.seek(begin - 1)
-            f.readline()  # finish the line that started before `begin` (or just eat the newline at begin - 1)
-        while f.tell() < end:
-            offset = f.tell()
-            line = f.readline()
-            if not line:
-                break
-            yield offset, line
-
-
-def _block_start(f, at: int, size: int) -> int:
-    """Where the block nominally starting at byte `at` of an open file begins: after the first line
-    end at `at` - 1 or later (so a block holds the lines that start in its range, as _lines gives
-    them), or, when no line ends within BLOCK_BYTES, at the first character that starts at `at` or
-    later: a line that long is cut, and no line is ever read whole."""
-    if at <= 0 or at >= size:
-        return max(0, min(at, size))
-    f.seek(at - 1)
-    scanned = 0  # read in small pieces: a line end is usually a few bytes away
-    while scanned < BLOCK_BYTES:
-        piece = f.read(min(SCAN_BYTES, BLOCK_BYTES - scanned))
-        newline = piece.find(b"\n")
-        if newline >= 0:
-            return at + scanned + newline
-        scanned += len(piece)
-        if not piece or at - 1 + scanned >= size:  # the file's last line, without a line end, started before
-            return size  # `at`: it belongs to the block it starts in (as _lines gives it), not cut at `at`
-    f.seek(at)
-    head = f.read(4)  # a UTF-8 character is at most 4 bytes; continuation bytes are 0b10xxxxxx
-    return at + next((i for i, byte in enumerate(head) if byte & 0xC0 != 0x80), len(head))
-
-
-def _text_block(path: Path, chunk: int, size: int) -> str:
-    """Block `chunk` of a text file: from its start to the next block's (see _block_start)."""
-    with open(path, "rb") as f:
-        begin = _block_start(f, chunk * BLOCK_BYTES, size)
-        end = _block_start(f, (chunk + 1) * BLOCK_BYTES, size)
-        f.seek(begin)
-        return f.read(end - begin).decode("utf-8", errors="replace")
-
-
 def _held_out_txt(txt: list[int], names: list[str], sizes: list[int], fraction: float) -> tuple[set[int], bool]:
     """Which of several .txt files are validation files: round(fraction * n) of them (at least one,
     never all) in an order fixed by their names. When those hold more than twice the fraction of
@@ -375,33 +328,6 @@ def _held_out_txt(txt: list[int], names: list[str], sizes: list[int], fraction: 
     if 2 * sum(sizes[i] for i in by_size) > sum(sizes[i] for i in by_count):
         return by_count, False  # not even half as much: the names' choice stands (and older runs resume)
     return by_size, by_size != by_count
-
-
-def _read_jsonl_block(path: Path, begin: int, end: int) -> list[str]:
-    """Texts of the lines that start at a byte offset in [begin, end)."""
-    texts = []
-    for offset, line in _lines(path, begin, end):
-        if not line.strip():
-            texts.append("")
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON, or not UTF-8
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UsageError(f"{path}, line {_line_number(path, offset)}: not a JSON object with a 'text' string")
-        texts.append(record["text"])
-    return texts
-
-
-def _line_number(path: Path, offset: int) -> int:
-    """The number (from 1) of the line that starts at byte `offset`: counted only for an error message."""
-    newlines = 0
-    with open(path, "rb") as f:
-        while offset > 0 and (block := f.read(min(offset, 1 << 24))):
-            newlines += block.count(b"\n")
-            offset -= len(block)
-    return newlines + 1
 
 
 def _cut(text: str, val_fraction: float) -> list[str]:

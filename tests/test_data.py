@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import onecard.data as data
+import onecard.textblocks as textblocks
 from onecard.data import Corpus, DocPosition, iter_texts
 from onecard.errors import UsageError
 from onecard.loader import TokenLoader
@@ -105,7 +106,7 @@ def test_jsonl_lines_are_documents(tmp_path):
 
 
 def test_jsonl_byte_blocks_cover_every_line_once_and_resume_without_rereading(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 37)  # far smaller than a line: most blocks are empty
+    monkeypatch.setattr(textblocks, "BLOCK_BYTES", 37)  # far smaller than a line: most blocks are empty
     texts = make_docs(60, 3)
     write_jsonl(tmp_path / "d.jsonl", texts, blank_every=4)
     corpus = Corpus(tmp_path / "d.jsonl", val_fraction=0)
@@ -416,22 +417,22 @@ def test_txt_text_is_kept_byte_for_byte_beside_other_files(tmp_path):
 def test_text_blocks_are_the_lines_starting_in_each_range_and_a_very_long_line_is_cut(tmp_path, monkeypatch):
     """_text_block reads a text file a block at a time without reading any line whole. Where lines
     are shorter than a block it gives what the line reader (_lines, which .jsonl files use) gives."""
-    monkeypatch.setattr(data, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(textblocks, "BLOCK_BYTES", 64)
     rng = random.Random(0)
     lines = ["".join(rng.choice("abcdé€😀 ") for _ in range(rng.randrange(0, 40))) + "\n" for _ in range(300)]
     path = tmp_path / "lines.txt"
     for text in ("".join(lines), "".join(lines) + "a last line without a line end, crossing a block boundary"):
         path.write_text(text, encoding="utf-8")
         size = path.stat().st_size
-        blocks = [data._text_block(path, chunk, size) for chunk in range(-(-size // 64))]
-        expected = [b"".join(line for _, line in data._lines(path, c * 64, (c + 1) * 64)).decode()
+        blocks = [textblocks.text_block(path, chunk, size) for chunk in range(-(-size // 64))]
+        expected = [b"".join(line for _, line in textblocks.lines(path, c * 64, (c + 1) * 64)).decode()
                     for c in range(len(blocks))]
         assert blocks == expected and "".join(blocks) == text
 
     long = tmp_path / "long.txt"  # one line of multi-byte characters, far longer than a block
     long.write_text("é€😀x" * 500 + "\nend\n", encoding="utf-8")
     size = long.stat().st_size
-    blocks = [data._text_block(long, chunk, size) for chunk in range(-(-size // 64))]
+    blocks = [textblocks.text_block(long, chunk, size) for chunk in range(-(-size // 64))]
     assert "".join(blocks) == long.read_text(encoding="utf-8")  # no character split, none lost or doubled
     assert all(len(b.encode()) <= 2 * 64 + 4 for b in blocks)  # a block reaches at most a block past its range
 
@@ -447,7 +448,7 @@ def test_a_large_txt_file_beside_others_is_read_in_block_documents(tmp_path, mon
         (folder / name).write_text(f"the small text {name}\n" * 3)
     before = Corpus(folder, val_fraction=0.3).describe()
     monkeypatch.setattr(data, "BIG_TXT_BYTES", 1000)
-    monkeypatch.setattr(data, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(textblocks, "BLOCK_BYTES", 256)
     corpus = Corpus(folder, val_fraction=0.3)
     assert corpus.describe() != before and "read as" in corpus.describe()
     big_index = corpus.names.index("big.txt")

@@ -10,6 +10,7 @@ import pytest
 from test_data import make_docs
 
 import onecard.data as data
+import onecard.textblocks as textblocks
 from onecard.data import Corpus, DocPosition, iter_texts
 from onecard.errors import UsageError
 from onecard.loader import TokenLoader
@@ -80,7 +81,7 @@ def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path, monkeypatch, ba
     path = tmp_path / "d.jsonl"
     path.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
     usage_error(lambda: Corpus(path, val_fraction=0), str(path), f"line {line}")
-    monkeypatch.setattr(data, "BLOCK_BYTES", 7)  # the line number counts lines in earlier blocks too
+    monkeypatch.setattr(textblocks, "BLOCK_BYTES", 7)  # the line number counts lines in earlier blocks too
     usage_error(lambda: Corpus(path, val_fraction=0), str(path), f"line {line}")
 
 
@@ -162,7 +163,7 @@ def test_one_txt_file_is_split_by_its_text(tmp_path, tok, n_chars):
 
 
 def test_a_long_txt_file_is_read_in_blocks_and_about_the_fraction_is_held_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 50_000)
+    monkeypatch.setattr(textblocks, "BLOCK_BYTES", 50_000)
     monkeypatch.setattr(data, "PIECE_CHARS", 1000)
     text = book(400_000, seed=3)
     (tmp_path / "book.txt").write_text(text)
@@ -178,7 +179,7 @@ def test_a_long_txt_file_is_read_in_blocks_and_about_the_fraction_is_held_out(tm
 
 
 def test_a_cut_text_resumes_exactly(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 20_000)
+    monkeypatch.setattr(textblocks, "BLOCK_BYTES", 20_000)
     (tmp_path / "book.txt").write_text(book(100_000, seed=4))
     corpus = Corpus(tmp_path / "book.txt")
     reference = TokenLoader(corpus, tok, 2, 64, seed=1)
