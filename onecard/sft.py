@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"passes over the conversations (default 1; the embedded set {EMBEDDED_EPOCHS:g})")
     p.add_argument("--steps", type=positive_int, help="optimizer steps instead of --epochs")
     p.add_argument("--batch", type=positive_int, default=EXAMPLES_PER_STEP,
-                   help=f"conversations per optimizer step (default {EXAMPLES_PER_STEP})")
+                   help=f"conversations per optimizer step, or with --pack rows of --seq-len tokens (default "
+                        f"{EXAMPLES_PER_STEP})")
     p.add_argument("--micro-batch", type=positive_int,
                    help=f"conversations per forward/backward (default: the largest that fits; {MICRO_BATCH} on "
                         "the CPU)")
@@ -112,14 +113,14 @@ def run(args: argparse.Namespace) -> int:
         distributed.finish(world)
 
 
-def _data(args: argparse.Namespace, tokenizer, seq_len: int):
+def _data(args: argparse.Namespace, tokenizer, seq_len: int, say):
     from onecard import sft_data
     from onecard.data import Corpus
     from onecard.embedded_chat import conversations
 
     if args.data:
         sources = [sft_data.Source.parse(text) for text in args.data]
-        return sft_data.load(sources, tokenizer, seq_len + 1, skip_bad=args.skip_bad)
+        return sft_data.load(sources, tokenizer, seq_len + 1, skip_bad=args.skip_bad, say=say)
     corpus = Corpus.embedded()
     label = f"embedded chat set ({corpus.label.removeprefix('embedded: ')})"
     return sft_data.load([], tokenizer, seq_len + 1, raw=conversations(corpus), label=label)
@@ -163,8 +164,10 @@ def _sft(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
     seq_len = args.seq_len or config.sequence_len
     if seq_len > config.sequence_len:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context {config.sequence_len}")
-    train_set, val_set = _data(args, tokenizer, seq_len)
-    steps = args.steps or max(1, round(len(train_set) * args.epochs / args.batch))
+    train_set, val_set = _data(args, tokenizer, seq_len, say)
+    # an epoch is its conversations, or packed, the rows they fill
+    units = sft_data.packed_rows(train_set, seq_len + 1) if args.pack else len(train_set)
+    steps = args.steps or max(1, round(units * args.epochs / args.batch))
     cpu_default = device == "cpu" and not (args.gpu or args.vram)  # else the planner picks the largest that fits
     micro = args.micro_batch or (default_micro_batch(args.batch / world.size, MICRO_BATCH) if cpu_default else None)
     choice = choose_recipe(recipe_request(args, device), config, device, seq_len=seq_len, micro_batch=micro,
@@ -178,7 +181,8 @@ def _sft(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
     say(f"SFT of {info['layout']} weights in {source} (d{config.n_layer}, context {config.sequence_len}) on {device}, "
         f"recipe {recipe.name}")
     say(f"data: {sft_data.report(train_set, val_set)}")
-    say(f"{steps:,} steps × {args.batch} conversations (micro-batch {recipe.micro_batch}); run directory {run_dir}")
+    what = f"rows of {seq_len:,} tokens ({units:,} an epoch)" if args.pack else "conversations"
+    say(f"{steps:,} steps × {args.batch} {what} (micro-batch {recipe.micro_batch}); run directory {run_dir}")
     if args.dry_run:
         say(dry_run_text(recipe, choice.candidate, choice.settings, choice.notes, config)
             + "\nnote: memory and time are planned for full-length rows; padded rows are shorter")

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from onecard.conversations import BadConversation, normalize, read_file, render
+from onecard.conversations import CONVERSATION_SUFFIXES, BadConversation, normalize, read_file, render
 from onecard.errors import UsageError
+from onecard.task_chats import as_conversation
 from onecard.tokenizer import Tokenizer
 
 DEFAULT_VAL_FRACTION = 0.02
+PROGRESS_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -86,15 +90,20 @@ def reason(message: str) -> str:
 
 
 def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fraction: float = DEFAULT_VAL_FRACTION,
-         skip_bad: bool = False, raw: list | None = None, label: str | None = None
-         ) -> tuple[Conversations, Conversations]:
-    """(train, val). `raw` gives the conversations directly (the embedded set) instead of files."""
+         skip_bad: bool = False, raw: list | None = None, label: str | None = None,
+         say: Callable[[str], None] | None = None) -> tuple[Conversations, Conversations]:
+    """(train, val). `raw` gives the conversations directly (the embedded set) instead of files. `say`
+    hears how far the reading is every PROGRESS_S seconds: a large set (SmolTalk has 460K) takes a while."""
     counts: Counter = Counter()
     train, val, shares = [], [], {}
     fingerprint = hashlib.sha256()
-    for source, number, conversation in _each(sources, raw, counts, skip_bad):
+    last_said = time.monotonic()
+    for read, (source, name, number, conversation) in enumerate(_each(sources, raw, counts, skip_bad), start=1):
+        if say and time.monotonic() - last_said > PROGRESS_S:
+            say(f"reading conversations: {read:,} so far ({name})")
+            last_said = time.monotonic()
         try:
-            rendered = render(tokenizer, normalize(conversation), max_tokens)
+            rendered = render(tokenizer, normalize(as_conversation(conversation)), max_tokens)
         except BadConversation as error:
             counts[reason(str(error))] += 1
             continue
@@ -106,11 +115,11 @@ def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fract
         item = (np.asarray(rendered.ids, dtype=np.int32), np.asarray(rendered.mask, dtype=np.int8))
         fingerprint.update(item[0].tobytes())
         # by file name and line: the same split whatever the weight, wherever the file is kept
-        if _held_out(f"{source.path.name}:{number}", val_fraction):
+        if _held_out(f"{name}:{number}", val_fraction):
             val.append(item)
         else:
             train += [item] * int(source.weight)
-            shares.setdefault(source, []).append((_hash(f"share:{source.path.name}:{number}"), item))
+            shares.setdefault(source, []).append((_hash(f"share:{name}:{number}"), item))
     for source, items in shares.items():
         train += _share(items, source.weight - int(source.weight))
     if not train:
@@ -137,25 +146,43 @@ def _names(sources: list[Source]) -> str:
 
 
 def _each(sources: list[Source], raw: list | None, counts: Counter, skip_bad: bool):
+    """(source, name, number, raw conversation): `name` and `number` (the file's name, or its path in a
+    folder source, and the line or row) fix which split a conversation falls in."""
     if raw is not None:
         for number, conversation in enumerate(raw):
-            yield Source(Path("embedded")), number, conversation
+            yield Source(Path("embedded")), "embedded", number, conversation
         return
     for source in sources:
-        if source.path.is_dir():
-            raise UsageError(f"--data {source.path}: a folder; give its .jsonl or .parquet files")
-        if not source.path.is_file():
-            before, colon, _ = str(source.path).rpartition(":")
-            hint = f" ({before} is: the weight after ':' is a number, as in {before}:2)" \
-                if colon and Path(before).is_file() else ""
-            raise UsageError(f"--data {source.path}: no such file{hint}")
-        for number, conversation in read_file(source.path):
-            if not isinstance(conversation, BadConversation):
-                yield source, number, conversation
-            elif skip_bad:  # counted, and the file goes on
-                counts["not JSON"] += 1
-            else:
-                raise UsageError(f"{conversation} (or give --skip-bad to count such lines and go on)")
+        for path, name in _files(source.path):
+            for number, conversation in read_file(path):
+                if not isinstance(conversation, BadConversation):
+                    yield source, name, number, conversation
+                elif skip_bad:  # counted, and the file goes on
+                    counts["not JSON"] += 1
+                else:
+                    raise UsageError(f"{conversation} (or give --skip-bad to count such lines and go on)")
+
+
+def _files(path: Path) -> list[tuple[Path, str]]:
+    """A file, or a folder's training files: its train* files at any depth (a downloaded dataset's
+    layout), else the conversation files directly in it but test*, val* and dev* ones, which are for
+    evaluation."""
+    if path.is_file():
+        return [(path, path.name)]
+    if not path.is_dir():
+        before, colon, _ = str(path).rpartition(":")
+        hint = f" ({before} is: the weight after ':' is a number, as in {before}:2)" \
+            if colon and Path(before).is_file() else ""
+        raise UsageError(f"--data {path}: no such file{hint}")
+    def conversation_files(found):
+        return sorted(p for p in found if p.is_file() and p.suffix in CONVERSATION_SUFFIXES)
+
+    chosen = conversation_files(path.rglob("train*")) or [
+        p for p in conversation_files(path.iterdir()) if not p.name.lower().startswith(("test", "val", "dev"))]
+    if not chosen:
+        raise UsageError(f"--data {path}: a folder with no training files (.jsonl, .json or .parquet; test*, val* "
+                         "and dev* files are left for evaluation)")
+    return [(p, p.relative_to(path).as_posix()) for p in chosen]
 
 
 def _report(counts: Counter) -> str:
@@ -167,6 +194,19 @@ def report(train: Conversations, val: Conversations) -> str:
     borrowed = " (a training one: too few to hold one out)" if val.borrowed else ""
     return (f"{len(train):,} training and {len(val):,} validation conversations{borrowed}; "
             f"{_report(train.counts)}")
+
+
+def packed_rows(data: Conversations, width: int) -> int:
+    """Rows of `width` tokens one epoch of `data` fills when packed as ConversationBatches packs it: back
+    to back, a conversation that does not fit starting the next row, one longer than a row cut."""
+    rows, used = 0, 0
+    for ids, _ in data.items:
+        if used and used + len(ids) > width:
+            rows, used = rows + 1, 0
+        used += min(len(ids), width - used)
+        if used == width:
+            rows, used = rows + 1, 0
+    return rows + (used > 0)
 
 
 class ConversationBatches:

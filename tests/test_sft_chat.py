@@ -13,7 +13,7 @@ from onecard.chat import Chat
 from onecard.cli import main
 from onecard.engine import Engine, Sampling
 from onecard.errors import UsageError
-from onecard.sft_data import ConversationBatches, Source, load, report
+from onecard.sft_data import ConversationBatches, Source, load, packed_rows, report
 from onecard.weights import load_weights
 
 TINY = ["--device", "cpu", "--depth", "1", "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len", "32",
@@ -139,6 +139,12 @@ def test_padding_masks_and_packing(base, chats):
     after = packed.next_batch()
     packed.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(packed.next_batch(), after, strict=True))
+    for width in (129, 40, 300):  # an epoch's rows, as sft counts them for its steps, are what the packer fills
+        one_row, rows = ConversationBatches(long, 1, width - 1, tokenizer.bos_id, shuffle=False, pack=True), 0
+        while one_row.epoch == 0 and one_row.index < len(long):
+            one_row.next_batch()
+            rows += 1
+        assert packed_rows(long, width) == rows
 
 
 def test_chat_commands_and_stop(base):
@@ -207,8 +213,9 @@ def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
     # the file goes on after a skipped line: every good one is read (it used to end at the first bad one)
     said = re.search(r"(\d+) training and (\d+) validation conversations[^;]*; .*2 not JSON", capsys.readouterr().out)
     assert said and int(said[1]) + int(said[2]) >= 12  # 12 good ones (a tiny set may validate on a training one)
+    # a folder reads its conversation files (tests/test_chat_data.py has the rules)
     assert main(["sft", "--from", str(base), "--data", str(tmp_path), "--run-dir", str(tmp_path / "r"), *SFT]) == 2
-    assert "a folder; give its .jsonl or .parquet files" in capsys.readouterr().err
+    assert "bad.jsonl, line 2" in capsys.readouterr().err
     assert main(["sft", "--from", str(base), "--data", f"{path}:x", "--run-dir", str(tmp_path / "r"), *SFT]) == 2
     assert f"no such file ({path} is: the weight after ':' is a number, as in {path}:2)" in capsys.readouterr().err
 
