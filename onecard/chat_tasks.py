@@ -95,7 +95,14 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
 
 
 def _readable(path: Path) -> bool:
-    return path.is_file() and (path.suffix in (".jsonl", ".json", ".parquet") or path.name.endswith(".jsonl.gz"))
+    """A task data file, never a download's .part.json side file (its resume state)."""
+    return path.is_file() and not path.name.endswith(".part.json") and (
+        path.suffix in (".jsonl", ".json", ".parquet") or path.name.endswith(".jsonl.gz"))
+
+
+def has_test_file(folder: Path) -> bool:
+    """Whether a folder holds a readable test* file (not only a download's .part of one)."""
+    return any(_readable(p) for p in Path(folder).rglob("test*"))
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:

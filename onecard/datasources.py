@@ -149,7 +149,7 @@ GSM8K = FileSet(
     files=("main/train-00000-of-00001.parquet", "main/test-00000-of-00001.parquet"),
     columns=(("question", "answer"),), approx_bytes=5e6,
     use="arithmetic with the calculator: SFT reads the train file, `onecard eval` the test file")
-FILE_SETS = {s.name: s for s in (SMOLTALK, ARC, MMLU, GSM8K)}
+FILE_SETS = {s.name: s for s in (ARC, MMLU, GSM8K, SMOLTALK)}  # the small ones first
 CHAT_DATA = "chat"  # every file set, each into its own folder
 
 DATASETS = [*SHARD_SETS, EVAL_BUNDLE.name, *FILE_SETS, CHAT_DATA]

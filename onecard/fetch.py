@@ -206,7 +206,7 @@ def download_files(file_set: ds.FileSet, folder: Path, settings: Settings, base_
     jobs, done = [], 0
     for path in file_set.files:
         dest = folder / path
-        if dest.is_file() and _passes(dest, check, dry_run, say):
+        if dest.is_file() and _passes(dest, path, check, dry_run, say):
             done += 1
             continue
         jobs.append(Job(file_set.url(path, base_url), dest, file_set.approx_bytes / len(file_set.files), check))
@@ -231,12 +231,12 @@ def download_files(file_set: ds.FileSet, folder: Path, settings: Settings, base_
         f"complete in {folder}")
 
 
-def _passes(dest: Path, check: Callable[[Path], str], dry_run: bool, say: Say) -> bool:
+def _passes(dest: Path, path: str, check: Callable[[Path], str], dry_run: bool, say: Say) -> bool:
     try:
         check(dest)
         return True
     except ValueError as e:
-        say(f"damaged, fetched again: {dest.name} ({e})")
+        say(f"damaged, {'would be ' if dry_run else ''}fetched again: {path} ({e})")
         if not dry_run:
             os.replace(dest, dest.with_name(dest.name + ".damaged"))
         return False

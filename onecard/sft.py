@@ -45,11 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the base model: an onecard run directory or a nanochat checkpoint directory (default: "
                         "the newest finished `onecard train` run under ./runs; resuming: the base the run started "
                         "from, or, if that is gone, the run's own checkpoint)")
-    p.add_argument("--data", action="append", type=text_arg, metavar="FILE[:WEIGHT]",
+    p.add_argument("--data", action="append", type=text_arg, metavar="PATH[:WEIGHT]",
                    help="conversations: .jsonl ({\"messages\": [...]} or a list of messages per line), .json "
-                        "(a list of them) or .parquet (a messages column); repeat to mix, :2 for two epochs of a "
-                        "source per epoch (default: the embedded set, questions about the standard library and "
-                        "arithmetic with the tool)")
+                        "(a list of them) or .parquet (a messages column), or ARC, MMLU and GSM8K rows, made "
+                        "conversations; or a folder: its train* files at any depth (e.g. data/arc from `onecard "
+                        "data download arc`), else its files but test*, val* and dev*; repeat to mix, :2 for two "
+                        "epochs of a source per epoch, :0.5 for half of it (default: the embedded set, questions "
+                        "about the standard library and arithmetic with the tool)")
     p.add_argument("--skip-bad", action="store_true", help="count lines that are not JSON and go on")
     p.add_argument("--run-dir", type=text_arg, help="where the run is written (default runs/<date-time>-sft)")
     p.add_argument("--epochs", type=positive_float,

@@ -11,6 +11,7 @@ file and line unless `skip_bad`, which counts it instead.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from collections import Counter
@@ -164,25 +165,50 @@ def _each(sources: list[Source], raw: list | None, counts: Counter, skip_bad: bo
 
 
 def _files(path: Path) -> list[tuple[Path, str]]:
-    """A file, or a folder's training files: its train* files at any depth (a downloaded dataset's
-    layout), else the conversation files directly in it but test*, val* and dev* ones, which are for
-    evaluation."""
+    """A file, or a folder's training files: its train* files, and the files in train* folders, at
+    any depth (a downloaded dataset's layout; symbolic links to folders followed), else the
+    conversation files directly in it but test*, val* and dev* ones, which are for evaluation. A
+    folder file's split name is its own folder's name and its name ("ARC-Easy/train-...parquet"):
+    the same split however the folder is named on the command line."""
     if path.is_file():
         return [(path, path.name)]
     if not path.is_dir():
         before, colon, _ = str(path).rpartition(":")
         hint = f" ({before} is: the weight after ':' is a number, as in {before}:2)" \
-            if colon and Path(before).is_file() else ""
+            if colon and Path(before).exists() else ""
         raise UsageError(f"--data {path}: no such file{hint}")
-    def conversation_files(found):
-        return sorted(p for p in found if p.is_file() and p.suffix in CONVERSATION_SUFFIXES)
+    found = [p for p in _walk(path) if any(part.lower().startswith("train") for part in p.relative_to(path).parts)]
+    unfinished = [p for p in found if p.name.endswith(".part")]
+    if unfinished:
+        raise UsageError(f"--data {path}: {unfinished[0]} is an unfinished download: finish it (rerun "
+                         "`onecard data download`) or remove it")
 
-    chosen = conversation_files(path.rglob("train*")) or [
+    def conversation_files(candidates):
+        return sorted(p for p in candidates if p.is_file() and p.suffix in CONVERSATION_SUFFIXES
+                      and not p.name.endswith(".part.json"))
+
+    chosen = conversation_files(found) or [
         p for p in conversation_files(path.iterdir()) if not p.name.lower().startswith(("test", "val", "dev"))]
     if not chosen:
         raise UsageError(f"--data {path}: a folder with no training files (.jsonl, .json or .parquet; test*, val* "
                          "and dev* files are left for evaluation)")
-    return [(p, p.relative_to(path).as_posix()) for p in chosen]
+    return [(p, f"{p.parent.name}/{p.name}") for p in chosen]
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every file under `folder`, through symbolic links to folders, each real folder once and never
+    one that holds `folder` (a link to a parent would reach files outside it)."""
+    top = os.path.realpath(folder)
+    seen, files = set(), []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen or (root != str(folder) and os.path.commonpath([real, top]) == real):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        files += [Path(root) / name for name in sorted(names)]
+    return files
 
 
 def _report(counts: Counter) -> str:

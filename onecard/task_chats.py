@@ -27,7 +27,7 @@ def as_conversation(row: object) -> object:
     """A task row as {"messages": [...]}; anything else as it came (normalize judges it)."""
     if not isinstance(row, dict) or "messages" in row:
         return row
-    if set(row) == {"train"} and isinstance(row["train"], dict):  # MMLU's auxiliary_train
+    if isinstance(row.get("train"), dict) and "question" not in row:  # MMLU's auxiliary_train (any other columns)
         row = row["train"]
     if "choices" in row:
         arc = isinstance(row["choices"], dict)

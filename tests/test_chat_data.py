@@ -252,3 +252,61 @@ def test_cli_downloads_one_set_from_a_mirror(server, tmp_path, capsys, monkeypat
                  server.url + "/main/{name}", "--timeout", "2"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "HTTP 404" in err
+
+
+# ---------------------------------------------------------------- review: folders as they are on a real disk
+
+def test_eval_never_scores_a_task_folder_without_its_test_file(tmp_path, monkeypatch):
+    from onecard.chat_tasks import load_problems
+    from onecard.evaluate import data_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("onecard.chat_tasks.humaneval_package_file", lambda: None)
+    args = Namespace(lm_eval=None, arc_easy=None, arc_challenge=None, mmlu=None, gsm8k=None, humaneval=None)
+    main_dir = Path(TASK_FOLDERS["gsm8k"])
+    write_parquet(main_dir / "train-00000-of-00001.parquet", [gsm8k_row(i) for i in range(5)])
+    # the test file's download was cut: its .part and the .part.json the downloader resumes from
+    (main_dir / "test-00000-of-00001.parquet.part").write_bytes(b"PAR1")
+    (main_dir / "test-00000-of-00001.parquet.part.json").write_text('{"url": "x", "size": 9}')
+    with pytest.raises(Exception, match="holds no complete test file"):
+        data_path(args, "gsm8k")
+    with pytest.raises(Exception, match="`onecard data download chat` fetches their test files"):
+        default_tasks(args, chat_model=True)  # not GSM8K scored on its train split
+    write_parquet(main_dir / "test-00000-of-00001.parquet", [gsm8k_row(100)])
+    assert len(load_problems("gsm8k", data_path(args, "gsm8k"))) == 1  # the side file is not task data
+
+
+def test_sft_folder_follows_linked_folders_and_train_folders_but_not_download_state(tmp_path, tokenizer):
+    elsewhere = write_parquet(tmp_path / "big_disk/gsm8k/main/train-00000-of-00001.parquet",
+                              [gsm8k_row(i) for i in range(6)]).parents[1]
+    data = tmp_path / "data"
+    write_parquet(data / "arc/ARC-Easy/train-00000-of-00001.parquet", [arc_row(i) for i in range(4)])
+    (data / "gsm8k").symlink_to(elsewhere)
+    (data / "arc/loop").symlink_to(data)  # a link back up is not followed
+    assert len(load([Source(data)], tokenizer, 512, val_fraction=0.0)[0]) == 10
+    mine = tmp_path / "mine"
+    write_parquet(mine / "train/part-0.parquet", [gsm8k_row(i) for i in range(3)])
+    write_parquet(mine / "test/part-0.parquet", [gsm8k_row(i) for i in range(2)])
+    assert len(load([Source(mine)], tokenizer, 512, val_fraction=0.0)[0]) == 3
+    (mine / "train/part-1.parquet.part.json").write_text('{"url": "x", "size": 9}')
+    train, _ = load([Source(mine)], tokenizer, 512, val_fraction=0.0)
+    assert len(train) == 3 and not train.counts  # the downloader's side file is no conversation
+    (mine / "train/part-1.parquet.part").write_bytes(b"PAR1")
+    with pytest.raises(Exception, match="is an unfinished download"):
+        load([Source(mine)], tokenizer, 512)
+
+
+def test_the_split_is_the_same_however_the_folder_is_named(tmp_path, tokenizer):
+    write_parquet(tmp_path / "gsm8k/main/train-00000-of-00001.parquet", [gsm8k_row(i) for i in range(60)])
+    splits = [load([Source(p)], tokenizer, 512, val_fraction=0.2)[1] for p in
+              (tmp_path, tmp_path / "gsm8k", tmp_path / "gsm8k/main")]
+    held = [sorted(ids.tobytes() for ids, _ in val.items) for val in splits]
+    assert held[0] == held[1] == held[2] and held[0]
+
+
+def test_mmlu_auxiliary_train_with_another_column_and_help_names_folders(capsys):
+    messages = as_conversation({"train": mmlu_row(3)})
+    assert as_conversation({"train": mmlu_row(3), "__index_level_0__": 0}) == messages
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    assert "or a folder: its train* files" in " ".join(capsys.readouterr().out.split())
