@@ -31,6 +31,9 @@ def fp8_unavailable_reason(device: torch.device | str) -> str | None:
         import torchao.float8  # noqa: F401
     except ImportError:
         return "matmul=fp8 runs through torchao's float8 training: pip install torchao"
+    except Exception as error:  # a torchao built for another torch can fail otherwise on import
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return f"matmul=fp8 runs through torchao's float8 training, which does not import here ({first})"
     return None
 
 
@@ -45,6 +48,11 @@ def convert_to_fp8(model: GPT) -> None:
     reason = fp8_unavailable_reason(model.lm_head.weight.device)
     if reason:
         raise UsageError(reason)
-    from torchao.float8 import convert_to_float8_training
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    convert_to_float8_training(model.transformer.h, module_filter_fn=_fp8_friendly)
+    # pad_inner_dim: torch._scaled_mm needs the inner dimension of each product to be a multiple of
+    # 16, and the weight gradient's inner dimension is the micro-batch's tokens (B·T), which an SFT
+    # batch padded to its longest conversation (or any --seq-len) need not make one; torchao pads
+    # only where a dimension is not a multiple already
+    convert_to_float8_training(model.transformer.h, module_filter_fn=_fp8_friendly,
+                               config=Float8LinearConfig(pad_inner_dim=True))

@@ -196,6 +196,8 @@ class GPT(nn.Module):
         self.loss = "full"
         self.loss_chunk_rows = LOSS_CHUNK_ROWS
         self.offloaded_bytes = 0  # bytes the latest offloading forward sent to the CPU
+        # the blocks a training forward calls instead, compiled one by one (onecard.step.compiled)
+        self.compiled_blocks: list | None = None
 
     def set_policies(self, activations: str = "keep", loss: str = "full",
                      loss_chunk_rows: int = LOSS_CHUNK_ROWS) -> None:
@@ -283,7 +285,7 @@ class GPT(nn.Module):
         offload = OffloadActivations(self.parameters()) if policy == "offload" else None
         with offload or nullcontext():
             x = norm(self.transformer.wte(idx))
-            for block in self.transformer.h:
+            for block in self.compiled_blocks if training and self.compiled_blocks else self.transformer.h:
                 if policy == "full":
                     x = recompute(block, x, cos, sin)
                 else:

@@ -92,7 +92,10 @@ def _block_mask(t: int, window: int, device: str):
 @lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    # torch's default dynamic: static for one sequence length (pre-training), a dynamic kernel once a
+    # second length comes (SFT's padded batches); dynamic=False recompiled for every length until
+    # Dynamo's recompile limit, then ran flex eagerly, which materializes the whole score matrix
+    return torch.compile(flex_attention)
 
 
 def flex_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, compiled: bool = True
@@ -186,6 +189,7 @@ class GPT2026(GPT):
         self.register_buffer("sin", sin, persistent=False)
         self.activations, self.loss, self.loss_chunk_rows = "keep", "full", 1024
         self.offloaded_bytes = 0
+        self.compiled_blocks: list | None = None  # see GPT: compiled one by one for training
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -266,7 +270,8 @@ class GPT2026(GPT):
         with offload or nullcontext():
             x = self.smear(norm(self.transformer.wte(idx)), kv_cache)
             x0, x_middle = x, None
-            for i, block in enumerate(self.transformer.h):
+            blocks = self.compiled_blocks if training and self.compiled_blocks else self.transformer.h
+            for i, block in enumerate(blocks):
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
                 ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
                 window = self.window_sizes[i]

@@ -25,6 +25,10 @@ loss          full      logits (B·T, V) materialized in fp32
                         each chunk recomputed in backward: full logits never exist
               fused     a fused linear + cross-entropy kernel (CUDA only, optional library)
 matmul        bf16 | fp8    precision of the block linears' matrix multiplies (fp8: sm_89+)
+compile       torch.compile: of the whole model, or, where the recipe's memory rests on hooks in
+              backward (grads=cpu folds each gradient away as it appears, activations=offload
+              moves saved tensors out), of each block in place: a whole compiled model's backward
+              is one step that hands over every gradient at once, a block's only its own
 
 With several cards (torchrun), each parameter is updated by one rank, its owner, which alone
 holds its optimizer states (and its fp32 master copy): the states are sharded across the ranks,
@@ -78,6 +82,16 @@ class Recipe:
             raise UsageError("params=cpu_master keeps the master weights on the CPU: it needs optim_place=cpu")
         if self.grads == "cpu" and self.optim_place != "cpu":
             raise UsageError("grads=cpu needs optim_place=cpu (the update runs where the gradients are)")
+
+    @property
+    def backward_hooks(self) -> bool:
+        """Whether the memory rests on hooks in backward: a compiled run compiles block by block."""
+        return self.grads == "cpu" or self.activations == "offload"
+
+    @property
+    def compiles_per_block(self) -> bool:
+        """Compiled block by block (see the module docstring), not as one model."""
+        return self.compile and self.backward_hooks
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -63,6 +63,29 @@ class Snapshot:
         self.batches.load_state_dict(self.position)
 
 
+def compiled(model: torch.nn.Module, per_block: bool) -> torch.nn.Module:
+    """The module a compiled step runs: the model compiled whole, or, where the recipe has hooks in
+    backward (Recipe.backward_hooks), the model with each block compiled for its training forwards,
+    whose backward then hands each block's gradients to the hooks as that block finishes instead of
+    all of them at the end. Evaluation and sampling keep the plain blocks."""
+    if not per_block:
+        return torch.compile(model)
+    model.compiled_blocks = [torch.compile(block) for block in model.transformer.h]  # one code, shared
+    return model
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    model.compiled_blocks = None
+    return model
+
+
+def compile_error(error: Exception) -> bool:
+    """An error of torch.compile itself (Dynamo or Inductor), not of the model or the card."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(error, TorchDynamoException) or type(error).__module__.startswith("torch._inductor")
+
+
 class TrainStep:
     """A recipe's step on a model and its optimizer. `step_model` is the compiled module where the
     recipe compiles (it shares the model's parameters); a compile that fails on the first step
@@ -73,8 +96,9 @@ class TrainStep:
                  on_compile_failed: Callable[[str], None] = lambda message: None) -> None:
         self.model, self.opt, self.device, self.world = model, opt, device, world
         self.grad_clip = grad_clip
-        self.step_model = torch.compile(model) if compile_model else model
-        self.trusted = self.step_model is model  # a compiled model that ran one step is trusted
+        self.step_model = compiled(model, opt.recipe.backward_hooks) if compile_model else model
+        self.compiled = compile_model
+        self.trusted = not compile_model  # a compiled model that ran one step is trusted
         self.on_compile_failed = on_compile_failed
 
     def __call__(self, batches: BatchSource, accum: int, should_stop: Callable[[], bool] = lambda: False
@@ -86,12 +110,12 @@ class TrainStep:
         except torch.OutOfMemoryError as error:
             raise self.out_of_memory(error, snapshot) from None
         except Exception as error:
-            if self.trusted:
-                raise
+            if not self.compiled or (self.trusted and not compile_error(error)):
+                raise  # after a good compiled step only the compiler's own errors (a recompile) fall back
             snapshot.rewind(self.opt)
             first_line = (str(error).strip().splitlines() or [""])[0][:200]
             self.on_compile_failed(f"{type(error).__name__}: {first_line}")
-            self.step_model, self.trusted = self.model, True
+            self.step_model, self.trusted, self.compiled = uncompiled(self.model), True, False
             return self(batches, accum, should_stop)
         self.trusted = True
         if loss is None:  # stopped between micro-batches: abandon the step, redo it on resume

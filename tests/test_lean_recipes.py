@@ -69,6 +69,28 @@ def test_fp8_is_refused_with_its_reason_on_this_machine():
         build_optimizer(model, NAMED["lean-fp8"])
 
 
+def test_fp8_conversion_pads_the_inner_dimension(monkeypatch):
+    """The weight gradient's product has the micro-batch's tokens as its inner dimension, which
+    torch._scaled_mm wants a multiple of 16 (an SFT batch of 8 rows of 2,047 tokens is not): the
+    block linears are converted with torchao's pad_inner_dim (checked here with torchao stubbed)."""
+    import sys
+    import types
+
+    import onecard.fp8 as fp8
+
+    calls = []
+    stub = types.ModuleType("torchao.float8")
+    stub.Float8LinearConfig = lambda **kw: kw
+    stub.convert_to_float8_training = lambda module, **kw: calls.append((module, kw))
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.float8", stub)
+    monkeypatch.setattr(fp8, "fp8_unavailable_reason", lambda device: None)
+    model = build_model(CONFIG)
+    convert_to_fp8(model)
+    [(module, kw)] = calls
+    assert module is model.transformer.h and kw["config"] == {"pad_inner_dim": True}
+
+
 def test_fused_loss_is_refused_with_its_reason_on_this_machine():
     model = build_model(CONFIG)
     with pytest.raises(UsageError, match="CUDA"):

@@ -11,7 +11,8 @@ import torch
 from onecard.args import gigabytes
 from onecard.cli import main
 from onecard.data import Corpus, iter_texts
-from onecard.model import GPTConfig
+from onecard.model import GPTConfig, build_model
+from onecard.optim import build_optimizer
 from onecard.plan.catalog import find_gpu, with_vram
 from onecard.plan.choose import build_settings
 from onecard.plan.memory import predict_memory
@@ -153,6 +154,45 @@ def test_compiled_training_matches_eager(tmp_path, recipe_name, changes):
     assert not any(e.get("event") == "compile_failed" for e in events)
 
 
+def gradients_per_backward_node(loss: torch.Tensor) -> list[list[torch.Tensor]]:
+    """The parameters whose gradients each node of the backward graph hands over at once."""
+    feeds, seen, todo = {}, set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None and type(child).__name__ == "AccumulateGrad":
+                feeds.setdefault(node, []).append(child.variable)
+            todo.append(child)
+    return sorted(feeds.values(), key=len)
+
+
+def test_recipes_with_backward_hooks_compile_block_by_block():
+    """A whole compiled model's backward is one node that hands every gradient over at once: a
+    recipe whose memory rests on folding each gradient away as it appears (grads=cpu) would hold them
+    all. Compiled block by block, a node hands over one block's (its six matrices) at most."""
+    from onecard.plan.memory import persistent_bytes
+    from onecard.step import TrainStep
+
+    config = GPTConfig(sequence_len=32, vocab_size=256, n_layer=3, n_head=2, n_kv_head=2, n_embd=64)
+    inputs = torch.randint(0, 256, (2, 32))
+    recipes = {"whole": NAMED["recompute"].with_(grads="bf16", compile=True),  # every .grad folded by a hook
+               "per-block": NAMED["offload"].with_(compile=True), "eager": NAMED["offload"]}
+    for how, recipe in recipes.items():
+        assert recipe.compiles_per_block == (how == "per-block")
+        model = build_model(config)
+        model.set_policies(recipe.activations, recipe.loss)
+        step = TrainStep(model, build_optimizer(model, recipe), "cpu", compile_model=recipe.compile)
+        per_node = gradients_per_backward_node(step.step_model(inputs, inputs))
+        sizes = {"whole": [20], "per-block": [1, 1, 6, 6, 6], "eager": [1] * 20}[how]
+        assert [len(params) for params in per_node] == sizes  # per-block: wte, lm_head and each block
+        # the planner's gradients in flight are the most bytes one node hands over, exactly
+        most = max(sum(p.numel() * p.element_size() for p in params) for params in per_node)
+        assert persistent_bytes(config, recipe, device="cpu").grad_transient == most, how
+
+
 def test_cuda_runs_compile_by_default_and_no_compile_opts_out():
     """Planning for a card on CUDA: compiled unless --no-compile; a CPU run stays eager."""
     from onecard.plan.choose import RecipeRequest, choose_recipe
@@ -174,8 +214,10 @@ def test_resumed_run_keeps_its_recipe():
     assert choice.recipe == resumed
 
 
-def test_a_failing_compile_falls_back_to_eager_with_the_same_result(tmp_path, monkeypatch):
-    """torch.compile can fail on a user's setup; the run then goes on uncompiled, redoing the step."""
+@pytest.mark.parametrize("changes", [{}, {"grads": "cpu", "optim_place": "cpu"}], ids=["whole", "per-block"])
+def test_a_failing_compile_falls_back_to_eager_with_the_same_result(tmp_path, monkeypatch, changes):
+    """torch.compile can fail on a user's setup; the run then goes on uncompiled, redoing the step
+    (blocks compiled in place are restored too)."""
     import onecard.step
 
     corpus = Corpus.embedded()
@@ -193,15 +235,59 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_result(tmp_path, mo
     for compiled in (False, True):
         if compiled:
             monkeypatch.setattr(onecard.step.torch, "compile", broken_compile)
-        recipe = NAMED["baseline"].with_(micro_batch=2, seq_len=32, compile=compiled)
+        recipe = NAMED["baseline"].with_(micro_batch=2, seq_len=32, compile=compiled, **changes)
         settings = TrainSettings(run_dir=Path(tmp_path / str(compiled)), steps=2, total_batch=128, eval_every=0,
                                  eval_batches=1, sample_tokens=1)
         results[compiled] = train(config, tokenizer, corpus, recipe, settings, log=logs.append)
     assert any("torch.compile failed (RuntimeError: backend compiler failed)" in line for line in logs)
+    assert results[True]["model"].compiled_blocks is None
     for key, value in results[False]["model"].state_dict().items():
         assert torch.equal(results[True]["model"].state_dict()[key], value), key
     events = [json.loads(line).get("event") for line in (tmp_path / "True" / "log.jsonl").read_text().splitlines()]
     assert "compile_failed" in events
+
+
+def test_a_compile_error_after_the_first_step_falls_back_too(tmp_path, monkeypatch):
+    """A recompile can fail later (SFT's padded batches bring new widths): the compiler's own error
+    falls back to eager and redoes the step; any other error of a later step is the run's."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    import onecard.step
+
+    corpus = Corpus.embedded()
+    tokenizer = Tokenizer.train(iter_texts(corpus, 100_000), 300)
+    config = GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2,
+                       n_embd=64)
+
+    def compile_failing_on_call(n: int, error: Exception):
+        def compile_(model):
+            calls = []
+
+            def run(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == n:
+                    raise error
+                return model(*args, **kwargs)
+            return run
+        return compile_
+
+    def run(compiled: bool, name: str, logs: list):
+        recipe = NAMED["baseline"].with_(micro_batch=2, seq_len=32, compile=compiled)
+        settings = TrainSettings(run_dir=Path(tmp_path / name), steps=3, total_batch=128, eval_every=0,
+                                 eval_batches=1, sample_tokens=1)
+        return train(config, tokenizer, corpus, recipe, settings, log=logs.append)
+
+    eager = run(False, "eager", [])
+    recompile = BackendCompilerFailed(None, RuntimeError("inductor failed on a new shape"), None)
+    monkeypatch.setattr(onecard.step.torch, "compile", compile_failing_on_call(5, recompile))  # step 3 of 3
+    logs = []
+    fell_back = run(True, "recompile", logs)
+    assert any("torch.compile failed (BackendCompilerFailed" in line for line in logs)
+    for key, value in eager["model"].state_dict().items():
+        assert torch.equal(fell_back["model"].state_dict()[key], value), key
+    monkeypatch.setattr(onecard.step.torch, "compile", compile_failing_on_call(5, ValueError("the model's own")))
+    with pytest.raises(ValueError, match="the model's own"):
+        run(True, "other", [])
 
 
 def test_a_real_run_skips_recipes_this_machine_cannot_execute():

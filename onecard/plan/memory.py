@@ -35,6 +35,7 @@ from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.recipe import INT8_BLOCK, LOSS_CHUNK_ROWS, Recipe, shard_owners, state_elements
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+BLOCK_MATRICES = 6  # c_q, c_k, c_v, the attention's c_proj, the MLP's c_fc and c_proj
 
 
 # ---------------------------------------------------------------- parameters, grads, states
@@ -89,13 +90,16 @@ def persistent_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda", sh
     Weights: each parameter in its dtype, plus an fp32 master copy in host RAM for cpu_master.
     Gradients: autograd's .grad where the recipe's gradient dtype is the weight's; otherwise a
     buffer in the recipe's dtype (fp32 in host RAM for grads=cpu) that a hook folds each .grad
-    into as soon as it exists, so only one parameter's .grad is ever in flight.
+    into as soon as it exists. In flight at once: one parameter's .grad eagerly; one block's, or
+    one parameter's outside the blocks, compiled block by block; every hooked one compiled whole,
+    whose backward hands all gradients over together (onecard.step.compiled).
     States: Muon's momentum per block matrix, AdamW's two moments per wte and lm_head, in the
     recipe's format, where optim_place says.
     """
     shapes = parameter_shapes(config)
     pdt = parameter_dtypes(recipe, device)
-    weights = grads = host_grads = transient = 0
+    weights = grads = host_grads = 0
+    hooked: dict[str, list[int]] = {}  # bytes of each .grad that a hook folds away, by group
     for group, group_shapes in shapes.items():
         pbytes = DTYPE_BYTES[pdt[group]]
         for r, c in group_shapes:
@@ -103,7 +107,7 @@ def persistent_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda", sh
             if recipe.grads == pdt[group]:
                 grads += r * c * pbytes
                 continue
-            transient = max(transient, r * c * pbytes)
+            hooked.setdefault(group, []).append(r * c * pbytes)
             if recipe.grads == "cpu":
                 host_grads += 4 * r * c
             else:
@@ -111,7 +115,19 @@ def persistent_bytes(config: GPTConfig, recipe: Recipe, device: str = "cuda", sh
     host_weights, states = _owned_bytes(config, recipe, shapes, shards)
     on_cpu = recipe.optim_place == "cpu"
     return Persistent(weights, grads, 0 if on_cpu else states, host_weights, host_grads,
-                      states if on_cpu else 0, transient)
+                      states if on_cpu else 0, _in_flight(hooked, recipe, config.n_layer))
+
+
+def _in_flight(hooked: dict[str, list[int]], recipe: Recipe, n_layer: int) -> int:
+    """The most bytes of hooked .grads alive at once (see persistent_bytes)."""
+    every = [b for group in hooked.values() for b in group]
+    if not recipe.compile or not every:
+        return max(every, default=0)
+    if not recipe.compiles_per_block:
+        return sum(every)
+    blocks = hooked.get("blocks", [])  # each block's matrices in turn, then the value-embedding gates
+    one_block = sum(blocks[:BLOCK_MATRICES]) + max(blocks[BLOCK_MATRICES * n_layer:], default=0)
+    return max(one_block, *(b for group, sizes in hooked.items() if group != "blocks" for b in sizes))
 
 
 def _owned_bytes(config: GPTConfig, recipe: Recipe, shapes: dict[str, list[tuple[int, int]]],
@@ -252,10 +268,13 @@ def activation_bytes(config: GPTConfig, recipe: Recipe, numerics: str = "bf16",
               blocks' worth at a time (one coming back, one in use)
     loss full: fp32 logits (bf16 soft-capped ones too under autocast); chunked: LOSS_CHUNK_ROWS
     rows at a time, re-run in backward; fused: Liger's kernel (logits chunks plus fp32 grads).
-    compiled (default: the recipe's, under bf16; offload stays eager): what torch.compile keeps.
+    compiled (default: the recipe's, under bf16, unless compiled block by block): what
+    torch.compile keeps.
     """
     if compiled is None:
-        compiled = recipe.compile and numerics == "bf16" and recipe.activations != "offload"
+        # compiled block by block: counted as eager, an upper bound (a compiled block re-run in
+        # backward keeps less than an eager one; the head and the loss run eagerly either way)
+        compiled = recipe.compile and numerics == "bf16" and not recipe.compiles_per_block
     if params_fp32 is None:
         params_fp32 = recipe.params == "fp32"
     if compiled:
