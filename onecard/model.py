@@ -155,8 +155,9 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     """
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        params = list(params)
         param_storages = {p.untyped_storage().data_ptr() for p in params}
-        pin = torch.cuda.is_available()
+        pin = any(p.is_cuda for p in params)  # pinned only where the copies cross to a card
         self.offloaded_bytes = 0
 
         def pack(t: torch.Tensor):

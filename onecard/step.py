@@ -69,8 +69,11 @@ def compiled(model: torch.nn.Module, per_block: bool) -> torch.nn.Module:
     whose backward then hands each block's gradients to the hooks as that block finishes instead of
     all of them at the end. Evaluation and sampling keep the plain blocks."""
     if not per_block:
-        return torch.compile(model)
-    model.compiled_blocks = [torch.compile(block) for block in model.transformer.h]  # one code, shared
+        return torch.compile(uncompiled(model))  # not an earlier step's blocks (a model passed on)
+    # the blocks share one compiled code; nanochat-2026's blocks differ (a value embedding or none, a
+    # short or a long window), each variant static and then dynamic once SFT's widths vary: room for them
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    model.compiled_blocks = [torch.compile(block) for block in model.transformer.h]
     return model
 
 
@@ -96,7 +99,8 @@ class TrainStep:
                  on_compile_failed: Callable[[str], None] = lambda message: None) -> None:
         self.model, self.opt, self.device, self.world = model, opt, device, world
         self.grad_clip = grad_clip
-        self.step_model = compiled(model, opt.recipe.backward_hooks) if compile_model else model
+        # uncompiled: a model passed on from an earlier stage may still hold that step's blocks
+        self.step_model = compiled(model, opt.recipe.backward_hooks) if compile_model else uncompiled(model)
         self.compiled = compile_model
         self.trusted = not compile_model  # a compiled model that ran one step is trusted
         self.on_compile_failed = on_compile_failed

@@ -47,3 +47,34 @@ def test_a_benchmark_row_records_running_out_of_memory_anywhere_in_the_step(monk
         monkeypatch.setattr(TrainStep, "forward_backward", out_of_memory)
     row = time_recipe_steps(TINY, NAMED["baseline"].with_(micro_batch=2, seq_len=32), 1, 2, "cpu")
     assert row["outcome"] == "out of memory" and "Tried to allocate 2.00 GiB" in row["error"]
+
+
+@pytest.mark.parametrize("next_compile", [False, True], ids=["eager", "whole"])
+def test_a_model_from_a_per_block_step_does_not_keep_its_compiled_blocks(monkeypatch, next_compile):
+    """pretrain.train returns its model and fine_tune (session.prepare) takes one: a step after a
+    per-block compiled one (grads=cpu, activations=offload) must not go on calling that step's
+    compiled blocks, whether it runs eagerly (--no-compile) or compiles the model whole."""
+    import onecard.step
+    from onecard.family import build_optimizer
+
+    calls = []
+
+    def fake_compile(module, **_):
+        def run(*args, **kwargs):
+            calls.append(module)
+            return module(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(onecard.step.torch, "compile", fake_compile)
+    model = build_model(TINY)
+    per_block = NAMED["offload"].with_(micro_batch=2, seq_len=32, compile=True)
+    model.set_policies(per_block.activations, per_block.loss)
+    TrainStep(model, build_optimizer(model, per_block), "cpu", compile_model=True)
+    assert model.compiled_blocks is not None
+    model.set_policies("keep", "full")
+    step = TrainStep(model, _optimizer(model), "cpu", compile_model=next_compile)
+    calls.clear()
+    inputs = torch.randint(0, 64, (2, 32))
+    step.step_model(inputs, inputs).backward()
+    assert model.compiled_blocks is None
+    assert calls == ([model] if next_compile else [])  # the whole model's compile only, no block's
