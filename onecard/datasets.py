@@ -75,8 +75,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"your tokenizer's compression, to turn tokens into shards (default {CHARS_PER_TOKEN}: "
                         "nanochat's tokenizer on FineWeb-EDU)")
     d.add_argument("--base-url", type=text_arg, help="a mirror: the folder URL of the shards, or a pattern with "
-                                                     "{index} or {name} (default: Hugging Face; for a chat set, "
-                                                     "{name} is the file's path in the dataset)")
+                                                     "{index} or {name} (default: Hugging Face, or the mirror "
+                                                     "HF_ENDPOINT names; for a chat set, {name} is the file's path "
+                                                     "in the dataset)")
     d.add_argument("--workers", type=positive_int, default=4, help="files fetched at once (default 4)")
     d.add_argument("--retries", type=positive_int, default=8,
                    help="failed attempts in a row (without new bytes) before a file is given up (default 8)")
@@ -119,7 +120,7 @@ def _download_chat_data(args: argparse.Namespace, file_sets: list, settings) -> 
 
     if len(file_sets) > 1 and (args.dir or args.base_url):
         raise UsageError("`chat` puts each set in data/SET from Hugging Face: download the sets one by one for "
-                         "--dir or --base-url")
+                         "--dir or --base-url (HF_ENDPOINT=URL names a Hugging Face mirror for all of them)")
     failed = []
     for file_set in file_sets:
         try:

@@ -22,8 +22,20 @@ from onecard.model_config import ARCH_2026
 # 00f1a3219d0dd945fada1c50182377c4c38ac5d4, speedrun.sh. Not measured here (no FineWeb on this
 # machine); `onecard data download --chars-per-token` takes a measured one.
 CHARS_PER_TOKEN = 4.8
+HUGGING_FACE = "https://huggingface.co"
 MANIFEST = "onecard-dataset.json"  # written by `onecard data download` in the shard folder
 MANIFEST_FORMAT = "onecard-shards"
+
+
+def hugging_face(url: str) -> str:
+    """A Hugging Face URL through the mirror HF_ENDPOINT names, where it names one: the variable
+    huggingface_hub reads for the same purpose (huggingface/huggingface_hub, constants.py: ENDPOINT)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    if not endpoint or not url.startswith(HUGGING_FACE):
+        return url
+    if not endpoint.lower().startswith(("http://", "https://")):
+        raise UsageError(f"HF_ENDPOINT={endpoint!r} is not an http:// or https:// URL (a Hugging Face mirror)")
+    return endpoint + url.removeprefix(HUGGING_FACE)
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,7 @@ class ShardSet:
 
     def url(self, index: int, base_url: str | None = None) -> str:
         """The shard's URL: `base_url` is a folder URL, or a pattern with {index} / {name} in it."""
-        base = base_url or self.base_url
+        base = base_url or hugging_face(self.base_url)
         if "{" in base:
             return base.format(index=index, name=self.filename(index))
         return f"{base.rstrip('/')}/{self.filename(index)}"
@@ -67,7 +79,7 @@ class ShardSet:
 # "each shard is ~100MB of text (compressed)").
 FINEWEB_EDU = ShardSet(
     name="fineweb-edu", title="FineWeb-EDU (karpathy/fineweb-edu-100b-shuffle)",
-    base_url="https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+    base_url=f"{HUGGING_FACE}/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
     last=1822, shard_bytes=100e6, shard_chars=250e6,
     source="nanochat dataset.py and speedrun.sh: 1,823 shards of ~250 M characters, ~100 MB each")
 
@@ -77,7 +89,7 @@ FINEWEB_EDU = ShardSet(
 # FineWeb-EDU's (400 B tokens / 6,543 shards = 61 M tokens, ~250 M characters at ~4 a token).
 CLIMBMIX = ShardSet(
     name="climbmix", title="ClimbMix (karpathy/climbmix-400b-shuffle)",
-    base_url="https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
+    base_url=f"{HUGGING_FACE}/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
     last=6542, shard_bytes=100e6, shard_chars=250e6,
     source="autoresearch prepare.py: 6,543 shards; size per shard assumed like FineWeb-EDU's (estimate)")
 
@@ -116,7 +128,7 @@ class FileSet:
 
     def url(self, path: str, base_url: str | None = None) -> str:
         """A file's URL: `base_url` is a mirror's folder URL, or a pattern with {name} (the path) in it."""
-        base = base_url or f"https://huggingface.co/datasets/{self.repo}/resolve/main"
+        base = base_url or hugging_face(f"{HUGGING_FACE}/datasets/{self.repo}/resolve/main")
         if "{" in base:
             return base.format(index=self.files.index(path), name=path)
         return f"{base.rstrip('/')}/{path}"

@@ -90,7 +90,7 @@ def download_shards(shard_set: ds.ShardSet, folder: Path, train_shards: int, set
         f"~{ds.format_bytes(shard_set.shard_bytes)} a shard until the server says); {ds.format_bytes(free)} free there")
     for damaged in found.damaged:
         say(f"damaged, fetched again: {damaged}")
-    record = {"dataset": shard_set.name, "base_url": base_url or shard_set.base_url,
+    record = {"dataset": shard_set.name, "base_url": base_url or ds.hugging_face(shard_set.base_url),
               "validation": [val], "files": {**_records(manifest, found), **found.complete}}
     if dry_run:
         say("dry run: nothing downloaded")

@@ -310,3 +310,14 @@ def test_mmlu_auxiliary_train_with_another_column_and_help_names_folders(capsys)
     with pytest.raises(SystemExit):
         main(["sft", "--help"])
     assert "or a folder: its train* files" in " ".join(capsys.readouterr().out.split())
+
+
+def test_hf_endpoint_names_a_mirror_for_every_hugging_face_download(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", server.url + "/")
+    download_files(SET, tmp_path / "m", FAST, say=lambda _: None, stream=io.StringIO())
+    assert {path for path, _ in server.requests} == {f"/datasets/test/tasks/resolve/main/{p}" for p in SET.files}
+    assert ds.FINEWEB_EDU.url(3) == f"{server.url}/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/" \
+                                    "shard_00003.parquet"
+    assert ds.EVAL_BUNDLE.url.startswith("https://karpathy-public.s3")  # not on Hugging Face: unchanged
+    monkeypatch.setenv("HF_ENDPOINT", "hf-mirror.com")
+    assert main(["data", "download", "gsm8k", "--dry-run"]) == 2
