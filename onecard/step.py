@@ -114,6 +114,10 @@ class TrainStep:
         except torch.OutOfMemoryError as error:
             raise self.out_of_memory(error, snapshot) from None
         except Exception as error:
+            if isinstance(getattr(error, "inner_exception", None), torch.OutOfMemoryError):
+                # the compiler ran out of memory (autotuning a recompile): the card is full, not the
+                # compiler broken; running eagerly would need more memory still
+                raise self.out_of_memory(error.inner_exception, snapshot) from None
             if not self.compiled or (self.trusted and not compile_error(error)):
                 raise  # after a good compiled step only the compiler's own errors (a recompile) fall back
             snapshot.rewind(self.opt)

@@ -11,6 +11,7 @@ import torch
 from onecard.args import gigabytes
 from onecard.cli import main
 from onecard.data import Corpus, iter_texts
+from onecard.errors import UsageError
 from onecard.model import GPTConfig, build_model
 from onecard.optim import build_optimizer
 from onecard.plan.catalog import find_gpu, with_vram
@@ -288,6 +289,13 @@ def test_a_compile_error_after_the_first_step_falls_back_too(tmp_path, monkeypat
     monkeypatch.setattr(onecard.step.torch, "compile", compile_failing_on_call(5, ValueError("the model's own")))
     with pytest.raises(ValueError, match="the model's own"):
         run(True, "other", [])
+    # the compiler out of memory is the card's out-of-memory, handled as such, not a reason to go eager
+    oom = BackendCompilerFailed(None, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), None)
+    monkeypatch.setattr(onecard.step.torch, "compile", compile_failing_on_call(5, oom))
+    logs = []
+    with pytest.raises(UsageError, match="CUDA ran out of memory training with recipe baseline.*step 2 is saved"):
+        run(True, "oom", logs)
+    assert not any("torch.compile failed" in line for line in logs)
 
 
 def test_a_real_run_skips_recipes_this_machine_cannot_execute():
