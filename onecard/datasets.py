@@ -1,5 +1,5 @@
 """The data stage on the command line: `onecard tokenizer train` (a BPE tokenizer from a corpus) and
-`onecard data download` (pre-training shards and the CORE eval bundle, resumable and verified)."""
+`onecard data download` (pre-training shards, the CORE eval bundle and chat data, resumable and verified)."""
 
 from __future__ import annotations
 
