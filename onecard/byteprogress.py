@@ -83,7 +83,7 @@ class Progress:
             if self._bar is not None:
                 self._bar.update(self._task, description=self._files_text())
         retried = f", {result.retries} retries" if result.retries else ""
-        self.note(f"{result.job.dest.name}: complete ({', '.join(result.checks) or 'no check possible'}{retried})")
+        self.note(f"{result.job.name}: complete ({', '.join(result.checks) or 'no check possible'}{retried})")
 
     def note(self, text: str) -> None:
         with self._lock:

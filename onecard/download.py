@@ -71,6 +71,11 @@ class Job:
     dest: Path
     estimate: float  # bytes, until the server says
     check: Callable[[Path], str] | None = None  # content check: a short description, or ValueError
+    label: str = ""  # how messages name the file (default its name; a chat set's file, its path)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.dest.name
 
 
 @dataclass
@@ -177,13 +182,13 @@ def fetch(job: Job, settings: Settings, progress: Progress, cancel: Cancel) -> R
             else:
                 failures += 1
             if failures >= settings.attempts:
-                raise _Fatal(f"{job.dest.name}: {retry} ({failures} failed attempts)") from None
+                raise _Fatal(f"{job.name}: {retry} ({failures} failed attempts)") from None
             delay = _delay(retry, failures, settings)
-            progress.note(f"{job.dest.name}: {retry}; retrying in {delay:.1f} s")
+            progress.note(f"{job.name}: {retry}; retrying in {delay:.1f} s")
             if cancel.wait(delay):
                 raise _Cancelled() from None
         except OSError as e:  # the disk, not the network: the network's errors are _Retry
-            raise _Fatal(f"{job.dest.name}: cannot write in {job.dest.parent} ({e.strerror or e})") from None
+            raise _Fatal(f"{job.name}: cannot write in {job.dest.parent} ({e.strerror or e})") from None
 
 
 def _delay(retry: _Retry, failures: int, s: Settings) -> float:
@@ -338,7 +343,7 @@ def _discard(part: Path, side: Path, progress: Progress) -> None:
 def _check_room(job: Job, folder: Path, need: float, s: Settings) -> None:
     free = shutil.disk_usage(folder).free
     if need > 0 and free - need < s.reserve_bytes / 4:  # the up-front check kept the whole reserve
-        raise _Fatal(f"{job.dest.name}: the disk is nearly full ({free / 1e9:.1f} GB free in {folder}, "
+        raise _Fatal(f"{job.name}: the disk is nearly full ({free / 1e9:.1f} GB free in {folder}, "
                      f"{need / 1e9:.1f} GB still to come)")
 
 

@@ -209,7 +209,8 @@ def download_files(file_set: ds.FileSet, folder: Path, settings: Settings, base_
         if dest.is_file() and _passes(dest, path, check, dry_run, say):
             done += 1
             continue
-        jobs.append(Job(file_set.url(path, base_url), dest, file_set.approx_bytes / len(file_set.files), check))
+        jobs.append(Job(file_set.url(path, base_url), dest, file_set.approx_bytes / len(file_set.files), check,
+                        label=path))
     say(f"{file_set.title}: {len(file_set.files)} files, {file_set.use}")
     say(f"source: {file_set.url(file_set.files[0], base_url)}, ...")
     estimate = sum(job.estimate for job in jobs)

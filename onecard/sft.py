@@ -239,12 +239,12 @@ def fine_tune(model, tokenizer, train_set, val_set, recipe, settings, world=None
         return apply_sft_schedule(model.config, opt, step, settings.steps)
 
     def sample() -> str:
-        from onecard.conversations import normalize, prompt_ids
+        from onecard.conversations import normalize, prompt_ids, show_tool_calls
         from onecard.engine import Engine, Sampling
 
         prompt = prompt_ids(tokenizer, normalize([{"role": "user", "content": settings.sample_prompt}]))
         reply = Engine(model, tokenizer).complete(prompt, Sampling(temperature=0, max_tokens=64))[0]
-        return f"user: {settings.sample_prompt}\nassistant: {tokenizer.decode(reply)}"
+        return f"user: {settings.sample_prompt}\nassistant: {show_tool_calls(tokenizer.decode(reply))}"
 
     return session.run(model, opt, batches, accum, validation_bpb, schedule, config, tokenizer, found, world, log,
                        make_sample=sample)
