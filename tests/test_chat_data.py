@@ -217,7 +217,7 @@ def test_downloads_every_file_under_its_path_verified_through_faults(server, tmp
 
 def test_a_file_with_the_wrong_columns_or_a_wrong_checksum_never_counts(server, tmp_path):
     server.files["test-e.parquet"] = parquet_bytes([{"text": "not a task"}])
-    with pytest.raises(DownloadError, match="1 of 3 files could not be fetched: test-e.parquet: .*columns text"):
+    with pytest.raises(DownloadError, match="1 of 3 files could not be fetched: E/test-e.parquet: .*columns text"):
         fetch(server, tmp_path / "t")
     assert not (tmp_path / "t/E/test-e.parquet").exists()
     server.files["test-e.parquet"] = parquet_bytes([arc_row(1)])
