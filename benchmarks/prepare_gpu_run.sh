@@ -5,7 +5,7 @@
 #   .ref/nanochat-fae3aca   nanochat's reference code, for vs_nanochat.py (the ../shared beside a
 #                           checkout does not travel)
 #   .whl/                   torchao 0.18.0 (ran with the device's torch 2.11 on 2026-11-26), for lean-fp8,
-#                           and pytest with what it needs (pure Python), for step 4's CUDA test
+#                           and pytest with the four packages it needs (pure Python), for step 4's CUDA test
 # and prints the `run` call to make.
 #
 #   bash benchmarks/prepare_gpu_run.sh [PATH to nanochat at fae3aca; default ../shared/reference/nanochat-fae3aca]
@@ -24,7 +24,7 @@ mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl torchao==0.18.0
-python3 -m pip download -q --no-deps --only-binary=:all: -d .whl pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 \
+python3 -m pip download -q --no-deps --only-binary=:all: -d .whl pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 \
   packaging==26.4
 du -sh .ref .whl
 commit=$(git rev-parse HEAD)
