@@ -147,7 +147,7 @@ def folder_for(slots: list[Slot]) -> GradFolder:
 
 def owners(model: GPT, ranks: int) -> list[int]:
     """Each parameter's owner among `ranks`, in model.parameters() order, by its optimizer-state
-    elements (recipe.state_elements, as plan/memory.py counts them)."""
+    elements (recipe.state_elements, as plan/persistent.py counts them)."""
     matrices = {id(p) for p in model.parameter_groups()["matrix"]}
     return shard_owners([state_elements(p.numel(), id(p) in matrices) for p in model.parameters()], ranks)
 

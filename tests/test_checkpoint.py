@@ -195,7 +195,7 @@ def test_the_planners_checkpoint_size_is_what_a_checkpoint_writes(tmp_path, name
     so every optimizer state exists)."""
     from onecard.model import GPTConfig, build_model
     from onecard.optim import build_optimizer
-    from onecard.plan.memory import checkpoint_bytes
+    from onecard.plan.persistent import checkpoint_bytes
     from onecard.recipe import NAMED
 
     config = GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)

@@ -158,7 +158,7 @@ def test_schedules_follow_the_published_rules():
 @pytest.mark.parametrize("recipe", ["baseline", "lean", "offload-states"])
 def test_planner_counts_what_the_optimizer_allocates(recipe):
     # value embeddings, scalars and NorMuon's factored second moment included
-    from onecard.plan.memory import persistent_bytes
+    from onecard.plan.persistent import persistent_bytes
     config = GPTConfig(n_layer=3, **SMALL)
     model = build_model(config)
     r = named_recipe(recipe)

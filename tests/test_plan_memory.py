@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from onecard.model import GPTConfig, build_model
 from onecard.optim import build_optimizer
-from onecard.plan.memory import activation_bytes, persistent_bytes, predict_memory, state_bytes
+from onecard.plan.memory import activation_bytes, predict_memory
+from onecard.plan.persistent import persistent_bytes, state_bytes
 from onecard.recipe import INT8_BLOCK, Recipe
 from tests.reference import nanochat
 

@@ -220,7 +220,7 @@ def test_several_cards_on_one_host_share_its_memory_bandwidth_and_its_gradient_e
     """torchrun --standalone puts every rank on one host: updates in CPU RAM stream through the same
     memory together (their time is not divided by the cards), and gradients kept in CPU RAM are
     summed there, at the host's memory bandwidth, not over the cards' links."""
-    from onecard.plan.memory import persistent_bytes
+    from onecard.plan.persistent import persistent_bytes
 
     gpu, d20 = CATALOG["rtx4090"], GPTConfig.from_depth(20)
     states = named_recipe("offload-states", micro_batch=4)

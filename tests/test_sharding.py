@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from onecard.distributed import World
 from onecard.family import build_model, build_optimizer
 from onecard.model_config import GPTConfig
-from onecard.plan.memory import persistent_bytes
+from onecard.plan.persistent import persistent_bytes
 from onecard.recipe import named_recipe, shard_owners
 
 CLASSIC = GPTConfig(sequence_len=16, vocab_size=80, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)

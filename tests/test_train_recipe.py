@@ -174,7 +174,7 @@ def test_recipes_with_backward_hooks_compile_block_by_block():
     """A whole compiled model's backward is one node that hands every gradient over at once: a
     recipe whose memory rests on folding each gradient away as it appears (grads=cpu) would hold them
     all. Compiled block by block, a node hands over one block's (its six matrices) at most."""
-    from onecard.plan.memory import persistent_bytes
+    from onecard.plan.persistent import persistent_bytes
     from onecard.step import TrainStep
 
     config = GPTConfig(sequence_len=32, vocab_size=256, n_layer=3, n_head=2, n_kv_head=2, n_embd=64)

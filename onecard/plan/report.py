@@ -11,7 +11,7 @@ from onecard.datasources import format_bytes
 from onecard.errors import UsageError
 from onecard.model_config import GPTConfig, flops_per_token, param_counts
 from onecard.plan.catalog import GPU
-from onecard.plan.memory import checkpoint_bytes
+from onecard.plan.persistent import checkpoint_bytes
 from onecard.plan.search import Candidate, Settings, config_params, for_model, horizon
 from onecard.recipe import CHOICES, Recipe
 from onecard.units import format_duration

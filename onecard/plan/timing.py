@@ -14,7 +14,7 @@ from onecard import defaults
 from onecard.model_config import GPTConfig, flops_per_token, param_counts, window_sizes
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import GPU
-from onecard.plan.memory import DTYPE_BYTES, parameter_dtypes, parameter_shapes, persistent_bytes
+from onecard.plan.persistent import DTYPE_BYTES, parameter_dtypes, parameter_shapes, persistent_bytes
 from onecard.recipe import Recipe
 
 NS_STEPS = 5  # Newton-Schulz iterations per Muon update (nanochat)
