@@ -36,6 +36,7 @@ import torch
 
 from onecard.conversations import prompt_ids
 from onecard.device import autocast_for
+from onecard.download import download_leftover
 from onecard.errors import UsageError
 from onecard.scoring import BATCH_TOKENS, Row, batches
 from onecard.tokenizer import Tokenizer
@@ -68,8 +69,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
     """(where, row) of a .jsonl/.jsonl.gz/.json file, a .parquet file, or a folder's test* files."""
     path = Path(path).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("test*") if _readable(p)) or sorted(p for p in path.rglob("*")
-                                                                                 if _readable(p))
+        files = evaluation_files(path) or sorted(p for p in path.rglob("*") if _readable(p))
         if not files:
             raise UsageError(f"{path} holds no .jsonl, .jsonl.gz or .parquet files")
         for file in files:
@@ -95,14 +95,14 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
 
 
 def _readable(path: Path) -> bool:
-    """A task data file, never a download's .part.json side file (its resume state)."""
-    return path.is_file() and not path.name.endswith(".part.json") and (
+    """A task data file, never a download's resume state (NAME.part.json)."""
+    return path.is_file() and not download_leftover(path) and (
         path.suffix in (".jsonl", ".json", ".parquet") or path.name.endswith(".jsonl.gz"))
 
 
-def has_test_file(folder: Path) -> bool:
-    """Whether a folder holds a readable test* file (not only a download's .part of one)."""
-    return any(_readable(p) for p in Path(folder).rglob("test*"))
+def evaluation_files(folder: Path) -> list[Path]:
+    """A folder's readable test* files (not the .part of one still downloading)."""
+    return sorted(p for p in Path(folder).rglob("test*") if _readable(p))
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:

@@ -276,24 +276,31 @@ def _row_groups(path: Path) -> int:
         return parquet.num_row_groups
 
 
-def check_shard(path: Path) -> str:
-    """A parquet shard that reads: its footer, a 'text' column of strings, its first and last row groups
-    decoded. Returns what was checked; ValueError (one line) otherwise. `onecard data download` runs it
-    before a shard counts as complete."""
+def check_parquet(path: Path, columns: tuple[tuple[str, ...], ...], strings: str | None = None) -> str:
+    """A parquet file that reads: its footer, one of the expected sets of columns, its first and last
+    row groups decoded (and `strings`, if named, a column of strings). Returns what was checked;
+    ValueError (one line) otherwise. `onecard data download` runs it before a file counts as complete."""
     try:
         with pq.ParquetFile(path) as parquet:
             names = parquet.schema_arrow.names
-            if "text" not in names:
-                raise ValueError(f"no 'text' column (it has {', '.join(names)})")
+            wanted = next((c for c in columns if set(c) <= set(names)), None)
+            if wanted is None:
+                raise ValueError(f"columns {', '.join(names)}: expected {' or '.join(', '.join(c) for c in columns)}")
             groups = parquet.num_row_groups
             for group in sorted({0, groups - 1}) if groups else []:
-                column = parquet.read_row_group(group, columns=["text"]).column(0)
-                if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-                    raise ValueError(f"the 'text' column holds {column.type}, not strings")
+                table = parquet.read_row_group(group, columns=list(wanted))
+                kind = table.column(strings).type if strings else pa.string()
+                if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                    raise ValueError(f"the '{strings}' column holds {kind}, not strings")
             rows = parquet.metadata.num_rows
     except (OSError, pa.ArrowException) as e:
         raise ValueError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
     return f"parquet: {groups} row groups, {rows:,} rows"
+
+
+def check_shard(path: Path) -> str:
+    """A pre-training shard: a parquet file with a 'text' column of strings (check_parquet)."""
+    return check_parquet(path, (("text",),), strings="text")
 
 
 def _read_row_group(path: Path, group: int) -> list[str]:

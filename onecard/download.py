@@ -132,9 +132,22 @@ class Cancel(threading.Event):
                     pass  # then the worker stops at its next byte or its stall timeout
 
 
+PART_SUFFIXES = (".part", ".part.json")  # a file on its way, and its resume state
+
+
 def part_paths(dest: Path) -> tuple[Path, Path]:
-    part = dest.with_name(dest.name + ".part")
-    return part, part.with_name(part.name + ".json")
+    part = dest.with_name(dest.name + PART_SUFFIXES[0])
+    return part, dest.with_name(dest.name + PART_SUFFIXES[1])
+
+
+def arriving(path: Path) -> bool:
+    """Whether `path` is a file still on its way (NAME.part)."""
+    return path.name.endswith(PART_SUFFIXES[0])
+
+
+def download_leftover(path: Path) -> bool:
+    """Whether `path` is one of a download's own files (NAME.part, NAME.part.json): never data."""
+    return path.name.endswith(PART_SUFFIXES)
 
 
 def _size(path: Path) -> int:

@@ -165,9 +165,9 @@ def check_common(args: argparse.Namespace) -> None:
 def data_path(args: argparse.Namespace, task: str, quiet: bool = False) -> str | None:
     path = getattr(args, task.replace("-", "_"), None)
     if path is None and task in TASK_FOLDERS and Path(TASK_FOLDERS[task]).is_dir():
-        from onecard.chat_tasks import has_test_file
+        from onecard.chat_tasks import evaluation_files
         # only its test file: a folder whose test file failed to download holds the train split alone
-        if has_test_file(Path(TASK_FOLDERS[task])):
+        if evaluation_files(Path(TASK_FOLDERS[task])):
             path = TASK_FOLDERS[task]
     if path is None and task == "humaneval":
         from onecard.chat_tasks import humaneval_package_file

@@ -18,7 +18,7 @@ from filelock import FileLock, Timeout
 
 from onecard import datasources as ds
 from onecard.byteprogress import Progress
-from onecard.data import check_shard
+from onecard.data import check_parquet, check_shard
 from onecard.download import DownloadError, Job, Result, Settings, check_disk, download_all, part_paths
 from onecard.errors import UsageError
 
@@ -176,33 +176,13 @@ def _existing(path: Path) -> Path:
 
 # ---------------------------------------------------------------- chat and task datasets
 
-def check_columns(path: Path, columns: tuple[tuple[str, ...], ...]) -> str:
-    """A parquet file that reads (its footer, its first and last row groups) and has one of the
-    expected sets of columns; ValueError (one line) otherwise."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        with pq.ParquetFile(path) as parquet:
-            names = parquet.schema_arrow.names
-            if not any(set(wanted) <= set(names) for wanted in columns):
-                raise ValueError(f"columns {', '.join(names)}: expected {' or '.join(', '.join(c) for c in columns)}")
-            groups = parquet.num_row_groups
-            for group in sorted({0, groups - 1}) if groups else []:
-                parquet.read_row_group(group)
-            rows = parquet.metadata.num_rows
-    except (OSError, pa.ArrowException) as e:
-        raise ValueError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
-    return f"parquet: {groups} row groups, {rows:,} rows"
-
-
 def download_files(file_set: ds.FileSet, folder: Path, settings: Settings, base_url: str | None = None,
                    dry_run: bool = False, say: Say = print, stream=None) -> None:
     """Bring `folder` to hold every file of `file_set` under its repository path, each verified. A file
     already there counts when it passes the same check; one that does not is moved aside to NAME.damaged."""
     folder = Path(folder).expanduser()
     _check_folder(folder)
-    check = partial(check_columns, columns=file_set.columns)
+    check = partial(check_parquet, columns=file_set.columns)
     jobs, done = [], 0
     for path in file_set.files:
         dest = folder / path

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from onecard.conversations import CONVERSATION_SUFFIXES, BadConversation, normalize, read_file, render
+from onecard.download import arriving, download_leftover
 from onecard.errors import UsageError
 from onecard.task_chats import as_conversation
 from onecard.tokenizer import Tokenizer
@@ -178,14 +179,14 @@ def _files(path: Path) -> list[tuple[Path, str]]:
             if colon and Path(before).exists() else ""
         raise UsageError(f"--data {path}: no such file{hint}")
     found = [p for p in _walk(path) if any(part.lower().startswith("train") for part in p.relative_to(path).parts)]
-    unfinished = [p for p in found if p.name.endswith(".part")]
-    if unfinished:
-        raise UsageError(f"--data {path}: {unfinished[0]} is an unfinished download: finish it (rerun "
+    on_its_way = [p for p in found if arriving(p)]
+    if on_its_way:
+        raise UsageError(f"--data {path}: {on_its_way[0]} is an unfinished download: finish it (rerun "
                          "`onecard data download`) or remove it")
 
     def conversation_files(candidates):
         return sorted(p for p in candidates if p.is_file() and p.suffix in CONVERSATION_SUFFIXES
-                      and not p.name.endswith(".part.json"))
+                      and not download_leftover(p))
 
     chosen = conversation_files(found) or [
         p for p in conversation_files(path.iterdir()) if not p.name.lower().startswith(("test", "val", "dev"))]
