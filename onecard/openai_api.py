@@ -34,7 +34,8 @@ NOT_IMPLEMENTED = {
     "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
     "parallel_tool_calls": (True, False), "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},),
     "response_format": ({"type": "text"},), "presence_penalty": (0,), "frequency_penalty": (0,),
-    "echo": (False,), "best_of": (1,), "suffix": ("",),
+    "echo": (False,), "best_of": (1,), "suffix": ("",), "modalities": (["text"],), "audio": (),
+    "web_search_options": (),
 }
 
 
@@ -102,7 +103,7 @@ def _bad(param: str, message: str) -> ApiError:
 
 
 def _number(body: dict, name: str, default: float | None, low: float, high: float,
-            integer: bool = False, low_open: bool = False) -> float | None:
+            integer: bool = False) -> float | None:
     value = body.get(name)
     if value is None:
         return default
@@ -111,11 +112,9 @@ def _number(body: dict, name: str, default: float | None, low: float, high: floa
             (integer and isinstance(value, float) and math.isfinite(value) and not value.is_integer()):
         raise ApiError(400, f"{name}: expected {kind}, got {value!r:.40}", param=name, code="invalid_type")
     # (no float() of an int: a 400-digit integer is valid JSON and would overflow)
-    if (isinstance(value, float) and not math.isfinite(value)) or value > high or value < low or \
-            (low_open and value == low):
+    if (isinstance(value, float) and not math.isfinite(value)) or value > high or value < low:
         shown = (lambda x: f"{x:,}") if integer else (lambda x: f"{x:g}")  # 2**63 - 1 in full, not 9.22e+18
-        bound = f"above {shown(low)}" if low_open else f"from {shown(low)}"
-        raise _bad(name, f"expected {kind} {bound} to {shown(high)}, got {value!r:.40}")
+        raise _bad(name, f"expected {kind} from {shown(low)} to {shown(high)}, got {value!r:.40}")
     return int(value) if integer else float(value)
 
 
@@ -159,7 +158,7 @@ def _sampling(body: dict, limits: Limits) -> Sampling:
     seed = _number(body, "seed", None, -SEED_RANGE, SEED_RANGE - 1, integer=True)  # OpenAI's: any int64
     return Sampling(temperature=_number(body, "temperature", 0.6, 0, 2),
                     top_k=_number(body, "top_k", 50, 1, limits.max_top_k, integer=True),
-                    top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
+                    top_p=_number(body, "top_p", 1.0, 0, 1),  # 0, as OpenAI takes it: the most likely token
                     max_tokens=max_tokens,
                     seed=secrets.randbelow(SEED_RANGE) if seed is None else seed % 2**64)  # as torch takes it
 
@@ -204,13 +203,27 @@ def _assistant_parts(text: str) -> str | list[dict]:
     return [p for p in parts + [{"type": "text", "text": text[at:]}] if p["text"] or p["type"] != "text"]
 
 
+def _alternate(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """OpenAI takes the roles in any order; the model knows one system message, then user and
+    assistant in turn. A system message after the first turn goes into the user turn that follows,
+    and messages of one role in a row become one turn, their texts a blank line apart."""
+    folded: list[tuple[str, str]] = []
+    for role, text in turns:
+        role = "user" if role == "system" and folded else role
+        if folded and folded[-1][0] == role:
+            folded[-1] = (role, "\n\n".join(t for t in (folded[-1][1], text) if t))
+        else:
+            folded.append((role, text))
+    return folded
+
+
 def check_messages(raw: object, limits: Limits) -> list[dict]:
     """OpenAI messages -> onecard's normalized conversation, ending with a user turn."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "messages: expected a non-empty list", param="messages", code="invalid_type")
     if len(raw) > limits.max_messages:
         raise _bad("messages", f"at most {limits.max_messages} messages, got {len(raw)}")
-    messages, total = [], 0
+    turns, total = [], 0
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise ApiError(400, f"messages[{i}]: expected an object with role and content",
@@ -222,9 +235,11 @@ def check_messages(raw: object, limits: Limits) -> list[dict]:
         if len(text) > limits.max_message_chars:
             raise _bad(f"messages[{i}].content", f"at most {limits.max_message_chars:,} characters, got {len(text):,}")
         total += len(text)
-        messages.append({"role": role, "content": _assistant_parts(text) if role == "assistant" else text})
+        turns.append((role, text))
     if total > limits.max_total_chars:
         raise _bad("messages", f"at most {limits.max_total_chars:,} characters in all, got {total:,}")
+    messages = [{"role": role, "content": _assistant_parts(text) if role == "assistant" else text}
+                for role, text in _alternate(turns)]
     if messages[-1]["role"] != "user":
         raise _bad("messages", "the last message must be the user's: the model answers it")
     try:

@@ -140,7 +140,7 @@ def test_chat_models_also_complete_text(chat_server):
 
 
 BAD = [
-    ({"temperature": 3}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"temperature": 3}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": -0.1}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 5000}, "max_tokens"), ({"n": 0}, "n"), ({"n": 9}, "n"),
     ({"seed": 2**63}, "seed"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"),
     ({"stream": "yes"}, "stream"), ({"extra_body": {"top_k": 500}}, "top_k"),
@@ -152,11 +152,13 @@ BAD = [
     ({"messages": [{"role": "user", "content": "x" * 7_000}] * 5}, "32,000"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 250
       + [{"role": "user", "content": "c"}]}, "500 messages"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "roles out of order"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, "roles out of order"),
     # asked for, but not implemented: refused by name rather than answered without
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools: not implemented"),
     ({"logprobs": True}, "logprobs: not implemented"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"web_search_options": {}}, "web_search_options"),
 ]
 
 
@@ -374,6 +376,28 @@ def test_calculator_calls_in_the_history_go_back_to_the_model_as_tool_calls():
                                {"role": "assistant", "content": f"So [calculator: {expression} = {result}] ok"},
                                {"role": "user", "content": "!"}], Limits())[1]["content"]
         assert said[1:3] == [{"type": "python", "text": expression}, {"type": "python_output", "text": result}]
+
+
+def test_roles_in_any_order_become_alternating_turns():
+    """OpenAI takes several system messages, one anywhere, and messages of one role in a row."""
+    from onecard.openai_api import check_messages
+
+    parts = [{"type": "text", "text": "b"}]
+    said = check_messages([{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Be kind."},
+                           {"role": "user", "content": "a"}, {"role": "user", "content": parts},
+                           {"role": "assistant", "content": "c"}, {"role": "assistant", "content": ""},
+                           {"role": "system", "content": "In French."}, {"role": "user", "content": "d"}], Limits())
+    assert said == [{"role": "user", "content": "Be brief.\n\nBe kind.\n\na\n\nb"},
+                    {"role": "assistant", "content": "c"}, {"role": "user", "content": "In French.\n\nd"}]
+
+
+def test_top_p_0_and_consecutive_user_messages_are_answered(chat_server):
+    c = client(chat_server)
+    ask = dict(model="chat", messages=HELLO, max_tokens=8)
+    greedy = c.chat.completions.create(temperature=0, **ask).choices[0].message.content
+    assert c.chat.completions.create(temperature=1, top_p=0, seed=5, **ask).choices[0].message.content == greedy
+    twice = [{"role": "system", "content": "Be brief."}, *HELLO, {"role": "user", "content": "Are you there?"}]
+    assert c.chat.completions.create(model="chat", messages=twice, max_tokens=2).choices[0].finish_reason
 
 
 def test_a_blank_reply_in_the_history_is_accepted(chat_server):
