@@ -15,6 +15,7 @@ import sys
 import threading
 from importlib.util import find_spec
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from onecard.args import ONE_DECODE_STEP, add_threads_argument, gigabytes, non_negative_int, positive_int, text_arg
 from onecard.errors import UsageError
@@ -29,6 +30,16 @@ def port(text: str) -> int:
     return value
 
 
+def origin(text: str) -> str:
+    """A web origin as browsers send it: scheme://host[:port], no path; or '*'."""
+    parts = urlsplit(text)
+    if text != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or "@" in parts.netloc
+                        or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise argparse.ArgumentTypeError(f"expected an origin such as http://localhost:3000 (no path), or '*'; "
+                                         f"got {text!r}")
+    return text.rstrip("/")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=text_arg, help="an onecard run (SFT or base) or a nanochat checkpoint directory")
     p.add_argument("--host", type=text_arg, default="127.0.0.1",
@@ -37,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=port, default=8000, help="default 8000; 0 picks a free port")
     p.add_argument("--api-key", type=text_arg, default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $ONECARD_API_KEY, else none)")
+    p.add_argument("--allow-origin", type=origin, action="append", default=[], metavar="ORIGIN",
+                   help="a web page elsewhere that may use the API, e.g. http://localhost:3000 (repeatable; '*' for "
+                        "any). The server's own page and programs need none; other pages get 403")
     p.add_argument("--max-concurrent", type=positive_int, default=4,
                    help="requests decoded at the same time (default 4)")
     p.add_argument("--max-queued", type=positive_int, default=64,
@@ -114,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     cache_memory = None if args.cache_memory is None else int(args.cache_memory * 2**30)
     backend = Backend(args.name or path.resolve().name, workers=args.max_concurrent, max_queued=args.max_queued,
                       cache_memory=cache_memory)
-    server = uvicorn_server(create_app(backend, limits, api_key), args.log_level)
+    server = uvicorn_server(create_app(backend, limits, api_key, allow_origins=tuple(args.allow_origin)),
+                            args.log_level)
     announce(args.host, sock.getsockname()[1], api_key, path)
     loader = threading.Thread(target=_load, args=(backend, server, path, kind, args), daemon=True)
     loader.start()

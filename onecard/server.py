@@ -23,11 +23,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from onecard.conversations import prompt_ids
@@ -264,12 +266,22 @@ class Generation:
             self.job.cancelled.set()
 
 
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin header names the server the request reached (its Host header)."""
+    return urlsplit(origin).netloc.lower() == host.lower()
+
+
 def create_app(backend: Backend, limits: Limits | None = None, api_key: str | None = None,
-               page: Page | None = None) -> FastAPI:
+               page: Page | None = None, allow_origins: tuple[str, ...] = ()) -> FastAPI:
+    """allow_origins: web pages elsewhere that may use the API (CORS), '*' for any; the server's own
+    page and clients that are not browsers (they send no Origin) need nothing."""
     limits = limits or Limits()
     page = page or Page.shipped()
     app = FastAPI(title="onecard", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
+    if allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:
@@ -293,6 +305,16 @@ def create_app(backend: Backend, limits: Limits | None = None, api_key: str | No
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'" if not given else
                            "wrong API key", code="invalid_api_key")
+
+    def check_origin(request: Request) -> None:
+        # Any page a user has open can POST here as text/plain, which needs no CORS preflight: without
+        # this check, every site could spend the model's time (it could not read the answers).
+        origin = request.headers.get("origin")
+        if origin is None or "*" in allow_origins or origin in allow_origins or \
+                same_origin(origin, request.headers.get("host", "")):
+            return
+        raise ApiError(403, f"a web page at {origin} may not use this server (onecard serve --allow-origin "
+                            f"{origin} lets it)", code="origin_not_allowed")
 
     def check_model(model_id: str | None) -> None:
         if model_id not in (None, backend.name):
@@ -330,6 +352,7 @@ def create_app(backend: Backend, limits: Limits | None = None, api_key: str | No
         return model_card()
 
     async def generate(request: Request, chat: bool):
+        check_origin(request)
         authorize(request)
         backend.require_ready()
         parsed = (parse_chat if chat else parse_completion)(await read_json(request, limits), limits)

@@ -4,6 +4,7 @@ exception class), plus disconnects, malformed requests and the command line itse
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -576,3 +577,46 @@ def test_a_request_waits_for_kv_cache_memory_and_one_too_large_is_400(runs):
         assert text.startswith("word word")
     finally:
         server.stop()
+
+
+def test_other_web_pages_are_refused_unless_allowed(runs):
+    """A page elsewhere can POST as text/plain with no preflight: only the server's own page, clients
+    that send no Origin, and --allow-origin's pages may start a generation."""
+    body = json.dumps({"messages": HELLO, "max_tokens": 2})
+    server = Running(create_app(model_backend(runs[1], "chat", workers=1)))
+    try:
+        post = lambda **headers: httpx.post(server.url + "/v1/chat/completions", content=body,  # noqa: E731
+                                            headers={"Content-Type": "text/plain", **headers}, timeout=60)
+        refused = post(Origin="https://evil.example")
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "origin_not_allowed"
+        assert "--allow-origin https://evil.example" in refused.json()["error"]["message"]
+        assert post(Origin="null").status_code == 403  # a sandboxed frame or a file
+        own = server.url.removeprefix("http://")
+        assert post(Origin=f"http://{own}").status_code == 200  # the server's own chat page
+        assert post().status_code == 200  # curl, the openai client
+        assert "access-control-allow-origin" not in post().headers
+    finally:
+        server.stop()
+    allowed = Running(create_app(model_backend(runs[1], "chat", workers=1), allow_origins=("http://localhost:3000",)))
+    try:
+        preflight = httpx.options(allowed.url + "/v1/chat/completions", timeout=10, headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+        answer = httpx.post(allowed.url + "/v1/chat/completions", content=body, timeout=60,
+                            headers={"Content-Type": "application/json", "Origin": "http://localhost:3000"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert httpx.post(allowed.url + "/v1/chat/completions", content=body, timeout=60,
+                          headers={"Origin": "http://localhost:4000"}).status_code == 403
+    finally:
+        allowed.stop()
+
+
+@pytest.mark.parametrize("text", ["http://localhost:3000/app", "localhost:3000", "ftp://x", "http://u@x"])
+def test_allow_origin_takes_origins_only(text):
+    from onecard.serve import origin
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an origin"):
+        origin(text)
+    assert origin("http://localhost:3000/") == "http://localhost:3000" and origin("*") == "*"
