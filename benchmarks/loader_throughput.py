@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this is loaded
-from common import commit  # noqa: E402
+from common import commit, cpu_name  # noqa: E402
 
 from onecard.data import Corpus, iter_texts
 from onecard.loader import TokenLoader
@@ -165,7 +165,7 @@ def main() -> None:
     result = {
         "benchmark": "loader_throughput", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": commit(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": _cpu_name(), "cores_used": len(cores), "cores_present": os.cpu_count(),
+        "machine": {"cpu": cpu_name(), "cores_used": len(cores), "cores_present": os.cpu_count(),
                     "python": platform.python_version(), "platform": platform.platform(),
                     "pyarrow": pa.__version__, "tiktoken": _version("tiktoken")},
         "data": data_info, "corpus": corpus.describe(), "vocab_size": tokenizer.vocab_size,
@@ -180,18 +180,8 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     d12, d20 = plan["d12"]["tokens_per_s"], plan["d20"]["tokens_per_s"]
-    print(f"| {len(cores)} cores, {_cpu_name()} | {tokenizer.vocab_size:,} | {compression:.2f} | {best:,.0f} | "
+    print(f"| {len(cores)} cores, {cpu_name()} | {tokenizer.vocab_size:,} | {compression:.2f} | {best:,.0f} | "
           f"{d12:,.0f} ({best / d12:.0f}x) | {d20:,.0f} ({best / d20:.0f}x) | {best / TARGET_D12:.0f}x |")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _version(name: str) -> str:

@@ -241,3 +241,31 @@ def test_cuda_folds_equal_the_in_order_fp32_sum_bit_for_bit(staging, slow_folds)
     chunks and the hook waits for the worker."""
     folder = None if staging is None else GradFolder(*staging)
     check_folded_sums("cuda", NAMED["offload"], folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_a_16_bit_gradient_widened_chunk_by_chunk_adds_the_bits_of_the_mixed_add(monkeypatch, dtype, contiguous):
+    """fold_into widens 16-bit gradients to fp32 a chunk at a time before adding (faster on the CPU);
+    the reference is PyTorch's own mixed-dtype add_, over chunks that do not divide the tensor."""
+    monkeypatch.setattr(grad_fold, "FOLD_CHUNK", 1000)
+    g = torch.Generator().manual_seed(0)
+    source = (torch.randn(70, 50, generator=g) * 3).to(dtype)
+    if not contiguous:
+        source = (torch.randn(50, 70, generator=g) * 3).to(dtype).t()
+    start = torch.randn(70, 50, generator=g) * 1e3
+    widened, mixed = start.clone(), start.clone()
+    grad_fold.fold_into(widened, source, first=False)
+    mixed.add_(source)
+    assert torch.equal(widened, mixed)
+    assert grad_fold._scratch().numel() == 1000  # the chunk it was cut into
+
+
+def test_folds_that_do_not_widen_exactly_keep_the_plain_add():
+    """An fp32 gradient, or a bf16 buffer, is added as before (widening is exact only into fp32)."""
+    g = torch.Generator().manual_seed(0)
+    for target, source in [(torch.randn(300, generator=g), torch.randn(300, generator=g)),
+                           (torch.randn(300, generator=g).bfloat16(), torch.randn(300, generator=g))]:
+        expected = target.clone().add_(source)
+        grad_fold.fold_into(target, source, first=False)
+        assert torch.equal(target, expected)
