@@ -88,7 +88,7 @@ def temperature(text: str) -> float:
 
 
 def gigabytes(text: str) -> float:
-    """'12', '12GB', '12 GiB', '8g' -> 12.0 GiB; positive and below a petabyte."""
+    """'12', '12GB', '12 GiB', '8g', '12288MiB' -> 12.0 GiB; positive and below a petabyte."""
     try:
         value = parse_gib(text)
     except NumberError as error:

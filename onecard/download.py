@@ -223,7 +223,7 @@ def _transfer(job: Job, part: Path, side: Path, s: Settings, progress: Progress,
         headers["Range"] = f"bytes={have}-"
         if meta.get("validator"):
             headers["If-Range"] = meta["validator"]
-    response = _open(job.url, headers, s.timeout_s, have, meta, part, side, progress)
+    response = _open(job, headers, s.timeout_s, have, meta, part, side, progress)
     if response is None:  # the part is already whole (416 with the same size)
         return
     with response:
@@ -236,9 +236,9 @@ def _transfer(job: Job, part: Path, side: Path, s: Settings, progress: Progress,
         raise _Retry(f"connection closed at {got:,} of {total:,} bytes")
 
 
-def _open(url: str, headers: dict, timeout: float, have: int, meta: dict, part: Path, side: Path,
+def _open(job: Job, headers: dict, timeout: float, have: int, meta: dict, part: Path, side: Path,
           progress: Progress):
-    request = urllib.request.Request(url, headers=headers)
+    request = urllib.request.Request(job.url, headers=headers)
     try:
         return _OPENER.open(request, timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -252,11 +252,11 @@ def _open(url: str, headers: dict, timeout: float, have: int, meta: dict, part: 
             raise _Retry("the server's copy differs from the partial file: starting over") from None
         if code in RETRY_STATUS:
             raise _Retry(f"HTTP {code} {e.reason}", after) from None
-        raise _Fatal(f"{Path(url).name}: HTTP {code} {e.reason} from {url}") from None
+        raise _Fatal(f"{job.name}: HTTP {code} {e.reason} from {job.url}") from None
     except (urllib.error.URLError, HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_NONAME:  # not a passing failure
-            raise _Fatal(f"{Path(url).name}: the host {urllib.parse.urlsplit(url).hostname} is not known "
+            raise _Fatal(f"{job.name}: the host {urllib.parse.urlsplit(job.url).hostname} is not known "
                          "(check the address, or this machine's network)") from None
         raise _Retry(_network_reason(e)) from None
 

@@ -205,13 +205,16 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
         f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}"
         + (f" x {world.size} ranks" if world.size > 1 else "") + f", recipe {recipe.name}")
     say(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
+    unfed = _unfed_note(args, data, corpus, config.arch)
     if args.dry_run:
         say(dry_run_text(recipe, choice.candidate, choice.settings, choice.notes, config))
         if not demo:  # the text such a run reads, in its set's shards and disk (onecard/datasources.py)
             shards = plan_shards(steps * total_batch, shard_set_for(config.arch, data))
             say(f"data: {shards.line()}" + shards.coverage(corpus))
+        if unfed:
+            say(f"note: {unfed}")
         return 0
-    for note in choice.notes:
+    for note in choice.notes + ([unfed] if unfed else []):
         say(f"note: {note}")
     if saved:
         tokenizer = Tokenizer.load(run_dir / "tokenizer")
@@ -231,6 +234,19 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     result = train(config, tokenizer, corpus, recipe, settings, model=model, prediction=prediction, world=world)
     resume = resume_command("train", run_dir, world.size, args.threads, args.device if args.device != "auto" else None)
     return _closing_words(result, resume, steps, total_batch, prediction, say)
+
+
+def _unfed_note(args: argparse.Namespace, data: str | None, corpus, arch: str) -> str | None:
+    """A model asked for by size with no --data trains on the embedded corpus, a few MB read over
+    and over: said, since the plan's data line counts the shards such a model ought to read."""
+    from onecard.datasources import shard_set_for
+
+    if data or not (args.model or args.depth):
+        return None
+    shard_set = shard_set_for(arch).name
+    return (f"no --data: this run trains on the embedded corpus ({sum(corpus.sizes) / 1e6:.1f} MB of Python "
+            f"source, read over and over), not on {shard_set} shards; give --data data/{shard_set} "
+            f"(`onecard data download {shard_set}` fills it)")
 
 
 def _settings(args: argparse.Namespace, pick, demo: bool, **chosen):

@@ -38,14 +38,22 @@ def parse_number(text: str) -> float:
     return value
 
 
+# GB as card makers write GiB; MiB as nvidia-smi prints a card's memory (12282MiB)
+GIB_UNITS = {"gib": 1.0, "gb": 1.0, "g": 1.0, "mib": 1 / 1024, "mb": 1 / 1024}
+
+
 def parse_gib(text: str) -> float:
-    """'12', '12GB', '12 GiB', '8g' -> 12.0: memory in GiB (what card makers call GB)."""
+    """'12', '12GB', '12 GiB', '8g', '12288MiB' -> 12.0: memory in GiB (what card makers call GB)."""
     t = str(text).strip().lower().replace(" ", "")
-    for unit in ("gib", "gb", "g"):
-        if t.endswith(unit):
-            t = t[: -len(unit)]
-            break
-    return parse_number(t)
+    unit = next((u for u in GIB_UNITS if t.endswith(u)), "")
+    number = t[: len(t) - len(unit)]
+    try:
+        return parse_number(number) * GIB_UNITS.get(unit, 1.0)
+    except NumberError:
+        if "," in number:  # a decimal comma: parse_number's reason says what to write
+            raise
+        raise NumberError(f"{text!r} is not a memory size: write it in GB (GiB), e.g. 12GB or 12 GiB, "
+                          "or in MiB as nvidia-smi prints it") from None
 
 
 def format_duration(seconds: float) -> str:

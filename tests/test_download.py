@@ -299,6 +299,21 @@ def test_a_host_that_is_not_known_fails_at_once(server, tmp_path, monkeypatch):
     assert "\n" not in str(caught.value) and len(calls) == len(set(calls))  # each file asked once
 
 
+def test_a_file_given_up_is_named_by_its_path_in_the_set(tmp_path, monkeypatch):
+    """ARC-Easy and ARC-Challenge each have a test-00000-of-00001.parquet: the line says which."""
+    import socket
+    import urllib.error
+
+    def unknown(request, timeout=None):
+        raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    monkeypatch.setattr(dl._OPENER, "open", unknown)
+    jobs = [dl.Job(f"https://hf.invalid/{kind}/test.parquet", tmp_path / kind / "test.parquet", 1e3,
+                   label=f"{kind}/test.parquet") for kind in ("ARC-Easy", "ARC-Challenge")]
+    results, failed = dl.download_all(jobs, FAST, Progress(jobs, stream=io.StringIO(), every_s=0))
+    assert results == [] and sorted(line.split(":")[0] for line in failed) == sorted(job.name for job in jobs)
+
+
 def test_a_partial_transfer_of_a_drop_forever_server_stays_a_part_file(server, tmp_path):
     name = SET.filename(1)
     server.always[name] = "drop"

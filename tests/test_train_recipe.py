@@ -34,6 +34,14 @@ def run_cli(capsys, *argv):
 
 def test_vram_accepts_units():
     assert gigabytes("12GB") == gigabytes("12 GiB") == gigabytes("12g") == gigabytes("12") == 12.0
+    assert gigabytes("12288MiB") == gigabytes("12288 MB") == 12.0  # as nvidia-smi prints it
+
+
+@pytest.mark.parametrize("text", ["12TB", "12 kB", "12xb", "twelve GB"])
+def test_vram_in_another_unit_says_which_units_it_takes(capsys, text):
+    code, _, err = run_cli(capsys, "plan", "--model", "d20", "--gpu", "rtx4070", "--vram", text)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert repr(text) in err and "12GB" in err and "MiB" in err
 
 
 def test_dry_run_names_the_fastest_recipe_that_fits_and_writes_nothing(capsys, tmp_path):
@@ -52,6 +60,20 @@ def test_dry_run_names_the_fastest_recipe_that_fits_and_writes_nothing(capsys, t
                                  micro_steps=524288 // (b * 2048)).total <= 12 * 2**30}
     assert fitting[(chosen, micro)] == max(fitting.values())
     assert "Memory at the peak" in out and "Time:" in out and "wall time" in out
+
+
+def test_a_sized_model_without_data_is_told_it_would_read_the_embedded_corpus(capsys, tmp_path):
+    """The dry run's data line counts FineWeb-EDU shards; without --data the run reads the
+    standard library's few MB over and over, and the dry run says so (the demo needs no note)."""
+    base = ("train", "--gpu", "rtx4070", "--dry-run", "--run-dir", str(tmp_path / "run"))
+    code, out, _ = run_cli(capsys, *base, "--model", "d20")
+    assert code == 0 and "note: no --data: this run trains on the embedded corpus" in out
+    assert "give --data data/fineweb-edu" in out
+    (tmp_path / "corpus.txt").write_text("some text to train on. " * 100)
+    code, out, _ = run_cli(capsys, *base, "--model", "d20", "--data", str(tmp_path / "corpus.txt"))
+    assert code == 0 and "no --data" not in out
+    code, out, _ = run_cli(capsys, *base)
+    assert code == 0 and "no --data" not in out
 
 
 def test_leaner_cap_picks_leaner_or_smaller_micro_batch():
