@@ -94,8 +94,9 @@ def test_vocabulary_larger_than_corpus_supports(capsys, tmp_path):
     assert code == 2 and "vocab" in err.lower() and len(err.strip().splitlines()) == 1
 
 
-def test_console_script_has_no_traceback():
-    result = subprocess.run([sys.executable, "-m", "onecard.cli", "info", "--model", "dd"],
+@pytest.mark.parametrize("module", ["onecard.cli", "onecard"])  # python -m onecard, as the command
+def test_console_script_has_no_traceback(module):
+    result = subprocess.run([sys.executable, "-m", module, "info", "--model", "dd"],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("onecard: error:") and "Traceback" not in result.stderr
