@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from onecard.args import ONE_DECODE_STEP, add_threads_argument, positive_int, seed, temperature, text_arg
+from onecard.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-dir", required=True, type=text_arg,
-                   help="an onecard run directory or a nanochat checkpoint directory")
+    p.add_argument("run_dir", nargs="?", type=text_arg,
+                   help="an onecard run directory or a nanochat checkpoint directory (default: the newest "
+                        "finished `onecard train` run under ./runs)")
+    p.add_argument("--run-dir", dest="run_dir_flag", type=text_arg, metavar="RUN_DIR",
+                   help="the same, as a flag (as train's closing line writes it)")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=temperature, default=0.8, help="0 for greedy, at most 2 (default 0.8)")
@@ -26,9 +31,25 @@ def run(args: argparse.Namespace) -> int:
     from onecard.engine import sample_text
     from onecard.weights import load_weights
 
+    run_dir = chosen_run(args.run_dir, args.run_dir_flag)
     device = resolve_device(args.device)
     use_threads(args.threads, device)
-    model, tokenizer, _ = load_weights(args.run_dir, device, tokenizer_path=args.tokenizer)
+    model, tokenizer, _ = load_weights(run_dir, device, tokenizer_path=args.tokenizer)
     print(sample_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
                       top_k=args.top_k, seed=args.seed))
     return 0
+
+
+def chosen_run(given: str | None, flag: str | None) -> str | Path:
+    """The run named as an argument or with --run-dir, else the newest finished pre-training run."""
+    from onecard.run import newest_run
+
+    if given and flag and given != flag:
+        raise UsageError(f"two runs given ({given} and --run-dir {flag}): give one")
+    if given or flag:
+        return given or flag
+    found = newest_run("pretrain")
+    if found is None:
+        raise UsageError("no finished `onecard train` run under ./runs: give the run directory "
+                         "(onecard sample RUN_DIR)")
+    return found

@@ -34,6 +34,8 @@ def test_info_prints_published_counts(capsys):
     (["train", "--data", "/nonexistent/corpus"], "/nonexistent/corpus"),
     (["train", "--recipe", "turbo"], "unknown recipe"),
     (["sample", "--run-dir", "/nonexistent/run"], "not a directory"),
+    (["sample", "/nonexistent/run"], "not a directory"),  # as chat, eval, serve and export take it
+    (["sample", "runs/a", "--run-dir", "runs/b"], "two runs given"),
     (["train", "--stpes", "10"], "unrecognized arguments: --stpes 10 (see onecard train --help)"),
     (["plan", "--model", "d20", "--tokens", "38", "B"], "unrecognized arguments: B (see onecard plan --help)"),
 ])
@@ -56,6 +58,12 @@ def test_under_torchrun_rank_0_alone_says_a_usage_error(capsys, monkeypatch, ran
 def test_cuda_without_cuda(capsys):
     code, _, err = run_cli(capsys, "train", "--device", "cuda")
     assert code == 2 and "CUDA" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sample_without_a_run_and_none_under_runs_says_what_to_give(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "sample")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "onecard sample RUN_DIR" in err
 
 
 def test_a_run_without_final_weights_points_at_its_checkpoints(capsys, tmp_path):

@@ -298,7 +298,7 @@ def test_commands_read_a_transformers_folder(hf_dir, run_dir, tmp_path, capsys):
     sample = ["--prompt", "def ", "--temperature", "0", "--max-tokens", "12", "--device", "cpu"]
     assert main(["sample", "--run-dir", str(run_dir), *sample]) == 0
     from_run = capsys.readouterr().out
-    assert main(["sample", "--run-dir", str(hf_dir), *sample]) == 0
+    assert main(["sample", str(hf_dir), *sample]) == 0  # the directory as an argument, as other commands take it
     assert capsys.readouterr().out == from_run
     assert main(["chat", str(hf_dir), "-p", "hello", "--temperature", "0", "--max-tokens", "4",
                  "--device", "cpu"]) == 0
