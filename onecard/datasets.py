@@ -26,6 +26,7 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--max-chars", type=positive_int, default=2_000_000_000,
                    help="characters of training text to read at most (default 2e9)")
     t.add_argument("--out", type=text_arg, default="tokenizer", help="output directory (default ./tokenizer)")
+    t.add_argument("--force", action="store_true", help="replace a tokenizer already in --out")
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
@@ -33,6 +34,10 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     from onecard.tokenizer import Tokenizer, check_save_folder
 
     check_save_folder(Path(args.out))  # before the work, not after it
+    held = [name for name in ("tokenizer.json", "tokenizer.pkl") if (Path(args.out) / name).exists()]
+    if held and not args.force:  # a run resumed with --tokenizer DIR would refuse the replaced one
+        raise UsageError(f"{args.out} already holds a tokenizer ({held[0]}): give another --out, or --force to "
+                         "replace it")
     corpus = Corpus(args.data) if args.data else Corpus.embedded()
     if args.vocab_size is None:
         args.vocab_size = defaults.VOCAB_SIZE if args.data else defaults.DEMO["vocab_size"]

@@ -210,6 +210,12 @@ def test_tokenizer_train_with_no_arguments_works_on_the_embedded_corpus(capsys, 
     monkeypatch.chdir(tmp_path)
     assert main(["tokenizer", "train"]) == 0, capsys.readouterr().err
     assert Tokenizer.load(tmp_path / "tokenizer").vocab_size == 2048
+    before = (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+    code, _, err = run_cli(capsys, "tokenizer", "train", "--vocab-size", "1024")  # the same --out again
+    assert code == 2 and "already holds a tokenizer" in err and "--force" in err
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_bytes() == before
+    assert main(["tokenizer", "train", "--vocab-size", "1024", "--force"]) == 0
+    assert Tokenizer.load(tmp_path / "tokenizer").vocab_size == 1024
 
 
 def test_a_reader_that_leaves_a_training_run_stops_it_as_a_broken_pipe(tmp_path):
