@@ -83,8 +83,8 @@ class Tokenizer:
         if len(ranks) < n_ranks:
             reachable = len(ranks) + len(SPECIAL_TOKENS)
             raise UsageError(
-                f"the training text supports a vocabulary of only {reachable} tokens, not {vocab_size}: "
-                f"lower --vocab-size to at most {reachable} or give more text"
+                f"the training text supports a vocabulary of only {reachable:,} tokens, not {vocab_size:,}: "
+                f"lower --vocab-size to at most {reachable:,} or give more text"
             )
         return cls(_make_encoding(ENCODING_NAME, SPLIT_PATTERN, ranks))
 
