@@ -180,9 +180,10 @@ def _make_room(run_dir: Path, step: int, needed: int, keep: int) -> None:
 
 def as_os_error(error: Exception, folder: Path, needed: int) -> OSError:
     """A write error that safetensors (SafetensorError) or torch.save (RuntimeError) raised, as the
-    OSError it stands for: the disk full or the quota reached where it says so or the space is gone."""
+    OSError it stands for: the disk full, the quota reached or the folder not writable where it says so, or
+    the disk full where the space is gone."""
     text = str(error)
-    for code in (errno.ENOSPC, errno.EDQUOT):
+    for code in (errno.ENOSPC, errno.EDQUOT, *DENIED):
         if f"os error {code})" in text or os.strerror(code) in text:
             return OSError(code, os.strerror(code))
     try:

@@ -39,11 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_out_dir(out: Path, source: Path, force: bool) -> None:
-    """Refuse before any work: OUT_DIR a file, inside the source, or holding files without --force."""
+    """Refuse before any work: OUT_DIR a file, the source or a folder above it (--force would replace the
+    run's own config.json and weights), or holding files without --force."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is a file, not a folder: choose another OUT_DIR")
     if out.resolve() == source.resolve():
         raise UsageError(f"{out} is the model being exported: choose another OUT_DIR")
+    if out.resolve() in source.resolve().parents:
+        raise UsageError(f"{out} holds the model being exported ({source}): choose another OUT_DIR")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty: choose another OUT_DIR or add --force")
     blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
@@ -52,6 +55,9 @@ def check_out_dir(out: Path, source: Path, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+
+    from onecard.checkpoint import as_os_error
     from onecard.weights import load_weights
 
     source, out = Path(args.run_dir), Path(args.out_dir)
@@ -66,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             written = write_nanochat(out, model, tokenizer, args.dtype, args.phase or default_phase(info),
                                      source_step(info), info)
-    except OSError as error:
+    except (OSError, SafetensorError, RuntimeError) as error:  # safetensors and torch.save: a full disk their way
+        error = error if isinstance(error, OSError) else as_os_error(error, out, 1)
         where = error.filename2 or error.filename or out  # the file that failed (a rename's target)
         raise UsageError(f"cannot write {where}: {error.strerror or error}") from None
     print(f"wrote {len(written)} files to {out}:")
@@ -126,6 +133,24 @@ def _write_json(path: Path, data: dict) -> Path:
     return path
 
 
+def _save(write, path: Path) -> Path:
+    """write(temporary) then rename it to `path`: a failed or interrupted write leaves neither a half
+    file under the name nor the temporary."""
+    import contextlib
+
+    from onecard import durable
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        durable.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _weights(model, dtype: str) -> dict:
     import torch
 
@@ -135,44 +160,78 @@ def _weights(model, dtype: str) -> dict:
 
 
 def write_hf(out: Path, model, tokenizer, dtype: str, phase: str = "base") -> list[Path]:
-    from onecard import durable, formats
+    """config.json goes first and comes back last: it is what makes the folder a model, to transformers
+    and to onecard, so an export cut short leaves one that neither takes for whole."""
+    from onecard import durable, eval_results, formats
 
     ranks, specials = formats.tokenizer_ranks(tokenizer.enc)
     config = formats.hf_config(model.config, specials, dtype)  # first: it refuses what transformers lacks
     config["onecard_phase"] = phase  # base or chat: transformers keeps unknown keys; onecard's loaders read it
     state = {formats.hf_name(name): tensor for name, tensor in _weights(model, dtype).items()}
     out.mkdir(parents=True, exist_ok=True)
-    weights = out / "model.safetensors"
-    tmp = out / "model.safetensors.tmp"
-    durable.save_tensors(state, tmp, metadata={"format": "pt"})
-    durable.replace(tmp, weights)
+    (out / "config.json").unlink(missing_ok=True)  # --force over an older export
+    (out / eval_results.FILE).unlink(missing_ok=True)  # its scores: the next eval would merge them with these
+    weights = _save(lambda tmp: durable.save_tensors(state, tmp, metadata={"format": "pt"}),
+                    out / "model.safetensors")
     seq_len = model.config.sequence_len
-    return [
-        _write_json(out / "config.json", config),
+    written = [
         _write_json(out / "generation_config.json", formats.generation_config(specials)),
         weights,
         _write_json(out / "tokenizer.json", formats.hf_tokenizer_json(ranks, specials, tokenizer.enc._pat_str)),
         _write_json(out / "tokenizer_config.json", formats.hf_tokenizer_config(seq_len)),
     ]
+    return [_write_json(out / "config.json", config), *written]
 
 
 def write_nanochat(out: Path, model, tokenizer, dtype: str, phase: str, step: int, info: dict) -> list[Path]:
+    """The tokenizer first and meta_<step>.json last: both loaders need the meta beside the weights, so
+    an export cut short leaves no model that either takes for whole."""
     import torch
 
+    from onecard import eval_results
+
     folder = out / NANOCHAT_PHASE_DIRS[phase] / f"d{model.config.n_layer}"
+    model_path, meta_path = folder / f"model_{step:06d}.pt", folder / f"meta_{step:06d}.json"
+    check_nanochat_out(out, model_path, tokenizer)
+    tok_dir = out / "tokenizer"
+    tokenizer.save(tok_dir)  # tokenizer.pkl is what nanochat reads; tokenizer.json is onecard's
+    # token_bytes.pt: UTF-8 bytes per token (0 for specials), nanochat's bits-per-byte evaluation reads it
+    _save(lambda tmp: torch.save(tokenizer.token_bytes().to(torch.int32), tmp), tok_dir / "token_bytes.pt")
     folder.mkdir(parents=True, exist_ok=True)
-    model_path = folder / f"model_{step:06d}.pt"
-    tmp = model_path.with_name(model_path.name + ".tmp")
-    torch.save(_weights(model, dtype), tmp)
-    tmp.replace(model_path)
+    meta_path.unlink(missing_ok=True)  # --force over an older export of this step
+    (folder / eval_results.FILE).unlink(missing_ok=True)  # the scores of the model this one replaces
+    _save(lambda tmp: torch.save(_weights(model, dtype), tmp), model_path)
     # nanochat's GPTConfig has no `arch`: its code is the architecture (the classic at fae3aca,
     # nanochat-2026 from 92d63d4 on, which reads window_pattern)
     model_config = {k: v for k, v in model.config.to_dict().items() if k != "arch"}
     meta = {"step": step, "model_config": model_config, "user_config": {},
             "onecard": {"exported_from": info["path"], "layout": info["layout"]}}
-    meta_path = _write_json(folder / f"meta_{step:06d}.json", meta)
-    tok_dir = out / "tokenizer"
-    tokenizer.save(tok_dir)  # tokenizer.pkl is what nanochat reads; tokenizer.json is onecard's
-    # token_bytes.pt: UTF-8 bytes per token (0 for specials), nanochat's bits-per-byte evaluation reads it
-    torch.save(tokenizer.token_bytes().to(torch.int32), tok_dir / "token_bytes.pt")
+    _write_json(meta_path, meta)
     return [model_path, meta_path, tok_dir / "tokenizer.pkl", tok_dir / "token_bytes.pt", tok_dir / "tokenizer.json"]
+
+
+def check_nanochat_out(out: Path, model_path: Path, tokenizer) -> None:
+    """Refuse what --force would leave wrong: nanochat loads a folder's highest step, so a higher one
+    there would hide this one; and every model under OUT_DIR reads OUT_DIR/tokenizer."""
+    from onecard import formats
+    from onecard.tokenizer import Tokenizer
+    from onecard.weights import NANOCHAT_MODEL
+
+    def step(path: Path) -> int:
+        found = NANOCHAT_MODEL.match(path.name)
+        return int(found.group(1)) if found else -1
+
+    others = sorted(p for p in out.glob("*_checkpoints/*/model_*.pt") if p != model_path)
+    beside = [p.name for p in others if p.parent == model_path.parent and step(p) > step(model_path)]
+    if beside:
+        raise UsageError(f"{model_path.parent} holds {beside[-1]}, which nanochat would load instead of "
+                         f"{model_path.name}: choose another OUT_DIR or remove it")
+    if not others or not (out / "tokenizer").is_dir():
+        return
+    try:
+        held = Tokenizer.load(out / "tokenizer")
+    except UsageError:  # damaged: nothing there reads it
+        return
+    if formats.tokenizer_ranks(held.enc) != formats.tokenizer_ranks(tokenizer.enc):
+        raise UsageError(f"{out / 'tokenizer'} is another tokenizer, which {others[0].relative_to(out)} reads: "
+                         "choose another OUT_DIR")

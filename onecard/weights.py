@@ -48,6 +48,10 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
         return _load_onecard(path, device, tokenizer_path)
     if any(NANOCHAT_MODEL.match(p.name) for p in path.iterdir()):
         return load_nanochat(path, device, tokenizer_path)
+    inside = sorted(path.glob("*_checkpoints/*/model_*.pt"))
+    if inside:  # what `onecard export --to nanochat` wrote: NANOCHAT_BASE_DIR, its checkpoints below
+        raise UsageError(f"{path} is a nanochat base directory: give one of its checkpoint folders, "
+                         f"{inside[-1].parent}")
     steps = step_dirs(path)
     if steps:  # a run stopped before its final weights
         raise UsageError(f"{path} has no final weights yet (the run has not finished): give one of its checkpoints, "
@@ -56,19 +60,22 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
                      "(nanochat) nor config.json with model.safetensors (transformers)")
 
 
-def _check_weights_fit(config: GPTConfig, path: Path) -> None:
-    """Refuse a run whose model.safetensors does not hold as many parameters as its config asks
-    for, before that model is built: a damaged config.json could ask for one that takes hours or
-    terabytes to build."""
+def _check_weights_fit(config: GPTConfig, path: Path, files: list[Path] | None = None) -> None:
+    """Refuse a model folder whose safetensors `files` (default its model.safetensors) do not hold as
+    many parameters as its config.json asks for, before that model is built: a damaged config.json
+    could ask for one that takes hours or terabytes to build."""
+    files = files or [path / "model.safetensors"]
     try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            held = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+        held = 0
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                held += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     except LOAD_ERRORS:  # a file that does not open: loading it says so, in one line
         return
     expected = sum(param_counts(config).values())
     if held != expected:
         raise UsageError(f"{path / 'config.json'} describes a model of {expected:,} parameters, but "
-                         f"{path / 'model.safetensors'} holds {held:,}: the two do not belong together")
+                         f"{files[0] if len(files) == 1 else path} holds {held:,}: the two do not belong together")
 
 
 def _load_onecard(path: Path, device: str, tokenizer_path: str | Path | None = None
@@ -191,8 +198,9 @@ def load_transformers(folder: Path, device: str = "cpu", tokenizer_path: str | P
     """A transformers `nanochat` folder: config.json, model.safetensors (or its shards), tokenizer.json."""
     meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config = formats.gpt_config(meta, str(folder / "config.json"))
-    model = build_model(config, device=device, init=False)
     files = _safetensors_files(folder)
+    _check_weights_fit(config, folder, files)
+    model = build_model(config, device=device, init=False)
 
     def read() -> dict:
         state = {}

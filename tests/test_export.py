@@ -461,3 +461,119 @@ def test_import_refuses_pickled_weights_without_opening_them(hf_dir, tmp_path):
     with pytest.raises(UsageError, match="pytorch_model.bin"):
         load_weights(tmp_path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("to, fails, error", [
+    ("hf", "safetensors", "Error while serializing: I/O error: No space left on device (os error 28)"),
+    ("hf", "safetensors", "Error while serializing: I/O error: Permission denied (os error 13) at path \"x\""),
+    ("nanochat", "torch", "[enforce fail at inline_container.cc:672] . unexpected pos 3072 vs 2966"),
+], ids=["hf-full-disk", "hf-read-only", "nanochat-full-disk"])
+def test_a_write_that_fails_is_one_line_and_leaves_no_temporary(run_dir, tmp_path, capsys, monkeypatch, to, fails,
+                                                                error):
+    """A full disk or a read-only folder: safetensors and torch.save raise their own errors, which came out
+    as a traceback with exit code 1, leaving the temporary file on the full disk."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def refuse(*_args, **_kwargs):
+        raise SafetensorError(error) if fails == "safetensors" else RuntimeError(error)
+    if fails == "safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    else:
+        save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: refuse() if isinstance(obj, dict) else save(obj, f))
+    assert main(["export", str(run_dir), "--to", to, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"onecard: error: cannot write {tmp_path / 'out'}")
+    assert "os error" in error or "unexpected pos" in err
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("to", ["hf", "nanochat"])
+def test_an_export_cut_short_is_not_taken_for_a_whole_model(run_dir, tmp_path, monkeypatch, to):
+    """Cut before its last file, an export was a folder that onecard and transformers both loaded: the
+    transformers one with no chat template, bos or eos; the nanochat one with no token_bytes.pt."""
+    def cut(*_args, **_kwargs):
+        raise KeyboardInterrupt
+    if to == "hf":
+        monkeypatch.setattr(formats, "hf_tokenizer_config", cut)
+    else:
+        monkeypatch.setattr(Tokenizer, "token_bytes", cut)
+    out = tmp_path / "out"
+    assert main(["export", str(run_dir), "--to", to, str(out)]) == 130
+    if to == "nanochat":  # both loaders need meta_<step>.json beside the weights
+        assert not list(out.rglob("meta_*.json"))
+        return
+    with pytest.raises(UsageError):
+        load_weights(out)
+    with pytest.raises(ValueError):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_force_does_not_hide_the_export_behind_another_step_or_tokenizer(run_dir, tmp_path, capsys):
+    """nanochat loads a folder's highest step: --force over an export of step 30 wrote step 2 beside it, and
+    nanochat and onecard loaded step 30 with the new run's tokenizer, which it does not belong to."""
+    out = tmp_path / "nc"
+    assert main(["export", str(run_dir), "--to", "nanochat", str(out)]) == 0
+    folder = out / "base_checkpoints" / "d1"
+    for name in ("model", "meta"):  # as an export of a longer run left them
+        (folder / f"{name}_000002.{'pt' if name == 'model' else 'json'}").rename(
+            folder / f"{name}_000030.{'pt' if name == 'model' else 'json'}")
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--to", "nanochat", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "model_000030.pt, which nanochat would load instead" in err
+    other = Tokenizer.train(iter_texts(Corpus.embedded(), 60_000), 300)  # the run's is from its first 20,000
+    other.save(out / "tokenizer")
+    assert main(["export", str(run_dir), "--to", "nanochat", str(out), "--force", "--phase", "sft"]) == 2
+    assert "is another tokenizer, which base_checkpoints/d1/model_000030.pt reads" in capsys.readouterr().err
+    assert not (out / "chatsft_checkpoints").exists() and Tokenizer.load(out / "tokenizer").enc.name == other.enc.name
+
+
+def test_force_does_not_write_over_the_run_that_holds_the_source(run_dir, tmp_path, capsys):
+    """OUT_DIR the run of the checkpoint exported: --force replaced the run's own config.json and weights."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = (run / "model.safetensors").read_bytes()
+    checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert main(["export", str(checkpoint), "--to", "hf", str(run), "--force"]) == 2
+    assert "holds the model being exported" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == before and "model_type" not in (run / "config.json").read_text()
+
+
+def test_import_refuses_a_config_its_weights_do_not_fill_before_building_it(hf_dir, tmp_path):
+    for file in hf_dir.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # damaged; 100_000 took hours of building before the weights said no
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="do not belong together"):
+        load_weights(tmp_path)
+
+
+def test_a_nanochat_base_directory_is_pointed_to_its_checkpoints(run_dir, tmp_path):
+    """The export says NANOCHAT_BASE_DIR=OUT_DIR; given to onecard, that folder was 'not a model'."""
+    assert main(["export", str(run_dir), "--to", "nanochat", str(tmp_path / "nc")]) == 0
+    with pytest.raises(UsageError, match="give one of its checkpoint folders, .*base_checkpoints/d1"):
+        load_weights(tmp_path / "nc")
+
+
+def test_force_adds_a_later_step_beside_an_earlier_one_and_drops_the_replaced_scores(run_dir, tmp_path):
+    """nanochat keeps a run's steps in one folder and loads the highest: a later export may join them.
+    eval.json there scored the model replaced, and goes."""
+    out = tmp_path / "nc"
+    assert main(["export", str(run_dir), "--to", "nanochat", str(out)]) == 0
+    folder = out / "base_checkpoints" / "d1"
+    for name in ("model_000002.pt", "meta_000002.json"):
+        (folder / name).rename(folder / name.replace("000002", "000001"))
+    (folder / "eval.json").write_text('{"tasks": {"arc-easy": {"accuracy": 0.9}}}')  # step 1's scores
+    assert main(["export", str(run_dir), "--to", "nanochat", str(out), "--force"]) == 0
+    assert load_weights(folder)[2]["step"] == 2
+    assert not (folder / "eval.json").exists()  # the next eval would have merged step 1's scores with step 2's
+    hf = tmp_path / "hf"
+    assert main(["export", str(run_dir), "--to", "hf", str(hf)]) == 0
+    (hf / "eval.json").write_text('{"tasks": {}}')
+    assert main(["export", str(run_dir), "--to", "hf", str(hf), "--force"]) == 0
+    assert not (hf / "eval.json").exists()
