@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe.with_(compile=compiled)
     if args.steps is not None and args.steps < 2:
         raise UsageError("--steps must be at least 2: the first step warms up, the last is timed")
+    if args.gpu and device == "cpu":
+        say(f"note: --gpu {args.gpu} names a CUDA card, and this PyTorch sees none: measuring the CPU instead")
     record, text = measure(device, args.gpu, config, recipe, shape["steps"], args.size)
     if not args.no_save:
         from onecard.plan import calibrate
@@ -68,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
                        if device == "cpu" else "; `onecard plan` keeps its modelled speed (see above)"))
     print(json.dumps(record, indent=2) if args.json else "\n".join(text))
     return 0
+
+
+def say(line: str) -> None:
+    """A progress line, on stderr: stdout keeps the result (--json)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def measure(device: str, gpu_name: str | None, config, recipe, steps: int, size: int | None) -> tuple[dict, list]:
@@ -92,7 +100,12 @@ def measure(device: str, gpu_name: str | None, config, recipe, steps: int, size:
         record |= {"device": name, "key": gpu.key}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     size = size or (8192 if device == "cuda" else 1024)
+    mode = "compiled" if recipe.compile else "eager"
+    shape = f"d{config.n_layer}, recipe {recipe.name} ({mode}), micro-batch {recipe.micro_batch} x {recipe.seq_len}"
+    say(f"timing {size}^3 matmuls on {'the card' if device == 'cuda' else 'the CPU'} ...")
     flops = matmul_flops(device, dtype, size, repeats=10 if device == "cuda" else 3)
+    say(f"timing {steps} training steps of {shape}"
+        + (" (the first compiles the model: it takes a while) ..." if recipe.compile else " ..."))
     power = PowerMeter(nvml_power_reader(device)).start()
     started = time.monotonic()
     train = time_recipe_steps(config, recipe, 1, steps, device)
@@ -107,8 +120,6 @@ def measure(device: str, gpu_name: str | None, config, recipe, steps: int, size:
               "steps": steps, "recipe": recipe.name, "compile": recipe.compile, "model_flops_per_s": fb_flops,
               "power_watts": watts}
     record |= {"recipe": recipe.name, "train": train, "power_watts": watts}
-    mode = "compiled" if recipe.compile else "eager"
-    shape = f"d{config.n_layer}, recipe {recipe.name} ({mode}), micro-batch {recipe.micro_batch} x {recipe.seq_len}"
     step = (f"step {train['step_s']:.3f} s = forward-backward {train['forward_backward_s']:.3f} s + update "
             f"{train['update_s']:.3f} s")
     if gpu is None:

@@ -2,8 +2,8 @@
 (`chatsft_checkpoints/dNN`, read without unpickling code).
 
 Interactive by default: the conversation is kept, `/clear` starts over, `/temperature T` and
-`/topk K` change the sampling, `/quit` (or Ctrl-D) leaves; Ctrl-C stops a reply, not the program.
-`-p PROMPT` answers once and exits, for scripts.
+`/topk K` change the sampling, `/quit` (or Ctrl-D) leaves; Ctrl-C stops a reply, not the program
+(at the prompt it drops the line being typed). `-p PROMPT` answers once and exits, for scripts.
 """
 
 from __future__ import annotations
@@ -15,9 +15,15 @@ from onecard.args import ONE_DECODE_STEP, add_threads_argument, fraction, positi
 from onecard.errors import UsageError
 
 HELP = "commands: /clear  /temperature T  /topk K  /quit   (Ctrl-C stops a reply)"
+LEAVE = "Ctrl-D or /quit leaves"
+EPILOG = ("Without -p it reads a message a line, typed or piped in. In the chat: /clear starts a new conversation, "
+          "/temperature T and /topk K change the sampling, /quit or Ctrl-D leaves; Ctrl-C stops a reply, and at the "
+          "prompt drops the line. A conversation may run to 10x the context the model trained on, as nanochat's; "
+          "past that context its replies degrade, and it says so.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
     p.add_argument("run_dir", nargs="?", type=text_arg,
                    help="an onecard SFT run or a nanochat chat checkpoint directory (default: the newest "
                         "`onecard sft` run under ./runs)")
@@ -50,8 +56,20 @@ class Chat:
         self.engine, self.tokenizer, self.sampling, self.system = engine, tokenizer, sampling, system
         self.out = out or sys.stdout
         self.messages: list[dict] = []
+        self.warned = False  # said that the conversation went past the context the model trained on
 
-    def reply(self, text: str) -> str:
+    def past_training(self, tokens: int) -> None:
+        """Say once a conversation that the model reads beyond the context it trained on."""
+        trained = self.engine.model.config.sequence_len
+        if tokens <= trained or self.warned:
+            return
+        self.warned = True
+        what = "the conversation is now" if self.messages else "the message is"
+        self.out.flush()
+        print(f"note: {what} {tokens:,} tokens, past the {trained:,} the model trained on: expect its replies to "
+              "degrade" + (" (/clear starts over)" if self.messages else ""), file=sys.stderr, flush=True)
+
+    def reply(self, text: str, prefix: str = "") -> str:
         from onecard.conversations import normalize, prompt_ids, reply_content, show_tool_calls
 
         messages = self.messages + [{"role": "user", "content": text}]
@@ -63,6 +81,8 @@ class Chat:
             raise UsageError(f"the conversation has outgrown the model's context of {context:,} tokens: /clear to "
                              "start over" if self.messages else
                              f"the message is {len(prompt):,} tokens, more than the model's context of {context:,}")
+        self.past_training(len(prompt))
+        self.out.write(prefix)
         pieces: list[str] = []
 
         def show(_sample: int, piece: str) -> None:
@@ -70,7 +90,10 @@ class Chat:
             self.out.write(show_tool_calls(piece))
             self.out.flush()
         try:
-            self.engine.complete(prompt, self.sampling, on_text=show)
+            produced = self.engine.complete(prompt, self.sampling, on_text=show)
+            room = context - len(prompt)  # the engine writes no further than the context
+            if room < self.sampling.max_tokens and produced and len(produced[0]) >= room:
+                self.out.write(" [cut: the model's context is full]")
         except KeyboardInterrupt:
             self.out.write(" [stopped]")
         self.out.write("\n")
@@ -85,7 +108,7 @@ class Chat:
             if name == "/quit":
                 return False
             if name == "/clear":
-                self.messages = []
+                self.messages, self.warned = [], False
                 self.out.write("(new conversation)\n")
             elif name == "/temperature":
                 self.sampling.temperature = temperature(value)
@@ -112,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     from onecard.engine import Engine, Sampling
     from onecard.weights import load_weights
 
+    if sys.stdout is None:  # started with `>&-`: the replies would have nowhere to go
+        raise UsageError("standard output is closed: give the chat somewhere to write (a terminal, a file, a pipe)")
     device = resolve_device(args.device)
     use_threads(args.threads, device)
     model, tokenizer, info = load_weights(args.run_dir or newest_chat_run(), device, tokenizer_path=args.tokenizer)
@@ -124,21 +149,40 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt:
         chat.reply(args.prompt)
         return 0
-    print(f"chatting with {info['path']} ({info['layout']}, d{model.config.n_layer}); {HELP}")
+    print(f"chatting with {info['path']} ({info['layout']}, d{model.config.n_layer}, trained on "
+          f"{model.config.sequence_len:,} tokens of context); {HELP}")
+    return talk(chat, sys.stdin)
+
+
+def talk(chat: Chat, stdin) -> int:
+    """The interactive loop: a message a line until /quit or the end of input."""
+    if stdin.isatty():
+        try:
+            import readline  # noqa: F401  input() then edits the line (arrows, Ctrl-A) and recalls earlier ones
+        except ImportError:  # Windows
+            pass
+    if hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 are a message's U+FFFD, not a traceback
     while True:
         try:
             line = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return 0
+        except KeyboardInterrupt:
+            if not stdin.isatty():  # piped in: Ctrl-C ends the command
+                raise
+            print(f"\n({LEAVE})")
+            continue
         if not line:
             continue
         if line.startswith("/"):
             if not chat.command(line):
                 return 0
             continue
-        sys.stdout.write("model> ")
         try:
-            chat.reply(line)
+            chat.reply(line, "model> ")
         except UsageError as error:
             print(f"({error})")
+        except KeyboardInterrupt:  # before its first token (reading the message, the prefill)
+            print(" [stopped]")

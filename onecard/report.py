@@ -220,10 +220,24 @@ def progress_facts(summary: dict, log: Log) -> tuple[str, object, float | None]:
     last = next((r for r in reversed(log.records) if "loss" in r), {})
     logged, said = number(last.get("step")), number(summary.get("step"))
     if logged is not None and (said is None or logged > said):
-        return (f"running, or stopped without writing its summary (the log reaches step {int(logged):,}; the "
-                f"summary says {summary.get('status') or 'nothing'} at step {int(said or 0):,})",
-                int(logged), number(last.get("wall_s")))
+        summarized = (f"the summary says {summary['status']} at step {int(said or 0):,}" if summary.get("status")
+                      else "no summary.json, or not a readable one")
+        return (f"running, or stopped without writing its summary (the log reaches step {int(logged):,}; "
+                f"{summarized})", int(logged), number(last.get("wall_s")))
     return summary.get("status") or "—", summary.get("step", "—"), number(summary.get("wall_s"))
+
+
+def status_line(run_dir: Path, log: Log) -> str:
+    """For the terminal: the run's state where it is not a finished run ('' for one)."""
+    summary = read_json(run_dir / "summary.json")
+    status, step, _ = progress_facts(summary, log)
+    if status == "finished":
+        return ""
+    if status == "—":
+        return ("note: no summary.json and no step in log.jsonl: the run has not taken a step yet, or its files are "
+                "damaged")
+    steps = summary.get("steps", as_dict(read_json(run_dir / "config.json").get("train")).get("steps", "?"))
+    return f"status: {status}, step {step} of {steps}"
 
 
 def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: list[tuple[str, Path]],
@@ -417,7 +431,14 @@ def run(args) -> int:
     card = report_card(Path(args.run_dir))
     print(card_text(card) if card else not_on_card(Path(args.run_dir)))
     print(f"report written: {page} (and the PNG files beside it)")
-    if log.skipped:
-        print(f"note: {log.skipped:,} lines of log.jsonl were cut short or are not JSON objects: the report leaves "
-              "them out")
+    for line in (status_line(Path(args.run_dir), log), skipped_line(log.skipped)):
+        if line:
+            print(line)
     return 0
+
+
+def skipped_line(skipped: int) -> str:
+    if skipped == 1:
+        return "note: 1 line of log.jsonl was cut short or is not a JSON object: the report leaves it out"
+    return (f"note: {skipped:,} lines of log.jsonl were cut short or are not JSON objects: the report leaves them out"
+            if skipped else "")

@@ -136,3 +136,20 @@ def test_missing_run_or_log(tmp_path):
     (tmp_path / "dirlog" / "log.jsonl").mkdir(parents=True)
     one_line_error(tmp_path / "dirlog")
     assert not (tmp_path / "nowhere").exists() and not (tmp_path / "empty" / "report").exists()
+
+
+def test_the_report_command_says_when_a_run_is_not_finished(tmp_path, capsys):
+    from onecard.cli import main
+    write_run(tmp_path / "done", cuda=False)
+    assert main(["report", str(tmp_path / "done")]) == 0
+    said = capsys.readouterr().out
+    assert "status:" not in said and "note: 1 line of log.jsonl was cut short or is not a JSON object" in said
+    write_run(tmp_path / "killed", cuda=False)
+    (tmp_path / "killed" / "summary.json").unlink()  # killed before its first checkpoint
+    assert main(["report", str(tmp_path / "killed")]) == 0
+    assert ("status: running, or stopped without writing its summary (the log reaches step 20; no summary.json"
+            in capsys.readouterr().out)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "log.jsonl").write_text("")
+    assert main(["report", str(tmp_path / "empty")]) == 0
+    assert "note: no summary.json and no step in log.jsonl" in capsys.readouterr().out
