@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 import time
+import warnings
 
 MAX_CHARS = 1000
 MAX_NODES = 200
@@ -24,6 +26,12 @@ BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, 
           ast.FloorDiv: operator.floordiv}
 UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
+# Model text such as "1if x" makes the parser warn on stderr, in the middle of a chat. The filter is
+# added once, here, and matches only what this module parses (its own file name): catch_warnings,
+# which would change the filters for every thread of a server while it parses, is not needed.
+SOURCE_NAME = "<calculator>"
+warnings.filterwarnings("ignore", category=SyntaxWarning, module=re.escape(SOURCE_NAME) + r"\Z")
+
 
 class Refused(Exception):
     """The expression is outside what the calculator evaluates."""
@@ -35,7 +43,7 @@ def calculate(expression: str) -> str | None:
     if not text or len(text) > MAX_CHARS:
         return None
     try:
-        tree = ast.parse(text, mode="eval")
+        tree = ast.parse(text, filename=SOURCE_NAME, mode="eval")
         if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
             return None
         value = _evaluate(tree.body, 0, time.monotonic() + TIME_LIMIT_S)

@@ -41,3 +41,14 @@ def test_works_in_any_thread():
     thread.start()
     thread.join(5)
     assert results == [("42", None)]
+
+
+def test_model_text_the_parser_warns_about_prints_nothing():
+    """'1if 1 else 2' parses with a warning (invalid decimal literal) and is refused: in a chat the
+    warning landed on stderr between the model's words."""
+    import subprocess
+    import sys
+
+    code = "from onecard.calculator import calculate; print(calculate('1if 1 else 2'), calculate('0x1for x in y'))"
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["None", "None"] and done.stderr == "", done.stderr
