@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from onecard.args import ONE_DECODE_STEP, add_threads_argument, fraction, positive_int, seed, temperature, text_arg
 from onecard.errors import UsageError
@@ -33,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default 50)")
     p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling share (default 1: off)")
     p.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per reply at most (default 512)")
-    p.add_argument("--seed", type=seed, default=0, help="default 0")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="the first reply draws from it, each later one from the next number (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="cpu, cuda or auto (default)")
     p.add_argument("--tokenizer", type=text_arg, help="tokenizer.pkl or directory, for a nanochat checkpoint kept "
                                                       "elsewhere")
@@ -57,6 +59,7 @@ class Chat:
         self.out = out or sys.stdout
         self.messages: list[dict] = []
         self.warned = False  # said that the conversation went past the context the model trained on
+        self.turns = 0  # replies so far: each draws from its own seed, --seed + turn (the same chat, the same replies)
 
     def past_training(self, tokens: int) -> None:
         """Say once a conversation that the model reads beyond the context it trained on."""
@@ -90,7 +93,9 @@ class Chat:
             self.out.write(show_tool_calls(piece))
             self.out.flush()
         try:
-            produced = self.engine.complete(prompt, self.sampling, on_text=show)
+            turn = replace(self.sampling, seed=(self.sampling.seed + self.turns) % 2**63)
+            self.turns += 1
+            produced = self.engine.complete(prompt, turn, on_text=show)
             room = context - len(prompt)  # the engine writes no further than the context
             if room < self.sampling.max_tokens and produced and len(produced[0]) >= room:
                 self.out.write(" [cut: the model's context is full]")

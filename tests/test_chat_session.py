@@ -156,3 +156,23 @@ def test_a_line_is_edited_at_a_terminal(base):
     finally:
         process.kill()
         os.close(leader)
+
+
+def test_each_reply_draws_from_its_own_seed_and_the_same_chat_repeats(base):
+    """Every reply restarted the draws from --seed: at a high temperature two different questions began alike."""
+    model, tokenizer, _ = load_weights(base)
+    seeds = []
+
+    class Recording(Engine):
+        def complete(self, prompt, sampling, on_text=None):
+            seeds.append(sampling.seed)
+            return super().complete(prompt, sampling, on_text=on_text)
+
+    def conversation() -> list[str]:
+        chat = Chat(Recording(model, tokenizer), tokenizer, Sampling(temperature=2.0, max_tokens=6, seed=7), None,
+                    out=io.StringIO())
+        return [chat.reply(text) for text in ("hello", "hello", "hello")]
+
+    first = conversation()
+    assert seeds == [7, 8, 9]
+    assert conversation() == first  # the same --seed and messages give the same replies
