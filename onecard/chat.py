@@ -17,7 +17,8 @@ from onecard.errors import UsageError
 
 HELP = "commands: /clear  /temperature T  /topk K  /quit   (Ctrl-C stops a reply)"
 LEAVE = "Ctrl-D or /quit leaves"
-EPILOG = ("Without -p it reads a message a line, typed or piped in. In the chat: /clear starts a new conversation, "
+EPILOG = ("Without -p it reads a message a line, typed or piped in (piped, stdout gets the replies alone, a reply "
+          "after each message). In the chat: /clear starts a new conversation, "
           "/temperature T and /topk K change the sampling, /quit or Ctrl-D leaves; Ctrl-C stops a reply, and at the "
           "prompt drops the line. A conversation may run to 10x the context the model trained on, as nanochat's; "
           "past that context its replies degrade, and it says so.")
@@ -155,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         chat.reply(args.prompt)
         return 0
     print(f"chatting with {info['path']} ({info['layout']}, d{model.config.n_layer}, trained on "
-          f"{model.config.sequence_len:,} tokens of context); {HELP}")
+          f"{model.config.sequence_len:,} tokens of context); {HELP}",
+          file=sys.stdout if sys.stdin.isatty() else sys.stderr)  # piped in: stdout holds the replies alone
     return talk(chat, sys.stdin)
 
 
@@ -168,14 +170,17 @@ def talk(chat: Chat, stdin) -> int:
             pass
     if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 are a message's U+FFFD, not a traceback
+    at_terminal = stdin.isatty()
+    you, model = ("you> ", "model> ") if at_terminal else ("", "")  # piped in: a reply a line, nothing else
     while True:
         try:
-            line = input("you> ").strip()
+            line = input(you).strip()
         except EOFError:
-            print()
+            if at_terminal:
+                print()
             return 0
         except KeyboardInterrupt:
-            if not stdin.isatty():  # piped in: Ctrl-C ends the command
+            if not at_terminal:  # piped in: Ctrl-C ends the command
                 raise
             print(f"\n({LEAVE})")
             continue
@@ -186,7 +191,7 @@ def talk(chat: Chat, stdin) -> int:
                 return 0
             continue
         try:
-            chat.reply(line, "model> ")
+            chat.reply(line, model)
         except UsageError as error:
             print(f"({error})")
         except KeyboardInterrupt:  # before its first token (reading the message, the prefill)

@@ -57,7 +57,17 @@ def test_bytes_that_are_not_utf8_on_stdin_are_a_message(base, monkeypatch, capsy
     stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff\n/quit\n"), encoding="utf-8", errors="strict")
     monkeypatch.setattr(sys, "stdin", stdin)  # as with LANG=en_US.UTF-8: strict decoding
     assert main(["chat", str(base), "--max-tokens", "2", "--device", "cpu"]) == 0
-    assert "model> " in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert said.out.endswith("\n") and "Traceback" not in said.err  # the message's reply
+
+
+def test_piped_in_the_replies_alone_go_to_stdout(base, monkeypatch, capsys):
+    """`onecard chat RUN < questions.txt > answers.txt`: a reply a line, no prompts or banner among them."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nhow are you\n"))
+    assert main(["chat", str(base), "--max-tokens", "3", "--temperature", "0", "--device", "cpu"]) == 0
+    said = capsys.readouterr()
+    assert said.out.endswith("\n") and "you> " not in said.out and "model> " not in said.out
+    assert "chatting with" in said.err
 
 
 def test_a_closed_stdout_is_one_line(base, monkeypatch, capsys):
