@@ -163,14 +163,14 @@ def run(args: argparse.Namespace) -> int:
 
 def talk(chat: Chat, stdin) -> int:
     """The interactive loop: a message a line until /quit or the end of input."""
-    if stdin.isatty():
+    at_terminal = stdin.isatty()
+    if at_terminal:
         try:
             import readline  # noqa: F401  input() then edits the line (arrows, Ctrl-A) and recalls earlier ones
         except ImportError:  # Windows
             pass
     if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 are a message's U+FFFD, not a traceback
-    at_terminal = stdin.isatty()
     you, model = ("you> ", "model> ") if at_terminal else ("", "")  # piped in: a reply a line, nothing else
     while True:
         try:

@@ -33,11 +33,8 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     from onecard.data import Corpus, iter_texts
     from onecard.tokenizer import Tokenizer, check_save_folder
 
-    check_save_folder(Path(args.out))  # before the work, not after it
-    held = [name for name in ("tokenizer.json", "tokenizer.pkl") if (Path(args.out) / name).exists()]
-    if held and not args.force:  # a run resumed with --tokenizer DIR would refuse the replaced one
-        raise UsageError(f"{args.out} already holds a tokenizer ({held[0]}): give another --out, or --force to "
-                         "replace it")
+    # before the work, not after it; a run resumed with --tokenizer DIR would refuse a replaced one
+    check_save_folder(Path(args.out), replace=args.force)
     corpus = Corpus(args.data) if args.data else Corpus.embedded()
     if args.vocab_size is None:
         args.vocab_size = defaults.VOCAB_SIZE if args.data else defaults.DEMO["vocab_size"]

@@ -13,6 +13,7 @@ or a transformers nanochat folder, so the command also converts between the othe
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from onecard.args import text_arg
@@ -127,17 +128,13 @@ def usage_hint(out: Path, target: str, written: list[Path]) -> str:
 def _write_json(path: Path, data: dict) -> Path:
     import json
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return _save(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
 
 
 def _save(write, path: Path) -> Path:
     """write(temporary) then rename it to `path`: a failed or interrupted write leaves neither a half
     file under the name nor the temporary."""
-    import contextlib
-
     from onecard import durable
 
     tmp = path.with_name(path.name + ".tmp")

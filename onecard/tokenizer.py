@@ -177,12 +177,17 @@ class Tokenizer:
         raise UsageError(f"no tokenizer in {directory}: expected {JSON_NAME} or {PICKLE_NAME} there")
 
 
-def check_save_folder(directory: str | Path) -> None:
-    """UsageError if `directory` or a folder above it is a file: call it before training, not after."""
+def check_save_folder(directory: str | Path, replace: bool = True) -> None:
+    """UsageError if `directory` or a folder above it is a file, or (replace=False) it already holds a
+    tokenizer: call it before training, not after."""
     directory = Path(directory)
     blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UsageError(f"cannot save the tokenizer in {directory}: {blocker} is a file, not a folder")
+    held = next((name for name in (JSON_NAME, PICKLE_NAME) if (directory / name).exists()), None)
+    if held and not replace:
+        raise UsageError(f"{directory} already holds a tokenizer ({held}): give another --out, or --force to "
+                         "replace it")
 
 
 def _check_vocab_size(vocab_size: object) -> None:
