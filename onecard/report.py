@@ -227,6 +227,19 @@ def progress_facts(summary: dict, log: Log) -> tuple[str, object, float | None]:
     return summary.get("status") or "—", summary.get("step", "—"), number(summary.get("wall_s"))
 
 
+def bpb_span(summary: dict, log: Log) -> tuple[float | None, float | None]:
+    """Validation bits per byte (first, latest): the summary's, each taken from the log where the summary
+    lacks it or the log evaluated later than the summary was written (a session killed between checkpoints)."""
+    logged = [(number(r.get("step")), number(r["val_bpb"])) for r in log.records if r.get("val_bpb") is not None]
+    start, end = number(summary.get("val_bpb_start")), number(summary.get("val_bpb_end"))
+    if logged and start is None:
+        start = logged[0][1]
+    said = number(summary.get("step"))
+    if logged and (end is None or (logged[-1][0] is not None and (said is None or logged[-1][0] > said))):
+        end = logged[-1][1]
+    return start, end
+
+
 def status_line(run_dir: Path, log: Log) -> str:
     """For the terminal: the run's state where it is not a finished run ('' for one)."""
     summary = read_json(run_dir / "summary.json")
@@ -270,7 +283,7 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
         ("tokens", fmt(summary.get("tokens"))),
         ("run time", "—" if wall is None else format_duration(wall)),
         ("tokens/s (mean over run time)", fmt(summary.get("tokens_per_s_mean"), digits=5)),
-        ("validation bits per byte", f"{fmt(summary.get('val_bpb_start'))} → {fmt(summary.get('val_bpb_end'))}"),
+        ("validation bits per byte", " → ".join(fmt(v) for v in bpb_span(summary, log))),
         ("skipped steps (non-finite)", fmt(summary.get("skipped_steps"))),
         ("energy", (fmt(energy, " kWh") if energy is not None else "not measured") + energy_note),
         ("cost", fmt(summary.get("cost"), f" {currency}")),

@@ -88,3 +88,4 @@ def test_a_log_past_its_summary_is_shown_as_a_run_that_went_on(tmp_path, summary
     facts = dict(re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", page))
     assert facts["status"].startswith("running, or stopped without writing its summary (the log reaches step 20")
     assert facts["step"].startswith("20 of ") and facts["run time"] == "0 min 40 s"
+    assert facts["validation bits per byte"] == "3 → 1"  # the log's first and latest, not the summary's dashes
