@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 
+from onecard import __version__
 from onecard.args import Parser
 from onecard.errors import UsageError, quiet_rank
 
@@ -43,6 +44,7 @@ def build_parser() -> Parser:
         prog="onecard",
         description="Train a nanochat-class chat model from scratch on one consumer GPU, and know "
                     "beforehand whether it fits, how long it takes and what it costs.")
+    parser.add_argument("--version", action="version", version=f"onecard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, help_text, module_name, add_name, run_name in COMMANDS:
         module = importlib.import_module(module_name)

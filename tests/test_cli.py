@@ -236,3 +236,10 @@ def test_a_reader_that_leaves_a_training_run_stops_it_as_a_broken_pipe(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and "Broken pipe" in summary["message"] and "Free space" not in \
         summary["message"]
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"onecard {version('onecard')}"
