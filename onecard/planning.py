@@ -143,6 +143,11 @@ def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None)
     if depth is not None or args.days is not None or args.tokens is not None or args.ratio is not None:
         raise UsageError("--target gpt2 picks the model and the tokens itself: drop --model/--depth, --days, "
                          "--tokens and --ratio")
+    # the published runs' own shape: a --seq-len, --vocab-size or --total-batch would be left out of
+    # the plan yet put into its "Run it" line, which would then train something else
+    if args.seq_len != 2048 or args.vocab_size not in (None, VOCAB_2026) or args.total_batch is not None:
+        raise UsageError(f"--target gpt2 replays nanochat's published runs at their own sequence (2048), "
+                         f"vocabulary ({VOCAB_2026:,}) and batch: drop --seq-len, --vocab-size and --total-batch")
     opts = gpt2.options(s)
     best = gpt2.fastest(opts)
 

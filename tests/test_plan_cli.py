@@ -282,6 +282,16 @@ def test_bad_input_is_one_line_and_exit_2(args, capsys):
     assert err.count("\n") == 1 and "error" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, value", [("--seq-len", "1024"), ("--vocab-size", "50000"),
+                                         ("--total-batch", "262144")])
+def test_target_gpt2_refuses_a_shape_it_would_not_plan(flag, value, capsys):
+    """--target gpt2 planned the published runs' shape but put the flag into its "Run it" line,
+    a command that trained another model than the one planned."""
+    assert exit_code(["plan", "--gpu", "rtx4070", "--target", "gpt2", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and "Traceback" not in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_no_gpu_named_and_none_here(capsys):
     assert main(["plan", "--model", "d20"]) == 2
