@@ -83,6 +83,21 @@ def test_budget_mode_lists_the_best_models_for_the_time(capsys):
     assert "Best: d" in capsys.readouterr().out
 
 
+def test_budget_mode_searches_every_depth_plan_takes(monkeypatch):
+    """It stopped at d64: 8 H200s for 100 days were told d64 (49 days) was the best, where d72
+    trains in 96; every model fitting and finishing at once, the deepest is the one --model takes."""
+    from types import SimpleNamespace
+
+    from onecard.model_config import MAX_DEPTH
+    from onecard.plan import search
+    from onecard.plan.catalog import CATALOG
+
+    monkeypatch.setattr(search, "candidates", lambda *a, **k: [])
+    monkeypatch.setattr(search, "fastest_fit", lambda cands: SimpleNamespace(time_s=0.0))
+    found = search.budget(search.Settings(gpu=CATALOG["h200"]), days=1, ratio=None)
+    assert found[0][0].n_layer == MAX_DEPTH
+
+
 def test_several_gpus_and_overrides(capsys):
     one = run_json(capsys, "--model", "d26", "--gpu", "h100", "--mfu", "0.4")
     eight = run_json(capsys, "--model", "d26", "--gpu", "h100", "--mfu", "0.4", "--gpus", "8")

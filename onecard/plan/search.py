@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from onecard import defaults
 from onecard.errors import UsageError
-from onecard.model_config import ARCH_2026, GPTConfig, param_counts, scaling_params
+from onecard.model_config import ARCH_2026, MAX_DEPTH, GPTConfig, param_counts, scaling_params
 from onecard.plan.assumptions import DEFAULT, Assumptions
 from onecard.plan.catalog import GPU
 from onecard.plan.memory import Memory, predict_memory
@@ -23,7 +23,6 @@ from onecard.schedule_2026 import RATIO as RATIO_2026
 from onecard.schedule_2026 import auto_total_batch
 
 MAX_MICRO_BATCH = 32  # nanochat's default device batch; larger rarely runs faster
-MAX_DEPTH = 64  # budget mode searches d1..d64
 
 
 @dataclass(frozen=True)
@@ -185,7 +184,8 @@ def config_params(config: GPTConfig) -> int:
 
 
 def budget(s: Settings, days: float, ratio: float | None, keep: int = 5) -> list[tuple[GPTConfig, Candidate]]:
-    """The largest models trainable in `days` at `ratio` tokens per parameter, largest first."""
+    """The largest models trainable in `days` at `ratio` tokens per parameter, largest first: every
+    depth `--model` takes (a search that stopped short named a smaller model the best)."""
     found = []
     for depth in range(1, MAX_DEPTH + 1):
         try:
