@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 
 from onecard import defaults
 from onecard.args import fraction, gigabytes, non_negative_float, positive_float, positive_int, text_arg
@@ -154,6 +155,10 @@ def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None)
     def command(o) -> str:
         return train_command(args, o.settings, o.run.depth, o.best, o.tokens, shard_set_for(o.config.arch).name,
                              total_batch=o.settings.total_batch) if o.best else ""
+    def done() -> int:  # after the plan is printed: the picture of the pick's recipes
+        _plot(args, best.candidates if best else [], best.settings if best else s,
+              f"d{best.run.depth} (nanochat-2026) on {s.gpu.name}, {best.tokens:,} tokens" if best else "")
+        return 0
     if args.json:
         print(json.dumps({"target": "gpt2", "core_source": "nanochat's published results, not measured by onecard",
                           "runs": [{"depth": o.run.depth, "ratio": o.run.ratio, "core": o.run.core,
@@ -161,13 +166,13 @@ def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None)
                                     "best": report.candidate_json(o.best, o.settings) if o.best else None,
                                     "command": command(o) or None}
                                    for o in opts]}, indent=2))
-        return 0
+        return done()
     where = f"these {s.gpus} cards" if s.gpus > 1 else "this card"
     lines = gpt2.summary_lines(opts, where)
     if best is None:
         lines.append(f"\nNone of these fits {where}.")
         print("\n".join(lines))
-        return 0
+        return done()
     o = best
     lines += ["", f"Fastest to GPT-2 on {where}: d{o.run.depth} at ratio {o.run.ratio:g} "
                   f"(nanochat-2026), recipe {o.best.recipe.name}", ""]
@@ -179,7 +184,7 @@ def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None)
     lines.append(report.plan_text(o.config, o.settings, o.candidates, o.best, tokens_line, notes, data_line=data_line,
                                   command=command(o)))
     print("\n".join(lines))
-    return 0
+    return done()
 
 
 def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float | None) -> int:
@@ -203,8 +208,9 @@ def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float | N
     if args.plot and found:
         config, best = found[0]
         s = for_model(s, config)
-        report.plot(candidates(config, s, best.tokens), s, args.plot,
-                    f"d{config.n_layer} on {s.gpu.name}, {best.tokens:,} tokens")
+        _plot(args, candidates(config, s, best.tokens), s, f"d{config.n_layer} on {s.gpu.name}, {best.tokens:,} tokens")
+    elif args.plot:
+        _plot(args, [], s, "")
     return 0
 
 
@@ -274,11 +280,23 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
     else:
         print(report.plan_text(config, s, cands, best, line, notes, why, nearest, data_line, command,
                                days=args.days))
-    if args.plot:
-        report.plot(cands, s, args.plot, f"d{depth} on {s.gpu.name}, {shown_tokens:,} tokens")
-        if not args.json:
-            print(f"wrote {args.plot}")
+    _plot(args, cands, s, f"d{depth} on {s.gpu.name}, {shown_tokens:,} tokens")
     return 0
+
+
+def _plot(args: argparse.Namespace, cands: list, s, title: str) -> None:
+    """--plot in every mode: the picture, and a line saying where it went, or that there was none
+    (stderr under --json, whose output must stay JSON)."""
+    from onecard.plan import report
+
+    if not args.plot:
+        return
+    if not cands:
+        print(f"--plot {args.plot}: nothing drawn, no model fits", file=sys.stderr if args.json else sys.stdout)
+        return
+    report.plot(cands, s, args.plot, title)
+    if not args.json:
+        print(f"wrote {args.plot}")
 
 
 def train_command(args: argparse.Namespace, s, depth: int, best, tokens: int | None, dataset: str,

@@ -261,6 +261,22 @@ def test_plot(tmp_path, capsys):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("mode, none_fits", [(["--target", "gpt2"], ["--vram", "2"]),
+                                             (["--days", "3"], ["--days", "0.001"])])
+def test_plot_in_every_mode(mode, none_fits, tmp_path, capsys, monkeypatch):
+    """--target gpt2 took --plot, checked its path and drew nothing; a budget drew without saying so,
+    or (nothing fitting) wrote no file and said nothing."""
+    from onecard.plan import report
+
+    drawn = []
+    monkeypatch.setattr(report, "plot", lambda cands, s, path, title: drawn.append((len(cands), path)))
+    path = str(tmp_path / "plan.png")
+    assert main(["plan", "--gpu", "rtx4070", *mode, "--plot", path]) == 0
+    assert drawn == [(8, path)] and f"wrote {path}" in capsys.readouterr().out
+    assert main(["plan", "--gpu", "rtx4070", *mode, *none_fits, "--plot", path]) == 0
+    assert len(drawn) == 1 and "nothing drawn" in capsys.readouterr().out
+
+
 BAD = [
     ["--model", "d32", "--gpu", "rtx4070", "--tokens", "-5"],
     ["--model", "d32", "--gpu", "rtx4070", "--tokens", "0"],
