@@ -149,7 +149,7 @@ def _plan_gpt2(args: argparse.Namespace, s, notes: list[str], depth: int | None)
     if args.seq_len != 2048 or args.vocab_size not in (None, VOCAB_2026) or args.total_batch is not None:
         raise UsageError(f"--target gpt2 replays nanochat's published runs at their own sequence (2048), "
                          f"vocabulary ({VOCAB_2026:,}) and batch: drop --seq-len, --vocab-size and --total-batch")
-    opts = gpt2.options(s)
+    opts = gpt2.options(s, _recipe_names(args))
     best = gpt2.fastest(opts)
 
     def command(o) -> str:
@@ -194,7 +194,7 @@ def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float | N
     if args.days is None:
         raise UsageError("say which model (--model dN or --depth N), or give --days D to find the best "
                          "model for a time budget")
-    found = budget(s, args.days, ratio)
+    found = budget(s, args.days, ratio, names=_recipe_names(args))
     command = ""
     if found:
         config, best = found[0]
@@ -208,7 +208,8 @@ def _plan_budget(args: argparse.Namespace, s, notes: list[str], ratio: float | N
     if args.plot and found:
         config, best = found[0]
         s = for_model(s, config)
-        _plot(args, candidates(config, s, best.tokens), s, f"d{config.n_layer} on {s.gpu.name}, {best.tokens:,} tokens")
+        _plot(args, candidates(config, s, best.tokens, names=_recipe_names(args)), s,
+              f"d{config.n_layer} on {s.gpu.name}, {best.tokens:,} tokens")
     elif args.plot:
         _plot(args, [], s, "")
     return 0
@@ -236,7 +237,7 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
     check_batch(s)
     counted, family_ratio = horizon(config)[1:]
     per = "tokens/param" if config.arch == "classic" else "tokens per matrix and lm_head parameter"
-    names = [args.recipe.strip().lower()] if args.recipe else None
+    names = _recipe_names(args)
     if args.days is not None:
         tokens, seconds = None, args.days * 86400
         cands = candidates(config, s, seconds=seconds, names=names)
@@ -282,6 +283,11 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
                                days=args.days))
     _plot(args, cands, s, f"d{depth} on {s.gpu.name}, {shown_tokens:,} tokens")
     return 0
+
+
+def _recipe_names(args: argparse.Namespace) -> list[str] | None:
+    """--recipe NAME: the one recipe every mode plans (None: all of them, the fastest that fits wins)."""
+    return [args.recipe.strip().lower()] if args.recipe else None
 
 
 def _plot(args: argparse.Namespace, cands: list, s, title: str) -> None:

@@ -98,6 +98,15 @@ def test_budget_mode_searches_every_depth_plan_takes(monkeypatch):
     assert found[0][0].n_layer == MAX_DEPTH
 
 
+def test_recipe_is_the_one_planned_in_every_mode(capsys):
+    """--days without a model and --target gpt2 took --recipe and planned every recipe anyway."""
+    budget = run_json(capsys, "--gpu", "rtx4070", "--days", "10", "--recipe", "offload-max")
+    assert budget["best"]["recipe"]["name"] == "offload-max" and "--recipe offload-max" in budget["command"]
+    assert {a["best"]["recipe"]["name"] for a in budget["alternatives"]} == {"offload-max"}
+    gpt2 = run_json(capsys, "--gpu", "rtx4070", "--target", "gpt2", "--recipe", "offload")
+    assert {r["best"]["recipe"]["name"] for r in gpt2["runs"]} == {"offload"}
+
+
 def test_several_gpus_and_overrides(capsys):
     one = run_json(capsys, "--model", "d26", "--gpu", "h100", "--mfu", "0.4")
     eight = run_json(capsys, "--model", "d26", "--gpu", "h100", "--mfu", "0.4", "--gpus", "8")

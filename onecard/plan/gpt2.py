@@ -54,15 +54,15 @@ class Option:
     best: Candidate | None
 
 
-def options(s: Settings) -> list[Option]:
-    """Each published run on this card: every recipe, and the fastest that fits (or None)."""
+def options(s: Settings, names: list[str] | None = None) -> list[Option]:
+    """Each published run on this card: every recipe (or just `names`), and the fastest that fits (or None)."""
     out = []
     for run in RUNS:
         config = GPTConfig.from_depth(run.depth, VOCAB_2026, 2048, arch=ARCH_2026)
         batch = run.total_batch or auto_total_batch(config)
         rs = replace(s, seq_len=2048, vocab_size=VOCAB_2026, arch=ARCH_2026, total_batch=batch)
         tokens = whole_steps(run.ratio * scaling_params(config), batch)  # whole steps, as `onecard train` runs
-        cands = candidates(config, rs, tokens)
+        cands = candidates(config, rs, tokens, names=names)
         out.append(Option(run, config, rs, tokens, cands, fastest_fit(cands)))
     return out
 

@@ -183,7 +183,8 @@ def config_params(config: GPTConfig) -> int:
     return sum(param_counts(config).values())
 
 
-def budget(s: Settings, days: float, ratio: float | None, keep: int = 5) -> list[tuple[GPTConfig, Candidate]]:
+def budget(s: Settings, days: float, ratio: float | None, keep: int = 5,
+           names: list[str] | None = None) -> list[tuple[GPTConfig, Candidate]]:
     """The largest models trainable in `days` at `ratio` tokens per parameter, largest first: every
     depth `--model` takes (a search that stopped short named a smaller model the best)."""
     found = []
@@ -193,7 +194,7 @@ def budget(s: Settings, days: float, ratio: float | None, keep: int = 5) -> list
         except UsageError:  # heads do not divide the width at this depth
             continue
         sd = for_model(s, config)
-        best = fastest_fit(candidates(config, sd, default_tokens(config, sd, ratio)))
+        best = fastest_fit(candidates(config, sd, default_tokens(config, sd, ratio), names=names))
         if best is None:
             break  # deeper models will not fit either
         if best.time_s <= days * 86400:
