@@ -66,6 +66,13 @@ def test_one_named_recipe_that_does_not_fit_says_what_overflows_and_what_fits(ca
     assert "Nothing fits" in out and "Nearest plan that fits: d" in out and "d32 " not in out.split("Nearest")[1]
 
 
+def test_a_recipe_the_card_cannot_run_says_why_not_how_far_over(capsys):
+    """lean-fp8 on an RTX 3090 said it "needs 6.04 GiB of 24.00 GiB: -17.96 GiB over"."""
+    plan = run_json(capsys, "--model", "d12", "--gpu", "rtx3090", "--recipe", "lean-fp8")
+    assert plan["best"] is None and plan["reason"] == "lean-fp8 cannot run on this card: no FP8 tensor cores on sm_86"
+    assert plan["nearest"]["best"]["fits"]
+
+
 def test_days_with_a_model_gives_the_tokens_that_fit(capsys):
     plan = run_json(capsys, "--model", "d12", "--gpu", "rtx4070", "--days", "2")
     assert plan["best"]["time_s"] == pytest.approx(2 * 86400, rel=1e-3)

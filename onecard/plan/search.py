@@ -125,8 +125,12 @@ def fastest_fit(cands: list[Candidate]) -> Candidate | None:
 
 
 def overflow(cands: list[Candidate], vram: int) -> str:
-    """When nothing fits: the leanest candidate, by how much it overflows, and what is largest."""
-    lean = min(cands, key=lambda c: c.memory.total)
+    """When nothing fits: the leanest candidate, by how much it overflows, and what is largest; or,
+    where no recipe tried can run on the card at all (FP8 without FP8 tensor cores), why not."""
+    runnable = [c for c in cands if not c.note]
+    if not runnable:
+        return "; ".join(f"{c.recipe.name} cannot run on this card: {c.note}" for c in cands)
+    lean = min(runnable, key=lambda c: c.memory.total)
     parts = lean.memory.components()
     parts.pop("total")
     big = sorted(parts.items(), key=lambda kv: -kv[1])
