@@ -114,6 +114,12 @@ def test_recipe_is_the_one_planned_in_every_mode(capsys):
     assert {r["best"]["recipe"]["name"] for r in gpt2["runs"]} == {"offload"}
 
 
+
+def test_a_named_recipe_is_not_called_the_fastest_that_fits(capsys):
+    assert main(["plan", "--model", "d12", "--gpu", "rtx4070", "--recipe", "lean"]) == 0
+    out = capsys.readouterr().out
+    assert "Plan: lean (" in out and "the recipe asked for" in out and "Recommended" not in out
+
 def test_several_gpus_and_overrides(capsys):
     one = run_json(capsys, "--model", "d26", "--gpu", "h100", "--mfu", "0.4")
     eight = run_json(capsys, "--model", "d26", "--gpu", "h100", "--mfu", "0.4", "--gpus", "8")

@@ -191,8 +191,11 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
                          f"{c.tokens:,} tokens in {format_duration(c.time_s)}, {amount(c.energy_kwh)} kWh, "
                          f"{c.cost:,.2f} {s.currency}")
         return "\n".join(lines)
-    why = f"the one that trains the most tokens in {days:g} days" if days else "the fastest recipe that fits"
-    lines.append(f"Recommended: {best.recipe.name} ({describe(best.recipe)}), {why}")
+    if len(cands) == 1:  # --recipe NAME: the one asked for, not a pick among others
+        lines.append(f"Plan: {best.recipe.name} ({describe(best.recipe)}), the recipe asked for (--recipe); it fits")
+    else:
+        why = f"the one that trains the most tokens in {days:g} days" if days else "the fastest recipe that fits"
+        lines.append(f"Recommended: {best.recipe.name} ({describe(best.recipe)}), {why}")
     if command:
         lines.append(f"Run it: {command}")
     for c in cands:  # near misses: faster recipes less than a quarter of the card over
