@@ -130,6 +130,10 @@ def run_plan(args: argparse.Namespace) -> int:
         s = replace(s, arch=args.arch, family_batch=args.total_batch is None)
     if args.plot:
         report.check_plot_path(args.plot)
+    if depth is None and args.recipe and NAMED[args.recipe.strip().lower()].matmul == "fp8" and not s.gpu.peak_fp8:
+        # a search for the best model or run would only report that none fits (a named model's plan says why)
+        raise UsageError(f"{args.recipe.strip().lower()} cannot run on {s.gpu.name}: no FP8 tensor cores on "
+                         f"{s.gpu.sm}; plan another --recipe")
     if getattr(args, "target", None) == "gpt2":
         return _plan_gpt2(args, s, notes, depth)
     ratio = args.ratio  # None: the family's

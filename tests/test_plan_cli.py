@@ -71,6 +71,9 @@ def test_a_recipe_the_card_cannot_run_says_why_not_how_far_over(capsys):
     plan = run_json(capsys, "--model", "d12", "--gpu", "rtx3090", "--recipe", "lean-fp8")
     assert plan["best"] is None and plan["reason"] == "lean-fp8 cannot run on this card: no FP8 tensor cores on sm_86"
     assert plan["nearest"]["best"]["fits"]
+    for mode in (["--days", "30"], ["--target", "gpt2"]):  # a search said only that no model fits
+        assert main(["plan", "--gpu", "rtx3090", "--recipe", "lean-fp8", *mode]) == 2
+        assert "lean-fp8 cannot run on NVIDIA GeForce RTX 3090: no FP8 tensor cores" in capsys.readouterr().err
 
 
 def test_days_with_a_model_gives_the_tokens_that_fit(capsys):
