@@ -329,16 +329,23 @@ def shared_tokenizer(args: argparse.Namespace, corpus, vocab_size: int, demo: bo
     from onecard.tokenizer import Tokenizer
 
     handoff = run_dir / ".tokenizer-for-ranks"
-    if world.main:
+    trained = []
+
+    def train() -> None:
         chars = args.tokenizer_chars or (defaults.DEMO["tokenizer_chars"] if demo else 2_000_000_000)
         say(f"training a {vocab_size:,}-token tokenizer on {corpus.describe()} ...", flush=True)
         started = time.perf_counter()
-        tokenizer = Tokenizer.train(iter_texts(corpus, chars), vocab_size)
+        trained.append(Tokenizer.train(iter_texts(corpus, chars), vocab_size))
         say(f"  done in {time.perf_counter() - started:.1f} s")
         if world.size > 1:
-            tokenizer.save(handoff)
-    distributed.barrier(world)
-    if not world.main:
+            trained[0].save(handoff)
+
+    # rank 0's refusal (too few distinct tokens, an unreadable document) stops the other ranks quietly:
+    # they would otherwise die at the barrier with a traceback
+    distributed.decided_by_rank0(train, world)
+    if world.main:
+        tokenizer = trained[0]
+    else:
         tokenizer = Tokenizer.load(handoff)
     distributed.barrier(world)
     if world.main and world.size > 1:

@@ -135,6 +135,24 @@ def test_no_intact_checkpoint_is_one_line_on_every_rank(runs):
     assert two.stderr.count("onecard: error:") == 1, two.stderr[-3000:]
 
 
+def torchrun_fails(args: list[str]) -> subprocess.CompletedProcess:
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "onecard.cli", *args], capture_output=True, text=True, timeout=300)
+    assert two.returncode != 0
+    return two
+
+
+def test_a_tokenizer_rank_zero_cannot_train_is_one_line_without_a_traceback(tmp_path):
+    """Rank 0 alone trains the tokenizer: its refusal (a vocabulary the text cannot fill) used to leave
+    rank 1 dying in the barrier with a traceback."""
+    data = tmp_path / "tiny.txt"
+    data.write_text("hello world, hello there\n" * 20)
+    two = torchrun_fails([*ARGS[:3], "--vocab-size", "5000", *ARGS[5:], "--data", str(data),
+                          "--run-dir", str(tmp_path / "run")])
+    assert two.stderr.count("onecard: error: the training text supports a vocabulary of only") == 1, two.stderr
+    assert "[rank1]" not in two.stderr and "onecard/" not in two.stderr.replace("onecard/cli", ""), two.stderr[-3000:]
+
+
 OFFLOAD = ["--recipe", "offload", "--optim-states", "int8"]  # master copy, gradients and 8-bit states in CPU RAM
 
 
