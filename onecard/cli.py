@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 141  # 128 + SIGPIPE, as a shell reports a command that a closed pipe stopped
     except (UsageError, OSError) as error:  # OSError: a file it needs is a directory, unreadable, on a full disk...
-        print(f"onecard: error: {error}", file=sys.stderr)
+        if not quiet_rank():  # under torchrun every rank meets the same bad input: one says it
+            print(f"onecard: error: {error}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:  # the CPU allocator's out of memory; the card's is the step's own
         if isinstance(error, RuntimeError) and "can't allocate memory" not in str(error):

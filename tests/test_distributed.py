@@ -153,6 +153,15 @@ def test_a_tokenizer_rank_zero_cannot_train_is_one_line_without_a_traceback(tmp_
     assert "[rank1]" not in two.stderr and "onecard/" not in two.stderr.replace("onecard/cli", ""), two.stderr[-3000:]
 
 
+def test_a_batch_the_ranks_cannot_share_is_said_once(tmp_path):
+    """Every rank meets the same bad input: rank 0 alone says it, as it alone speaks otherwise."""
+    data = tmp_path / "tiny.txt"
+    data.write_text("hello world, hello there\n" * 20)
+    two = torchrun_fails([*ARGS[:7], "--micro-batch", "3", "--total-batch", "256", "--device", "cpu",
+                          "--data", str(data), "--run-dir", str(tmp_path / "run")])
+    assert two.stderr.count("onecard: error: --total-batch 256 is not a multiple") == 1, two.stderr[-3000:]
+
+
 OFFLOAD = ["--recipe", "offload", "--optim-states", "int8"]  # master copy, gradients and 8-bit states in CPU RAM
 
 
