@@ -79,7 +79,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--base-url", type=text_arg, help="a mirror: the folder URL of the shards, or a pattern with "
                                                      "{index} or {name} (default: Hugging Face, or the mirror "
                                                      "HF_ENDPOINT names; for a chat set, {name} is the file's path "
-                                                     "in the dataset)")
+                                                     "in the dataset; for the eval bundle, the zip's own URL "
+                                                     "too)")
     d.add_argument("--workers", type=positive_int, default=4, help="files fetched at once (default 4)")
     d.add_argument("--retries", type=positive_int, default=8,
                    help="failed attempts in a row (without new bytes) before a file is given up (default 8)")

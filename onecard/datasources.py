@@ -104,6 +104,17 @@ class SingleFile:
     approx_bytes: float
     source: str
 
+    def url_at(self, base_url: str | None = None) -> str:
+        """The file's URL at a mirror, as --base-url names it for the shards: a folder URL, or a pattern
+        with {name} (or {index}, 0) in it; a URL that ends in the file's suffix is the file itself."""
+        if not base_url:
+            return self.url
+        if "{" in base_url:
+            return base_url.format(index=0, name=self.filename)
+        if urlsplit(base_url).path.endswith(Path(self.filename).suffix):
+            return base_url
+        return f"{base_url.rstrip('/')}/{self.filename}"
+
 
 # The CORE evaluation bundle (22 tasks, DCLM's): karpathy/nanochat scripts/base_eval.py, EVAL_BUNDLE_URL
 # ("~162MB of data needed to evaluate the CORE metric"); the copy read carried no commit id.

@@ -245,7 +245,7 @@ def download_eval_bundle(folder: Path, settings: Settings, url: str | None = Non
     """Fetch and verify eval_bundle.zip, then unpack it so that `folder` holds core.yaml, eval_data/ and
     eval_meta_data.csv (nanochat's layout). `folder` appears whole or not at all."""
     folder = Path(folder).expanduser()
-    url = url or ds.EVAL_BUNDLE.url
+    url = ds.EVAL_BUNDLE.url_at(url)  # --base-url: a mirror's folder, a pattern or the zip's own URL
     _check_folder(folder.parent)
     if (folder / "core.yaml").is_file():
         say(f"nothing to do: the eval bundle is complete in {folder}")

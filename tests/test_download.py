@@ -414,6 +414,18 @@ def test_eval_bundle_downloads_verified_unpacks_and_reruns_as_a_no_op(server, tm
     assert len(server.requests) == before
 
 
+@pytest.mark.parametrize("base", ["/main", "/main/", "/main/{name}"])
+def test_cli_eval_bundle_from_a_mirror_folder_or_pattern(server, tmp_path, capsys, base):
+    """--base-url says "the folder URL ..., or a pattern with {index} or {name}": the bundle took it
+    as the zip's own URL, fetched the folder (or a literal {name}) and retried it as a damaged zip."""
+    server.files["eval_bundle.zip"] = make_bundle()
+    code = main(["data", "download", "eval-bundle", "--dir", str(tmp_path / "eb"), "--base-url", server.url + base,
+                 "--retries", "1", "--timeout", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "eb" / "core.yaml").is_file()
+    assert ds.EVAL_BUNDLE.url_at("http://m/b.zip") == "http://m/b.zip"  # the zip's own URL stays one
+
+
 def test_check_zip_refuses_damage(tmp_path):
     good = make_bundle()
     (tmp_path / "a.zip").write_bytes(good[:-30])
