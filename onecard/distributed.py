@@ -53,9 +53,28 @@ SINGLE = World()
 WAIT = timedelta(hours=1)
 
 
+# What torchrun sets for each rank beside WORLD_SIZE; torch.distributed's env:// rendezvous reads them.
+RANK_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _world_size() -> int:
+    """WORLD_SIZE as torchrun sets it; one line, not torch's traceback, when a shell or a scheduler left
+    it behind without the rest."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    size = int(raw) if raw.strip().isdigit() else 0
+    if size < 1:
+        raise UsageError(f"WORLD_SIZE={raw!r} is not a number of processes: unset it, or start the ranks with "
+                         "torchrun")
+    missing = [name for name in RANK_VARIABLES if name not in os.environ]
+    if size > 1 and missing:
+        raise UsageError(f"WORLD_SIZE={raw} is set but {', '.join(missing)} not: start the ranks with torchrun "
+                         "(torchrun --standalone --nproc_per_node N -m onecard.cli ...), or unset WORLD_SIZE")
+    return size
+
+
 def init(device: str) -> World:
     """Join the torchrun job this process belongs to, or return SINGLE when there is none."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = _world_size()
     if size == 1:
         return SINGLE
     if not dist.is_initialized():

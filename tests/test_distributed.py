@@ -224,3 +224,16 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(offload_runs):
         for state_a, state_b in zip(saved_a["state"], saved_b["state"], strict=True):
             assert state_a.keys() == state_b.keys() and "master" in state_a
             torch.testing.assert_close(state_b["master"], state_a["master"], rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("size, says", [("2", "RANK, MASTER_ADDR, MASTER_PORT not"), ("abc", "not a number")])
+def test_a_world_size_left_in_the_environment_is_one_line(monkeypatch, capsys, size, says):
+    """WORLD_SIZE without torchrun's other variables (a shell left it behind) ended in torch's traceback."""
+    from onecard.cli import main
+
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", size)
+    assert main(["train", "--device", "cpu", "--steps", "1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onecard: error: WORLD_SIZE=") and says in err and len(err.splitlines()) == 1, err
