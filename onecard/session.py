@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from onecard import checkpoint, distributed, durable
+from onecard import checkpoint, distributed, durable, eval_results
 from onecard.distributed import World
 from onecard.engine import sample_text
 from onecard.errors import UsageError, one_line
@@ -179,6 +179,8 @@ def save_final(run_dir: Path, model: GPT, config: RunConfig) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = run_dir / "model.safetensors.tmp"
     durable.save_tensors(state, tmp, metadata={"step": str(config.results["steps"])})
+    # the scores of the weights these replace (a finished run trained further): report would show them as these
+    (run_dir / eval_results.FILE).unlink(missing_ok=True)
     durable.replace(tmp, run_dir / "model.safetensors")  # before config.json says the run is finished
     write_json(run_dir / "config.json", config.to_dict())
 

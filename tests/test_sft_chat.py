@@ -265,3 +265,16 @@ def test_an_sft_run_resumes_from_its_own_base_even_when_it_is_gone(base, chats, 
     assert "is gone: the run resumes from its own checkpoint and tokenizer" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["step"] == 4
     assert main(["chat", str(out), "-p", "What is 3 + 3?", "--max-tokens", "4", "--device", "cpu"]) == 0
+
+
+def test_training_a_finished_run_further_drops_the_scores_of_its_old_weights(base, chats, tmp_path, capsys):
+    """eval.json holds the scores of the weights it measured: a finished run resumed with more --steps
+    writes new weights, and `onecard report` must not show the old scores beside them."""
+    from onecard.eval_results import merge, read
+
+    out = tmp_path / "sft"
+    args = ["sft", "--from", str(base), "--data", str(chats), "--run-dir", str(out), *SFT]
+    assert main([*args, "--steps", "2"]) == 0
+    merge(out, {"bpb": {"metric": "bits per byte", "value": 3.0, "examples": 1}})
+    assert main([*args, "--steps", "3"]) == 0, capsys.readouterr().err
+    assert read(out)["tasks"] == {}
