@@ -109,11 +109,11 @@ def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fract
         except BadConversation as error:
             counts[reason(str(error))] += 1
             continue
-        if rendered.truncated:
-            counts["cut at the context"] += 1
         if not any(rendered.mask[1:]):  # nothing left to learn once cut
             counts["no assistant tokens within the context"] += 1
             continue
+        if rendered.truncated:  # kept, cut: one dropped is counted as dropped alone
+            counts["cut at the context"] += 1
         item = (np.asarray(rendered.ids, dtype=np.int32), np.asarray(rendered.mask, dtype=np.int8))
         fingerprint.update(item[0].tobytes())
         # by file name and line: the same split whatever the weight, wherever the file is kept

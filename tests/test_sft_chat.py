@@ -278,3 +278,13 @@ def test_training_a_finished_run_further_drops_the_scores_of_its_old_weights(bas
     merge(out, {"bpb": {"metric": "bits per byte", "value": 3.0, "examples": 1}})
     assert main([*args, "--steps", "3"]) == 0, capsys.readouterr().err
     assert read(out)["tasks"] == {}
+
+
+def test_a_conversation_dropped_for_its_length_is_not_also_counted_as_cut(base, tmp_path):
+    path = tmp_path / "long.jsonl"
+    long_question = [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "ok"}]
+    long_answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y " * 200}]
+    path.write_text(json.dumps(long_question) + "\n" + json.dumps(long_answer) + "\n")
+    train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0)
+    assert len(train) == 1
+    assert dict(train.counts) == {"cut at the context": 1, "no assistant tokens within the context": 1}
