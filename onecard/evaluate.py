@@ -155,6 +155,9 @@ def check_common(args: argparse.Namespace) -> None:
     """What any run reads besides the tasks' files (--data, the harness), before the model is loaded."""
     if args.data and not Path(args.data).expanduser().exists():
         raise UsageError(f"--data {args.data} does not exist")
+    if args.data:  # its files listed and sized now (cheap): a wrong kind or empty files is said before the load
+        from onecard.data import Corpus
+        Corpus(args.data)
     if args.lm_eval:
         import importlib.util
         if importlib.util.find_spec("lm_eval") is None:

@@ -362,3 +362,17 @@ def test_bpb_on_another_corpus_than_training_says_so(run_dir, tmp_path, capsys):
     assert "note: --data is not the corpus this model trained on" in capsys.readouterr().err
     assert main(["eval", str(run_dir), *args]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, says", [("empty.jsonl", "", "holds only empty files"),
+                                                 ("notes.md", "text", "is a .md file")])
+def test_a_bpb_corpus_that_cannot_be_read_stops_before_the_model_loads(run_dir, tmp_path, capsys, monkeypatch,
+                                                                      name, content, says):
+    from onecard import weights
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(weights, "load_weights", never)
+    (tmp_path / name).write_text(content)
+    assert main(["eval", str(run_dir), "--task", "bpb", "--data", str(tmp_path / name), "--device", "cpu"]) == 2
+    assert says in capsys.readouterr().err
