@@ -17,6 +17,7 @@ from onecard.errors import UsageError
 from onecard.model_config import ARCH_2026, ARCHS, VOCAB_2026, GPTConfig, depth_from, flops_per_token, param_counts
 from onecard.recipe import NAMED
 from onecard.schedule_2026 import RATIO as RATIO_2026
+from onecard.units import quantity
 
 # ---------------------------------------------------------------- info
 
@@ -263,7 +264,7 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
         raise UsageError(f"--days {args.days:g} is shorter than one optimizer step of {s.total_batch:,} tokens "
                          f"({step:,.3g} s with {(best or cands[0]).recipe.name} on {where}): give more days")
     if args.days is not None:
-        line = (f"as many as fit in {args.days:g} days: {shown_tokens:,} with the best recipe "
+        line = (f"as many as fit in {quantity(args.days, 'day')}: {shown_tokens:,} with the best recipe "
                 f"({report.amount(shown_tokens / counted)} {per})")
     elif args.tokens is not None:
         line = f"{tokens:,} ({report.amount(tokens / counted)} {per})"

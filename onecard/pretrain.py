@@ -32,6 +32,7 @@ from onecard.args import (
 )
 from onecard.errors import UsageError
 from onecard.model_config import ARCH_2026, ARCHS
+from onecard.units import quantity
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -204,7 +205,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
     say(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
         f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}"
         + (f" x {world.size} ranks" if world.size > 1 else "") + f", recipe {recipe.name}")
-    say(f"{steps:,} steps × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
+    say(f"{quantity(steps, 'step')} × {total_batch:,} tokens = {steps * total_batch:,} tokens; run directory {run_dir}")
     unfed = _unfed_note(args, data, corpus, config.arch)
     if args.dry_run:
         say(dry_run_text(recipe, choice.candidate, choice.settings, choice.notes, config))

@@ -29,6 +29,7 @@ from onecard.args import (
     text_arg,
 )
 from onecard.errors import UsageError
+from onecard.units import quantity
 
 LR_FRACTION = 0.02  # of base training's learning rates (nanochat's chat_sft init_lr_frac)
 # The embedded set teaches the tiny CPU demo model a format in a few minutes: measured on it,
@@ -184,7 +185,7 @@ def _sft(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
         f"recipe {recipe.name}")
     say(f"data: {sft_data.report(train_set, val_set)}")
     what = f"rows of {seq_len:,} tokens ({units:,} an epoch)" if args.pack else "conversations"
-    say(f"{steps:,} steps × {args.batch} {what} (micro-batch {recipe.micro_batch}); run directory {run_dir}")
+    say(f"{quantity(steps, 'step')} × {args.batch} {what} (micro-batch {recipe.micro_batch}); run directory {run_dir}")
     if args.dry_run:
         say(dry_run_text(recipe, choice.candidate, choice.settings, choice.notes, config)
             + "\nnote: memory and time are planned for full-length rows; padded rows are shorter")

@@ -78,3 +78,9 @@ def finite_number(value: object) -> float | None:
     except OverflowError:  # an int beyond float's range
         return None
     return value if math.isfinite(value) else None
+
+
+def quantity(n: float, noun: str) -> str:
+    """'1 step', '71,680 steps', '2.5 days': the number grouped, the noun in the plural unless it is one."""
+    shown = f"{n:,.0f}" if float(n).is_integer() else f"{n:,g}"
+    return f"{shown} {noun if n == 1 else noun + 's'}"

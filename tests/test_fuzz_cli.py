@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from onecard import args as argtypes
 from onecard.cli import build_parser, main
-from onecard.units import LARGEST, NumberError, parse_gib, parse_number
+from onecard.units import LARGEST, NumberError, parse_gib, parse_number, quantity
 
 LIMIT_S = 5.0  # per case; the slowest valid ones (a report, a dry run) take about a second
 OK, ERR, EITHER = {0}, {2}, {0, 2}
@@ -751,3 +751,10 @@ def test_a_decimal_comma_is_refused_never_read_as_thousands(whole, fraction, suf
                                         ("-2,500", -2_500), ("11,219,763,200", 11_219_763_200)])
 def test_commas_grouping_thousands_still_read(text, value):
     assert parse_number(text) == value
+
+
+@pytest.mark.parametrize("n, noun, said", [(1, "step", "1 step"), (71680, "step", "71,680 steps"),
+                                           (1.0, "day", "1 day"), (2.5, "day", "2.5 days"), (0, "day", "0 days")])
+def test_quantity_says_one_in_the_singular(n, noun, said):
+    """'1 steps' and '1 days' were printed where one step or one day was planned."""
+    assert quantity(n, noun) == said

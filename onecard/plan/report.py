@@ -14,7 +14,7 @@ from onecard.plan.catalog import GPU
 from onecard.plan.persistent import checkpoint_bytes
 from onecard.plan.search import Candidate, Settings, config_params, for_model, horizon
 from onecard.recipe import CHOICES, Recipe
-from onecard.units import format_duration
+from onecard.units import format_duration, quantity
 
 GiB = 2**30
 
@@ -148,7 +148,7 @@ def time_lines(c: Candidate, s: Settings) -> list[str]:
                      f"({s.assume.pcie_efficiency:.0%} of PCIe {gpu.pcie[0]}.0 x{gpu.pcie[1]}), "
                      f"{s.assume.pcie_overlap:.0%} hidden behind compute")
     lines += [f"  throughput         {t.tokens_per_s:,.0f} tokens/s = MFU {t.mfu:.1%} (model FLOPs / peak)",
-              f"  wall time          {format_duration(c.time_s)} ({steps:,.0f} steps)"]
+              f"  wall time          {format_duration(c.time_s)} ({quantity(round(steps), 'step')})"]
     watts = (s.power_watts or gpu.power_watts) * s.assume.power_fraction * s.gpus + s.assume.overhead_watts
     boards = f"{s.gpus} cards' board power" if s.gpus > 1 else "the card's board power"
     what = (f"{boards} alone: add the rest of the computer with --assume overhead_watts=W"
@@ -194,7 +194,8 @@ def plan_text(config: GPTConfig, s: Settings, cands: list[Candidate], best: Cand
     if len(cands) == 1:  # --recipe NAME: the one asked for, not a pick among others
         lines.append(f"Plan: {best.recipe.name} ({describe(best.recipe)}), the recipe asked for (--recipe); it fits")
     else:
-        why = f"the one that trains the most tokens in {days:g} days" if days else "the fastest recipe that fits"
+        why = (f"the one that trains the most tokens in {quantity(days, 'day')}" if days
+               else "the fastest recipe that fits")
         lines.append(f"Recommended: {best.recipe.name} ({describe(best.recipe)}), {why}")
     if command:
         lines.append(f"Run it: {command}")
@@ -217,7 +218,7 @@ def budget_text(s: Settings, days: float, ratio: float | None, found: list, note
     lines += [f"note    {n}" for n in notes if n]
     counted = "parameter" if s.arch == "classic" else "matrix and lm_head parameter, each depth's own batch"
     per = f"{ratio or horizon(s.config(1))[2]:g} tokens per {counted}"
-    lines.append(f"budget  {days:g} days, {per}, sequence {s.seq_len}")
+    lines.append(f"budget  {quantity(days, 'day')}, {per}, sequence {s.seq_len}")
     if not found:
         lines.append("No model of depth 1 or more finishes in that time with a recipe that fits.")
         return "\n".join(lines)
@@ -293,7 +294,7 @@ def budget_json(s: Settings, days: float, ratio: float | None, found: list, note
            "assumptions": asdict(s.assume), "notes": [n for n in notes if n],
            "best": top["best"], "alternatives": entries[1:]}
     if not entries:
-        out["reason"] = f"no model finishes in {days:g} days with a recipe that fits"
+        out["reason"] = f"no model finishes in {quantity(days, 'day')} with a recipe that fits"
     return out
 
 
