@@ -62,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"conversations per optimizer step, or with --pack rows of --seq-len tokens (default "
                         f"{EXAMPLES_PER_STEP})")
     p.add_argument("--micro-batch", type=positive_int,
-                   help=f"conversations per forward/backward (default: the largest that fits; {MICRO_BATCH} on "
-                        "the CPU)")
+                   help=f"conversations per forward/backward (default: the largest that fits; on the CPU the "
+                        f"largest divisor of --batch per rank up to {MICRO_BATCH})")
     p.add_argument("--seq-len", type=positive_int, help="longest conversation in tokens (default: the model's context)")
     p.add_argument("--pack", action="store_true", help="pack conversations back to back into full rows")
     p.add_argument("--lr-fraction", type=positive_float,
