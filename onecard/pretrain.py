@@ -272,13 +272,13 @@ def _closing_words(result: dict, resume: str, steps: int, total_batch: int, pred
 
     run_dir = result["run_dir"]
     if result["stopped"] in ("nonfinite", "failed"):
-        say(f"onecard: {result['message']}; {last_checkpoint_words(result, run_dir)} (resume: {resume})",
-            file=sys.stderr)
+        say(f"onecard: {result['message']}; {last_checkpoint_words(result, run_dir)} "
+            f"({_going_on(result, resume)})", file=sys.stderr)
         return 1
     if result["stopped"]:
         where = ("no checkpoint could be written" if result["last_checkpoint"] is None
                  else f"checkpoint of step {result['last_checkpoint']} saved")
-        say(f"stopped at step {result['step']} of {steps}, {where}; resume with: {resume}")
+        say(f"stopped at step {result['step']} of {steps}, {where}; {_going_on(result, resume)}")
         return 0
     if prediction:
         say(compare_text(prediction.to_dict(), result["summary"], result["history"], total_batch))
@@ -289,6 +289,18 @@ def _closing_words(result: dict, resume: str, steps: int, total_batch: int, pred
     say(f"\nrun saved in {run_dir}/ — continue a prompt with: onecard sample --run-dir {run_dir} --prompt '...'; "
         f"charts: onecard report {run_dir}")
     return 0
+
+
+def _going_on(result: dict, resume: str) -> str:
+    """What to run next. Without a checkpoint there is nothing to resume: `--run-dir` alone would
+    start the default run (the demo) there, not this one, so the command that started it is the way on."""
+    from onecard.session import final_written
+
+    if result["last_checkpoint"] is not None:
+        return f"resume with: {resume}"
+    if final_written(result["run_dir"]):  # the weights are whole; only a checkpoint to train further from is missing
+        return f"the final weights are written in {result['run_dir']}/"
+    return "nothing to resume: the command that started the run starts it over"
 
 
 def given_tokenizer(args: argparse.Namespace, saved, run_dir: Path, world):

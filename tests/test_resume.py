@@ -410,3 +410,28 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_refused_not_redone(tmp
     assert main(["train", "--run-dir", str(run), *TINY[:-2], "--steps", "3"]) == 2
     assert "holds a finished run without a checkpoint to continue from" in capsys.readouterr().err
     assert not list(run.glob("previous-*")) and (run / "model.safetensors").is_file()
+
+
+def test_a_run_without_a_checkpoint_is_not_told_to_resume_with_its_run_dir_alone(tmp_path, capsys, monkeypatch):
+    """`onecard train --run-dir DIR` alone starts the default run (the demo) in a directory without a
+    checkpoint: after a run whose every save failed, that line is not the way to go on."""
+    import onecard.loop
+    from onecard import session
+    from onecard.cli import main
+    from tests.serve_helpers import TINY
+
+    def full_disk(*args, **kwargs):
+        raise checkpoint.CheckpointError("not enough disk space for the checkpoint")
+
+    def final_weights_fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(onecard.loop.checkpoint, "save", full_disk)
+    monkeypatch.setattr(session, "save_final", final_weights_fail)
+    assert main(["train", "--run-dir", str(tmp_path / "a"), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "(resume: onecard" not in err and "the command that started the run starts it over" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(onecard.loop.checkpoint, "save", full_disk)  # the final weights are written this time
+    assert main(["train", "--run-dir", str(tmp_path / "b"), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "(resume: onecard" not in err and f"the final weights are written in {tmp_path / 'b'}/" in err
