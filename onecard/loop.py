@@ -195,7 +195,8 @@ class Loop:
         self.log_file.write(json.dumps({"event": kind, "step": self.step, "time": time.time(), **extra}) + "\n")
         self.log_file.flush()
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, last: bool = False) -> None:
+        """last: the session ends after this save (the horizon, a stop): no later save tries again."""
         self.last_save_time = time.monotonic()
         optimizer_state = self.opt.state_dict()  # several ranks: each sends rank 0 the states it holds
         if not self.world.main:  # rank 0 writes; the others hold the same weights
@@ -210,7 +211,8 @@ class Loop:
             path = checkpoint.save(self.run_dir, self.step, self.model, optimizer_state, state,
                                    self.config.to_dict(), self.settings.keep, warn=self.log)
         except checkpoint.CheckpointError as error:
-            self.log(f"warning: {error}; {self.kept()}. Training goes on; the next save tries again.")
+            going_on = "" if last else " Training goes on; the next save tries again."
+            self.log(f"warning: {error}; {self.kept()}.{going_on}")
             self.event("checkpoint_failed", message=str(error))
             self.save_error = str(error)
             return
@@ -258,14 +260,14 @@ class Loop:
             except OutOfMemory as error:
                 # one card alone: with several, the others are not there to hand over their states
                 if error.intact and self.step != self.last_saved and self.step > 0 and self.world.size == 1:
-                    self.save_checkpoint()
+                    self.save_checkpoint(last=True)
                 raise UsageError(self.out_of_memory(self.last_saved)) from None
             stopping = self.check_stops(stop, bad_in_row, first_step)
             if self.step < self.settings.steps and not stopping and self.save_due():
                 self.save_checkpoint()
         # rank 0's word: its save may have failed where the others' (which only send) did not
         if distributed.from_rank0(self.step != self.last_saved, self.world):
-            self.save_checkpoint()
+            self.save_checkpoint(last=True)
         finished = self.step >= self.settings.steps
         self.status, self.message = ("running", "") if finished else ("stopped", stop.message)
         if self.save_error:

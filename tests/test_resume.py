@@ -312,6 +312,8 @@ def test_full_disk_during_training_keeps_the_previous_checkpoint_and_goes_on(set
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
     failed = [m for m in messages if "not enough disk space" in m]
     assert len(failed) == 2 and "step 2, is intact" in failed[0]  # at step 4 and at the end
+    # the end's save is the last: nothing goes on after it
+    assert "Training goes on" in failed[0] and "Training goes on" not in failed[1]
     assert (tmp_path / "model.safetensors").exists()
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "checkpoint_failed"] == [4, 6]
