@@ -217,6 +217,8 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
         return 0
     for note in choice.notes + ([unfed] if unfed else []):
         say(f"note: {note}")
+    if not (saved or args.force_new):  # before a tokenizer is trained: that can take minutes
+        session.refuse_finished_without_checkpoint(run_dir)
     if saved:
         tokenizer = Tokenizer.load(run_dir / "tokenizer")
         say(f"{run_dir} holds a run: resuming it")

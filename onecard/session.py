@@ -80,9 +80,8 @@ def find_checkpoint(settings: TrainSettings, world: World, log: Callable[..., No
             found = checkpoint.find_latest(run_dir, warn=log)
         except checkpoint.CheckpointError as error:
             raise UsageError(str(error)) from None
-        if found is None and final_written(run_dir):  # its checkpoints deleted after it finished: nothing to go on from
-            raise UsageError(f"{run_dir} holds a finished run without a checkpoint to continue from: start over with "
-                             "--force-new, or give another --run-dir")
+        if found is None:
+            refuse_finished_without_checkpoint(run_dir)
         if found is None and any((run_dir / name).exists() for name in ("log.jsonl", "summary.json")):
             log(f"{run_dir} holds a run stopped before its first checkpoint: starting it over; its files are "
                 f"moved to {set_aside(run_dir, only_run_files=True)}")  # its log, kept, says how far it got
@@ -165,6 +164,14 @@ def final_written(run_dir: Path) -> bool:
     except UsageError:
         return False
     return (run_dir / "model.safetensors").is_file() and results is not None
+
+
+def refuse_finished_without_checkpoint(run_dir: Path) -> None:
+    """A finished run whose checkpoints were deleted has nothing to go on from (called before a tokenizer
+    is trained for nothing, and again when the checkpoint is looked for)."""
+    if final_written(run_dir):
+        raise UsageError(f"{run_dir} holds a finished run without a checkpoint to continue from: start over with "
+                         "--force-new, or give another --run-dir")
 
 
 def refuse_conflicts(run_dir: Path, problems: list[str]) -> None:

@@ -410,7 +410,9 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_refused_not_redone(tmp
     (run / "latest").unlink(missing_ok=True)
     capsys.readouterr()
     assert main(["train", "--run-dir", str(run), *TINY[:-2], "--steps", "3"]) == 2
-    assert "holds a finished run without a checkpoint to continue from" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "holds a finished run without a checkpoint to continue from" in err
+    assert "training a" not in out  # refused before a tokenizer is trained for nothing
     assert not list(run.glob("previous-*")) and (run / "model.safetensors").is_file()
 
 
