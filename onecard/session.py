@@ -110,6 +110,10 @@ def prepare(model_config: GPTConfig, recipe: Recipe, settings: TrainSettings, da
     if saved:  # the model first, before it is built: a damaged config.json could ask for any size
         refuse_conflicts(settings.run_dir, model_conflicts(saved.model_config, model_config))
     settings.eval_rows = validation_rows(settings, recipe, saved)
+    scored = validation_rows(saved.train, saved.recipe, saved) if saved else None  # the run's own rows
+    if scored is not None and settings.eval_rows != scored:
+        log(f"note: --eval-batches {settings.eval_batches} scores {settings.eval_rows} validation rows where the run "
+            f"scored {scored}: bits per byte from here on are not comparable with the earlier ones, step 0's included")
     torch.manual_seed(settings.seed)
     model = build_model(model_config, device=settings.device) if model is None else model.to(settings.device)
     model.set_policies(recipe.activations, recipe.loss)

@@ -439,3 +439,15 @@ def test_a_run_without_a_checkpoint_is_not_told_to_resume_with_its_run_dir_alone
     assert main(["train", "--run-dir", str(tmp_path / "b"), *TINY]) == 1
     err = capsys.readouterr().err
     assert "(resume: onecard" not in err and f"the final weights are written in {tmp_path / 'b'}/" in err
+
+
+def test_a_resume_with_other_eval_batches_says_its_bits_per_byte_are_not_comparable(setup, tmp_path):
+    """Another --eval-batches on resume scores other rows: the run's end compared with its step 0
+    (and its chart) mixed two validation sets without a word."""
+    run(setup, tmp_path, eval_batches=2, stop_after=3)
+    messages = []
+    run(setup, tmp_path, eval_batches=1, messages=messages)
+    assert any("scores 4 validation rows where the run scored 8" in m for m in messages), messages
+    messages.clear()
+    run(setup, tmp_path, eval_batches=1, steps=STEPS + 1, messages=messages)  # the run now scores 4
+    assert not any("validation rows" in m for m in messages), messages
