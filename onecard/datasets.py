@@ -31,13 +31,14 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_tokenizer(args: argparse.Namespace) -> int:
     from onecard.data import Corpus, iter_texts
-    from onecard.tokenizer import Tokenizer, check_save_folder
+    from onecard.tokenizer import Tokenizer, check_save_folder, check_vocab_size
 
     # before the work, not after it; a run resumed with --tokenizer DIR would refuse a replaced one
     check_save_folder(Path(args.out), replace=args.force)
     corpus = Corpus(args.data) if args.data else Corpus.embedded()
     if args.vocab_size is None:
         args.vocab_size = defaults.VOCAB_SIZE if args.data else defaults.DEMO["vocab_size"]
+    check_vocab_size(args.vocab_size)  # before "training a 10-token BPE" is said
     print(f"training a {args.vocab_size:,}-token BPE on {corpus.describe()} (at most {args.max_chars:,} chars)")
     started = time.perf_counter()
     tokenizer = Tokenizer.train(iter_texts(corpus, args.max_chars), args.vocab_size)

@@ -139,6 +139,9 @@ def _shape(args: argparse.Namespace, saved, device: str, say, given_vocab: int |
     arch = arch or "classic"
     seq_len = args.seq_len or (defaults.DEMO["seq_len"] if demo else defaults.SEQ_LEN)
     full_vocab = VOCAB_2026 if arch == ARCH_2026 else defaults.VOCAB_SIZE
+    if args.vocab_size:  # refused before the run is described and a tokenizer is started
+        from onecard.tokenizer import check_vocab_size
+        check_vocab_size(args.vocab_size)
     vocab = args.vocab_size or given_vocab or (defaults.DEMO["vocab_size"] if demo else full_vocab)
     config = GPTConfig.from_depth(depth, vocab, seq_len, arch=arch) if depth else GPTConfig(
         sequence_len=seq_len, vocab_size=vocab, n_layer=defaults.DEMO["n_layer"], n_head=defaults.DEMO["n_head"],

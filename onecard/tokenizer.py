@@ -74,7 +74,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
         """Learn BPE merges from `texts` so that merges + specials make exactly `vocab_size` tokens."""
-        _check_vocab_size(vocab_size)  # before any text is read
+        check_vocab_size(vocab_size)  # before any text is read
         n_ranks = vocab_size - len(SPECIAL_TOKENS)
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(map(_without_surrogates, texts), n_ranks, pattern=SPLIT_PATTERN)
@@ -190,7 +190,8 @@ def check_save_folder(directory: str | Path, replace: bool = True) -> None:
                          "replace it")
 
 
-def _check_vocab_size(vocab_size: object) -> None:
+def check_vocab_size(vocab_size: object) -> None:
+    """A vocabulary BPE can make: the 256 bytes, the special tokens and at least one merge."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise UsageError(f"vocab size must be a whole number, got {vocab_size!r}")
     if not SMALLEST_VOCAB <= vocab_size <= LARGEST_VOCAB:

@@ -243,3 +243,13 @@ def test_version_is_the_installed_package_version(capsys):
 
     code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out.strip() == f"onecard {version('onecard')}"
+
+
+@pytest.mark.parametrize("argv", [["train", "--vocab-size", "10", "--steps", "1"],
+                                  ["tokenizer", "train", "--vocab-size", "10", "--out", "{tmp}/tok"]])
+def test_a_vocabulary_bpe_cannot_make_is_refused_before_any_work(capsys, tmp_path, monkeypatch, argv):
+    """'training a 10-token tokenizer ...' was said (and the run described) before the refusal."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *(a.format(tmp=tmp_path) for a in argv))
+    assert code == 2 and "vocab size must be between 266" in err
+    assert "training a" not in out + err and "steps ×" not in out + err and "step ×" not in out + err
