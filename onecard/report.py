@@ -338,13 +338,14 @@ def stage_runs(run_dir: Path) -> dict[str, Path]:
         base = _existing_run(config.get("init_from"), run_dir)
         return {"BASE": base, **found} if base else found
     sfts = []
+    here = run_dir.resolve()  # `onecard report .` inside the run: the parent of "." is "." itself
     try:
-        beside = list(run_dir.parent.iterdir())
+        beside = list(here.parent.iterdir())
     except OSError:
         beside = []
     for other in beside:
-        theirs = read_json(other / "config.json") if other != run_dir and other.is_dir() else {}
-        if theirs.get("stage") == "sft" and _existing_run(theirs.get("init_from"), other) == run_dir.resolve():
+        theirs = read_json(other / "config.json") if other != here and other.is_dir() else {}
+        if theirs.get("stage") == "sft" and _existing_run(theirs.get("init_from"), other) == here:
             sfts.append((other.stat().st_mtime, other))
     return {"BASE": run_dir, **({"SFT": max(sfts)[1]} if sfts else {})}
 

@@ -3,6 +3,7 @@ from either side), validation bits per byte, CORE and the chat tasks, ChatCORE, 
 and cost, and GPT-2's CORE as the reference line; without a card it says what eval.json holds."""
 
 import json
+from pathlib import Path
 
 from onecard.cli import main
 from onecard.eval_results import CARD, merge
@@ -45,6 +46,14 @@ def test_card_rows_from_both_sides(tmp_path, capsys):
     assert main(["report", str(base)]) == 0
     out = capsys.readouterr().out
     assert "ChatCORE" in out and "does not beat GPT-2" in out
+
+
+def test_the_sft_row_is_found_from_inside_the_base_run(tmp_path, monkeypatch):
+    base = make_run(tmp_path / "base", "pretrain")
+    make_run(tmp_path / "base-sft", "sft", init_from=str(base))
+    merge(base, {"bpb": {"value": 1.2}})
+    monkeypatch.chdir(base)  # `onecard report .`: the parent of "." is "." itself
+    assert [r.stage for r in report_card(Path("."))] == ["BASE", "SFT", "GPT-2 1.5B (reference)"]
 
 
 def test_no_card_before_an_evaluation_and_a_damaged_file(tmp_path):
