@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from onecard.model_config import GPTConfig
+    from onecard.plan import calibrate
     from onecard.recipe import named_recipe
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,11 +60,12 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe.with_(compile=compiled)
     if args.steps is not None and args.steps < 2:
         raise UsageError("--steps must be at least 2: the first step warms up, the last is timed")
+    if not args.no_save:  # before the measurement, which on a card takes minutes
+        calibrate.check_writable()
     if args.gpu and device == "cpu":
         say(f"note: --gpu {args.gpu} names a CUDA card, and this PyTorch sees none: measuring the CPU instead")
     record, text = measure(device, args.gpu, config, recipe, shape["steps"], args.size)
     if not args.no_save:
-        from onecard.plan import calibrate
         key = record.get("key", "cpu")
         text.append(f"stored under '{key}' in {calibrate.save(key, record)}"
                     + (f"; `onecard plan` on this card now scales its modelled speed by {record['speed_factor']:.2f}"

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from onecard.errors import UsageError
+
 
 def home() -> Path:
     return Path(os.environ.get("ONECARD_HOME") or Path.home() / ".cache" / "onecard")
@@ -15,6 +17,20 @@ def home() -> Path:
 
 def calibration_path() -> Path:
     return home() / "calibration.json"
+
+
+def check_writable() -> None:
+    """Say before a measurement, not after it, that its result could not be stored (ONECARD_HOME a file,
+    a folder this user cannot write): bench on a card takes minutes."""
+    folder = home()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot store a calibration in {folder}: {e.strerror or e}; set ONECARD_HOME to a "
+                         "folder you can write, or measure only with --no-save") from None
 
 
 def load_all() -> dict:
