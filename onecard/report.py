@@ -253,6 +253,12 @@ def status_line(run_dir: Path, log: Log) -> str:
     return f"status: {status}, step {step} of {steps}"
 
 
+def fixed(value: float | None, spec: str) -> str:
+    """A number as the terminal writes it (bits per byte to 4 decimals, as training and the card; rates
+    grouped), so that the page and the terminal show the same figures."""
+    return "—" if value is None else format(value, spec)
+
+
 def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: list[tuple[str, Path]],
                 predicted_rows: list[tuple[str, str, str]], card: str = "") -> str:
     """One page with everything inside it: the PNGs are embedded as base64."""
@@ -282,8 +288,8 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
          + (f" x {summary['ranks']} ranks" if isinstance(summary.get("ranks"), int) and summary["ranks"] > 1 else "")),
         ("tokens", fmt(summary.get("tokens"))),
         ("run time", "—" if wall is None else format_duration(wall)),
-        ("tokens/s (mean over run time)", fmt(summary.get("tokens_per_s_mean"), digits=5)),
-        ("validation bits per byte", " → ".join(fmt(v) for v in bpb_span(summary, log))),
+        ("tokens/s (mean over run time)", fixed(number(summary.get("tokens_per_s_mean")), ",.0f")),
+        ("validation bits per byte", " → ".join(fixed(v, ".4f") for v in bpb_span(summary, log))),
         ("skipped steps (non-finite)", fmt(summary.get("skipped_steps"))),
         ("energy", (fmt(energy, " kWh") if energy is not None else "not measured") + energy_note),
         ("cost", fmt(summary.get("cost"), f" {currency}")),

@@ -88,4 +88,15 @@ def test_a_log_past_its_summary_is_shown_as_a_run_that_went_on(tmp_path, summary
     facts = dict(re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", page))
     assert facts["status"].startswith("running, or stopped without writing its summary (the log reaches step 20")
     assert facts["step"].startswith("20 of ") and facts["run time"] == "0 min 40 s"
-    assert facts["validation bits per byte"] == "3 → 1"  # the log's first and latest, not the summary's dashes
+    assert facts["validation bits per byte"] == "3.0000 → 1.0000"  # the log's first and latest, not the dashes
+
+
+def test_the_page_writes_numbers_as_the_terminal_does(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, cuda=False)
+    summary = json.loads((run / "summary.json").read_text())
+    summary |= {"val_bpb_start": 3.609933, "val_bpb_end": 2.5907985, "tokens_per_s_mean": 5005.57}
+    (run / "summary.json").write_text(json.dumps(summary))
+    facts = dict(re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", write_report(run).read_text()))
+    assert facts["validation bits per byte"] == "3.6099 → 2.5908"  # as training's last line and the card
+    assert facts["tokens/s (mean over run time)"] == "5,006"
