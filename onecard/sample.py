@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from onecard.args import ONE_DECODE_STEP, add_threads_argument, positive_int, seed, temperature, text_arg
@@ -35,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     use_threads(args.threads, device)
     model, tokenizer, _ = load_weights(run_dir, device, tokenizer_path=args.tokenizer)
+    note = cut_note(len(tokenizer.encode(args.prompt, prepend_bos=True)), args.max_tokens, model.rotary_len)
+    if note:  # the text printed still starts with the whole prompt: say what the model did not read
+        print(note, file=sys.stderr)
     print(sample_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
                       top_k=args.top_k, seed=args.seed))
     return 0
@@ -53,3 +57,15 @@ def chosen_run(given: str | None, flag: str | None) -> str | Path:
         raise UsageError("no finished `onecard train` run under ./runs: give the run directory "
                          "(onecard sample RUN_DIR)")
     return found
+
+
+def cut_note(prompt_tokens: int, max_tokens: int, positions: int) -> str:
+    """What sample_text leaves out where prompt and --max-tokens exceed the model's positions (it keeps
+    the prompt's last tokens, leaving room for --max-tokens), or ''."""
+    kept = min(prompt_tokens, max(1, positions - max_tokens))
+    said = []
+    if kept < prompt_tokens:
+        said.append(f"the prompt's {prompt_tokens:,} tokens are cut to their last {kept:,}")
+    if kept + max_tokens > positions:
+        said.append(f"at most {positions - kept:,} tokens follow, not --max-tokens {max_tokens:,}")
+    return f"note: the model reads at most {positions:,} positions: {' and '.join(said)}" if said else ""

@@ -253,3 +253,18 @@ def test_a_vocabulary_bpe_cannot_make_is_refused_before_any_work(capsys, tmp_pat
     code, out, err = run_cli(capsys, *(a.format(tmp=tmp_path) for a in argv))
     assert code == 2 and "vocab size must be between 266" in err
     assert "training a" not in out + err and "steps ×" not in out + err and "step ×" not in out + err
+
+
+def test_sample_says_when_the_prompt_is_cut_to_fit_the_models_positions(capsys, tmp_path):
+    """The printed text starts with the whole prompt: a prompt the model read only the end of is said."""
+    from tests.serve_helpers import TINY
+
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *TINY]) == 0  # context 32: 320 positions
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "sample", str(run), "--prompt", "def main(argv):", "--max-tokens", "500")
+    assert code == 0 and out.startswith("def main(argv):")
+    assert "note: the model reads at most 320 positions: the prompt's " in err
+    assert "cut to their last 1 and at most 319 tokens follow, not --max-tokens 500" in err
+    code, _, err = run_cli(capsys, "sample", str(run), "--prompt", "def main(argv):", "--max-tokens", "3")
+    assert code == 0 and err == ""
