@@ -220,6 +220,8 @@ def test_a_measured_speed_factor_scales_the_model_for_every_recipe(capsys, tmp_p
         assert after["recipe"]["name"] == before["recipe"]["name"]
         assert after["utilization"] == pytest.approx(0.8 * before["utilization"])
     assert "measured by `onecard bench`" in scaled["utilization_source"] and "x0.80" in scaled["utilization_source"]
+    assert "run `onecard bench` to measure yours" in modelled["utilization_source"]
+    assert "to measure yours" not in scaled["utilization_source"]  # it has been: no advice to run it
     assert any("0.80x the modelled speed" in n for n in scaled["notes"])
 
 

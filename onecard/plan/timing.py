@@ -18,6 +18,7 @@ from onecard.plan.persistent import DTYPE_BYTES, parameter_dtypes, parameter_sha
 from onecard.recipe import Recipe
 
 NS_STEPS = 5  # Newton-Schulz iterations per Muon update (nanochat)
+BENCH_ADVICE = "; run `onecard bench` to measure yours"
 
 
 def default_utilization(gpu: GPU, config: GPTConfig, compiled: bool,
@@ -35,7 +36,7 @@ def default_utilization(gpu: GPU, config: GPTConfig, compiled: bool,
         u *= assume.laptop_clock_factor
         why += f"; x{assume.laptop_clock_factor:g} for a laptop's power-limited clock"
     if gpu.kind != "datacenter":
-        why += "; run `onecard bench` to measure yours"
+        why += BENCH_ADVICE
     return u, why
 
 
@@ -127,7 +128,7 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
         overhead = layer_overhead_s(config, recipe, assume) / speed_factor
         if speed_factor != 1.0:
             utilization = min(1.0, utilization * speed_factor)
-            why = f"{why}; x{speed_factor:.2f}, {source}"
+            why = f"{why.removesuffix(BENCH_ADVICE)}; x{speed_factor:.2f}, {source}"  # measured: no advice to
         source = why
     u = utilization
     per_gpu_tokens = total_batch // gpus
