@@ -60,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe.with_(compile=compiled)
     if args.steps is not None and args.steps < 2:
         raise UsageError("--steps must be at least 2: the first step warms up, the last is timed")
+    from onecard.device import unrunnable_reason
+    reason = unrunnable_reason(recipe, device)
+    if reason:  # before the matmul is timed, not after
+        raise UsageError(f"{recipe.name} cannot run here: {reason}")
     if not args.no_save:  # before the measurement, which on a card takes minutes
         calibrate.check_writable()
     if args.gpu and device == "cpu":

@@ -25,3 +25,11 @@ def test_a_calibration_that_cannot_be_stored_is_said_before_measuring(tmp_path, 
     said = capsys.readouterr()
     assert f"onecard: error: cannot store a calibration in {home}" in said.err and "--no-save" in said.err
     assert "timing" not in said.err  # nothing measured, nothing lost
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without FP8")
+def test_a_recipe_this_machine_cannot_run_is_refused_before_measuring(capsys):
+    assert main(["bench", *SMALL, "--recipe", "lean-fp8"]) == 2
+    said = capsys.readouterr()
+    assert "onecard: error: lean-fp8 cannot run here: matmul=fp8 needs an NVIDIA GPU" in said.err
+    assert "timing" not in said.err  # the matmul was timed first, then thrown away
