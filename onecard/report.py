@@ -227,6 +227,23 @@ def progress_facts(summary: dict, log: Log) -> tuple[str, object, float | None]:
     return summary.get("status") or "—", summary.get("step", "—"), number(summary.get("wall_s"))
 
 
+def caught_up(summary: dict, log: Log) -> dict:
+    """The summary with the log's latest counts (tokens, run time, energy, cost, mean tokens/s) where the
+    log went further than the summary was written: a session killed between checkpoints. Its step and
+    status stay the summary's, which progress_facts sets beside the log's."""
+    last = next((r for r in reversed(log.records) if "loss" in r), {})
+    logged, said = number(last.get("step")), number(summary.get("step"))
+    if logged is None or (said is not None and logged <= said):
+        return summary
+    out = dict(summary)
+    for key in ("tokens", "wall_s", "energy_kwh", "cost"):
+        if number(last.get(key)) is not None:
+            out[key] = last[key]
+    tokens, wall = number(out.get("tokens")), number(out.get("wall_s"))
+    out["tokens_per_s_mean"] = tokens / wall if tokens is not None and wall else None
+    return out
+
+
 def bpb_span(summary: dict, log: Log) -> tuple[float | None, float | None]:
     """Validation bits per byte (first, latest): the summary's, each taken from the log where the summary
     lacks it or the log evaluated later than the summary was written (a session killed between checkpoints)."""
@@ -262,6 +279,8 @@ def fixed(value: float | None, spec: str) -> str:
 def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: list[tuple[str, Path]],
                 predicted_rows: list[tuple[str, str, str]], card: str = "") -> str:
     """One page with everything inside it: the PNGs are embedded as base64."""
+    summary = caught_up(summary, log)
+
     def fmt(value, unit: str = "", digits: int = 4) -> str:
         if value is None:
             return "—"

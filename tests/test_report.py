@@ -89,6 +89,8 @@ def test_a_log_past_its_summary_is_shown_as_a_run_that_went_on(tmp_path, summary
     assert facts["status"].startswith("running, or stopped without writing its summary (the log reaches step 20")
     assert facts["step"].startswith("20 of ") and facts["run time"] == "0 min 40 s"
     assert facts["validation bits per byte"] == "3.0000 → 1.0000"  # the log's first and latest, not the dashes
+    # the log's counts, not the older summary's (or none): 20 steps of 1,000 tokens in 40 s
+    assert facts["tokens"] == "20,000" and facts["tokens/s (mean over run time)"] == "500"
 
 
 def test_the_page_writes_numbers_as_the_terminal_does(tmp_path):
