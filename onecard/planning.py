@@ -24,31 +24,40 @@ from onecard.units import quantity
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=text_arg, help="dN, e.g. d20 or d32 (nanochat's depth dial)")
     p.add_argument("--depth", type=positive_int, help="depth N instead of --model dN")
-    p.add_argument("--vocab-size", type=positive_int, default=defaults.VOCAB_SIZE,
-                   help=f"vocabulary size (default {defaults.VOCAB_SIZE})")
+    p.add_argument("--arch", choices=ARCHS, default="classic", help="model family (default classic)")
+    p.add_argument("--vocab-size", type=positive_int,
+                   help=f"vocabulary size (default {defaults.VOCAB_SIZE}; nanochat-2026: {VOCAB_2026})")
     p.add_argument("--seq-len", type=positive_int, default=defaults.SEQ_LEN,
                    help=f"context length (default {defaults.SEQ_LEN})")
-    p.add_argument("--ratio", type=positive_float, default=defaults.RATIO,
-                   help=f"training tokens per parameter (default {defaults.RATIO}, Chinchilla)")
+    p.add_argument("--ratio", type=positive_float,
+                   help=f"training tokens per parameter (default {defaults.RATIO}, Chinchilla; nanochat-2026: "
+                        f"{RATIO_2026} per matrix and lm_head parameter, as nanochat)")
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from onecard.plan.search import horizon
+
     depth = depth_from(args.model, args.depth)
     if depth is None:
         raise UsageError("onecard info needs --model dN or --depth N")
-    config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
+    vocab = args.vocab_size or (VOCAB_2026 if args.arch == ARCH_2026 else defaults.VOCAB_SIZE)
+    config = GPTConfig.from_depth(depth, vocab_size=vocab, sequence_len=args.seq_len, arch=args.arch)
     counts = param_counts(config)
     total = sum(counts.values())
     fpt = flops_per_token(config)
-    tokens = args.ratio * total
-    print(f"model d{config.n_layer}: n_layer {config.n_layer}, n_embd {config.n_embd}, n_head {config.n_head}, "
+    _, counted, family_ratio = horizon(config)  # nanochat-2026 counts its matrices and lm_head alone
+    ratio = args.ratio or family_ratio
+    tokens = ratio * counted
+    family = "" if config.arch == "classic" else f" ({config.arch})"
+    print(f"model d{config.n_layer}{family}: n_layer {config.n_layer}, n_embd {config.n_embd}, n_head {config.n_head}, "
           f"n_kv_head {config.n_kv_head}, head_dim {config.head_dim}, vocab {config.vocab_size:,}, "
           f"context {config.sequence_len}")
     print(f"parameters: {total:,}")
     for name, count in counts.items():
-        print(f"  {name:<8} {count:>15,}  ({count / total:6.1%})")
+        print(f"  {name:<12} {count:>15,}  ({count / total:6.1%})")
     print(f"FLOPs per token (training, 6·N_non-embedding + 12·L·H·Q·T): {fpt:,} = {fpt:.5e}")
-    print(f"Chinchilla tokens ({args.ratio:g} per parameter): {tokens:,.0f} = {tokens:.4e}")
+    per = "parameter" if config.arch == "classic" else f"matrix and lm_head parameter, {counted:,} of them"
+    print(f"training tokens ({ratio:g} per {per}): {tokens:,.0f} = {tokens:.4e}")
     print(f"total training FLOPs: {fpt * tokens:.4e}")
     return 0
 

@@ -268,3 +268,17 @@ def test_sample_says_when_the_prompt_is_cut_to_fit_the_models_positions(capsys, 
     assert "cut to their last 1 and at most 319 tokens follow, not --max-tokens 500" in err
     code, _, err = run_cli(capsys, "sample", str(run), "--prompt", "def main(argv):", "--max-tokens", "3")
     assert code == 0 and err == ""
+
+
+def test_info_describes_the_2026_family_by_its_own_defaults(capsys):
+    """info had no --arch: the nanochat-2026 models (value embeddings, vocabulary 32,768, 12 tokens per
+    matrix and lm_head parameter) could not be described. Checked against nanochat's own counts in
+    tests/test_model_2026.py; here, that info prints them."""
+    from onecard.model_config import ARCH_2026, VOCAB_2026, GPTConfig, param_counts, scaling_params
+
+    code, out, _ = run_cli(capsys, "info", "--model", "d24", "--arch", ARCH_2026)
+    config = GPTConfig.from_depth(24, VOCAB_2026, 2048, arch=ARCH_2026)
+    assert code == 0 and "vocab 32,768" in out and "value_embeds" in out
+    assert f"parameters: {sum(param_counts(config).values()):,}" in out
+    assert f"training tokens (12 per matrix and lm_head parameter, {scaling_params(config):,} of them): " \
+           f"{12 * scaling_params(config):,}" in out
