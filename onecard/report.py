@@ -57,7 +57,10 @@ def read_log(run_dir: Path) -> Log:
         raise UsageError(f"{run_dir} {what}: give an onecard run directory")
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
-        raise UsageError(f"{path} {what}: give an onecard run directory (one with a log.jsonl)")
+        runs = [p for p in run_dir.iterdir() if (p / "log.jsonl").is_file()]  # `onecard report runs`
+        newest = max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+        inside = f"; {run_dir} holds {len(runs)} of them, the newest {newest}" if runs else ""
+        raise UsageError(f"{path} {what}: give an onecard run directory (one with a log.jsonl){inside}")
     try:
         raw = path.read_bytes()
     except OSError as e:

@@ -153,3 +153,15 @@ def test_the_report_command_says_when_a_run_is_not_finished(tmp_path, capsys):
     (tmp_path / "empty" / "log.jsonl").write_text("")
     assert main(["report", str(tmp_path / "empty")]) == 0
     assert "note: no summary.json and no step in log.jsonl" in capsys.readouterr().out
+
+
+def test_a_folder_of_runs_names_the_newest_run_in_it(tmp_path, capsys):
+    from onecard.cli import main
+
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "log.jsonl").write_text("")
+    os.utime(tmp_path / "runs" / "b", (2e9, 2e9))  # b is the newer, whatever order they were made in
+    assert main(["report", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'runs'} holds 2 of them, the newest {tmp_path / 'runs' / 'b'}" in err
