@@ -43,7 +43,8 @@ class GPTConfig:
         if self.arch not in ARCHS:
             raise UsageError(f"model arch {self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.arch == ARCH_2026:
-            if not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
+            pattern = self.window_pattern  # from a config file: anything JSON holds
+            if not isinstance(pattern, str) or not pattern or set(pattern.upper()) - set("SL"):
                 raise UsageError(f"window_pattern {self.window_pattern!r} must be letters S and L, e.g. SSSL")
             if self.n_embd < SMEAR_CHANNELS:
                 raise UsageError(f"nanochat-2026 needs n_embd >= {SMEAR_CHANNELS} (its smear gate), got "

@@ -83,3 +83,14 @@ def test_not_a_checkpoint_directory(tmp_path):
         load_weights(tmp_path)
     with pytest.raises(UsageError, match="not a directory"):
         load_weights(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("pattern", [5, ["S", "L"], {"S": 1}])
+def test_a_window_pattern_that_is_not_text_is_refused_in_one_line(tmp_path, pattern):
+    config = GPTConfig(sequence_len=32, vocab_size=265, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    ckpt, _ = write_nanochat_dir(tmp_path, config, steps=(1,))
+    meta = json.loads((ckpt / "meta_000001.json").read_text())
+    meta["model_config"]["window_pattern"] = pattern  # a damaged meta: it was an AttributeError's traceback
+    (ckpt / "meta_000001.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="window_pattern .* must be letters S and L"):
+        load_weights(ckpt)
