@@ -130,6 +130,7 @@ def _shape(args: argparse.Namespace, saved, device: str, say, given_vocab: int |
         model, tokenizer, info = load_weights(args.init_from, device)
         if arch and arch != model.config.arch:
             raise UsageError(f"--init-from {args.init_from} holds a {model.config.arch} model, not --arch {arch}")
+        _check_init_shape(args, depth, model.config)
         say(f"starting from {info['layout']} weights in {info['path']}")
         # a pre-training run's batch, data and horizon carry over; an SFT run's count conversations
         before = info["config"].train if info["layout"] == "onecard" and info["config"].stage == "pretrain" else None
@@ -147,6 +148,16 @@ def _shape(args: argparse.Namespace, saved, device: str, say, given_vocab: int |
         sequence_len=seq_len, vocab_size=vocab, n_layer=defaults.DEMO["n_layer"], n_head=defaults.DEMO["n_head"],
         n_kv_head=defaults.DEMO["n_head"], n_embd=defaults.DEMO["n_embd"], arch=arch)
     return config, None, None, seq_len, args.micro_batch, None, demo
+
+
+def _check_init_shape(args: argparse.Namespace, depth: int | None, config) -> None:
+    """The weights of --init-from set the model: a depth or vocabulary that differs is refused, not ignored."""
+    if depth is not None and depth != config.n_layer:
+        raise UsageError(f"--init-from {args.init_from} holds a model of depth {config.n_layer}, not {depth}: "
+                         "its weights set the model; drop --model/--depth")
+    if args.vocab_size and args.vocab_size != config.vocab_size:
+        raise UsageError(f"--init-from {args.init_from} holds a model of {config.vocab_size:,} tokens, not "
+                         f"--vocab-size {args.vocab_size:,}: it brings its own tokenizer; drop --vocab-size")
 
 
 def _steps(args: argparse.Namespace, params: int, total_batch: int, before, demo: bool,

@@ -201,6 +201,18 @@ def test_init_from_a_run_keeps_its_batch_and_context(tmp_path, capsys):
     assert saved["train"]["total_batch"] == 64 and saved["recipe"]["seq_len"] == 16
 
 
+def test_init_from_refuses_another_depth_or_vocabulary_rather_than_ignoring_it(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "--run-dir", str(first), *TINY, "--steps", "1"]) == 0
+    capsys.readouterr()
+    for extra, said in ((["--depth", "3"], "depth 1, not 3"), (["--vocab-size", "512"], "not --vocab-size 512")):
+        assert main(["train", "--run-dir", str(second), "--init-from", str(first), "--device", "cpu",
+                     "--steps", "1", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err, err
+    assert not (second / "model.safetensors").exists()
+
+
 def test_a_run_directory_deleted_while_training_stops_the_run_without_recreating_it(tmp_path, capsys, monkeypatch):
     import shutil
 
