@@ -31,7 +31,8 @@ from onecard.args import (
     text_arg,
 )
 from onecard.errors import UsageError
-from onecard.model_config import ARCH_2026, ARCHS
+from onecard.model_config import ARCH_2026, ARCHS, VOCAB_2026
+from onecard.schedule_2026 import RATIO as RATIO_2026
 from onecard.units import quantity
 
 
@@ -53,14 +54,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=positive_int,
                    help="rows per forward/backward (default: the largest that fits the card; 8 on the CPU)")
     p.add_argument("--total-batch", type=positive_int, help="tokens per optimizer step, reached by gradient "
-                                                            f"accumulation (default {defaults.TOTAL_BATCH})")
+                                                            f"accumulation (default {defaults.TOTAL_BATCH}; "
+                                                            "nanochat-2026: its own, growing with depth; demo "
+                                                            f"{defaults.DEMO['total_batch']})")
     horizon = p.add_mutually_exclusive_group()
     horizon.add_argument("--steps", type=positive_int, help="optimizer steps")
     horizon.add_argument("--tokens", type=positive_int, help="training tokens (e.g. 38e9 or 38B)")
     horizon.add_argument("--ratio", type=positive_float,
-                         help=f"training tokens per parameter (default {defaults.RATIO})")
+                         help=f"training tokens per parameter (default {defaults.RATIO}; nanochat-2026: "
+                              f"{RATIO_2026} per matrix and lm_head parameter, as nanochat)")
     p.add_argument("--vocab-size", type=positive_int,
-                   help=f"tokenizer size when training one (default {defaults.VOCAB_SIZE}; with --tokenizer, that "
+                   help=f"tokenizer size when training one (default {defaults.VOCAB_SIZE}; nanochat-2026: "
+                        f"{VOCAB_2026}; demo {defaults.DEMO['vocab_size']}; with --tokenizer, that "
                         "tokenizer's size, which a --vocab-size given must equal)")
     p.add_argument("--tokenizer", type=text_arg, metavar="DIR",
                    help="use this tokenizer instead of training one: a folder `onecard tokenizer train --out DIR` "
@@ -112,7 +117,7 @@ def _locked(args: argparse.Namespace, device: str, world) -> int:
 def _shape(args: argparse.Namespace, saved, device: str, say, given_vocab: int | None = None):
     """(model config, model or None, tokenizer or None, seq_len, micro_batch, what was continued);
     given_vocab: the size of the --tokenizer given, for a new model."""
-    from onecard.model_config import VOCAB_2026, GPTConfig, depth_from
+    from onecard.model_config import GPTConfig, depth_from
     from onecard.weights import load_weights
 
     depth = depth_from(args.model, args.depth)

@@ -145,3 +145,17 @@ def test_the_2026_family_goes_through_sft_chat_and_export(tmp_path, capsys):
     assert main(["chat", str(sft), "-p", "What is 2 + 3?", "--max-tokens", "6", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip()
     assert main(["export", str(sft), "--to", "nanochat", str(out)]) == 0
+
+
+def test_train_help_gives_this_familys_defaults(capsys):
+    """train --help named only the classic's batch, ratio and vocabulary, which this family does not use."""
+    from onecard.cli import main
+    from onecard.model_config import VOCAB_2026
+    from onecard.schedule_2026 import RATIO
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "nanochat-2026: its own, growing with depth" in text
+    assert f"nanochat-2026: {RATIO} per matrix and lm_head parameter" in text
+    assert f"nanochat-2026: {VOCAB_2026}" in text
