@@ -107,7 +107,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a planner assumption (see onecard/plan/assumptions.py); repeatable")
     parser.add_argument("--target", choices=("gpt2",), help="gpt2: the fastest way this card trains a model "
                         "that beats GPT-2's CORE, from nanochat's published runs (nanochat-2026 family)")
-    parser.add_argument("--arch", choices=ARCHS, default="classic", help="model family (default classic)")
+    parser.add_argument("--arch", choices=ARCHS, help="model family (default classic)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--plot", metavar="FILE.png", type=text_arg,
                         help="draw memory by component and time per recipe")
@@ -123,6 +123,9 @@ def run_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown recipe {args.recipe!r}: known recipes are {', '.join(NAMED)}")
     if args.days is not None and args.tokens is not None:
         raise UsageError("give --tokens or --days, not both: --days decides how many tokens fit")
+    if getattr(args, "target", None) == "gpt2" and args.arch == "classic":  # it would plan the other family
+        raise UsageError(f"--target gpt2 replays nanochat's published {ARCH_2026} runs: drop --arch classic")
+    args.arch = args.arch or "classic"
     depth = depth_from(args.model, args.depth)
     if depth is not None and args.days is not None and args.ratio is not None:
         raise UsageError("give --ratio or --days with a model, not both: --days decides how many tokens fit "

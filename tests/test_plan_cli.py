@@ -350,6 +350,14 @@ def test_target_gpt2_refuses_a_shape_it_would_not_plan(flag, value, capsys):
     assert err.count("\n") == 1 and flag in err and "Traceback" not in err
 
 
+def test_target_gpt2_refuses_the_classic_family_it_would_not_plan(capsys):
+    """--target gpt2 --arch classic planned nanochat-2026 runs without a word."""
+    assert exit_code(["plan", "--gpu", "rtx4070", "--target", "gpt2", "--arch", "classic"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop --arch classic" in err
+    assert exit_code(["plan", "--gpu", "rtx4070", "--target", "gpt2", "--arch", "nanochat-2026"]) == 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_no_gpu_named_and_none_here(capsys):
     assert main(["plan", "--model", "d20"]) == 2
