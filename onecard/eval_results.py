@@ -2,18 +2,20 @@
 
 Plain Python, no PyTorch. One JSON object:
 
-  {"format": 1, "tasks": {NAME: {"metric": ..., "value": ..., "examples": ..., "seconds": ...,
-                                 "examples_per_s": ..., "max_per_task": ..., "device": ..., "when": ...}},
+  {"format": 1, "weights": "step N" (the weights scored; absent in older files),
+   "tasks": {NAME: {"metric": ..., "value": ..., "examples": ..., "seconds": ...,
+                    "examples_per_s": ..., "max_per_task": ..., "device": ..., "when": ...}},
    "chatcore": {"value": ..., "centered": {...}, "partial": ...} | absent}
 
 NAME is bpb, core (with each CORE task under "tasks"), arc-easy, arc-challenge, mmlu, gsm8k, humaneval
 or lm-eval:TASK.
 
-A task evaluated again replaces its entry; the others stay. ChatCORE is nanochat's (scripts/chat_eval.py
-of its October 2025 release, seen in copies found with the search tool): the mean over ARC-Easy,
-ARC-Challenge, MMLU, GSM8K and HumanEval of (accuracy - baseline) / (1 - baseline), baselines 0.25 for
-the four-way multiple-choice tasks and 0 for the open-ended ones, given only when all five are there.
-(Later nanochat adds SpellingBee as a sixth task; onecard does not have it.)
+A task evaluated again replaces its entry; the others stay, unless they scored other weights.
+ChatCORE is nanochat's (scripts/chat_eval.py of its October 2025 release, seen in copies found with
+the search tool): the mean over ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval of (accuracy -
+baseline) / (1 - baseline), baselines 0.25 for the four-way multiple-choice tasks and 0 for the
+open-ended ones, given only when all five are there. (Later nanochat adds SpellingBee as a sixth
+task; onecard does not have it.)
 """
 
 from __future__ import annotations
@@ -55,10 +57,16 @@ def chatcore(tasks: dict) -> dict | None:
     return {"value": sum(centered.values()) / len(centered), "centered": centered, "partial": partial}
 
 
-def merge(run_dir: Path, results: dict[str, dict]) -> dict:
-    """Add `results` (task name -> entry) to the run's eval.json, recompute ChatCORE, write it atomically."""
+def merge(run_dir: Path, results: dict[str, dict], weights: str | None = None) -> dict:
+    """Add `results` (task name -> entry) to the run's eval.json, recompute ChatCORE, write it atomically.
+    `weights` names the weights scored (their step): scores of other weights in the folder (a nanochat
+    checkpoint folder that gained a later model_*.pt) are dropped, not set beside these."""
     record = read(run_dir)
+    if weights is not None and record.get("weights") not in (None, weights):
+        record = {"tasks": {}}
     record["format"] = FORMAT
+    if weights is not None:
+        record["weights"] = weights
     record["tasks"].update(results)
     found = chatcore(record["tasks"])
     if found is not None:

@@ -151,6 +151,16 @@ def read_bundle(args: argparse.Namespace) -> Bundle:
     return folder, cm.load_bundle(folder)
 
 
+def weights_step(info: dict) -> str | None:
+    """Which weights of the folder are scored ("step N"), so that eval.json never sets the scores of
+    one checkpoint beside another's; None where the folder holds one model only (transformers)."""
+    if info["layout"] == "nanochat":
+        return f"step {info['step']}"
+    if info["layout"] == "onecard":
+        return f"step {(info['config'].results or {}).get('steps')}"
+    return None
+
+
 def check_common(args: argparse.Namespace) -> None:
     """What any run reads besides the tasks' files (--data, the harness), before the model is loaded."""
     if args.data and not Path(args.data).expanduser().exists():
@@ -413,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
             from onecard.core_metric import BUNDLE_HELP
             print(f"note: no CORE score: the eval bundle is not at hand ({BUNDLE_HELP})")
     named = tasks + ([f"lm-eval:{args.lm_eval}"] if args.lm_eval else [])
+    scored = weights_step(info)
     print(f"evaluating {args.run_dir} on {device}: {', '.join(named)}")
     results: dict[str, dict] = {}
     for task in tasks:
@@ -428,13 +439,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{task}: {done['metric']} {done['value']:.4f} ({done['examples']:,} {unit}, "
               f"{done['examples_per_s'] or 0:.1f}/s)" + (PARTIAL if args.max_per_task and task != "bpb" else ""),
               flush=True)
-        merge(Path(args.run_dir), {task: done})  # kept at once: a later task's bad data or a Ctrl-C loses nothing
+        # kept at once: a later task's bad data or a Ctrl-C loses nothing
+        merge(Path(args.run_dir), {task: done}, scored)
     if args.lm_eval:
         results.update(run_harness(args, model, tokenizer, device))
         for name, done in results.items():
             if name.startswith("lm-eval:"):
                 print(f"{name}: {done['metrics']}")
-    record = merge(Path(args.run_dir), {name: done for name, done in results.items() if name.startswith("lm-eval:")})
+    record = merge(Path(args.run_dir), {name: done for name, done in results.items() if name.startswith("lm-eval:")},
+                   scored)
     if "core" in results:
         core = results["core"]["value"]
         verdict = "beats" if core > GPT2_CORE else "does not beat"

@@ -76,7 +76,9 @@ def test_a_bits_per_byte_evaluation_reaches_the_card(tmp_path, capsys, monkeypat
     monkeypatch.setattr(onecard.core_metric, "DEFAULT_BUNDLE", tmp_path / "no-bundle")
     assert main(["eval", str(run), "--bpb-tokens", "64", "--max-per-task", "2"]) == 0
     assert "note: no CORE score: the eval bundle is not at hand" in capsys.readouterr().out  # not left out unsaid
-    bpb = json.loads((run / "eval.json").read_text())["tasks"]["bpb"]["value"]
+    record = json.loads((run / "eval.json").read_text())
+    bpb = record["tasks"]["bpb"]["value"]
+    assert record["weights"] == f"step {json.loads((run / 'config.json').read_text())['results']['steps']}"
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
     base = next(line for line in out.splitlines() if line.startswith("BASE"))
@@ -92,3 +94,16 @@ def test_without_a_card_it_says_what_eval_json_holds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{base / 'eval.json'} holds lm-eval:hellaswag" in out and "Not evaluated" not in out
     assert "holds lm-eval:hellaswag" in write_report(base).read_text()
+
+
+def test_scores_of_other_weights_in_the_folder_are_dropped_not_kept_beside(tmp_path):
+    """A nanochat checkpoint folder that gains a later model_*.pt: eval.json held the old step's scores,
+    and a new task's score was set beside them as if one model had scored both."""
+    entry = {"metric": "bits per byte", "value": 1.5, "examples": 10}
+    merge(tmp_path, {"bpb": entry, "mmlu": {**entry, "metric": "accuracy", "value": 0.3}}, "step 5")
+    assert set(merge(tmp_path, {"bpb": entry}, "step 5")["tasks"]) == {"bpb", "mmlu"}  # same weights: kept
+    record = merge(tmp_path, {"bpb": {**entry, "value": 1.2}}, "step 7")
+    assert record["weights"] == "step 7" and set(record["tasks"]) == {"bpb"}
+    assert json.loads((tmp_path / "eval.json").read_text())["tasks"]["bpb"]["value"] == 1.2
+    (tmp_path / "eval.json").write_text(json.dumps({"format": 1, "tasks": {"mmlu": entry}}))  # an older file
+    assert set(merge(tmp_path, {"bpb": entry}, "step 7")["tasks"]) == {"bpb", "mmlu"}
