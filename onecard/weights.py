@@ -115,6 +115,10 @@ def find_nanochat_tokenizer(checkpoint_dir: Path) -> Path:
                      "pass --tokenizer PATH")
 
 
+# top-level parameters of nanochat's later GPT that the classic one lacks (nanochat 92d63d4's gpt.py)
+LATER_KEYS = {"resid_lambdas", "x0_lambdas", "value_embeds"}
+
+
 def load_nanochat(checkpoint_dir: Path, device: str = "cpu", tokenizer_path: str | Path | None = None,
                   step: int | None = None) -> tuple[GPT, Tokenizer, dict]:
     """Read model_{step:06d}.pt + meta_{step:06d}.json (the newest step unless one is given)."""
@@ -145,7 +149,12 @@ def load_nanochat(checkpoint_dir: Path, device: str = "cpu", tokenizer_path: str
             said = str(error).rpartition("WeightsUnpickler error:")[2] or str(error)
             raise UsageError(f"cannot read {model_path.name} as plain weights: {one_line(said or error)}") from None
         # A compiled model's state dict carries the "_orig_mod." prefix; the weights are the same.
-        return {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
+        state = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
+        if config.arch == "classic" and LATER_KEYS & {k.partition(".")[0] for k in state}:
+            raise UsageError(f"{model_path.name} holds a later nanochat's parameters (per-layer scalars, value "
+                             f"embeddings) but {meta_path.name} names no window_pattern: onecard reads the classic "
+                             "GPT and nanochat 92d63d4's architecture, not the versions between them")
+        return state
     _load_state(model, read, model_path)
     tok_file = Path(tokenizer_path) if tokenizer_path else find_nanochat_tokenizer(checkpoint_dir)
     tokenizer = Tokenizer.load(tok_file.parent if tok_file.name == "tokenizer.pkl" else tok_file)

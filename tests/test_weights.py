@@ -94,3 +94,16 @@ def test_a_window_pattern_that_is_not_text_is_refused_in_one_line(tmp_path, patt
     (ckpt / "meta_000001.json").write_text(json.dumps(meta))
     with pytest.raises(UsageError, match="window_pattern .* must be letters S and L"):
         load_weights(ckpt)
+
+
+def test_a_nanochat_between_the_two_architectures_is_named_not_a_key_dump(tmp_path):
+    """A checkpoint with the later parameters but a meta without window_pattern (nanochat versions
+    between the classic GPT and 92d63d4) was refused with torch's long unexpected-keys message."""
+    config = GPTConfig(sequence_len=32, vocab_size=265, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    ckpt, models = write_nanochat_dir(tmp_path, config, steps=(1,))
+    state = {"_orig_mod." + k: v for k, v in models[1].state_dict().items()}
+    state["_orig_mod.resid_lambdas"] = torch.ones(1)
+    torch.save(state, ckpt / "model_000001.pt")
+    with pytest.raises(UsageError, match="later nanochat's parameters .* not the versions between them$") as refused:
+        load_weights(ckpt)
+    assert "Unexpected key" not in str(refused.value)
