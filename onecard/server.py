@@ -280,8 +280,10 @@ def create_app(backend: Backend, limits: Limits | None = None, api_key: str | No
     app = FastAPI(title="onecard", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
     if allow_origins:
+        # any header: the official JavaScript client sends its own (x-stainless-os, ...) on every
+        # request, and a preflight that refused one would block all of that page's requests
         app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type"])
+                           allow_headers=["*"])
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:

@@ -613,6 +613,24 @@ def test_other_web_pages_are_refused_unless_allowed(runs):
         allowed.stop()
 
 
+def test_an_allowed_page_may_send_the_javascript_clients_headers(runs):
+    """openai's JavaScript client adds x-stainless-* headers to every request: a preflight that
+    refused them would keep an --allow-origin page from using the official client at all."""
+    allowed = Running(create_app(model_backend(runs[1], "chat", workers=1), allow_origins=("http://localhost:3000",)))
+    try:
+        asked = "authorization, content-type, x-stainless-os, x-stainless-retry-count"
+        preflight = httpx.options(allowed.url + "/v1/chat/completions", timeout=10, headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked})
+        assert preflight.status_code == 200, preflight.text
+        assert "x-stainless-os" in preflight.headers["access-control-allow-headers"]
+        assert httpx.options(allowed.url + "/v1/chat/completions", timeout=10, headers={
+            "Origin": "http://localhost:4000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked}).status_code == 400  # other pages still are not
+    finally:
+        allowed.stop()
+
+
 @pytest.mark.parametrize("text", ["http://localhost:3000/app", "localhost:3000", "ftp://x", "http://u@x"])
 def test_allow_origin_takes_origins_only(text):
     from onecard.serve import origin
