@@ -206,7 +206,9 @@ def _assistant_parts(text: str) -> str | list[dict]:
 def _alternate(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """OpenAI takes the roles in any order; the model knows one system message, then user and
     assistant in turn. A system message after the first turn goes into the user turn that follows,
-    and messages of one role in a row become one turn, their texts a blank line apart."""
+    and messages of one role in a row become one turn, their texts a blank line apart. A reply that
+    opens the conversation (a chat page's greeting) follows the system text as the user's turn, or
+    an empty one."""
     folded: list[tuple[str, str]] = []
     for role, text in turns:
         role = "user" if role == "system" and folded else role
@@ -214,6 +216,10 @@ def _alternate(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
             folded[-1] = (role, "\n\n".join(t for t in (folded[-1][1], text) if t))
         else:
             folded.append((role, text))
+    if len(folded) > 1 and folded[0][0] == "system" and folded[1][0] == "assistant":
+        folded[0] = ("user", folded[0][1])  # where normalize would put the system text anyway
+    if folded and folded[0][0] == "assistant":
+        folded.insert(0, ("user", ""))
     return folded
 
 

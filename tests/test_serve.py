@@ -153,7 +153,6 @@ BAD = [
     ({"messages": [{"role": "user", "content": "x" * 7_000}] * 5}, "32,000"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 250
       + [{"role": "user", "content": "c"}]}, "500 messages"),
-    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, "roles out of order"),
     # asked for, but not implemented: refused by name rather than answered without
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools: not implemented"),
     ({"logprobs": True}, "logprobs: not implemented"), ({"presence_penalty": 0.5}, "presence_penalty"),
@@ -390,6 +389,10 @@ def test_roles_in_any_order_become_alternating_turns():
                            {"role": "system", "content": "In French."}, {"role": "user", "content": "d"}], Limits())
     assert said == [{"role": "user", "content": "Be brief.\n\nBe kind.\n\na\n\nb"},
                     {"role": "assistant", "content": "c"}, {"role": "user", "content": "In French.\n\nd"}]
+    greeting = [{"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "a"}]
+    assert check_messages(greeting, Limits()) == [{"role": "user", "content": ""}, *greeting]
+    assert check_messages([{"role": "system", "content": "Be brief."}, *greeting], Limits()) == [
+        {"role": "user", "content": "Be brief."}, *greeting]
 
 
 def test_top_p_0_and_consecutive_user_messages_are_answered(chat_server):
