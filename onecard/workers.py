@@ -176,13 +176,25 @@ class Workers:
             thread.start()
 
     def submit(self, job: Job) -> None:
+        if self.queue.full():
+            self._drop_cancelled()
         try:
             self.queue.put_nowait(job)
         except queue.Full:
             raise QueueFull() from None
 
+    def _drop_cancelled(self) -> None:
+        """Jobs whose clients went away while they waited give their places back: left in the queue
+        until a worker skips them, they would turn new requests away (429) behind a long generation."""
+        with self.queue.mutex:
+            live = [job for job in self.queue.queue if job is None or not job.cancelled.is_set()]
+            self.queue.queue.clear()
+            self.queue.queue.extend(live)
+            self.queue.not_full.notify_all()
+
     @property
     def waiting(self) -> int:
+        self._drop_cancelled()
         return self.queue.qsize() + self.memory.waiting
 
     def _loop(self) -> None:

@@ -260,6 +260,32 @@ def test_a_client_that_disconnects_stops_its_generation(runs):
             server.stop()
 
 
+def test_a_waiting_client_that_leaves_gives_its_queue_place_back(runs):
+    """One generating, one place in the queue: a queued client that gives up must not keep the next
+    one out (429) until the long generation ahead of it ends."""
+    from onecard.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(runs[1] / "tokenizer")
+    server = Running(create_app(scripted_backend(tokenizer, "word " * 20, 0.05, workers=1, max_queued=1)))
+    url = server.url + "/v1/chat/completions"
+    body = {"model": "scripted", "messages": HELLO, "stream": True}
+    try:
+        with httpx.stream("POST", url, json=body, timeout=30):  # generates for 5 s or more
+            deadline = time.monotonic() + 10
+            while httpx.get(server.url + "/health").json()["generating"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            for stream in (False, True):
+                with pytest.raises(httpx.ReadTimeout):  # waits its turn, then gives up
+                    with httpx.stream("POST", url, json={**body, "stream": stream}, timeout=0.5) as r:
+                        r.read()
+                time.sleep(0.5)  # the server notices within a poll (0.25 s)
+                assert httpx.get(server.url + "/health").json()["waiting"] == 0
+                with httpx.stream("POST", url, json=body, timeout=30) as queued:
+                    assert queued.status_code == 200
+    finally:
+        server.stop()
+
+
 def test_stopping_the_server_ends_running_answers_with_a_reason(runs):
     """Ctrl-C with requests in flight: each client hears that the server is shutting down, at once."""
     import threading
