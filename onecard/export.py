@@ -125,10 +125,10 @@ def usage_hint(out: Path, target: str, written: list[Path]) -> str:
 
 # ---------------------------------------------------------------- the writers
 
-def _write_json(path: Path, data: dict) -> Path:
+def _write_json(path: Path, data: dict, ascii_only: bool = False) -> Path:
     import json
 
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(data, indent=2, ensure_ascii=ascii_only) + "\n"
     return _save(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
 
 
@@ -203,7 +203,7 @@ def write_nanochat(out: Path, model, tokenizer, dtype: str, phase: str, step: in
     model_config = {k: v for k, v in model.config.to_dict().items() if k != "arch"}
     meta = {"step": step, "model_config": model_config, "user_config": {},
             "onecard": {"exported_from": info["path"], "layout": info["layout"]}}
-    _write_json(meta_path, meta)
+    _write_json(meta_path, meta, ascii_only=True)  # nanochat opens it in the locale's encoding, not UTF-8
     return [model_path, meta_path, tok_dir / "tokenizer.pkl", tok_dir / "token_bytes.pt", tok_dir / "tokenizer.json"]
 
 

@@ -577,3 +577,16 @@ def test_force_adds_a_later_step_beside_an_earlier_one_and_drops_the_replaced_sc
     (hf / "eval.json").write_text('{"tasks": {}}')
     assert main(["export", str(run_dir), "--to", "hf", str(hf), "--force"]) == 0
     assert not (hf / "eval.json").exists()
+
+
+def test_nanochat_meta_reads_under_any_locale_from_a_non_ascii_path(run_dir, tmp_path):
+    """nanochat (fae3aca) opens meta_*.json without an encoding, in the locale's: exported from a run
+    under a non-ASCII path, the meta held that path in UTF-8 and nanochat's loader failed under an
+    ASCII locale (UnicodeDecodeError) or read it garbled under another. json's own escapes keep it ASCII."""
+    import shutil
+
+    run = tmp_path / "rün 模型"
+    shutil.copytree(run_dir, run)
+    assert main(["export", str(run), "--to", "nanochat", str(tmp_path / "nc")]) == 0
+    meta = next((tmp_path / "nc" / "base_checkpoints" / "d1").glob("meta_*.json"))
+    assert json.loads(meta.read_bytes().decode("ascii"))["onecard"]["exported_from"] == str(run)
