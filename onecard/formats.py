@@ -209,14 +209,17 @@ def hf_tokenizer_json(ranks: dict[bytes, int], specials: dict[str, int], pattern
 
 # The chat template: onecard.conversations.render as Jinja. A system message joins the first user
 # message with a blank line; an assistant's content is text or a list of parts (text, python,
-# python_output); roles must alternate, user first.
+# python_output); roles must alternate, user first (a tool's or a later system message is refused, as onecard does).
 CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set system = messages[0]['content'] + '\\n\\n' -%}{%- set messages = messages[1:] -%}"
     "{%- else -%}{%- set system = '' -%}{%- endif -%}"
+    "{%- if system and not messages -%}"
+    "{{- raise_exception('a system message must be followed by a user message') -}}"
+    "{%- endif -%}"
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
     "{{- raise_exception('roles must alternate user, assistant, user, ... after an optional system message') -}}"
     "{%- endif -%}"
     "{%- if message['role'] == 'user' -%}"

@@ -242,6 +242,22 @@ def test_chat_template_refuses_roles_out_of_order(hf_tokenizer):
         hf_tokenizer.apply_chat_template([{"role": "assistant", "content": "hi"}], tokenize=False)
 
 
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "What is 2 + 3?"}, {"role": "tool", "content": "5"}, {"role": "user", "content": "?"}],
+    [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be rude."}, {"role": "user", "content": "?"}],
+    [{"role": "system", "content": "Be terse."}],
+], ids=["tool-reply", "later-system", "system-alone"])
+def test_chat_template_refuses_what_onecard_refuses(hf_tokenizer, messages):
+    """Only the user's turns were checked: a tool's or a later system message was rendered as the
+    model's own reply, and a system message alone was dropped, where onecard refuses all three."""
+    from onecard.conversations import BadConversation
+
+    with pytest.raises(BadConversation):
+        normalize(messages, training=False)
+    with pytest.raises(Exception, match="alternate|followed by a user"):
+        hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 # ---------------------------------------------------------------- transformers -> onecard
 
 def _transformers_made_tokenizer(tokenizer: Tokenizer, folder, monkeypatch):
