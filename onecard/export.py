@@ -120,7 +120,11 @@ def usage_hint(out: Path, target: str, written: list[Path]) -> str:
     if target == "hf":
         return (f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}) and "
                 f"AutoTokenizer.from_pretrained({str(out)!r})")
-    return f"use it with nanochat: NANOCHAT_BASE_DIR={out} (its loader reads {written[0].parent.relative_to(out)})"
+    import shlex
+
+    # absolute: nanochat's scripts run from its own checkout
+    return (f"use it with nanochat: NANOCHAT_BASE_DIR={shlex.quote(str(out.resolve()))} "
+            f"(its loader reads {written[0].parent.relative_to(out)})")
 
 
 # ---------------------------------------------------------------- the writers

@@ -606,3 +606,15 @@ def test_nanochat_meta_reads_under_any_locale_from_a_non_ascii_path(run_dir, tmp
     assert main(["export", str(run), "--to", "nanochat", str(tmp_path / "nc")]) == 0
     meta = next((tmp_path / "nc" / "base_checkpoints" / "d1").glob("meta_*.json"))
     assert json.loads(meta.read_bytes().decode("ascii"))["onecard"]["exported_from"] == str(run)
+
+
+def test_the_nanochat_hint_is_a_shell_word_nanochat_finds_from_its_own_folder(run_dir, tmp_path, capsys, monkeypatch):
+    """The closing line said NANOCHAT_BASE_DIR=OUT_DIR as given: a path with a space split into two
+    words in a shell, and a relative one pointed nanochat's scripts, run from their checkout, elsewhere."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run_dir), "--to", "nanochat", "my models/nc"]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    words = shlex.split(hint.partition("use it with nanochat: ")[2])
+    assert words[0] == f"NANOCHAT_BASE_DIR={tmp_path / 'my models' / 'nc'}"
