@@ -170,15 +170,18 @@ class Loop:
     # ------------------------------------------------------------ files
 
     def write_summary(self) -> dict:
-        summary = {"status": self.status, "message": self.message, "step": self.step, "steps": self.settings.steps,
-                   "val_bpb_start": self.first_bpb, "val_bpb_end": self.last_bpb,
-                   "last_checkpoint": None if self.last_saved is None else f"checkpoints/step_{self.last_saved:06d}",
-                   "prediction": self.config.prediction.to_dict() if self.config.prediction else None,
-                   "compile_s": self.compile_s, "ranks": self.world.size,
-                   **self.meters.summary()}
+        summary = self.summary()
         if self.world.main and not self.run_dir_lost():
             write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def summary(self) -> dict:
+        return {"status": self.status, "message": self.message, "step": self.step, "steps": self.settings.steps,
+                "val_bpb_start": self.first_bpb, "val_bpb_end": self.last_bpb,
+                "last_checkpoint": None if self.last_saved is None else f"checkpoints/step_{self.last_saved:06d}",
+                "prediction": self.config.prediction.to_dict() if self.config.prediction else None,
+                "compile_s": self.compile_s, "ranks": self.world.size,
+                **self.meters.summary()}
 
     def run_dir_lost(self) -> bool:
         """Whether the run directory was deleted or moved away while this session trains in it:

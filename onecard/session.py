@@ -270,7 +270,18 @@ def run(model: GPT, opt, batches, accum: int, evaluate: Callable[[], float], sch
     stopped = None if loop.status == "finished" else "failed" if loop.status == "failed" else loop.stop_reason
     return {"model": model, "val_bpb_start": loop.first_bpb, "val_bpb_end": loop.last_bpb, "sample": sample,
             "history": loop.history, "run_dir": run_dir, "step": loop.step, "stopped": stopped,
-            "message": loop.message, "last_checkpoint": loop.last_saved, "summary": loop.write_summary()}
+            "message": loop.message, "last_checkpoint": loop.last_saved, "summary": _last_summary(loop, log)}
+
+
+def _last_summary(loop: Loop, log: Callable[..., None]) -> dict:
+    """The session's summary, written where the disk allows: the disk that kept the final weights from
+    being written is often full for the summary too, and the closing words (what was kept, the line
+    that resumes) matter more than a bare OSError."""
+    try:
+        return loop.write_summary()
+    except OSError as error:
+        log(f"warning: {loop.run_dir / 'summary.json'} could not be written ({one_line(error)})")
+        return loop.summary()
 
 
 def _finish(loop: Loop, model: GPT, config: RunConfig, tokenizer, make_sample: Callable[[], str] | None) -> str | None:

@@ -441,6 +441,37 @@ def test_a_run_without_a_checkpoint_is_not_told_to_resume_with_its_run_dir_alone
     assert "(resume: onecard" not in err and f"the final weights are written in {tmp_path / 'b'}/" in err
 
 
+def test_a_disk_full_for_the_final_weights_and_the_summary_says_what_was_kept(tmp_path, capsys, monkeypatch):
+    """The disk fills after the last checkpoint: the final weights fail, then the summary that says so.
+    That summary's OSError ended the command as a bare `[Errno 28]` (exit 2), without the failure it
+    recorded or the line that resumes; the closing words say both (exit 1), and the same command finishes."""
+    import onecard.loop
+    from onecard import session
+    from onecard.cli import main
+    from tests.serve_helpers import TINY
+
+    real_write_json = onecard.loop.write_json
+    full = []
+
+    def final_weights_fail(*args, **kwargs):
+        full.append(True)
+        raise OSError(28, "No space left on device")
+
+    def write_json(path, data):
+        if full:
+            raise OSError(28, "No space left on device")
+        real_write_json(path, data)
+    monkeypatch.setattr(session, "save_final", final_weights_fail)
+    monkeypatch.setattr(onecard.loop, "write_json", write_json)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "the final weights could not be written" in err and f"resume with: onecard train --run-dir {run_dir}" in err
+    monkeypatch.undo()
+    assert main(["train", "--run-dir", str(run_dir), *TINY]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
 def test_a_resume_with_other_eval_batches_says_its_bits_per_byte_are_not_comparable(setup, tmp_path):
     """Another --eval-batches on resume scores other rows: the run's end compared with its step 0
     (and its chart) mixed two validation sets without a word."""
