@@ -330,7 +330,7 @@ def truncate_log(path: Path, step: int) -> None:
             continue
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    durable.replace(tmp, path)  # the run's whole history: never an empty file after a power cut
 
 
 # ---------------------------------------------------------------- predicted against measured

@@ -231,3 +231,20 @@ def test_a_run_directory_deleted_while_training_stops_the_run_without_recreating
     err = capsys.readouterr().err
     assert code == 2 and "was deleted or moved while training" in err and "Traceback" not in err
     assert not run_dir.exists()
+
+
+def test_the_log_cut_back_on_resume_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """A resume rewrites log.jsonl without the crashed session's extra lines. Renamed into place
+    unsynced, a power cut soon after could leave the name on an empty file: the run's whole history gone."""
+    from onecard import durable
+    from onecard.run import truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": n}) + "\n" for n in range(5)) + '{"step": 5, "lo')
+    events = []
+    real_fsync_file = durable.fsync_file
+    monkeypatch.setattr(durable, "fsync_file", lambda p: events.append(("fsync", p.name)) or real_fsync_file(p))
+    monkeypatch.setattr(durable, "fsync_dir", lambda p: events.append(("fsync_dir", p)))
+    truncate_log(log, 3)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2, 3]
+    assert events == [("fsync", "log.jsonl.tmp"), ("fsync_dir", tmp_path)]
