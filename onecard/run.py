@@ -306,8 +306,16 @@ RUN_FILES = ("config.json", "log.jsonl", "summary.json", "tokenizer", "model.saf
 def set_aside(run_dir: Path, only_run_files: bool = False) -> Path:
     """Move an earlier run's files into run_dir/previous-<time>/: --force-new deletes nothing.
     only_run_files: the run's own files alone (RUN_FILES and their .tmp), not what else the folder holds."""
-    aside = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir()
+    stamp = f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = run_dir / stamp
+    taken = 1
+    while True:  # two set-asides in one second (or a clock set back) get a folder each
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            taken += 1
+            aside = run_dir / f"{stamp}-{taken}"
     for path in run_dir.iterdir():
         if only_run_files and path.name.removesuffix(".tmp") not in RUN_FILES:
             continue

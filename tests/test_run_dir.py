@@ -248,3 +248,16 @@ def test_the_log_cut_back_on_resume_reaches_the_disk_before_it_replaces_the_old_
     truncate_log(log, 3)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2, 3]
     assert events == [("fsync", "log.jsonl.tmp"), ("fsync_dir", tmp_path)]
+
+
+def test_two_set_asides_in_one_second_keep_both(tmp_path, monkeypatch):
+    """The folder is named by the second: a second set-aside in that second failed with 'File exists'."""
+    from onecard import run
+
+    monkeypatch.setattr(run.time, "strftime", lambda _fmt: "20261130-015500")
+    asides = []
+    for step in (1, 2):
+        (tmp_path / "log.jsonl").write_text(json.dumps({"step": step}) + "\n")
+        asides.append(run.set_aside(tmp_path, only_run_files=True))
+    assert [p.name for p in asides] == ["previous-20261130-015500", "previous-20261130-015500-2"]
+    assert [json.loads((p / "log.jsonl").read_text())["step"] for p in asides] == [1, 2]
