@@ -14,6 +14,7 @@ import io
 import json
 import pickle
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -171,7 +172,14 @@ class Tokenizer:
             read = _read_json if directory.suffix == ".json" else load_tiktoken_pickle
             return cls(read(directory))
         if (directory / JSON_NAME).is_file():
-            return cls(_read_json(directory / JSON_NAME))
+            try:
+                return cls(_read_json(directory / JSON_NAME))
+            except UsageError as damaged:
+                if not (directory / PICKLE_NAME).is_file():
+                    raise
+                # save() writes both: the pickle holds the same tokenizer (a model expecting another
+                # vocabulary is still refused by its size)
+                print(f"note: {damaged}; reading {directory / PICKLE_NAME} instead", file=sys.stderr)
         if (directory / PICKLE_NAME).is_file():
             return cls(load_tiktoken_pickle(directory / PICKLE_NAME))
         raise UsageError(f"no tokenizer in {directory}: expected {JSON_NAME} or {PICKLE_NAME} there")
