@@ -232,7 +232,7 @@ class Generation:
                         yield sse(chunk(*head, None, used=self.usage(rest[0]), with_usage=True))
                     break
                 else:
-                    yield sse(ApiError(500, rest[0]).body())
+                    yield sse(failure(rest).body())
                     break
             yield sse("[DONE]")
         finally:
@@ -260,10 +260,16 @@ class Generation:
                 elif kind == "gone":
                     return None
                 else:
-                    raise ApiError(500, rest[0], code="generation_failed")
+                    raise failure(rest)
         finally:
             watcher.cancel()
             self.job.cancelled.set()
+
+
+def failure(event: list) -> ApiError:
+    """An "error" event's message and status (500 unless the workers said another: 503 on shutdown)."""
+    status = event[1] if len(event) > 1 else 500
+    return ApiError(status, event[0], code="shutting_down" if status == 503 else "generation_failed")
 
 
 def same_origin(origin: str, host: str) -> bool:

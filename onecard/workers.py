@@ -28,7 +28,7 @@ from onecard.engine import Engine, Sampling, TextStream
 log = logging.getLogger("onecard.serve")
 
 # Events a job sends back: ("text", sample, piece), ("finish", sample, "stop" | "length"),
-# then ("done", completion_tokens) or ("error", message).
+# then ("done", completion_tokens) or ("error", message[, HTTP status: 500 unless said]).
 Event = tuple
 
 
@@ -242,7 +242,7 @@ class Workers:
                 stopped.append(job)
         for job in stopped:
             job.cancelled.set()
-            job.emit(("error", "the server is shutting down"))
+            job.emit(("error", "the server is shutting down", 503))  # unavailable, not failed: try again later
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel what runs, drop what waits, and stop the threads."""

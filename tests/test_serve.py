@@ -313,6 +313,7 @@ def test_stopping_the_server_ends_running_answers_with_a_reason(runs):
         assert time.monotonic() - started < 2.5  # not the 3 s grace period and a cancellation
         assert "the server is shutting down" in rest[-2] and rest[-1] == "data: [DONE]"
         assert whole["r"].json()["error"]["message"] == "the server is shutting down"
+        assert whole["r"].status_code == 503  # unavailable, as OpenAI's clients read it: not a failed request (500)
     finally:
         server.stop()
 
