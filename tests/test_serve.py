@@ -266,7 +266,8 @@ def test_a_waiting_client_that_leaves_gives_its_queue_place_back(runs):
     from onecard.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(runs[1] / "tokenizer")
-    server = Running(create_app(scripted_backend(tokenizer, "word " * 20, 0.05, workers=1, max_queued=1)))
+    # long enough to outlast every step below on a busy machine (the streams close it early)
+    server = Running(create_app(scripted_backend(tokenizer, "word " * 400, 0.05, workers=1, max_queued=1)))
     url = server.url + "/v1/chat/completions"
     body = {"model": "scripted", "messages": HELLO, "stream": True}
     try:
