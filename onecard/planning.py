@@ -118,9 +118,11 @@ def run_plan(args: argparse.Namespace) -> int:
     from onecard.plan import report
     from onecard.plan.assumptions import DEFAULT
     from onecard.plan.choose import build_settings, choose_gpu
+    from onecard.plan.search import card_cannot_run
 
     if args.recipe and args.recipe.strip().lower() not in NAMED:
         raise UsageError(f"unknown recipe {args.recipe!r}: known recipes are {', '.join(NAMED)}")
+    args.recipe = args.recipe.strip().lower() if args.recipe else None
     if args.days is not None and args.tokens is not None:
         raise UsageError("give --tokens or --days, not both: --days decides how many tokens fit")
     if getattr(args, "target", None) == "gpt2" and args.arch == "classic":  # it would plan the other family
@@ -143,10 +145,10 @@ def run_plan(args: argparse.Namespace) -> int:
         s = replace(s, arch=args.arch, family_batch=args.total_batch is None)
     if args.plot:
         report.check_plot_path(args.plot)
-    if depth is None and args.recipe and NAMED[args.recipe.strip().lower()].matmul == "fp8" and not s.gpu.peak_fp8:
-        # a search for the best model or run would only report that none fits (a named model's plan says why)
-        raise UsageError(f"{args.recipe.strip().lower()} cannot run on {s.gpu.name}: no FP8 tensor cores on "
-                         f"{s.gpu.sm}; plan another --recipe")
+    # a search for the best model or run would only report that none fits (a named model's plan says why)
+    why_not = card_cannot_run(NAMED[args.recipe], s.gpu) if depth is None and args.recipe else ""
+    if why_not:
+        raise UsageError(f"{args.recipe} cannot run on {s.gpu.name}: {why_not}; plan another --recipe")
     if getattr(args, "target", None) == "gpt2":
         return _plan_gpt2(args, s, notes, depth)
     ratio = args.ratio  # None: the family's
@@ -304,7 +306,7 @@ def _plan_model(args: argparse.Namespace, s, notes: list[str], depth: int, ratio
 
 def _recipe_names(args: argparse.Namespace) -> list[str] | None:
     """--recipe NAME: the one recipe every mode plans (None: all of them, the fastest that fits wins)."""
-    return [args.recipe.strip().lower()] if args.recipe else None
+    return [args.recipe] if args.recipe else None
 
 
 def _plot(args: argparse.Namespace, cands: list, s, title: str) -> None:

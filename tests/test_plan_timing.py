@@ -158,7 +158,9 @@ def test_utilization_model_by_hand():
             assert ("compiled" if compiled else "eager") in why
     laptop, why = default_utilization(CATALOG["rtx4070-laptop"], D32, True)
     assert "laptop" in why and laptop < default_utilization(CATALOG["rtx4070"], D32, True)[0]
-    assert "bench" in default_utilization(CATALOG["rtx4070"], D32, True)[1]
+    # a consumer card the user has not measured is told how to (datacenter cards are in the fit)
+    assert "run `onecard bench`" in predict_time(D32, named_recipe("baseline"), CATALOG["rtx4070"]).utilization_source
+    assert "bench" not in predict_time(D32, named_recipe("baseline"), CATALOG["h100-sxm"]).utilization_source
 
 
 def test_compile_wider_models_and_fewer_flops_per_byte_all_raise_utilization():

@@ -83,13 +83,16 @@ def whole_steps(tokens: float, total_batch: int) -> int:
     return max(1, round(tokens / total_batch)) * total_batch
 
 
+def card_cannot_run(recipe: Recipe, gpu: GPU) -> str:
+    """Why the card cannot run the recipe at all, whatever the memory ('' where it can)."""
+    return f"no FP8 tensor cores on {gpu.sm}" if recipe.matmul == "fp8" and not gpu.peak_fp8 else ""
+
+
 def evaluate(config: GPTConfig, recipe: Recipe, s: Settings, tokens: int | None = None,
              seconds: float | None = None) -> Candidate:
     """One recipe at the largest micro-batch that fits; tokens given, or as many as fit in `seconds`."""
-    note = ""
     recipe = recipe.with_(compile=s.compile)
-    if recipe.matmul == "fp8" and not s.gpu.peak_fp8:
-        note = f"no FP8 tensor cores on {s.gpu.sm}"
+    note = card_cannot_run(recipe, s.gpu)
     chosen, memory = None, None
     for b in micro_batches(s):
         r = recipe.with_(micro_batch=b, seq_len=s.seq_len)

@@ -18,7 +18,6 @@ from onecard.plan.persistent import DTYPE_BYTES, parameter_dtypes, parameter_sha
 from onecard.recipe import Recipe
 
 NS_STEPS = 5  # Newton-Schulz iterations per Muon update (nanochat)
-BENCH_ADVICE = "; run `onecard bench` to measure yours"
 
 
 def default_utilization(gpu: GPU, config: GPTConfig, compiled: bool,
@@ -35,8 +34,6 @@ def default_utilization(gpu: GPU, config: GPTConfig, compiled: bool,
     if gpu.kind == "laptop":
         u *= assume.laptop_clock_factor
         why += f"; x{assume.laptop_clock_factor:g} for a laptop's power-limited clock"
-    if gpu.kind != "datacenter":
-        why += BENCH_ADVICE
     return u, why
 
 
@@ -128,7 +125,9 @@ def predict_time(config: GPTConfig, recipe: Recipe, gpu: GPU, gpus: int = 1, tot
         overhead = layer_overhead_s(config, recipe, assume) / speed_factor
         if speed_factor != 1.0:
             utilization = min(1.0, utilization * speed_factor)
-            why = f"{why.removesuffix(BENCH_ADVICE)}; x{speed_factor:.2f}, {source}"  # measured: no advice to
+            why = f"{why}; x{speed_factor:.2f}, {source}"
+        if not source and gpu.kind != "datacenter":  # not measured on this card: the model's guess
+            why += "; run `onecard bench` to measure yours"
         source = why
     u = utilization
     per_gpu_tokens = total_batch // gpus
