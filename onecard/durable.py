@@ -5,7 +5,9 @@ mode every other file gets."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,20 @@ def replace(tmp: Path, path: Path) -> None:
     fsync_file(tmp)
     tmp.replace(path)
     fsync_dir(path.parent)
+
+
+def write_via_temporary(path: Path, write: Callable[[Path], object]) -> Path:
+    """write(PATH.tmp), then make it `path` durably: a failed or interrupted write leaves neither a half
+    file under the name nor the temporary."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -13,9 +13,9 @@ or a transformers nanochat folder, so the command also converts between the othe
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
+from onecard import durable
 from onecard.args import text_arg
 from onecard.errors import UsageError, one_line
 from onecard.run import NANOCHAT_PHASE_DIRS
@@ -133,23 +133,7 @@ def _write_json(path: Path, data: dict, ascii_only: bool = False) -> Path:
     import json
 
     text = json.dumps(data, indent=2, ensure_ascii=ascii_only) + "\n"
-    return _save(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
-
-
-def _save(write, path: Path) -> Path:
-    """write(temporary) then rename it to `path`: a failed or interrupted write leaves neither a half
-    file under the name nor the temporary."""
-    from onecard import durable
-
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        durable.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return durable.write_via_temporary(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _weights(model, dtype: str) -> dict:
@@ -163,7 +147,7 @@ def _weights(model, dtype: str) -> dict:
 def write_hf(out: Path, model, tokenizer, dtype: str, phase: str = "base") -> list[Path]:
     """config.json goes first and comes back last: it is what makes the folder a model, to transformers
     and to onecard, so an export cut short leaves one that neither takes for whole."""
-    from onecard import durable, eval_results, formats
+    from onecard import eval_results, formats
 
     ranks, specials = formats.tokenizer_ranks(tokenizer.enc)
     config = formats.hf_config(model.config, specials, dtype)  # first: it refuses what transformers lacks
@@ -172,8 +156,8 @@ def write_hf(out: Path, model, tokenizer, dtype: str, phase: str = "base") -> li
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # --force over an older export
     (out / eval_results.FILE).unlink(missing_ok=True)  # its scores: the next eval would merge them with these
-    weights = _save(lambda tmp: durable.save_tensors(state, tmp, metadata={"format": "pt"}),
-                    out / "model.safetensors")
+    weights = durable.write_via_temporary(out / "model.safetensors",
+                                          lambda tmp: durable.save_tensors(state, tmp, metadata={"format": "pt"}))
     seq_len = model.config.sequence_len
     written = [
         _write_json(out / "generation_config.json", formats.generation_config(specials)),
@@ -197,11 +181,12 @@ def write_nanochat(out: Path, model, tokenizer, dtype: str, phase: str, step: in
     tok_dir = out / "tokenizer"
     tokenizer.save(tok_dir)  # tokenizer.pkl is what nanochat reads; tokenizer.json is onecard's
     # token_bytes.pt: UTF-8 bytes per token (0 for specials), nanochat's bits-per-byte evaluation reads it
-    _save(lambda tmp: torch.save(tokenizer.token_bytes().to(torch.int32), tmp), tok_dir / "token_bytes.pt")
+    durable.write_via_temporary(tok_dir / "token_bytes.pt",
+                                lambda tmp: torch.save(tokenizer.token_bytes().to(torch.int32), tmp))
     folder.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # --force over an older export of this step
     (folder / eval_results.FILE).unlink(missing_ok=True)  # the scores of the model this one replaces
-    _save(lambda tmp: torch.save(_weights(model, dtype), tmp), model_path)
+    durable.write_via_temporary(model_path, lambda tmp: torch.save(_weights(model, dtype), tmp))
     # nanochat's GPTConfig has no `arch`: its code is the architecture (the classic at fae3aca,
     # nanochat-2026 from 92d63d4 on, which reads window_pattern)
     model_config = {k: v for k, v in model.config.to_dict().items() if k != "arch"}

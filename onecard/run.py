@@ -190,13 +190,8 @@ def newest_run(stage: str, root: Path = Path("runs")) -> Path | None:
 def write_json(path: Path, data: dict) -> None:
     """Replace a small JSON file atomically and durably: a reader never sees half of it, and a power
     cut leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-    except OSError:  # a full disk: leave no empty .tmp behind
-        tmp.unlink(missing_ok=True)
-        raise
-    durable.replace(tmp, path)
+    text = json.dumps(data, indent=2) + "\n"
+    durable.write_via_temporary(path, lambda tmp: tmp.write_text(text))
 
 
 # ---------------------------------------------------------------- who holds the directory
@@ -336,9 +331,8 @@ def truncate_log(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, TypeError):  # a line cut short by the crash
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    durable.replace(tmp, path)  # the run's whole history: never an empty file after a power cut
+    # the run's whole history: never an empty file after a power cut, nor a temporary left on a full disk
+    durable.write_via_temporary(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 # ---------------------------------------------------------------- predicted against measured
