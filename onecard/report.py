@@ -22,11 +22,11 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-from onecard import eval_results
 from onecard.args import text_arg
 from onecard.errors import UsageError
-from onecard.run import compare_rows
-from onecard.units import LARGEST, finite_number, format_duration
+from onecard.report_card import card_html, card_text, not_on_card, report_card
+from onecard.run import compare_rows, read_json
+from onecard.units import format_duration, plausible_number
 
 GiB = 2**30
 
@@ -80,24 +80,8 @@ def read_log(run_dir: Path) -> Log:
     return Log(records, events, skipped)
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a file, or {} when it is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def number(value: object) -> float | None:
-    """A finite number of a size a chart can draw, else None (matplotlib cannot lay out an axis that
-    spans ±1e308; no step, loss, rate or byte count of a real run comes near units.LARGEST)."""
-    value = finite_number(value)
-    return value if value is not None and abs(value) <= LARGEST else None
-
-
 def total_batch(config: dict) -> int | None:
-    value = number(as_dict(config.get("train")).get("total_batch"))
+    value = plausible_number(as_dict(config.get("train")).get("total_batch"))
     return int(value) if value else None
 
 
@@ -110,10 +94,10 @@ def series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list[floa
     """Steps, hours and values of the records where step and `key` are numbers."""
     steps, hours, values = [], [], []
     for record in records:
-        step, value = number(record.get("step")), number(record.get(key))
+        step, value = plausible_number(record.get("step")), plausible_number(record.get(key))
         if step is None or value is None:
             continue
-        wall = number(record.get("wall_s", 0.0))
+        wall = plausible_number(record.get("wall_s", 0.0))
         steps.append(step)
         hours.append(math.nan if wall is None else wall / 3600)
         values.append(value / scale)
@@ -148,7 +132,7 @@ def draw(path: Path, title: str, ylabel: str, lines: list[tuple[str, tuple]], pr
 
 
 def predicted_peak(prediction: dict) -> float | None:
-    return number(prediction.get("peak_allocated_bytes")) or number(prediction.get("peak_bytes"))
+    return plausible_number(prediction.get("peak_allocated_bytes")) or plausible_number(prediction.get("peak_bytes"))
 
 
 def make_folder(out: Path) -> None:
@@ -191,9 +175,9 @@ def charts(log: Log, config: dict, summary: dict, prediction: dict) -> list[tupl
     steps = [r for r in log.records if "loss" in r]
     train = as_dict(config.get("train"))
     on_cpu = summary.get("device", train.get("device")) == "cpu"
-    total_batch = number(train.get("total_batch"))
-    predicted_tps = number(prediction.get("tokens_per_s"))
-    step_time = number(prediction.get("step_time_s"))
+    total_batch = plausible_number(train.get("total_batch"))
+    predicted_tps = plausible_number(prediction.get("tokens_per_s"))
+    step_time = plausible_number(prediction.get("step_time_s"))
     if predicted_tps is None and step_time and total_batch:
         predicted_tps = total_batch / step_time
     peak = predicted_peak(prediction)
@@ -217,46 +201,50 @@ def charts(log: Log, config: dict, summary: dict, prediction: dict) -> list[tupl
     ]
 
 
-def progress_facts(summary: dict, log: Log) -> tuple[str, object, float | None]:
-    """(status, step, run time): the summary's, unless the log went further than the summary was written
-    (a session that is running, or that ended without writing one: killed, a power cut)."""
+def log_ahead(summary: dict, log: Log) -> dict | None:
+    """The log's last training step where the log went further than the summary was written (a session
+    that is running, or that ended without writing one: killed, a power cut); else None."""
     last = next((r for r in reversed(log.records) if "loss" in r), {})
-    logged, said = number(last.get("step")), number(summary.get("step"))
-    if logged is not None and (said is None or logged > said):
-        summarized = (f"the summary says {summary['status']} at step {int(said or 0):,}" if summary.get("status")
-                      else "no summary.json, or not a readable one")
-        return (f"running, or stopped without writing its summary (the log reaches step {int(logged):,}; "
-                f"{summarized})", int(logged), number(last.get("wall_s")))
-    return summary.get("status") or "—", summary.get("step", "—"), number(summary.get("wall_s"))
+    logged, said = plausible_number(last.get("step")), plausible_number(summary.get("step"))
+    return last if logged is not None and (said is None or logged > said) else None
+
+
+def progress_facts(summary: dict, log: Log) -> tuple[str, object, float | None]:
+    """(status, step, run time): the summary's, or the log's where it went further."""
+    ahead = log_ahead(summary, log)
+    if ahead is None:
+        return summary.get("status") or "—", summary.get("step", "—"), plausible_number(summary.get("wall_s"))
+    logged = int(ahead["step"])
+    summarized = (f"the summary says {summary['status']} at step {int(plausible_number(summary.get('step')) or 0):,}"
+                  if summary.get("status") else "no summary.json, or not a readable one")
+    return (f"running, or stopped without writing its summary (the log reaches step {logged:,}; {summarized})",
+            logged, plausible_number(ahead.get("wall_s")))
 
 
 def caught_up(summary: dict, log: Log) -> dict:
     """The summary with the log's latest counts (tokens, run time, energy, cost, mean tokens/s) where the
-    log went further than the summary was written: a session killed between checkpoints. Its step and
-    status stay the summary's, which progress_facts sets beside the log's."""
-    last = next((r for r in reversed(log.records) if "loss" in r), {})
-    logged, said = number(last.get("step")), number(summary.get("step"))
-    if logged is None or (said is not None and logged <= said):
+    log went further. Its step and status stay the summary's, which progress_facts sets beside the log's."""
+    ahead = log_ahead(summary, log)
+    if ahead is None:
         return summary
     out = dict(summary)
     for key in ("tokens", "wall_s", "energy_kwh", "cost"):
-        if number(last.get(key)) is not None:
-            out[key] = last[key]
-    tokens, wall = number(out.get("tokens")), number(out.get("wall_s"))
+        if plausible_number(ahead.get(key)) is not None:
+            out[key] = ahead[key]
+    tokens, wall = plausible_number(out.get("tokens")), plausible_number(out.get("wall_s"))
     out["tokens_per_s_mean"] = tokens / wall if tokens is not None and wall else None
     return out
 
 
 def bpb_span(summary: dict, log: Log) -> tuple[float | None, float | None]:
     """Validation bits per byte (first, latest): the summary's, each taken from the log where the summary
-    lacks it or the log evaluated later than the summary was written (a session killed between checkpoints)."""
-    logged = [(number(r.get("step")), number(r["val_bpb"])) for r in log.records if r.get("val_bpb") is not None]
-    start, end = number(summary.get("val_bpb_start")), number(summary.get("val_bpb_end"))
+    lacks it or the log went further."""
+    logged = [v for v in (plausible_number(r.get("val_bpb")) for r in log.records) if v is not None]
+    start, end = plausible_number(summary.get("val_bpb_start")), plausible_number(summary.get("val_bpb_end"))
     if logged and start is None:
-        start = logged[0][1]
-    said = number(summary.get("step"))
-    if logged and (end is None or (logged[-1][0] is not None and (said is None or logged[-1][0] > said))):
-        end = logged[-1][1]
+        start = logged[0]
+    if logged and (end is None or log_ahead(summary, log) is not None):
+        end = logged[-1]
     return start, end
 
 
@@ -292,12 +280,12 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
         return f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
 
     currency = summary.get("currency", "")
-    energy = number(summary.get("energy_kwh"))
+    energy = plausible_number(summary.get("energy_kwh"))
     sources = summary.get("energy_sources")
     energy_note = ""
     if summary.get("stated_power_w") or (isinstance(sources, list) and "estimate" in sources):
         energy_note = " (estimate from a stated power)"
-    uncounted = number(summary.get("energy_uncounted_s"))
+    uncounted = plausible_number(summary.get("energy_uncounted_s"))
     if uncounted:
         energy_note += f", {format_duration(uncounted)} not counted (no reading)"
     status, step, wall = progress_facts(summary, log)
@@ -310,7 +298,7 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
          + (f" x {summary['ranks']} ranks" if isinstance(summary.get("ranks"), int) and summary["ranks"] > 1 else "")),
         ("tokens", fmt(summary.get("tokens"))),
         ("run time", "—" if wall is None else format_duration(wall)),
-        ("tokens/s (mean over run time)", fixed(number(summary.get("tokens_per_s_mean")), ",.0f")),
+        ("tokens/s (mean over run time)", fixed(plausible_number(summary.get("tokens_per_s_mean")), ",.0f")),
         ("validation bits per byte", " → ".join(fixed(v, ".4f") for v in bpb_span(summary, log))),
         ("skipped steps (non-finite)", fmt(summary.get("skipped_steps"))),
         ("energy", (fmt(energy, " kWh") if energy is not None else "not measured") + energy_note),
@@ -344,120 +332,6 @@ td{{padding-right:1em}} img{{max-width:100%}}</style></head>
 {figures}
 </body></html>
 """
-
-
-# ---------------------------------------------------------------- the evaluation report card
-
-class CardRow(NamedTuple):
-    stage: str  # BASE, SFT or the reference
-    run_dir: Path | None
-    cells: list[tuple[float | None, bool]]  # (value, measured on --max-per-task examples only) per column
-    wall_s: float | None
-    energy_kwh: float | None
-    cost: str | None
-
-
-def stage_runs(run_dir: Path) -> dict[str, Path]:
-    """The base and SFT runs of one model: an SFT run names its base in config.json's init_from; a base
-    run's SFT is the newest run beside it that names it."""
-    config = read_json(run_dir / "config.json")
-    if config.get("stage") == "sft":
-        found = {"SFT": run_dir}
-        base = _existing_run(config.get("init_from"), run_dir)
-        return {"BASE": base, **found} if base else found
-    sfts = []
-    here = run_dir.resolve()  # `onecard report .` inside the run: the parent of "." is "." itself
-    try:
-        beside = list(here.parent.iterdir())
-    except OSError:
-        beside = []
-    for other in beside:
-        theirs = read_json(other / "config.json") if other != here and other.is_dir() else {}
-        if theirs.get("stage") == "sft" and _existing_run(theirs.get("init_from"), other) == here:
-            sfts.append((other.stat().st_mtime, other))
-    return {"BASE": run_dir, **({"SFT": max(sfts)[1]} if sfts else {})}
-
-
-def _existing_run(named: object, beside: Path) -> Path | None:
-    """init_from as written (relative to where onecard ran, or to the run's own folder), if it is a folder."""
-    if not isinstance(named, str) or not named:
-        return None
-    for candidate in (Path(named), beside.parent / Path(named).name):
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
-
-
-def report_card(run_dir: Path) -> list[CardRow]:
-    """BASE and SFT rows with what `onecard eval` measured and what each stage cost, then GPT-2's line;
-    empty when neither run has been evaluated."""
-    rows = []
-    for stage, path in stage_runs(run_dir).items():
-        record, summary = eval_results.read(path), read_json(path / "summary.json")
-        cells = [(eval_results.card_value(record, key), eval_results.card_partial(record, key))
-                 for _, key in eval_results.CARD]
-        cost = number(summary.get("cost"))
-        rows.append(CardRow(stage, path, cells, number(summary.get("wall_s")), number(summary.get("energy_kwh")),
-                            None if cost is None else f"{cost:.2f} {summary.get('currency', '')}".strip()))
-    if not any(value is not None for row in rows for value, _ in row.cells):
-        return []
-    gpt2 = [(eval_results.GPT2_CORE if key == "core" else None, False) for _, key in eval_results.CARD]
-    return rows + [CardRow("GPT-2 1.5B (reference)", None, gpt2, None, None, None)]
-
-
-def not_on_card(run_dir: Path) -> str:
-    """Why there is no card, from what the runs' eval.json files hold: it never asks for the evaluation
-    just run when that evaluation wrote only what the card has no column for (--lm-eval) or no number."""
-    held = {path: sorted(eval_results.read(path)["tasks"]) for path in stage_runs(run_dir).values()
-            if (path / eval_results.FILE).exists()}
-    if not held:
-        return f"Not evaluated yet: onecard eval {run_dir}"
-    said = "; ".join(f"{path / eval_results.FILE} holds {', '.join(names)}" if names else
-                     f"{path / eval_results.FILE} holds no result (empty or damaged)" for path, names in held.items())
-    columns = ", ".join(heading for heading, _ in eval_results.CARD)
-    return f"No score for the report card ({columns}): {said}"
-
-
-def verdict(rows: list[CardRow]) -> str:
-    """Does the model beat GPT-2 on CORE? One line, or '' where CORE was not measured."""
-    column = [key for _, key in eval_results.CARD].index("core")
-    core = [(row.stage, row.cells[column][0]) for row in rows
-            if row.run_dir is not None and row.cells[column][0] is not None]
-    if not core:
-        return ""
-    stage, value = core[0]
-    word = "beats" if value > eval_results.GPT2_CORE else "does not beat"
-    return f"{stage} CORE {value:.4f} {word} GPT-2 1.5B's {eval_results.GPT2_CORE:.4f}"
-
-
-def _cell(value: float | None, partial: bool) -> str:
-    return "—" if value is None else f"{value:.4f}" + ("*" if partial else "")
-
-
-def card_text(rows: list[CardRow]) -> str:
-    heads = [h for h, _ in eval_results.CARD] + ["time", "energy", "cost"]
-    table = [[row.stage, *(_cell(v, p) for v, p in row.cells),
-              format_duration(row.wall_s) if row.wall_s is not None else "—",
-              f"{row.energy_kwh:.4g} kWh" if row.energy_kwh is not None else "—", row.cost or "—"] for row in rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(["", *heads], *table, strict=True)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
-             for line in (["", *heads], *table)]
-    notes = [verdict(rows)] + (["* on --max-per-task examples only"] if "*" in "".join(lines) else [])
-    return "\n".join(lines + [n for n in notes if n])
-
-
-def card_html(rows: list[CardRow], run_dir: Path) -> str:
-    if not rows:
-        return f"<h2>Evaluation</h2>\n<p>{html.escape(not_on_card(run_dir))} (see README).</p>"
-    heads = "".join(f"<th>{html.escape(h)}</th>" for h, _ in eval_results.CARD)
-    body = "\n".join(
-        f"<tr><th>{html.escape(row.stage)}</th>" + "".join(f"<td>{html.escape(_cell(v, p))}</td>" for v, p in row.cells)
-        + f"<td>{format_duration(row.wall_s) if row.wall_s is not None else '—'}</td>"
-        + f"<td>{f'{row.energy_kwh:.4g} kWh' if row.energy_kwh is not None else '—'}</td>"
-        + f"<td>{html.escape(row.cost or '—')}</td></tr>" for row in rows)
-    notes = "".join(f"<p>{html.escape(n)}</p>" for n in card_text(rows).splitlines()[len(rows) + 1:])
-    return (f"<h2>Evaluation</h2>\n<table><tr><th></th>{heads}<th>time</th><th>energy</th><th>cost</th></tr>\n"
-            f"{body}</table>\n{notes}")
 
 
 # ---------------------------------------------------------------- the command

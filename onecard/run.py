@@ -187,6 +187,15 @@ def newest_run(stage: str, root: Path = Path("runs")) -> Path | None:
     return max(found)[1] if found else None
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_json(path: Path, data: dict) -> None:
     """Replace a small JSON file atomically and durably: a reader never sees half of it, and a power
     cut leaves the old file or the new one."""

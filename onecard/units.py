@@ -80,6 +80,13 @@ def finite_number(value: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def plausible_number(value: object) -> float | None:
+    """A finite number of a size a chart or a table can show, else None (matplotlib cannot lay out an
+    axis that spans ±1e308; no step, loss, rate or byte count of a real run comes near LARGEST)."""
+    value = finite_number(value)
+    return value if value is not None and abs(value) <= LARGEST else None
+
+
 def quantity(n: float, noun: str) -> str:
     """'1 step', '71,680 steps', '2.5 days': the number grouped, the noun in the plural unless it is one."""
     shown = f"{n:,.0f}" if float(n).is_integer() else f"{n:,g}"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from onecard.cli import main
 from onecard.eval_results import CARD, merge
-from onecard.report import card_text, report_card, write_report
+from onecard.report import write_report
+from onecard.report_card import card_text, report_card
 from tests.serve_helpers import TINY
 
 COLUMN = {key: i for i, (_, key) in enumerate(CARD)}
