@@ -57,6 +57,15 @@ def chatcore(tasks: dict) -> dict | None:
     return {"value": sum(centered.values()) / len(centered), "centered": centered, "partial": partial}
 
 
+def weights_scored(info: dict) -> str | None:
+    """Which weights of a folder are scored ("step N", from weights.load_weights' info), so that eval.json
+    never sets one checkpoint's scores beside another's; None where the folder holds one model only."""
+    if info["layout"] == "nanochat":
+        return f"step {info['step']}"
+    steps = (info["config"].results or {}).get("steps") if info["layout"] == "onecard" else None
+    return None if steps is None else f"step {steps}"
+
+
 def merge(run_dir: Path, results: dict[str, dict], weights: str | None = None) -> dict:
     """Add `results` (task name -> entry) to the run's eval.json, recompute ChatCORE, write it atomically.
     `weights` names the weights scored (their step): scores of other weights in the folder (a nanochat

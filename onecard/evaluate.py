@@ -151,22 +151,13 @@ def read_bundle(args: argparse.Namespace) -> Bundle:
     return folder, cm.load_bundle(folder)
 
 
-def weights_step(info: dict) -> str | None:
-    """Which weights of the folder are scored ("step N"), so that eval.json never sets the scores of
-    one checkpoint beside another's; None where the folder holds one model only (transformers)."""
-    if info["layout"] == "nanochat":
-        return f"step {info['step']}"
-    if info["layout"] == "onecard":
-        return f"step {(info['config'].results or {}).get('steps')}"
-    return None
-
-
 def check_common(args: argparse.Namespace) -> None:
     """What any run reads besides the tasks' files (--data, the harness), before the model is loaded."""
-    if args.data and not Path(args.data).expanduser().exists():
-        raise UsageError(f"--data {args.data} does not exist")
     if args.data:  # its files listed and sized now (cheap): a wrong kind or empty files is said before the load
         from onecard.data import Corpus
+
+        if not Path(args.data).expanduser().exists():
+            raise UsageError(f"--data {args.data} does not exist")
         Corpus(args.data)
     if args.lm_eval:
         import importlib.util
@@ -407,7 +398,7 @@ def run_harness(args, model, tokenizer, device: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from onecard.device import use_threads
-    from onecard.eval_results import FILE, GPT2_CORE, merge
+    from onecard.eval_results import FILE, GPT2_CORE, merge, weights_scored
     from onecard.weights import load_weights
 
     tasks = named_tasks(args)
@@ -423,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
             from onecard.core_metric import BUNDLE_HELP
             print(f"note: no CORE score: the eval bundle is not at hand ({BUNDLE_HELP})")
     named = tasks + ([f"lm-eval:{args.lm_eval}"] if args.lm_eval else [])
-    scored = weights_step(info)
+    scored = weights_scored(info)
     print(f"evaluating {args.run_dir} on {device}: {', '.join(named)}")
     results: dict[str, dict] = {}
     for task in tasks:

@@ -108,3 +108,15 @@ def test_scores_of_other_weights_in_the_folder_are_dropped_not_kept_beside(tmp_p
     assert json.loads((tmp_path / "eval.json").read_text())["tasks"]["bpb"]["value"] == 1.2
     (tmp_path / "eval.json").write_text(json.dumps({"format": 1, "tasks": {"mmlu": entry}}))  # an older file
     assert set(merge(tmp_path, {"bpb": entry}, "step 7")["tasks"]) == {"bpb", "mmlu"}
+
+
+def test_the_weights_scored_are_named_only_where_a_step_says_which():
+    """A checkpoint folder's config.json has no results yet: not every such folder named 'step None'."""
+    from types import SimpleNamespace
+
+    from onecard.eval_results import weights_scored
+
+    assert weights_scored({"layout": "nanochat", "step": 7}) == "step 7"
+    assert weights_scored({"layout": "onecard", "config": SimpleNamespace(results={"steps": 30})}) == "step 30"
+    assert weights_scored({"layout": "onecard", "config": SimpleNamespace(results=None)}) is None
+    assert weights_scored({"layout": "transformers"}) is None
