@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from onecard.device import unrunnable_reason
     from onecard.model_config import GPTConfig
     from onecard.plan import calibrate
     from onecard.recipe import named_recipe
@@ -60,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe.with_(compile=compiled)
     if args.steps is not None and args.steps < 2:
         raise UsageError("--steps must be at least 2: the first step warms up, the last is timed")
-    from onecard.device import unrunnable_reason
     reason = unrunnable_reason(recipe, device)
     if reason:  # before the matmul is timed, not after
         raise UsageError(f"{recipe.name} cannot run here: {reason}")
