@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from onecard.errors import UsageError
 from onecard.model_config import ARCH_2026
+from onecard.units import quantity
 
 # Characters per token of nanochat's 65,536-token tokenizer on FineWeb-EDU: nanochat's own planning
 # figure ("Assume our tokenizer is 4.8 chars/token"), karpathy/nanochat commit
@@ -237,7 +238,7 @@ class ShardPlan:
         assumed = " (FineWeb-EDU's, assumed)" if borrowed else ""
         sized = " (estimate)" if "estimate" in s.source else ""
         text = (f"{self.tokens:.3g} tokens x {self.chars_per_token:g} chars/token{assumed} = {self.chars:.3g} "
-                f"characters = {self.train_shards:,} {s.name} shards + 1 validation shard, about "
+                f"characters = {quantity(self.train_shards, s.name + ' shard')} + 1 validation shard, about "
                 f"{format_bytes(self.bytes)} (~{s.shard_chars / 1e6:.0f} M characters, ~{format_bytes(s.shard_bytes)} "
                 f"a shard{sized})")
         if self.wanted > self.train_shards:

@@ -15,3 +15,8 @@ KEEP = 3
 # The embedded default: small enough to train in a few minutes on two CPU cores.
 DEMO = dict(n_layer=4, n_embd=128, n_head=2, seq_len=128, vocab_size=2048, micro_batch=8,
             total_batch=4096, steps=300, eval_every=50, tokenizer_chars=3_000_000)
+
+
+def is_demo_shape(config) -> bool:
+    """A model of the demo's shape (a resumed demo is still the demo, not a d4 of width 256)."""
+    return (config.n_layer, config.n_embd, config.n_head) == (DEMO["n_layer"], DEMO["n_embd"], DEMO["n_head"])

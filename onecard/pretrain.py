@@ -121,7 +121,7 @@ def _shape(args: argparse.Namespace, saved, device: str, say, given_vocab: int |
     from onecard.weights import load_weights
 
     depth = depth_from(args.model, args.depth)
-    demo = depth is None and not (args.init_from or saved)
+    demo = depth is None and not args.init_from and (not saved or defaults.is_demo_shape(saved.model_config))
     arch = getattr(args, "arch", None)
     if saved:
         seq_len = args.seq_len or saved.recipe.seq_len

@@ -470,6 +470,7 @@ def test_shard_plan_for_d20_matches_nanochats_arithmetic():
     assert plan.train_shards == 216 and plan.shards == 217 and round(plan.bytes / 1e9, 1) == 21.7
     assert ds.plan_shards(1e15).train_shards == ds.FINEWEB_EDU.train_shards
     assert "repeats them" in ds.plan_shards(1e15).line()
+    assert "= 1 fineweb-edu shard + 1 validation shard" in ds.plan_shards(8192).line()  # one shard, not "1 ... shards"
 
 
 def test_plan_and_train_dry_run_say_shards_and_disk(server, tmp_path, capsys):

@@ -416,6 +416,22 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_refused_not_redone(tmp
     assert not list(run.glob("previous-*")) and (run / "model.safetensors").is_file()
 
 
+def test_a_resumed_demo_is_still_called_the_demo_and_plans_no_shards(tmp_path, capsys):
+    """The demo's shape (4 layers of width 128) is not d4 (width 256): a resume used to head itself
+    "d4", and its dry run planned FineWeb-EDU shards for a run on the embedded corpus."""
+    from onecard.cli import main
+
+    run = tmp_path / "run"
+    tiny_demo = ["--device", "cpu", "--vocab-size", "300", "--tokenizer-chars", "20000", "--seq-len", "32",
+                 "--micro-batch", "2", "--total-batch", "64", "--eval-every", "0", "--eval-batches", "1"]
+    assert main(["train", "--run-dir", str(run), *tiny_demo, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--steps", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("demo model: "), out
+    assert "data:" not in out and "shard" not in out
+
+
 def test_a_run_without_a_checkpoint_is_not_told_to_resume_with_its_run_dir_alone(tmp_path, capsys, monkeypatch):
     """`onecard train --run-dir DIR` alone starts the default run (the demo) in a directory without a
     checkpoint: after a run whose every save failed, that line is not the way to go on."""
