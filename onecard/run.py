@@ -16,7 +16,7 @@ import re
 import shlex
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -44,9 +44,10 @@ class TrainSettings:
     # resume with another micro-batch scores the same text (set by session.prepare)
     eval_rows: int | None = None
     sample_tokens: int = 48
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
+    # the classic's learning rates; None where the family sets its own (nanochat-2026, optim_2026.py)
+    matrix_lr: float | None = 0.02
+    embedding_lr: float | None = 0.2
+    unembedding_lr: float | None = 0.004
     # fine-tuning's share of pre-training's learning rates: the classic's rates above already carry it;
     # nanochat-2026 sets its own rates and takes this (with no weight decay) where it is below 1
     lr_fraction: float = 1.0
@@ -107,6 +108,10 @@ class RunConfig:
     init_from: str | None = None  # the run or checkpoint the weights came from
     format: int = FORMAT
     extra: dict = field(default_factory=dict)  # keys a newer onecard wrote: kept, not read
+
+    def __post_init__(self) -> None:
+        if self.model_config.arch != "classic":  # not the classic's rates, which its files used to record
+            self.train = replace(self.train, matrix_lr=None, embedding_lr=None, unembedding_lr=None)
 
     def to_dict(self) -> dict:
         out = {"format": self.format, "stage": self.stage, "init_from": self.init_from,

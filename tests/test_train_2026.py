@@ -48,6 +48,10 @@ def test_stopped_and_resumed_equals_uninterrupted(setup, tmp_path, recipe):
     straight = run(setup, tmp_path / "straight", recipe)
     first = run(setup, tmp_path / "resumed", recipe, stop_after=2)
     assert first["stopped"] == "limit" and first["step"] == 2
+    path = tmp_path / "resumed" / "config.json"  # as onecard wrote it before: the classic's rates, not used
+    older = json.loads(path.read_text())
+    older["train"].update(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    path.write_text(json.dumps(older))
     second = run(setup, tmp_path / "resumed", recipe)
     assert second["stopped"] is None and second["step"] == STEPS
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), \
@@ -59,6 +63,8 @@ def test_stopped_and_resumed_equals_uninterrupted(setup, tmp_path, recipe):
     assert isinstance(straight["sample"], str) and straight["sample"]
     saved = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert saved["model_config"]["arch"] == "nanochat-2026"
+    # the family sets its own learning rates: the classic's are not recorded as this run's
+    assert [saved["train"][k] for k in ("matrix_lr", "embedding_lr", "unembedding_lr")] == [None] * 3
     model, _, info = load_weights(tmp_path / "straight")
     assert isinstance(model, GPT2026) and info["layout"] == "onecard"
 
