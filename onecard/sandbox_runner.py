@@ -14,6 +14,7 @@ Only the standard library is used here.
 
 import json
 import os
+import posix
 import resource
 import signal
 import sys
@@ -155,7 +156,8 @@ def stage2(scratch: str, hooked: bool) -> None:
     code = compile(source, "program.py", "exec")
     if hooked:
         sys.addaudithook(guard(scratch))
-        os._exit = lambda *_: refuse("os._exit")  # a program that exits early has not passed its tests
+        # a program that exits early has not passed its tests; os._exit is posix._exit, under both names
+        os._exit = posix._exit = lambda *_: refuse("os._exit")
     try:
         exec(code, {"__name__": "__main__"})
     except SystemExit as stop:

@@ -152,7 +152,8 @@ def test_memory_files_and_environment(monkeypatch):
 
 
 def test_an_early_exit_is_not_a_pass():
-    for program in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n", "raise SystemExit\n"):
+    for program in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n", "raise SystemExit\n",
+                    "import posix\nposix._exit(0)\n"):  # os._exit under its own module's name
         outcome = run_python(program + "assert False\n", FAST)
         assert not outcome.passed, (program, outcome)
 
