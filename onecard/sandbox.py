@@ -11,7 +11,8 @@ layers; a test checks every refusal (tests/test_sandbox.py):
   processes fork, exec, spawn, system, subprocess and multiprocessing are refused by an audit hook
             (and ctypes, which could call fork directly, cannot be imported); RLIMIT_NPROC = 1
             where the kernel enforces it (not for root); a PID namespace where `unshare` works, so
-            that nothing outlives the program
+            that nothing outlives the program; on Linux, the program is killed when the process
+            that waits for it ends (a program that leaves the process group or kills that process)
   files     writes, removals, renames and links outside the working directory are refused by the
             audit hook and, where the kernel has Landlock (Linux 5.13+), by the kernel
   network   a new network namespace (no interfaces but a down loopback) where `unshare --user

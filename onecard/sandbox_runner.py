@@ -43,7 +43,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 # Landlock (Linux 5.13+): syscall numbers are the same on every architecture onecard runs on.
 CREATE_RULESET, ADD_RULE, RESTRICT_SELF = 444, 445, 446
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 
 
 def set_limits(config: dict) -> None:
@@ -96,9 +96,24 @@ def landlock(scratch: str) -> list[str]:
     return ["landlock-files"] + (["landlock-tcp"] if net else []) + (["landlock-signals"] if scoped else [])
 
 
+def die_with(parent: int) -> None:
+    """Linux: the kernel kills this process when stage 1 ends. The wall-clock kill reaches the
+    process group and a PID namespace's members, but a program can leave the group (os.setpgid) or
+    kill stage 1 (signal.pidfd_send_signal), with no audit event, and live on where there is no
+    namespace; this signal holds across exec and reaches it either way."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # stage 1 ended before the signal was asked for
+        os._exit(1)
+
+
 def stage1(scratch: str, config: dict) -> None:
+    parent = os.getpid()
     child = os.fork()
     if child == 0:
+        if sys.platform == "linux":
+            die_with(parent)
         os.chdir(scratch)
         layers = ["rlimits"]
         set_limits(config)

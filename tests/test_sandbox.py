@@ -4,8 +4,11 @@ where the layer can be run alone (a kernel layer this machine lacks is skipped, 
 
 import functools
 import os
+import signal
 import socket
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,24 @@ def test_endless_loops_are_stopped(name, options):
     assert run("import time\ntime.sleep(60)\n", options, Limits(wall_s=1.0)).status == "timeout"
     cpu = run("while True:\n    pass\n", options, Limits(wall_s=10.0, cpu_s=1))
     assert cpu.status == "cpu-time" and cpu.seconds < 5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("name, options", [FULL, HOOK_ONLY])
+def test_nothing_outlives_the_program(name, options):
+    """A program that leaves the process group, or kills the process that waits for it (neither has an
+    audit event), lived on after run_python returned where there is no PID namespace."""
+    for escape in ("os.setpgid(0, 0)", "signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)"):
+        outcome = run(f"import os, signal, time\nprint(os.getcwd(), flush=True)\n{escape}\ntime.sleep(20)\n",
+                      options, Limits(wall_s=1.0))
+        assert not outcome.passed
+        deadline = time.monotonic() + 2  # SIGKILL is delivered, not waited for
+        while alive(outcome.stdout.strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = alive(outcome.stdout.strip())
+        for pid in left:  # before the fix: not left sleeping after the test
+            os.kill(int(pid), signal.SIGKILL)
+        assert not left, (escape, outcome)
 
 
 @pytest.mark.parametrize("name, options", [FULL, HOOK_ONLY, LANDLOCK_ONLY])
