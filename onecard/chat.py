@@ -2,8 +2,9 @@
 (`chatsft_checkpoints/dNN`, read without unpickling code).
 
 Interactive by default: the conversation is kept, `/clear` starts over, `/temperature T` and
-`/topk K` change the sampling, `/quit` (or Ctrl-D) leaves; Ctrl-C stops a reply, not the program
-(at the prompt it drops the line being typed). `-p PROMPT` answers once and exits, for scripts.
+`/topk K` change the sampling, `/quit` (or Ctrl-D) leaves; at a terminal Ctrl-C stops a reply, not
+the program (at the prompt it drops the line being typed). `-p PROMPT` answers once and exits, for
+scripts; there, and with messages piped in, Ctrl-C ends the command.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ LEAVE = "Ctrl-D or /quit leaves"
 EPILOG = ("Without -p it reads a message a line, typed or piped in (piped, stdout gets the replies alone, a reply "
           "after each message). In the chat: /clear starts a new conversation, "
           "/temperature T and /topk K change the sampling, /quit or Ctrl-D leaves; Ctrl-C stops a reply, and at the "
-          "prompt drops the line. A conversation may run to 10x the context the model trained on, as nanochat's; "
-          "past that context its replies degrade, and it says so.")
+          "prompt drops the line (piped in or with -p, Ctrl-C ends the command). A conversation may run to 10x the "
+          "context the model trained on, as nanochat's; past that context its replies degrade, and it says so.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,7 +74,9 @@ class Chat:
         print(f"note: {what} {tokens:,} tokens, past the {trained:,} the model trained on: expect its replies to "
               "degrade" + (" (/clear starts over)" if self.messages else ""), file=sys.stderr, flush=True)
 
-    def reply(self, text: str, prefix: str = "") -> str:
+    def reply(self, text: str, prefix: str = "", stoppable: bool = False) -> str:
+        """Stream the reply to `text`, and keep both in the conversation. stoppable: Ctrl-C stops this
+        reply and the chat goes on (a person at a terminal); else Ctrl-C ends the command."""
         from onecard.conversations import normalize, prompt_ids, reply_content, show_tool_calls
 
         messages = self.messages + [{"role": "user", "content": text}]
@@ -102,6 +105,9 @@ class Chat:
                 self.out.write(" [cut: the model's context is full]")
         except KeyboardInterrupt:
             self.out.write(" [stopped]")
+            if not stoppable:  # piped in or -p: one Ctrl-C stops the command, not each reply in turn
+                self.out.write("\n")
+                raise
         self.out.write("\n")
         answer = "".join(pieces)  # the calculator's tokens go back into the history as the tokens they were
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply_content(answer)}]
@@ -191,8 +197,10 @@ def talk(chat: Chat, stdin) -> int:
                 return 0
             continue
         try:
-            chat.reply(line, model)
+            chat.reply(line, model, stoppable=at_terminal)
         except UsageError as error:
             print(f"({error})")
         except KeyboardInterrupt:  # before its first token (reading the message, the prefill)
+            if not at_terminal:
+                raise
             print(" [stopped]")

@@ -88,7 +88,7 @@ def test_ctrl_c_before_the_first_token_keeps_the_chat(base, monkeypatch, capsys)
     monkeypatch.setattr("onecard.conversations.prompt_ids", slow_prompt)
     lines_then(monkeypatch, "hello", "/quit")
     try:
-        assert talk(chat, io.StringIO()) == 0
+        assert talk(chat, Terminal()) == 0
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C before the reply's first token ended the chat")
     assert calls and chat.messages == [] and "[stopped]" in capsys.readouterr().out
@@ -115,6 +115,32 @@ class FullEngine:
     def complete(self, prompt, sampling, on_text):
         on_text(0, "x")
         return [[0] * min(sampling.max_tokens, self.model.rotary_len - len(prompt))]
+
+
+class InterruptedEngine(FullEngine):
+    """Ctrl-C in the middle of each reply."""
+
+    def complete(self, prompt, sampling, on_text):
+        on_text(0, "x")
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_a_reply_stops_the_reply_at_a_terminal_and_ends_a_pipe(base, monkeypatch, capsys):
+    """Piped in (`onecard chat RUN < questions.txt`), Ctrl-C stopped the reply under way and the chat went on
+    with the next message, to exit 0: it took one Ctrl-C per message to stop the command."""
+    model, tokenizer, _ = load_weights(base)
+    chat = Chat(InterruptedEngine(model), tokenizer, Sampling(max_tokens=2), None)
+    lines_then(monkeypatch, "hello", "again", "/quit")
+    assert talk(chat, Terminal()) == 0
+    assert capsys.readouterr().out.count("x [stopped]\n") == 2 and len(chat.messages) == 4
+    chat = Chat(InterruptedEngine(model), tokenizer, Sampling(max_tokens=2), None)
+    lines_then(monkeypatch, "hello", "again", "/quit")
+    with pytest.raises(KeyboardInterrupt):
+        talk(chat, io.StringIO())
+    assert capsys.readouterr().out == "x [stopped]\n" and chat.messages == []
+    monkeypatch.setattr("onecard.engine.Engine.complete", InterruptedEngine.complete)
+    assert main(["chat", str(base), "-p", "hi", "--device", "cpu"]) == 130  # a script sees it did not finish
+    assert "interrupted" in capsys.readouterr().err
 
 
 def test_past_the_trained_context_it_says_so_once_and_marks_a_reply_cut_at_the_context(base, capsys):

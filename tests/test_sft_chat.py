@@ -162,8 +162,8 @@ def test_chat_commands_and_stop(base):
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
-    chat.engine.complete = interrupted  # Ctrl-C during a reply stops the reply, not the chat
-    chat.reply("again")
+    chat.engine.complete = interrupted  # Ctrl-C during a reply stops the reply, not the chat (at a terminal)
+    chat.reply("again", stoppable=True)
     assert "[stopped]" in out.getvalue() and len(chat.messages) == 2
 
 
