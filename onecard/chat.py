@@ -113,25 +113,26 @@ class Chat:
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply_content(answer)}]
         return answer
 
-    def command(self, line: str) -> bool:
-        """Handle a /command; False to quit."""
+    def command(self, line: str, notes=None) -> bool:
+        """Handle a /command, saying what it did on `notes` (default: the replies' stream); False to quit."""
+        notes = notes or self.out
         name, _, value = line.partition(" ")
         try:
             if name == "/quit":
                 return False
             if name == "/clear":
                 self.messages, self.warned = [], False
-                self.out.write("(new conversation)\n")
+                notes.write("(new conversation)\n")
             elif name == "/temperature":
                 self.sampling.temperature = temperature(value)
-                self.out.write(f"(temperature {self.sampling.temperature:g})\n")
+                notes.write(f"(temperature {self.sampling.temperature:g})\n")
             elif name == "/topk":
                 self.sampling.top_k = positive_int(value)
-                self.out.write(f"(top-k {self.sampling.top_k})\n")
+                notes.write(f"(top-k {self.sampling.top_k})\n")
             else:
-                self.out.write(f"(unknown command {name}; {HELP})\n")
+                notes.write(f"(unknown command {name}; {HELP})\n")
         except argparse.ArgumentTypeError as error:
-            self.out.write(f"({name}: {error})\n")
+            notes.write(f"({name}: {error})\n")
         return True
 
 
@@ -178,6 +179,7 @@ def talk(chat: Chat, stdin) -> int:
     if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 are a message's U+FFFD, not a traceback
     you, model = ("you> ", "model> ") if at_terminal else ("", "")  # piped in: a reply a line, nothing else
+    notes = None if at_terminal else sys.stderr  # piped in: what commands did, and errors, not among the replies
     while True:
         try:
             line = input(you).strip()
@@ -193,13 +195,13 @@ def talk(chat: Chat, stdin) -> int:
         if not line:
             continue
         if line.startswith("/"):
-            if not chat.command(line):
+            if not chat.command(line, notes):
                 return 0
             continue
         try:
             chat.reply(line, model, stoppable=at_terminal)
         except UsageError as error:
-            print(f"({error})")
+            print(f"({error})", file=notes)
         except KeyboardInterrupt:  # before its first token (reading the message, the prefill)
             if not at_terminal:
                 raise

@@ -62,12 +62,16 @@ def test_bytes_that_are_not_utf8_on_stdin_are_a_message(base, monkeypatch, capsy
 
 
 def test_piped_in_the_replies_alone_go_to_stdout(base, monkeypatch, capsys):
-    """`onecard chat RUN < questions.txt > answers.txt`: a reply a line, no prompts or banner among them."""
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nhow are you\n"))
-    assert main(["chat", str(base), "--max-tokens", "3", "--temperature", "0", "--device", "cpu"]) == 0
+    """`onecard chat RUN < questions.txt > answers.txt`: a reply a line, no prompts or banner among them, nor
+    what a command did (it went to stdout: '(temperature 0)' was the answers' first line)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/temperature 0\nhello\n\n/clear\n/topk x\nhow are you\n"
+                                                  + "word " * 1000 + "\n"))
+    assert main(["chat", str(base), "--max-tokens", "3", "--device", "cpu"]) == 0
     said = capsys.readouterr()
     assert said.out.endswith("\n") and "you> " not in said.out and "model> " not in said.out
-    assert "chatting with" in said.err
+    assert "(" not in said.out and said.out.count("\n") == 2  # the two replies alone
+    assert "chatting with" in said.err and "(temperature 0)" in said.err and "(new conversation)" in said.err
+    assert "(/topk:" in said.err and "outgrown the model's context" in said.err
 
 
 def test_a_closed_stdout_is_one_line(base, monkeypatch, capsys):
