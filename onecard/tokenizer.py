@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import regex
 import rustbpe
 import tiktoken
 import torch
@@ -227,6 +228,7 @@ def _read_json(path: Path) -> tiktoken.Encoding:
         if not isinstance(data["name"], str) or not isinstance(data["pattern"], str):
             raise ValueError("name and pattern must be strings")
         _check_vocabulary(ranks, specials)
+        _check_pattern(data["pattern"])
         return tiktoken.Encoding(name=data["name"], pat_str=data["pattern"], mergeable_ranks=ranks,
                                  special_tokens=specials)
     except OSError as e:
@@ -249,6 +251,22 @@ def _check_vocabulary(ranks: dict[bytes, int], specials: dict[str, int]) -> None
         raise ValueError("not every single byte has a rank")
     if sorted(specials.values()) != list(range(len(ranks), len(ranks) + len(specials))):
         raise ValueError("the special tokens' ids do not come right after the merges")
+
+
+# Letters, digits, punctuation, spaces and line ends, ASCII and not: what a split pattern sorts
+PATTERN_PROBE = "Hello, World! It's 42 -- naïve café 東京 😀\n\n\tx = 1+2;  end \r\n"
+
+
+def _check_pattern(pattern: str) -> None:
+    """ValueError for a split pattern that matches empty text somewhere: tiktoken panics on such text
+    (a Rust panic, which no caller catches) instead of encoding it. One `regex` cannot compile is
+    left to tiktoken, whose engine differs and says what is wrong itself."""
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error:
+        return
+    if any(match.start() == match.end() for match in compiled.finditer(PATTERN_PROBE)):
+        raise ValueError(f"its split pattern {pattern!r} matches empty text, which tiktoken cannot encode")
 
 
 # ---- reading nanochat's tokenizer.pkl without running whatever a pickle may ask for
@@ -293,6 +311,7 @@ def load_tiktoken_pickle(path: str | Path) -> tiktoken.Encoding:
         raise UsageError(f"{path} is not a pickled tiktoken Encoding holding its merges and special tokens")
     try:
         _check_vocabulary(state["mergeable_ranks"], state["special_tokens"])
+        _check_pattern(state["pat_str"])
         return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
                                  mergeable_ranks=state["mergeable_ranks"], special_tokens=state["special_tokens"])
     except ValueError as e:

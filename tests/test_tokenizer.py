@@ -279,3 +279,19 @@ def test_training_text_with_a_lone_surrogate_trains(tmp_path):
     texts = [json.loads('"half an emoji \\ud83d here"'), "plain text, and more of it: " * 50]
     tokenizer = Tokenizer.train(texts, 280)
     assert tokenizer.decode(tokenizer.encode(texts[0])) == "half an emoji \ufffd here"
+
+
+@pytest.mark.parametrize("pattern", ["", "a*", r"\b", "$", r"\S+|"])
+def test_a_split_pattern_that_matches_empty_text_is_refused(tok, tmp_path, pattern):
+    """tiktoken panics (a Rust panic, a traceback) on text where its split pattern matches nothing at all: a
+    tokenizer.json or tokenizer.pkl whose pattern did loaded, and `onecard chat` failed at the first message."""
+    data = {**_valid_json(tok, tmp_path), "pattern": pattern}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="split pattern"):
+        Tokenizer.load(tmp_path / "bad")
+    ranks = {bytes([i]): i for i in range(256)}
+    (tmp_path / "tokenizer.pkl").write_bytes(_encoding_pickle({"name": "x", "pat_str": pattern,
+                                                               "special_tokens": {}, "mergeable_ranks": ranks}))
+    with pytest.raises(UsageError, match="split pattern"):
+        load_tiktoken_pickle(tmp_path / "tokenizer.pkl")
