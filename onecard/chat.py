@@ -62,6 +62,8 @@ class Chat:
         self.messages: list[dict] = []
         self.warned = False  # said that the conversation went past the context the model trained on
         self.turns = 0  # replies so far: each draws from its own seed, --seed + turn (the same chat, the same replies)
+        # what the first prompt holds: a --system message too long for the context is named, not the one typed
+        self.first = "the system message and this message are" if system else "the message is"
 
     def past_training(self, tokens: int) -> None:
         """Say once a conversation that the model reads beyond the context it trained on."""
@@ -69,7 +71,7 @@ class Chat:
         if tokens <= trained or self.warned:
             return
         self.warned = True
-        what = "the conversation is now" if self.messages else "the message is"
+        what = "the conversation is now" if self.messages else self.first
         self.out.flush()
         print(f"note: {what} {tokens:,} tokens, past the {trained:,} the model trained on: expect its replies to "
               "degrade" + (" (/clear starts over)" if self.messages else ""), file=sys.stderr, flush=True)
@@ -87,7 +89,7 @@ class Chat:
         if len(prompt) >= context:
             raise UsageError(f"the conversation has outgrown the model's context of {context:,} tokens: /clear to "
                              "start over" if self.messages else
-                             f"the message is {len(prompt):,} tokens, more than the model's context of {context:,}")
+                             f"{self.first} {len(prompt):,} tokens, more than the model's context of {context:,}")
         self.past_training(len(prompt))
         self.out.write(prefix)
         pieces: list[str] = []

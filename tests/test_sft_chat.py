@@ -197,6 +197,9 @@ def test_a_prompt_longer_than_the_context_says_so(base):
     chat = Chat(ScriptedEngine(model, []), tokenizer, Sampling(), None, out=io.StringIO())
     with pytest.raises(UsageError, match="the message is .* tokens, more than the model's context of"):
         chat.reply("word " * 4 * model.rotary_len)
+    chat = Chat(ScriptedEngine(model, []), tokenizer, Sampling(), "word " * 4 * model.rotary_len, out=io.StringIO())
+    with pytest.raises(UsageError, match="the system message and this message are .* tokens, more than"):
+        chat.reply("hi")  # it said 'the message is' thousands of tokens, of a message of one word
 
 
 def test_a_malformed_line_is_named_unless_skipped(base, tmp_path, capsys):
