@@ -81,3 +81,29 @@ def model_backend(run_dir: Path, kind: str, workers: int = 2, max_queued: int = 
     backend.load(lambda: (model, tokenizer, kind))
     assert backend.status == "ready", backend.error
     return backend
+
+
+class CutStreams:
+    """ASGI middleware: every streamed answer of /v1/ ends after `pieces` pieces of its body, without
+    its `data: [DONE]`: cleanly (a proxy that cut it off), or `broken` (a server killed mid-reply)."""
+
+    def __init__(self, app, pieces: int, broken: bool = False) -> None:
+        self.app, self.pieces, self.broken = app, pieces, broken
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        sent = 0
+
+        async def cut(message) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body" and message.get("more_body"):
+                sent += 1
+                if sent == self.pieces + 1:
+                    if self.broken:
+                        raise ConnectionAbortedError("the stream was cut (a test of the client)")
+                    message = {"type": "http.response.body", "body": b"", "more_body": False}
+                elif sent > self.pieces:
+                    return
+            await send(message)
+        await self.app(scope, receive, cut)

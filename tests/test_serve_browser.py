@@ -25,7 +25,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from onecard.data import Corpus, iter_texts  # noqa: E402
 from onecard.server import Running, create_app  # noqa: E402
 from onecard.tokenizer import Tokenizer  # noqa: E402
-from tests.serve_helpers import Record, scripted_backend  # noqa: E402
+from tests.serve_helpers import CutStreams, Record, scripted_backend  # noqa: E402
 
 XSS = 'Look: <script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> and <b>bold</b>. Done.'
 
@@ -180,5 +180,24 @@ def test_a_refused_turn_an_open_edit_box_and_lower_server_limits_do_not_break_th
         browser.switch_to.active_element.send_keys(Keys.ESCAPE)
         wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the stop")
         assert record.closed.wait(5)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["ended", "broken"])
+def test_a_reply_cut_off_mid_stream_says_so(browser, tokenizer, broken):
+    """A stream that ended without its [DONE] (a proxy cut it off) used to leave the half reply looking
+    complete; one whose connection broke (the server killed mid-reply) said "cannot reach the server"."""
+    app = create_app(scripted_backend(tokenizer, "word " * 40, 0.01))
+    app.add_middleware(CutStreams, pieces=6, broken=broken)
+    server = Running(app)
+    try:
+        open_page(browser, server)
+        send(browser, "Talk for a while")
+        wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the end of the reply")
+        assert 0 < len(replies(browser)[-1]) < len("word " * 40)
+        note = wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .note.error"), what="a note")
+        assert "cut off" in note[0].text and "cannot reach" not in note[0].text
+        assert browser.find_elements(By.XPATH, "//button[text()='Regenerate']")
     finally:
         server.stop()
