@@ -201,3 +201,20 @@ def test_a_reply_cut_off_mid_stream_says_so(browser, tokenizer, broken):
         assert browser.find_elements(By.XPATH, "//button[text()='Regenerate']")
     finally:
         server.stop()
+
+
+def test_regenerate_after_a_refusal_asks_the_same_question_again(browser, tokenizer):
+    """Regenerate on a refused turn (401 without the key, 429 busy: 'try again') used to send the
+    conversation without the question, which the server refused again ('messages: expected a
+    non-empty list')."""
+    server = Running(create_app(scripted_backend(tokenizer, "Hello there.", 0.01), api_key="sesame"))
+    try:
+        open_page(browser, server)
+        send(browser, "Hi")
+        wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".note.error"), what="the refusal")
+        browser.find_element(By.ID, "apikey").send_keys("sesame")
+        browser.find_element(By.XPATH, "//button[text()='Regenerate']").click()
+        wait(lambda: replies(browser) == ["Hello there."] and not browser.find_elements(By.CSS_SELECTOR, ".note"),
+             timeout=5, what="the reply to the same question")
+    finally:
+        server.stop()
