@@ -218,3 +218,26 @@ def test_regenerate_after_a_refusal_asks_the_same_question_again(browser, tokeni
              timeout=5, what="the reply to the same question")
     finally:
         server.stop()
+
+
+def test_a_missing_or_wrong_api_key_points_to_the_key_field(browser, tokenizer):
+    """A 401 used to show the server's words for programs ("send 'Authorization: Bearer KEY'"), which
+    a reader of the page cannot act on; it now says where the key goes and puts the cursor there."""
+    server = Running(create_app(scripted_backend(tokenizer, "Hello there.", 0.01), api_key="sesame"))
+    try:
+        open_page(browser, server)
+        for key, said in (("", "needs its API key"), ("guess", "wrong API key")):
+            browser.execute_script("document.getElementById('apikey').value = arguments[0]", key)
+            browser.find_element(By.ID, "input").click()
+            send(browser, "Hi")
+            note = wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg:last-child .note.error"),
+                        what="the refusal")[0].text
+            assert said in note and "Settings" in note and "Authorization" not in note, note
+            assert browser.switch_to.active_element.get_attribute("id") == "apikey"
+            assert browser.find_element(By.ID, "settings").get_attribute("open") is not None
+        browser.switch_to.active_element.send_keys(Keys.CONTROL, "a")
+        browser.switch_to.active_element.send_keys("sesame")
+        browser.find_element(By.XPATH, "//button[text()='Regenerate']").click()
+        wait(lambda: replies(browser)[-1] == "Hello there.", timeout=5, what="the reply with the key")
+    finally:
+        server.stop()
