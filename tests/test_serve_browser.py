@@ -241,3 +241,21 @@ def test_a_missing_or_wrong_api_key_points_to_the_key_field(browser, tokenizer):
         wait(lambda: replies(browser)[-1] == "Hello there.", timeout=5, what="the reply with the key")
     finally:
         server.stop()
+
+
+
+def test_a_server_out_of_reach_is_polled_by_one_retry_loop(browser, tokenizer):
+    """Every failed request started a loop of its own that asked /health every 2 s: after a few
+    messages sent to a stopped server, the page polled it several times every 2 s."""
+    server = Running(create_app(scripted_backend(tokenizer, "Hi.", 0.0)))
+    try:
+        open_page(browser, server)
+    finally:
+        server.stop()
+    for sent in range(1, 4):
+        send(browser, f"Are you there? {sent}")
+        wait(lambda n=sent: len(browser.find_elements(By.CSS_SELECTOR, ".note.error")) == n, what="the error")
+    browser.execute_script("""window.polls = 0; const fetched = window.fetch;
+        window.fetch = (url, options) => { if (url === "/health") window.polls++; return fetched(url, options); }""")
+    time.sleep(2.5)
+    assert browser.execute_script("return window.polls") <= 2  # one loop asks every 2 s
