@@ -64,11 +64,11 @@ class ScriptedEngine(Engine):
 
 
 def scripted_backend(tokenizer, text: str, delay: float = 0.0, record: Record | None = None, workers: int = 2,
-                     max_queued: int = 8, fail: bool = False):
+                     max_queued: int = 8, fail: bool = False, kind: str = "chat"):
     from onecard.server import Backend
 
     backend = Backend("scripted", workers=workers, max_queued=max_queued)
-    backend.ready(lambda tools: ScriptedEngine(tokenizer, text, delay, record, fail), tokenizer, 10_000, "chat")
+    backend.ready(lambda tools: ScriptedEngine(tokenizer, text, delay, record, fail), tokenizer, 10_000, kind)
     return backend
 
 

@@ -259,3 +259,26 @@ def test_a_server_out_of_reach_is_polled_by_one_retry_loop(browser, tokenizer):
         window.fetch = (url, options) => { if (url === "/health") window.polls++; return fetched(url, options); }""")
     time.sleep(2.5)
     assert browser.execute_script("return window.polls") <= 2  # one loop asks every 2 s
+
+
+def test_the_server_restarted_with_a_base_model_while_the_page_is_open(browser, tokenizer):
+    """The page learned chat or base once, when it opened: after a restart with a base model its next
+    message failed ('scripted is a base model: it continues text at /v1/completions') and the header
+    still named the old model."""
+    server = Running(create_app(scripted_backend(tokenizer, "A chat reply.", 0.01)))
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        open_page(browser, server)
+        send(browser, "Hi")
+        wait(lambda: replies(browser) == ["A chat reply."] and
+             not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), timeout=5, what="the chat reply")
+        server.stop()
+        server = Running(create_app(scripted_backend(tokenizer, " it was.", 0.01, kind="base")), port=port)
+        send(browser, "Once upon a time")
+        wait(lambda: replies(browser) == ["A chat reply.", " it was."] and
+             not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), timeout=5, what="the continuation")
+        assert [n.text for n in browser.find_elements(By.CSS_SELECTOR, ".note")] == []
+        assert "base model" in browser.find_element(By.ID, "status").text
+    finally:
+        server.stop()
+
