@@ -282,3 +282,19 @@ def test_the_server_restarted_with_a_base_model_while_the_page_is_open(browser, 
     finally:
         server.stop()
 
+
+
+def test_escape_closes_the_settings(browser, tokenizer):
+    """The Settings panel (opened by itself on a server that needs a key) lies over the conversation;
+    Escape did not close it, so a keyboard user had to find its summary again."""
+    server = Running(create_app(scripted_backend(tokenizer, "Hi.", 0.0), api_key="sesame"))
+    try:
+        open_page(browser, server)
+        assert browser.find_element(By.ID, "settings").get_attribute("open") is not None
+        browser.find_element(By.ID, "apikey").send_keys("sesame", Keys.ESCAPE)
+        assert browser.find_element(By.ID, "settings").get_attribute("open") is None
+        assert browser.switch_to.active_element.tag_name == "summary"  # the focus is not lost with the panel
+        browser.switch_to.active_element.send_keys(Keys.ENTER)  # opens it again
+        assert browser.find_element(By.ID, "settings").get_attribute("open") is not None
+    finally:
+        server.stop()
