@@ -224,7 +224,9 @@ def test_503_while_loading_and_429_when_the_queue_is_full(runs):
     try:
         c = client(busy)
         running = c.chat.completions.create(model="scripted", messages=HELLO, stream=True)
-        next(iter(running))  # generating
+        # generating: its first text, not the role chunk sent before a worker has taken the job (which,
+        # on a loaded machine, left it in the queue and the next request was the one turned away)
+        next(piece for piece in running if piece.choices[0].delta.content)
         waiting = c.chat.completions.create(model="scripted", messages=HELLO, stream=True)  # queued
         with pytest.raises(openai.RateLimitError, match="busy"):
             c.chat.completions.create(model="scripted", messages=HELLO)
