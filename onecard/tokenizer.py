@@ -234,7 +234,7 @@ def _read_json(path: Path) -> tiktoken.Encoding:
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-        raise UsageError(f"{path} is not a onecard tokenizer file ({_first_line(e)})") from None
+        raise UsageError(f"{path} is not an onecard tokenizer file ({_first_line(e)})") from None
 
 
 def _first_line(error: Exception) -> str:

@@ -176,7 +176,7 @@ def test_plan_target_gpt2_names_its_sources(capsys):
     from onecard.cli import main
     assert main(["plan", "--gpu", "rtx4070", "--target", "gpt2"]) == 0
     out = capsys.readouterr().out
-    assert "not a onecard measurement" in out and "a825e63" in out and "Fastest to GPT-2" in out
+    assert "not an onecard measurement" in out and "a825e63" in out and "Fastest to GPT-2" in out
 
 
 def test_the_fine_tuning_schedule_is_chat_sfts():

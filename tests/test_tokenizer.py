@@ -119,9 +119,9 @@ def test_a_damaged_json_is_read_from_the_pickle_saved_beside_it(tok, tmp_path, c
     (tmp_path / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes()[:100])
     back = Tokenizer.load(tmp_path)
     assert back.encode("def f(x): return x") == tok.encode("def f(x): return x")
-    assert "is not a onecard tokenizer file" in capsys.readouterr().err
+    assert "is not an onecard tokenizer file" in capsys.readouterr().err
     (tmp_path / "tokenizer.pkl").unlink()  # nothing to fall back on: refused as before
-    with pytest.raises(UsageError, match="is not a onecard tokenizer file"):
+    with pytest.raises(UsageError, match="is not an onecard tokenizer file"):
         Tokenizer.load(tmp_path)
 
 def test_loads_a_pickle_written_the_way_nanochat_writes_it(tmp_path):

@@ -1,7 +1,7 @@
 """`onecard plan --target gpt2`: how fast this card can train a model that beats GPT-2's CORE,
 by replaying nanochat's published "time to GPT-2" runs (model, tokens:params ratio) on it.
 
-The CORE a run reaches is nanochat's published result on 8xH100, not a onecard measurement: the
+The CORE a run reaches is nanochat's published result on 8xH100, not an onecard measurement: the
 planner only predicts the memory, time, energy and cost of training the same model on the same
 number of tokens here. Sources (karpathy/nanochat):
 - README.md leaderboard table: run 6, commit a825e63 (Mar 14 2026), 1.65 h on 8xH100, CORE 0.2626,
@@ -74,7 +74,7 @@ def fastest(opts: list[Option]) -> Option | None:
 
 def summary_lines(opts: list[Option], where: str = "this card") -> list[str]:
     lines = [f"Beat GPT-2 (CORE {GPT2_CORE}) with nanochat-2026 (nanochat 92d63d4), replaying nanochat's "
-             "published runs. The CORE is nanochat's published result on 8xH100, not a onecard measurement;",
+             "published runs. The CORE is nanochat's published result on 8xH100, not an onecard measurement;",
              f"onecard predicts only the time, energy and cost of the same model and tokens on {where}.", ""]
     for o in opts:
         head = (f"  d{o.run.depth} ratio {o.run.ratio:g}: {o.tokens:,} tokens, batch {o.settings.total_batch:,}; "
