@@ -16,8 +16,10 @@ import re
 import shlex
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from filelock import FileLock, Timeout
 
@@ -334,19 +336,52 @@ def set_aside(run_dir: Path, only_run_files: bool = False) -> Path:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop the lines a crashed session wrote after the checkpoint it resumes from."""
-    if not path.exists():
+    """Drop the lines a crashed session wrote after the checkpoint it resumes from. Every session appends
+    from its checkpoint's step on, so those lines are the log's tail: it is read from the end and cut in
+    place, and a months-long log is neither read whole nor rewritten on every resume."""
+    try:
+        log = open(path, "rb+")
+    except FileNotFoundError:
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line)
-        except (ValueError, TypeError):  # a line cut short by the crash
-            continue
-    # the run's whole history: never an empty file after a power cut, nor a temporary left on a full disk
-    durable.write_via_temporary(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    with log:
+        end = log.seek(0, os.SEEK_END)
+        kept = next((line_end for line_end, line in _lines_from_the_end(log, end) if _up_to(line, step)), None)
+        if kept is None:  # not one line at or before the checkpoint
+            log.truncate(0)
+        elif kept == end:  # a kept last line cut short before its newline: the next line must not join it
+            log.seek(end)
+            log.write(b"\n")
+        elif kept + 1 < end:  # the newline after the last kept line stays
+            log.truncate(kept + 1)
+        else:
+            return  # nothing to drop (a stop wrote its checkpoint last)
+        os.fsync(log.fileno())
+
+
+def _up_to(line: bytes, step: int) -> bool:
+    """Whether a log line is whole and at or before `step` (a line without a step counts as step 0)."""
+    try:
+        record = json.loads(line.decode("utf-8", errors="replace"))
+        return isinstance(record, dict) and record.get("step", 0) <= step
+    except (ValueError, TypeError, RecursionError):  # a line cut short by the crash
+        return False
+
+
+def _lines_from_the_end(file: BinaryIO, end: int, block: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
+    """(offset where the line ends, the line) for each line of a binary file, the last first."""
+    pos, rest = end, b""
+    while True:
+        start = max(0, pos - block)
+        file.seek(start)
+        data = file.read(pos - start) + rest
+        parts = data.split(b"\n")
+        line_end = start + len(data)
+        for part in reversed(parts if start == 0 else parts[1:]):  # parts[0] may begin before `start`
+            yield line_end, part
+            line_end -= len(part) + 1
+        if start == 0:
+            return
+        pos, rest = start, parts[0]
 
 
 # ---------------------------------------------------------------- predicted against measured
