@@ -4,8 +4,8 @@ writing the log, checkpoints and summary as it goes.
 
 A run survives months of interruptions:
 - a checkpoint every `save_every_min` minutes and/or `save_every_steps` steps, and at the end
-  (checkpoint.py: atomic, checksummed, the last `keep` kept); a final checkpoint that cannot be
-  written makes the run fail (exit 1), never a silent success;
+  (checkpoint.py: atomic, checksummed, the last `keep` kept), the log synced to the disk before
+  each; a final checkpoint that cannot be written makes the run fail (exit 1), never a silent success;
 - SIGINT or SIGTERM stops at the next micro-batch boundary (an unfinished step is abandoned
   and redone on resume) and writes a checkpoint; a second one quits at once. Several ranks stop
   together at the first step boundary where they learn of the request, each leaving the loop on
@@ -208,6 +208,9 @@ class Loop:
         if self.run_dir_lost():
             raise UsageError(f"{self.run_dir} was deleted or moved while training: stopped at "
                              f"step {self.step}, writing nothing more; its checkpoints are wherever the directory went")
+        # the log's lines up to this step reach the disk before the checkpoint does: after a power cut the
+        # resumed run's log would otherwise lack the steps just before the one it goes on from, for good
+        os.fsync(self.log_file.fileno())
         state = {"loader": self.batches.state_dict(), "val_bpb_start": self.first_bpb, "val_bpb_last": self.last_bpb,
                  "totals": self.meters.totals()}
         try:

@@ -255,6 +255,30 @@ def test_the_log_cut_back_on_resume_is_its_tail_cut_in_place(tmp_path, monkeypat
     assert log.read_text() == clean and log.stat().st_mtime_ns == before and synced == [inode]
 
 
+def test_the_log_reaches_the_disk_before_each_checkpoint(tmp_path, monkeypatch):
+    """Checkpoints are fsynced; the log's lines were only flushed to the page cache. After a power cut the run
+    resumed from its checkpoint with the steps just before it missing from log.jsonl for good."""
+    from onecard import checkpoint
+
+    run_dir = tmp_path / "run"
+    log = run_dir / "log.jsonl"
+    events = []
+    real_fsync, real_save = os.fsync, checkpoint.save
+
+    def fsync(fd):
+        if log.exists() and os.fstat(fd).st_ino == log.stat().st_ino:
+            events.append(("log synced", log.read_text().count('"loss"')))
+        return real_fsync(fd)
+
+    def save(directory, step, *args, **kwargs):
+        events.append(("checkpoint", step))
+        return real_save(directory, step, *args, **kwargs)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "2", "--save-every-steps", "1"]) == 0
+    assert events == [("log synced", 1), ("checkpoint", 1), ("log synced", 2), ("checkpoint", 2)]
+
+
 def test_a_kept_last_line_without_its_newline_gets_one(tmp_path):
     """A crash between a line and its newline: the resume's first line must not join it."""
     from onecard.run import truncate_log
