@@ -33,7 +33,8 @@ log.jsonl holds one JSON object a line. Step lines (one per optimizer step):
   power_w           float|null  the latest NVML power sample, or the stated --power, or null
   energy_kwh        float|null  energy of the run so far; null without NVML and without --power
   energy_estimated  bool        some of energy_kwh comes from --power, not from NVML
-  cost              float|null  energy_kwh × price (summary.json has the currency)
+  cost              float|null  energy × price, each session's energy at its price (summary.json
+                                has the currency)
   wall_s            float       wall seconds of the run so far (all sessions, evaluations and
                                 checkpoints included)
   eta_s             float|null  remaining steps × the recent wall seconds per step

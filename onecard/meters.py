@@ -3,7 +3,8 @@
 Every figure is measured or derived in the open: MFU needs the card's peak from the planner's
 catalog (None on the CPU or an unknown card); energy comes from NVML when it can read the
 card's power, from a power figure the user states (--power, marked as an estimate) otherwise,
-and is None when there is neither. Cost is energy × --price, None without both.
+and is None when there is neither. Cost is energy × --price, None without both; each session's
+energy at the price it was given, summed across sessions.
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ class Meters:
         self.prior_wall_s = saved.get("wall_s", 0.0)
         self.prior_energy_j = saved.get("energy_j", 0.0)  # measured or estimated in earlier sessions
         self.prior_uncounted_s = saved.get("energy_uncounted_s", 0.0)
+        # the earlier sessions' energy at the prices they were given: a tariff changed over the months of a
+        # run does not re-price what was used before. Without that sum (older checkpoints, no price before,
+        # another currency), all the energy is priced now.
+        same_currency = saved.get("currency") == currency
+        self.prior_cost = saved.get("cost") if same_currency else None
         self.energy_sources = set(saved.get("energy_sources", []))
         if power.source:
             self.energy_sources.add(power.source)
@@ -159,7 +165,9 @@ class Meters:
     def cost(self, energy_j: float | None) -> float | None:
         if energy_j is None or self.price is None:
             return None
-        return energy_j / 3.6e6 * self.price
+        if self.prior_cost is None:
+            return energy_j / 3.6e6 * self.price
+        return self.prior_cost + (energy_j - self.prior_energy_j) / 3.6e6 * self.price
 
     def eta_s(self, step: int) -> float | None:
         """Remaining steps × the mean wall time of the recent steps (evaluations and saves included)."""
@@ -198,7 +206,7 @@ class Meters:
         energy = self.energy_j()
         return {"tokens": self.tokens, "skipped_steps": self.skipped_steps, "wall_s": self.wall_s(),
                 "energy_j": energy or 0.0, "energy_sources": sorted(self.energy_sources),
-                "energy_uncounted_s": self.energy_uncounted_s()}
+                "energy_uncounted_s": self.energy_uncounted_s(), "cost": self.cost(energy), "currency": self.currency}
 
     def summary(self) -> dict:
         """The meters' part of summary.json."""

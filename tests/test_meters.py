@@ -102,6 +102,24 @@ def test_totals_add_up_across_sessions(clock):
     assert summary["energy_sources"] == ["estimate"] and summary["energy_uncounted_s"] == pytest.approx(64)
 
 
+def test_a_new_price_on_resume_prices_the_energy_from_there_on(clock):
+    """The cost was all the run's energy × the latest --price: a tariff changed over the months of a run
+    re-priced every kWh used before (1 kWh at 0.30, then 1 kWh at 0.60 came to 1.20, not 0.90)."""
+    first = Meters("cpu", 1000, 10, PowerMeter(None, 1000.0).start(), price=0.30, currency="EUR")
+    clock.now += 3600
+    saved = first.totals()
+    second = Meters("cpu", 1000, 10, PowerMeter(None, 1000.0).start(), price=0.60, currency="EUR", totals=saved)
+    clock.now += 3600
+    record = second.step(1, 100, 1.0)
+    assert record["energy_kwh"] == pytest.approx(2.0) and record["cost"] == pytest.approx(0.90)
+    assert saved["cost"] == pytest.approx(0.30) and saved["currency"] == "EUR"
+    assert second.summary()["cost"] == pytest.approx(0.90) and second.totals()["cost"] == pytest.approx(0.90)
+    # a cost in another currency cannot be added to: all the energy is priced in the new one
+    third = Meters("cpu", 1000, 10, PowerMeter(None, 1000.0).start(), price=0.50, currency="USD",
+                   totals=second.totals())
+    assert third.summary()["cost"] == pytest.approx(1.0)
+
+
 def test_mfu_uses_the_cards_peak(monkeypatch, clock):
     monkeypatch.setattr(meters, "card_peak_flops", lambda device: ("Test Card", 1e12))
     monkeypatch.setattr(meters.torch.cuda, "memory_allocated", lambda: 2**30)
