@@ -36,9 +36,11 @@ log.jsonl holds one JSON object a line. Step lines (one per optimizer step):
   cost              float|null  energy × price, each session's energy at its price (summary.json
                                 has the currency)
   wall_s            float       wall seconds of the run so far (all sessions, evaluations and
-                                checkpoints included)
+                                checkpoints included), on the monotonic clock: the time between
+                                sessions, a suspended machine and the system clock set back or
+                                forth are not counted (nor in eta_s or an energy from --power)
   eta_s             float|null  remaining steps × the recent wall seconds per step
-  time              float       Unix time
+  time              float       Unix time (the system clock's: it jumps where the clock does)
   val_bpb           float       on evaluation steps only: validation bits per byte
 
 Event lines carry "event" instead of "loss": start, resume, checkpoint, checkpoint_failed,
