@@ -298,3 +298,23 @@ def test_escape_closes_the_settings(browser, tokenizer):
         assert browser.find_element(By.ID, "settings").get_attribute("open") is not None
     finally:
         server.stop()
+
+
+def test_a_conversation_too_long_in_all_says_what_helps(browser, tokenizer):
+    """A conversation over the server's limit in all (or the model's context) used to be noted "edit it,
+    or send another message", though another message is refused the same: only a shorter one, or a
+    New chat, helps."""
+    from onecard.openai_api import Limits
+
+    server = Running(create_app(scripted_backend(tokenizer, "Hi.", 0.0), Limits(max_total_chars=100)))
+    try:
+        open_page(browser, server)
+        for sent in ("a" * 50, "b" * 50):  # 50 + 3 + 50 characters
+            send(browser, sent)
+            wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the reply")
+        note = wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".note.error"), what="the refusal")[0].text
+        assert "100 characters in all" in note and "New chat" in note and "another message" not in note, note
+        send(browser, "short")  # as the note says, a shorter message fits
+        wait(lambda: replies(browser)[-1] == "Hi." and len(replies(browser)) == 3, timeout=5, what="its reply")
+    finally:
+        server.stop()
