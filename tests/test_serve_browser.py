@@ -318,3 +318,19 @@ def test_a_conversation_too_long_in_all_says_what_helps(browser, tokenizer):
         wait(lambda: replies(browser)[-1] == "Hi." and len(replies(browser)) == 3, timeout=5, what="its reply")
     finally:
         server.stop()
+
+
+def test_a_streaming_reply_is_marked_busy_for_screen_readers(browser, tokenizer):
+    """The conversation is a live region, and a reply changed in it at every token: a screen reader
+    could announce each one. The reply is aria-busy while it streams, and no longer at its end."""
+    server = Running(create_app(scripted_backend(tokenizer, "word " * 30, 0.01)))
+    busy = "return [...document.querySelectorAll('.msg.assistant')].map(n => n.getAttribute('aria-busy'))"
+    try:
+        open_page(browser, server)
+        send(browser, "Hi")
+        wait(lambda: len((replies(browser) or [""])[-1]) > 5, what="the reply to begin")
+        assert browser.execute_script(busy) == ["true"]
+        wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the end of the reply")
+        assert browser.execute_script(busy) == [None] and replies(browser) == ["word " * 30]
+    finally:
+        server.stop()
