@@ -334,3 +334,24 @@ def test_a_streaming_reply_is_marked_busy_for_screen_readers(browser, tokenizer)
         assert browser.execute_script(busy) == [None] and replies(browser) == ["word " * 30]
     finally:
         server.stop()
+
+
+def test_a_long_reply_is_appended_to_not_rewritten_at_every_token(browser, tokenizer):
+    """Each token rewrote the whole reply's text and laid the page out again: on two CPU cores a reply
+    of 9,394 scripted tokens took 7.8 s to show, against 1.7 s for the server alone (1.3 s now). New
+    text is now appended to the text node shown, once a frame; the reply must still be whole and exact."""
+    text = "".join(f"{i} " for i in range(250))
+    server = Running(create_app(scripted_backend(tokenizer, text, 0.002)))
+    try:
+        open_page(browser, server)
+        send(browser, "Count")
+        wait(lambda: browser.execute_script(
+            "const n = document.querySelector('.msg.streaming .text'); window.shown = n && n.firstChild;"
+            "return window.shown && window.shown.length > 0"), what="the reply to begin")
+        first = browser.execute_script("return window.shown.data")
+        wait(lambda: len(replies(browser)[-1]) > len(first) + 20, what="more of the reply")
+        assert browser.execute_script("return window.shown.isConnected"), "the text shown was replaced"
+        wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the end of the reply")
+        assert replies(browser) == [text]
+    finally:
+        server.stop()
