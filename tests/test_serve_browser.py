@@ -355,3 +355,44 @@ def test_a_long_reply_is_appended_to_not_rewritten_at_every_token(browser, token
         assert replies(browser) == [text]
     finally:
         server.stop()
+
+
+def test_a_setting_that_is_not_a_number_is_said_under_settings_and_a_cleared_one_is_the_default(browser, tokenizer):
+    """Temperature 1e400 (which the browser cannot read) was left out without a word, so the server used
+    its own; top-k 0.4 was rounded to 0 and the server's error said "got 0"; a cleared field was saved
+    as "" and came back empty. Now the page says which setting is not a number (or not whole) before
+    it sends anything, and a cleared field shows its default again."""
+    server = Running(create_app(scripted_backend(tokenizer, "Hi.", 0.0)))
+    try:
+        open_page(browser, server)
+        browser.execute_script("localStorage.clear()")
+        open_page(browser, server)
+        browser.execute_script("""window.bodies = []; const fetched = window.fetch;
+            window.fetch = (url, options) => { if (options && options.body) window.bodies.push(options.body);
+                                               return fetched(url, options); }""")
+        browser.find_element(By.ID, "input").send_keys("Hi")
+        browser.find_element(By.ID, "settings").click()
+        for field, typed, said in (("temperature", "1e400", "Temperature: expected a number"),
+                                   ("topk", "0.4", "Top-k: expected a whole number, got 0.4")):
+            box = browser.find_element(By.ID, field)
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(typed)
+            browser.find_element(By.ID, "input").click()
+            send(browser, "")  # Enter
+            assert not browser.find_elements(By.CSS_SELECTOR, ".msg"), f"sent with {field} {typed}"
+            assert browser.find_element(By.ID, "input").get_attribute("value") == "Hi"  # kept for later
+            assert browser.find_element(By.ID, "settings-error").text == said
+            assert browser.switch_to.active_element.get_attribute("id") == field  # on the setting to fix
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(Keys.BACKSPACE)
+            browser.find_element(By.ID, "maxtokens").click()  # cleared, then left: back to its default
+            assert box.get_attribute("value") == box.get_attribute("defaultValue")
+        assert not browser.find_element(By.ID, "settings-error").is_displayed()
+        browser.find_element(By.ID, "input").click()
+        send(browser, "")  # the message kept in the box
+        wait(lambda: replies(browser) == ["Hi."], timeout=5, what="the reply")
+        assert browser.execute_script("return window.bodies.length") == 1
+        open_page(browser, server)  # the cleared fields were saved as their defaults, not as ""
+        assert [browser.find_element(By.ID, f).get_attribute("value") for f in ("temperature", "topk")] == ["0.6", "50"]
+    finally:
+        server.stop()
