@@ -320,18 +320,23 @@ def test_a_conversation_too_long_in_all_says_what_helps(browser, tokenizer):
         server.stop()
 
 
-def test_a_streaming_reply_is_marked_busy_for_screen_readers(browser, tokenizer):
-    """The conversation is a live region, and a reply changed in it at every token: a screen reader
-    could announce each one. The reply is aria-busy while it streams, and no longer at its end."""
+def test_a_screen_reader_is_told_each_reply_once_when_it_is_whole(browser, tokenizer):
+    """The conversation was a live region redrawn whole at the start and end of every reply (and changed
+    at every token): a screen reader could read every message again each time. The log is not live now;
+    one hidden live line says the finished reply alone. The streaming reply is still aria-busy."""
     server = Running(create_app(scripted_backend(tokenizer, "word " * 30, 0.01)))
     busy = "return [...document.querySelectorAll('.msg.assistant')].map(n => n.getAttribute('aria-busy'))"
+    said = "return document.getElementById('announce').textContent"
     try:
         open_page(browser, server)
-        send(browser, "Hi")
-        wait(lambda: len((replies(browser) or [""])[-1]) > 5, what="the reply to begin")
-        assert browser.execute_script(busy) == ["true"]
-        wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the end of the reply")
-        assert browser.execute_script(busy) == [None] and replies(browser) == ["word " * 30]
+        assert browser.find_element(By.ID, "log").get_attribute("aria-live") == "off"
+        for turn in (1, 2):
+            send(browser, f"Hi {turn}")
+            wait(lambda: len((replies(browser) or [""])[-1]) > 5, what="the reply to begin")
+            assert browser.execute_script(busy)[-1] == "true" and browser.execute_script(said) == ""
+            wait(lambda: not browser.find_elements(By.CSS_SELECTOR, ".msg.streaming"), what="the end of the reply")
+            assert browser.execute_script(busy) == [None] * turn and replies(browser) == ["word " * 30] * turn
+            assert browser.execute_script(said) == "Model: " + "word " * 30  # this reply alone, not the chat
     finally:
         server.stop()
 
