@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 from onecard import durable
 from onecard.errors import one_line
 from onecard.hashing import sha256
+from onecard.units import quantity
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -164,7 +165,7 @@ def _remove_stale_temporaries(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _make_room(run_dir: Path, step: int, needed: int, keep: int) -> None:
+def _make_room(run_dir: Path, step: int, needed: int, keep: int, warn: Callable[[str], None] = print) -> None:
     root = run_dir / CHECKPOINTS
     free = shutil.disk_usage(root).free
     if free < needed:
@@ -172,6 +173,13 @@ def _make_room(run_dir: Path, step: int, needed: int, keep: int) -> None:
         existing = step_dirs(run_dir)
         for _, old in existing[:max(0, min(len(existing) - 1, len(existing) - keep + 1))]:
             shutil.rmtree(old, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+    damaged = sorted(root.glob("step_*.damaged"))
+    if free < needed and damaged:  # kept for inspection, of no use to the run: the run's next save comes first
+        for path in damaged:
+            shutil.rmtree(path, ignore_errors=True)
+        warn(f"warning: removed {quantity(len(damaged), 'damaged checkpoint')} ({', '.join(p.name for p in damaged)}) "
+             f"to make room for the checkpoint of step {step}")
         free = shutil.disk_usage(root).free
     if free < needed:
         raise CheckpointError(f"not enough disk space for the checkpoint of step {step}: it needs about "
@@ -231,7 +239,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer_state: obje
     try:
         root.mkdir(exist_ok=True)  # not the run directory: gone, it stays gone
         _remove_stale_temporaries(root)
-        _make_room(run_dir, step, needed, keep)
+        _make_room(run_dir, step, needed, keep, warn)
         tmp.mkdir()
         durable.save_tensors(weights, tmp / "model.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -384,9 +392,9 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def find_latest(run_dir: Path, warn: Callable[[str], None] = print) -> Found | None:
-    """The newest checkpoint that verifies and loads, falling back past damaged ones (which are
-    renamed to step_….damaged and kept for inspection). None when the run has no checkpoint.
-    CheckpointError when none is intact, or one cannot be read for want of permission."""
+    """The newest checkpoint that verifies and loads, falling back past damaged ones (renamed to
+    step_….damaged and kept for inspection until a save is short of disk). None when the run has no
+    checkpoint. CheckpointError when none is intact, or one cannot be read for want of permission."""
     run_dir = Path(run_dir)
     candidates = step_dirs(run_dir)
     pointer = _read_latest(run_dir, warn)

@@ -1,6 +1,7 @@
 """Checkpoints on their own: atomic writes, manifests, retention, fallback, full and failing disks."""
 
 import random
+import shutil
 from collections import namedtuple
 
 import numpy as np
@@ -178,6 +179,21 @@ def test_short_disk_first_drops_what_retention_would_drop(tmp_path, monkeypatch)
     save(tmp_path, 4, keep=3)
     assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [2, 3, 4]
     assert calls == [3, 2]
+
+
+def test_a_short_disk_removes_damaged_checkpoints_before_refusing_the_save(tmp_path, monkeypatch):
+    """A damaged checkpoint is set aside for inspection, a whole checkpoint's size of no use to the run:
+    when the disk is short the run's next save comes first (it was refused with the damaged one kept)."""
+    save(tmp_path, 1, keep=1)
+    aside = tmp_path / "checkpoints" / "step_000002.damaged"
+    shutil.copytree(tmp_path / "checkpoints" / "step_000001", aside)
+    warnings = []
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda _: Usage(10**12, 0, 1000 if aside.exists() else 10**12))
+    checkpoint.save(tmp_path, 3, torch.nn.Linear(2, 2), {}, {}, {}, keep=1, warn=warnings.append)
+    assert not aside.exists() and [s for s, _ in checkpoint.step_dirs(tmp_path)] == [3]
+    assert warnings == ["warning: removed 1 damaged checkpoint (step_000002.damaged) to make room for the "
+                        "checkpoint of step 3"]
 
 
 def test_keep_one_never_deletes_the_only_checkpoint_first(tmp_path, monkeypatch):
