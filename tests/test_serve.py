@@ -306,7 +306,9 @@ def test_stopping_the_server_ends_running_answers_with_a_reason(runs):
             lines = streamed.iter_lines()
             assert [next(lines) for _ in range(6)][-2].startswith("data: ")
             asking.start()
-            time.sleep(0.3)  # both generating
+            deadline = time.monotonic() + 10  # both generating (a fixed wait was a guess on a loaded machine)
+            while httpx.get(server.url + "/health").json()["generating"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
             started = time.monotonic()
             stopping = threading.Thread(target=server.stop)
             stopping.start()
@@ -567,8 +569,10 @@ def test_kv_caches_share_one_budget_first_come_first_served():
 
     def take(name: str, nbytes: int, cancelled: threading.Event = never) -> threading.Thread:
         thread = threading.Thread(target=lambda: order.append((name, memory.take(nbytes, cancelled))))
+        before, deadline = memory.waiting, time.monotonic() + 10
         thread.start()
-        time.sleep(0.15)  # in line before the next
+        while memory.waiting == before and time.monotonic() < deadline:  # in line before the next
+            time.sleep(0.01)
         return thread
 
     gives_up = threading.Event()
