@@ -7,7 +7,11 @@ layers; a test checks every refusal (tests/test_sandbox.py):
 
   time      a wall-clock limit (the parent kills the whole process group, and with it the PID
             namespace) and RLIMIT_CPU
-  memory    RLIMIT_AS; files written at most RLIMIT_FSIZE; RLIMIT_NOFILE; no core dumps
+  memory    RLIMIT_AS; RLIMIT_NOFILE; no core dumps
+  disk      each file at most RLIMIT_FSIZE; all together, a tmpfs of disk_bytes and new_files files
+            mounted over the working directory in a new mount namespace where `unshare` works;
+            elsewhere the audit hook allows new_files opens for writing (and mkdir, symlink, link),
+            which bounds the total to new_files × file_bytes
   processes fork, exec, spawn, system, subprocess and multiprocessing are refused by an audit hook
             (and ctypes, which could call fork directly, cannot be imported); RLIMIT_NPROC = 1
             where the kernel enforces it (not for root); a PID namespace where `unshare` works, so
@@ -42,7 +46,7 @@ from pathlib import Path
 from onecard.errors import UsageError
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
-NAMESPACES = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"]
+NAMESPACES = ["unshare", "--user", "--map-root-user", "--mount", "--net", "--pid", "--fork", "--kill-child"]
 
 
 @dataclass(frozen=True)
@@ -50,23 +54,25 @@ class Limits:
     wall_s: float = 5.0  # nanochat's HumanEval timeout
     cpu_s: int = 5
     memory_bytes: int = 256 * 2**20  # nanochat's HumanEval memory cap
-    file_bytes: int = 16 * 2**20
+    file_bytes: int = 16 * 2**20  # each file
+    disk_bytes: int = 64 * 2**20  # all files together, where there is a tmpfs
+    new_files: int = 16  # files and folders created; without a tmpfs, opens for writing
     open_files: int = 64
 
 
 @dataclass
 class Outcome:
     passed: bool
-    status: str  # passed | failed | refused | timeout | cpu-time | memory | file-size | exited-early
+    status: str  # passed | failed | refused | timeout | cpu-time | memory | file-size (or disk full) | exited-early
     detail: str  # the last line of what went wrong, or ""
     seconds: float
-    layers: tuple[str, ...]  # the confinement that ran: namespaces, rlimits, landlock-*, audit-hook
+    layers: tuple[str, ...]  # the confinement that ran: namespaces, rlimits, tmpfs, landlock-*, write-count, audit-hook
     stdout: str = ""  # the last 2 kB the program printed
 
 
 @functools.cache
 def namespaces_work() -> bool:
-    """Whether `unshare --user --net --pid` runs here (a kernel and a policy that allow user namespaces)."""
+    """Whether `unshare --user --mount --net --pid` runs here (a kernel and a policy that allow user namespaces)."""
     if sys.platform != "linux" or shutil.which("unshare") is None:
         return False
     try:
@@ -92,9 +98,10 @@ def run_python(program: str, limits: Limits = Limits(), namespaces: bool = True,
         work = box / "work"
         work.mkdir()
         (work / "program.py").write_text(program, encoding="utf-8")
-        config = {**asdict(limits), "landlock": landlock, "audit_hook": audit_hook}
+        namespaced = namespaces and namespaces_work()
+        config = {**asdict(limits), "landlock": landlock, "audit_hook": audit_hook, "tmpfs": namespaced}
         command = [sys.executable, "-I", "-B", str(RUNNER), str(work), json.dumps(config)]
-        if namespaces and namespaces_work():
+        if namespaced:
             command = NAMESPACES + command
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
         # output goes to files outside the working directory: RLIMIT_FSIZE bounds them, the program
@@ -104,7 +111,7 @@ def run_python(program: str, limits: Limits = Limits(), namespaces: bool = True,
             code = _wait(subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=err, start_new_session=True), limits.wall_s)
             seconds = time.monotonic() - started
-        outcome = _outcome(code, _tail(box / "stderr"), seconds, namespaces and namespaces_work(), audit_hook)
+        outcome = _outcome(code, _tail(box / "stderr"), seconds, namespaced, audit_hook)
         outcome.stdout = "\n".join(_tail(box / "stdout", 2048))
         return outcome
     finally:
@@ -146,7 +153,7 @@ def _outcome(code: int | None, lines: list[str], seconds: float, namespaced: boo
         status, last = "timeout", f"still running at the wall-clock limit ({seconds:.1f} s)"
     elif "SIGXCPU" in killed:
         status = "cpu-time"
-    elif "SIGXFSZ" in killed or "File too large" in last:
+    elif "SIGXFSZ" in killed or "File too large" in last or "No space left on device" in last:
         status = "file-size"
     elif refused:
         status, last = "refused", refused

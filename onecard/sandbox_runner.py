@@ -4,9 +4,10 @@
 
 Stage 1 (this file, started by the parent) forks once and waits: it is the namespace's first
 process where there is a PID namespace, so that when it ends the kernel ends everything inside.
-The forked child lowers its resource limits, restricts itself with Landlock where the kernel has
-it, and then execs stage 2 (this file again, with --run), a fresh interpreter that has never
-loaded ctypes. Stage 2 installs an audit hook and runs SCRATCH/program.py. Limits, Landlock and
+The forked child mounts a size-limited tmpfs over SCRATCH where it has a mount namespace of its
+own, lowers its resource limits, restricts itself with Landlock where the kernel has it, and then
+execs stage 2 (this file again, with --run), a fresh interpreter that has never loaded ctypes.
+Stage 2 installs an audit hook and runs SCRATCH/program.py. Limits, Landlock, the mount and
 no_new_privs hold across exec; the audit hook cannot be removed from Python code.
 
 Only the standard library is used here.
@@ -40,10 +41,13 @@ WRITES = {
     "shutil.copytree": (1,), "shutil.move": (1,),
 }
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+# Events that create a file or folder: counted, with opens for writing, where there is no tmpfs.
+CREATES = {"os.mkdir", "os.symlink", "os.link"}
 
 # Landlock (Linux 5.13+): syscall numbers are the same on every architecture onecard runs on.
 CREATE_RULESET, ADD_RULE, RESTRICT_SELF = 444, 445, 446
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+MS_NOSUID, MS_NODEV = 2, 4
 
 
 def set_limits(config: dict) -> None:
@@ -55,6 +59,24 @@ def set_limits(config: dict) -> None:
             resource.setrlimit(getattr(resource, name), value)
         except (ValueError, OSError):  # above the hard limit already set: keep the lower one
             pass
+
+
+def mount_tmpfs(scratch: str, config: dict) -> bool:
+    """A tmpfs over SCRATCH holding only program.py, in the mount namespace `unshare --mount` made:
+    RLIMIT_FSIZE caps each file, this caps their sum (size) and their number (nr_inodes, which size
+    does not count), and it goes with the namespace. Returns whether it was mounted."""
+    import ctypes
+
+    path = os.path.join(scratch, "program.py")
+    with open(path, "rb") as file:
+        program = file.read()
+    options = f"size={config['disk_bytes']},nr_inodes={config['new_files'] + 2},mode=700"  # + the root, program.py
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"tmpfs", os.fsencode(scratch), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) != 0:
+        return False
+    with open(path, "wb") as file:
+        file.write(program)
+    return True
 
 
 def landlock(scratch: str) -> list[str]:
@@ -114,18 +136,21 @@ def stage1(scratch: str, config: dict) -> None:
     if child == 0:
         if sys.platform == "linux":
             die_with(parent)
-        os.chdir(scratch)
-        layers = ["rlimits"]
+        mounted = config["tmpfs"] and mount_tmpfs(scratch, config)
+        os.chdir(scratch)  # after the mount: the tmpfs, not the folder beneath it
+        layers = ["rlimits"] + (["tmpfs"] if mounted else [])
         set_limits(config)
         if config["landlock"] and sys.platform == "linux":
             try:
                 layers += landlock(scratch)
             except (OSError, AttributeError):
                 pass
+        counted = None if mounted else config["new_files"]  # without a tmpfs the hook counts what is written
+        layers += ["write-count"] if config["audit_hook"] and counted is not None else []
         sys.stderr.write(f"onecard-sandbox: layers {','.join(layers)}\n")
         sys.stderr.flush()
-        hook = ["--run"] if config["audit_hook"] else ["--run-unhooked"]  # the latter: tests of the kernel layers
-        os.execv(sys.executable, [sys.executable, "-I", "-B", __file__, *hook, scratch])
+        hook = "--run" if config["audit_hook"] else "--run-unhooked"  # the latter: tests of the kernel layers
+        os.execv(sys.executable, [sys.executable, "-I", "-B", __file__, hook, scratch, json.dumps(counted)])
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
@@ -146,7 +171,18 @@ def refuse(event: str, what: str = "") -> None:
     raise PermissionError(f"{REFUSED} {event}")
 
 
-def guard(scratch: str):
+def guard(scratch: str, new_files: int | None):
+    """The audit hook; where new_files is not None, it allows that many opens for writing and
+    creations (CREATES) in all, so that what is written stays under new_files × RLIMIT_FSIZE."""
+    left = new_files
+
+    def create(event: str) -> None:
+        nonlocal left
+        if left is not None:
+            if left == 0:
+                refuse(event, f"beyond {new_files} files written")
+            left -= 1
+
     def hook(event: str, args: tuple) -> None:
         if event in BLOCKED:
             refuse(event)
@@ -158,19 +194,23 @@ def guard(scratch: str):
                 isinstance(mode, str) and any(c in mode for c in "wax+"))
             if writes and args[0] is not None and not inside(args[0], scratch):
                 refuse("open", f"{os.fsdecode(args[0])!r} for writing")
+            if writes:
+                create(event)
         elif event in WRITES:
             for i in WRITES[event]:
                 if i < len(args) and args[i] is not None and not inside(args[i], scratch):
                     refuse(event, repr(os.fsdecode(args[i])))
+            if event in CREATES:
+                create(event)
     return hook
 
 
-def stage2(scratch: str, hooked: bool) -> None:
+def stage2(scratch: str, hooked: bool, new_files: int | None) -> None:
     with open(os.path.join(scratch, "program.py"), encoding="utf-8") as file:
         source = file.read()
     code = compile(source, "program.py", "exec")
     if hooked:
-        sys.addaudithook(guard(scratch))
+        sys.addaudithook(guard(scratch, new_files))
         # a program that exits early has not passed its tests; os._exit is posix._exit, under both names
         os._exit = posix._exit = lambda *_: refuse("os._exit")
     try:
@@ -182,6 +222,6 @@ def stage2(scratch: str, hooked: bool) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] in ("--run", "--run-unhooked"):
-        stage2(os.path.realpath(sys.argv[2]), sys.argv[1] == "--run")
+        stage2(os.path.realpath(sys.argv[2]), sys.argv[1] == "--run", json.loads(sys.argv[3]))
     else:
         stage1(os.path.realpath(sys.argv[1]), json.loads(sys.argv[2]))

@@ -172,6 +172,29 @@ def test_memory_files_and_environment(monkeypatch):
     assert env.passed, env
 
 
+# writes files to their RLIMIT_FSIZE end, one after another, printing the MiB and the files written so far
+FILL = ("import errno\nmib = files = 0\nwhile True:\n    with open(f'f{files}', 'wb', buffering=0) as f:\n"
+        "        files += 1\n        try:\n            while True:\n                f.write(b'x' * 2**20)\n"
+        "                mib += 1\n                print(mib, files, flush=True)\n"
+        "        except OSError as error:\n            if error.errno != errno.EFBIG:\n                raise\n")
+
+
+@pytest.mark.parametrize("file_mib", [1, 8])
+@pytest.mark.parametrize("name, options", [FULL, HOOK_ONLY, NAMESPACE_ONLY])
+def test_the_disk_is_not_filled(name, options, file_mib):
+    """RLIMIT_FSIZE caps each file, not their sum: a loop of 1 MiB files wrote 3 GB in the default 5 s.
+    A tmpfs caps the sum and the number of files; without one, the hook caps the number."""
+    limits = Limits(wall_s=3.0, cpu_s=3, file_bytes=file_mib * 2**20)
+    needs = "tmpfs" if name == "namespaces-only" else None
+    outcome = run(FILL, options, limits, needs=needs)
+    assert outcome.status in ("file-size", "refused"), outcome  # stopped by a cap, not by the clock
+    mib, files = map(int, outcome.stdout.split()[-2:])
+    assert files <= limits.new_files, outcome
+    assert mib * 2**20 <= limits.disk_bytes if "tmpfs" in outcome.layers else "write-count" in outcome.layers
+    folders = run("import os\nfor n in range(10**6):\n    os.mkdir(f'd{n}')\n", options, limits, needs=needs)
+    assert folders.status in ("file-size", "refused"), folders
+
+
 def test_an_early_exit_is_not_a_pass():
     for program in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n", "raise SystemExit\n",
                     "import posix\nposix._exit(0)\n"):  # os._exit under its own module's name
