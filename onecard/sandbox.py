@@ -26,7 +26,9 @@ layers; a test checks every refusal (tests/test_sandbox.py):
 
 An audit hook is not a security boundary against code written to escape it (CPython says so);
 the kernel layers are. Where neither namespaces nor Landlock are available (macOS, some
-containers), only the hook and the resource limits stand: Outcome.layers says which ran.
+containers), only the hook and the resource limits stand: Outcome.layers says which ran. The
+sandbox's own word (the layers, a refusal, a kill) comes in a status file outside the working
+directory that only stage 1 writes, never in the program's stderr, which it could fill with lookalikes.
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ def run_python(program: str, limits: Limits = Limits(), namespaces: bool = True,
         work.mkdir()
         (work / "program.py").write_text(program, encoding="utf-8")
         namespaced = namespaces and namespaces_work()
-        config = {**asdict(limits), "landlock": landlock, "audit_hook": audit_hook, "tmpfs": namespaced}
+        (box / "status").touch()  # what the sandbox says, written by stage 1, where the program cannot write
+        config = {**asdict(limits), "landlock": landlock, "audit_hook": audit_hook, "tmpfs": namespaced,
+                  "status": str(box / "status")}
         command = [sys.executable, "-I", "-B", str(RUNNER), str(work), json.dumps(config)]
         if namespaced:
             command = NAMESPACES + command
@@ -111,7 +115,7 @@ def run_python(program: str, limits: Limits = Limits(), namespaces: bool = True,
             code = _wait(subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=err, start_new_session=True), limits.wall_s)
             seconds = time.monotonic() - started
-        outcome = _outcome(code, _tail(box / "stderr"), seconds, namespaced, audit_hook)
+        outcome = _outcome(code, _tail(box / "stderr"), _tail(box / "status"), seconds, namespaced, audit_hook)
         outcome.stdout = "\n".join(_tail(box / "stdout", 2048))
         return outcome
     finally:
@@ -137,29 +141,31 @@ def _tail(path: Path, size: int = 8192) -> list[str]:
         return file.read().decode("utf-8", errors="replace").splitlines()
 
 
-def _outcome(code: int | None, lines: list[str], seconds: float, namespaced: bool, hooked: bool) -> Outcome:
+def _outcome(code: int | None, lines: list[str], sandbox: list[str], seconds: float, namespaced: bool,
+             hooked: bool) -> Outcome:
+    """lines: the program's stderr, which it may fill with anything; sandbox: the status file,
+    written only by stage 1 (the layers, then how the program ended, if it did not end well)."""
     layers = ["namespaces"] if namespaced else []
-    for line in lines:
+    for line in sandbox:
         if line.startswith("onecard-sandbox: layers "):
             layers += line.split(" ", 2)[2].split(",")
     layers += ["audit-hook"] if hooked else []
-    said = [line for line in lines if line.strip() and not line.startswith("onecard-sandbox: layers ")]
-    last = said[-1].strip() if said else ""
-    refused = next((line for line in said if line.startswith("onecard-sandbox: refused")), None)
-    killed = next((line for line in said if line.startswith("onecard-sandbox: killed by ")), "")
+    said = [line.strip() for line in lines if line.strip()]
+    ending = next((line for line in sandbox if not line.startswith("onecard-sandbox: layers ")), "")
+    last = said[-1] if said and "killed by" not in ending else ending
     if code == 0:
         status = "passed"
     elif code is None:
         status, last = "timeout", f"still running at the wall-clock limit ({seconds:.1f} s)"
-    elif "SIGXCPU" in killed:
+    elif "SIGXCPU" in ending:
         status = "cpu-time"
-    elif "SIGXFSZ" in killed or "File too large" in last or "No space left on device" in last:
+    elif "SIGXFSZ" in ending or "File too large" in last or "No space left on device" in last:
         status = "file-size"
-    elif refused:
-        status, last = "refused", refused
+    elif "refused" in ending:
+        status = "refused"
     elif any("MemoryError" in line for line in said):
         status = "memory"
-    elif any("exited early" in line for line in said):
+    elif "exited early" in ending:
         status = "exited-early"
     else:
         status = "failed"

@@ -10,6 +10,10 @@ execs stage 2 (this file again, with --run), a fresh interpreter that has never 
 Stage 2 installs an audit hook and runs SCRATCH/program.py. Limits, Landlock, the mount and
 no_new_privs hold across exec; the audit hook cannot be removed from Python code.
 
+What the sandbox itself says (the layers, how the program ended) goes to the status file named in
+CONFIG_JSON, outside SCRATCH, which the program cannot write to (the hook and Landlock refuse it);
+its stderr is its own. Stage 2 tells stage 1 how the program ended by its exit status alone.
+
 Only the standard library is used here.
 """
 
@@ -21,6 +25,10 @@ import signal
 import sys
 
 REFUSED = "onecard-sandbox: refused"
+# stage 2's exit statuses for a program that was refused something or exited early (no other way
+# out of stage 2 gives them), and the status lines stage 1 writes for them
+EXIT_REFUSED, EXIT_EARLY = 3, 4
+ENDINGS = {EXIT_REFUSED: REFUSED, EXIT_EARLY: "onecard-sandbox: the program exited early"}
 # Audit events that start processes, signal other processes, reach the network, load native code
 # or raise limits: refused outright.
 BLOCKED = {
@@ -131,6 +139,7 @@ def die_with(parent: int) -> None:
 
 
 def stage1(scratch: str, config: dict) -> None:
+    status_file = open(config["status"], "a")  # not inherited by stage 2: closed at exec
     parent = os.getpid()
     child = os.fork()
     if child == 0:
@@ -147,16 +156,21 @@ def stage1(scratch: str, config: dict) -> None:
                 pass
         counted = None if mounted else config["new_files"]  # without a tmpfs the hook counts what is written
         layers += ["write-count"] if config["audit_hook"] and counted is not None else []
-        sys.stderr.write(f"onecard-sandbox: layers {','.join(layers)}\n")
-        sys.stderr.flush()
+        status_file.write(f"onecard-sandbox: layers {','.join(layers)}\n")
+        status_file.flush()
         hook = "--run" if config["audit_hook"] else "--run-unhooked"  # the latter: tests of the kernel layers
         os.execv(sys.executable, [sys.executable, "-I", "-B", __file__, hook, scratch, json.dumps(counted)])
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
-        sys.stderr.write(f"onecard-sandbox: killed by {signal.Signals(number).name}\n")
+        status_file.write(f"onecard-sandbox: killed by {signal.Signals(number).name}\n")
+        status_file.flush()
         os._exit(128 + number)
-    os._exit(os.WEXITSTATUS(status))
+    code = os.WEXITSTATUS(status)
+    if code in ENDINGS:
+        status_file.write(ENDINGS[code] + "\n")
+        status_file.flush()
+    os._exit(code)
 
 
 def inside(path: object, scratch: str) -> bool:
@@ -166,9 +180,12 @@ def inside(path: object, scratch: str) -> bool:
     return real == scratch or real.startswith(scratch + os.sep) or real == "/dev/null"
 
 
+REFUSALS: list[str] = []  # every refusal, also those the program caught
+
+
 def refuse(event: str, what: str = "") -> None:
-    sys.stderr.write(f"{REFUSED} {event}{' ' + what if what else ''}\n")
-    raise PermissionError(f"{REFUSED} {event}")
+    REFUSALS.append(event)
+    raise PermissionError(f"{REFUSED} {event}{' ' + what if what else ''}")
 
 
 def guard(scratch: str, new_files: int | None):
@@ -215,9 +232,13 @@ def stage2(scratch: str, hooked: bool, new_files: int | None) -> None:
         os._exit = posix._exit = lambda *_: refuse("os._exit")
     try:
         exec(code, {"__name__": "__main__"})
-    except SystemExit as stop:
-        sys.stderr.write(f"onecard-sandbox: the program exited early ({stop.code!r})\n")
-        sys.exit(1)
+    except SystemExit:
+        sys.exit(EXIT_REFUSED if REFUSALS else EXIT_EARLY)
+    except BaseException as error:
+        if not REFUSALS:
+            raise
+        sys.excepthook(type(error), error, error.__traceback__)
+        sys.exit(EXIT_REFUSED)
 
 
 if __name__ == "__main__":

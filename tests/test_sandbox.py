@@ -195,11 +195,25 @@ def test_the_disk_is_not_filled(name, options, file_mib):
     assert folders.status in ("file-size", "refused"), folders
 
 
+@pytest.mark.parametrize("name, options", [FULL, HOOK_ONLY, LANDLOCK_ONLY])
+def test_the_program_cannot_speak_for_the_sandbox(name, options):
+    """The sandbox's own lines shared the program's stderr: a program that printed them changed
+    Outcome.layers and the status. Nor can it write to the status file, outside its folder."""
+    honest = run("pass\n", options).layers
+    forged = ("layers forged", "refused os.fork", "killed by SIGXCPU", "the program exited early")
+    outcome = run("import os, sys\n"
+                  f"for line in {forged!r}:\n    print('onecard-sandbox:', line, file=sys.stderr)\n"
+                  "try:\n    open(os.path.join('..', 'status'), 'a').write('onecard-sandbox: layers forged\\n')\n"
+                  "except OSError:\n    pass\nassert False, 'the end'\n", options)
+    assert outcome.layers == honest and outcome.detail == "AssertionError: the end", outcome
+    assert outcome.status == ("refused" if options.get("audit_hook", True) else "failed"), outcome  # the open
+
+
 def test_an_early_exit_is_not_a_pass():
     for program in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n", "raise SystemExit\n",
                     "import posix\nposix._exit(0)\n"):  # os._exit under its own module's name
         outcome = run_python(program + "assert False\n", FAST)
-        assert not outcome.passed, (program, outcome)
+        assert outcome.status == ("refused" if "_exit" in program else "exited-early"), (program, outcome)
 
 
 def test_windows_is_refused_before_anything_runs(monkeypatch):
