@@ -49,18 +49,18 @@ class Rendered:
 def _check_content(content: object, role: str, index: int, training: bool) -> None:
     if role == "user" or isinstance(content, str):
         if not isinstance(content, str):
-            raise BadConversation(f"message {index} (user) has content that is not text")
+            raise BadConversation(f"content that is not text: message {index} ({role})")
         if training and role == "assistant" and not content.strip():
-            raise BadConversation(f"message {index} is an empty assistant turn")
+            raise BadConversation(f"empty assistant turn: message {index}")
         return
     if not isinstance(content, list) or not content:
-        raise BadConversation(f"message {index} (assistant) has content that is neither text nor a list of parts")
+        raise BadConversation(f"content neither text nor a list of parts: message {index} (assistant)")
     for part in content:
         if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
-            raise BadConversation(f"message {index} has a part that is not {{type: {'|'.join(PART_TYPES)}, "
-                                  "text: ...}")
+            raise BadConversation(f"a part that is not {{type: {'|'.join(PART_TYPES)}, text: ...}}: "
+                                  f"message {index}")
     if training and not any(p["text"].strip() for p in content if p["type"] != "python_output"):
-        raise BadConversation(f"message {index} is an empty assistant turn")
+        raise BadConversation(f"empty assistant turn: message {index}")
 
 
 def show_tool_calls(text: str) -> str:

@@ -241,7 +241,7 @@ def test_parquet_conversations_and_what_is_dropped_is_reported(base, tmp_path, c
     assert main(["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT,
                  "--dry-run", "--gpu", "rtx4070", "--skip-bad"]) == 0
     said = capsys.readouterr().out
-    assert "1 not JSON" in said and "3 roles out of order" in said and "2 message 1 is an empty assistant turn" in said
+    assert "1 not JSON" in said and "3 roles out of order" in said and "2 empty assistant turn" in said
     assert '1 no messages (expected {"messages": [...]} or a list of messages)' in said
     assert "recipe " in said and "RTX 4070" in said  # the planner's pick and its prediction
     train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0, skip_bad=True)
@@ -291,3 +291,15 @@ def test_a_conversation_dropped_for_its_length_is_not_also_counted_as_cut(base, 
     train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0)
     assert len(train) == 1
     assert dict(train.counts) == {"cut at the context": 1, "no assistant tokens within the context": 1}
+
+
+def test_drops_count_by_reason_whichever_message_it_is(base, tmp_path):
+    path = tmp_path / "drops.jsonl"
+    empty_first = [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]
+    empty_second = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] + empty_first
+    not_text = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user"}]
+    path.write_text("".join(json.dumps(c) + "\n" for c in [empty_first, empty_second, not_text, not_text[2:]]
+                            + [empty_second[:2]]))
+    train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0)
+    # it counted "message 1 is an empty assistant turn" apart from "message 3 is an empty assistant turn"
+    assert dict(train.counts) == {"empty assistant turn": 2, "content that is not text": 2}
