@@ -90,8 +90,8 @@ def reply_content(text: str) -> str | list[dict]:
 
 def normalize(raw: object, training: bool = True) -> list[dict]:
     """{"messages": [...]} or a bare list of messages -> the messages, checked, system merged into
-    the first user turn. Raises BadConversation. An empty assistant turn teaches nothing, so
-    training refuses it; a chat's history keeps what the model replied, blank or not."""
+    the first user turn. Raises BadConversation. An empty or missing assistant turn teaches nothing,
+    so training refuses it; a chat's history keeps what the model replied, blank or not."""
     messages = raw.get("messages") if isinstance(raw, dict) else raw
     if not isinstance(messages, list) or not messages:
         raise BadConversation("no messages (expected {\"messages\": [...]} or a list of messages)")
@@ -110,6 +110,8 @@ def normalize(raw: object, training: bool = True) -> list[dict]:
         if message.get("role") != expected:
             raise BadConversation(f"roles out of order: message {i} is {message.get('role')!r}, expected {expected}")
         _check_content(message.get("content"), expected, i, training)
+    if training and len(messages) < 2:  # roles alternate from the user's: no second message, no reply to learn
+        raise BadConversation("no assistant turn")
     return messages
 
 

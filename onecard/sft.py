@@ -243,7 +243,8 @@ def fine_tune(model, tokenizer, train_set, val_set, recipe, settings, world=None
         from onecard.conversations import normalize, prompt_ids, show_tool_calls
         from onecard.engine import Engine, Sampling
 
-        prompt = prompt_ids(tokenizer, normalize([{"role": "user", "content": settings.sample_prompt}]))
+        question = [{"role": "user", "content": settings.sample_prompt}]
+        prompt = prompt_ids(tokenizer, normalize(question, training=False))
         reply = Engine(model, tokenizer).complete(prompt, Sampling(temperature=0, max_tokens=64))[0]
         return f"user: {settings.sample_prompt}\nassistant: {show_tool_calls(tokenizer.decode(reply))}"
 

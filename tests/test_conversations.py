@@ -58,7 +58,7 @@ def test_mask_by_hand(tok):
 
 
 def test_prompt_for_a_reply(tok):
-    messages = normalize([{"role": "user", "content": "Hi"}])
+    messages = normalize([{"role": "user", "content": "Hi"}], training=False)
     ids = prompt_ids(tok, messages)
     assert ids[0] == tok.bos_id and ids[-1] == tok.special_id("<|assistant_start|>")
 

@@ -303,3 +303,13 @@ def test_drops_count_by_reason_whichever_message_it_is(base, tmp_path):
     train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0)
     # it counted "message 1 is an empty assistant turn" apart from "message 3 is an empty assistant turn"
     assert dict(train.counts) == {"empty assistant turn": 2, "content that is not text": 2}
+
+
+def test_a_conversation_without_an_assistant_turn_is_not_said_to_be_cut(base, tmp_path):
+    path = tmp_path / "questions.jsonl"
+    question = [{"role": "user", "content": "q"}]
+    answered = [*question, {"role": "assistant", "content": "a"}]
+    path.write_text("".join(json.dumps(c) + "\n" for c in [question, [{"role": "system", "content": "s"}, *question],
+                                                            answered]))
+    train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0)
+    assert dict(train.counts) == {"no assistant turn": 2}  # it said "no assistant tokens within the context"
