@@ -153,10 +153,11 @@ def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
 
 # ---------------------------------------------------------------- files
 
-def read_file(path: Path) -> Iterator[tuple[int, object]]:
-    """(line or row number, raw conversation) of a .jsonl file (an object with "messages", or a bare
-    list of messages, per line), a .json file (a list of such conversations, or one; else read as
-    JSON lines) or a .parquet file with a `messages` column (lists of structs, or JSON text).
+def read_file(path: Path) -> Iterator[tuple[int, str, object]]:
+    """(line or row number, where it is: "a.jsonl, line 3", raw conversation) of a .jsonl file (an
+    object with "messages", or a bare list of messages, per line), a .json file (a list of such
+    conversations, or one; else read as JSON lines) or a .parquet file with a `messages` column
+    (lists of structs, or JSON text).
     Malformed JSON comes as a BadConversation naming the line, in place of the conversation: a
     reader that skips it goes on with the next."""
     if path.suffix == ".parquet":
@@ -167,13 +168,15 @@ def read_file(path: Path) -> Iterator[tuple[int, object]]:
     try:
         document = _json_document(path) if path.suffix == ".json" else None
         if document is not None:
-            yield from enumerate(document, start=1)
+            for number, conversation in enumerate(document, start=1):
+                yield number, f"{path}, conversation {number}", conversation
             return
         with path.open("rb") as file:
             for number, line in enumerate(file, start=1):
                 if not line.strip():
                     continue
-                yield number, _parse(line, f"{path}, line {number}")
+                where = f"{path}, line {number}"
+                yield number, where, _parse(line, where)
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
 
@@ -196,7 +199,7 @@ def _json_document(path: Path) -> list | None:
     return [data] if one else data
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
+def _read_parquet(path: Path) -> Iterator[tuple[int, str, object]]:
     import pyarrow.parquet as pq
 
     try:
@@ -206,13 +209,15 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
             if not any(set(columns) <= set(names) for columns in TASK_COLUMNS):
                 raise UsageError(f"{path} has neither a 'messages' column nor a task's columns (it has "
                                  f"{', '.join(names)})")
-            yield from enumerate(_rows(table), start=1)
+            for number, row in enumerate(_rows(table), start=1):
+                yield number, f"{path}, row {number}", row
             return
         row = 0
         for group in range(table.num_row_groups):
             for value in table.read_row_group(group, columns=["messages"]).column("messages").to_pylist():
                 row += 1
-                yield row, _parse(value, f"{path}, row {row}") if isinstance(value, str) else value
+                where = f"{path}, row {row}"
+                yield row, where, _parse(value, where) if isinstance(value, str) else value
     except UsageError:
         raise
     except (OSError, ValueError) as error:

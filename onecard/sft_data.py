@@ -3,9 +3,9 @@ split for validation, and served as batches that resume exactly.
 
 `--data a.jsonl:2 --data b.parquet` takes every conversation of a.jsonl twice per epoch and
 those of b.parquet once (a fraction such as `:0.5` takes that share of them). Conversations that
-cannot be trained on (roles out of order, an empty assistant turn) are counted and reported,
-and those longer than the context are cut and counted; a line that is not JSON stops with its
-file and line unless `skip_bad`, which counts it instead.
+cannot be trained on (roles out of order, an empty assistant turn) are counted and reported with
+where the first of each reason is, and those longer than the context are cut and counted; a line
+that is not JSON stops with its file and line unless `skip_bad`, which counts it instead.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ def _is_number(text: str) -> bool:
 
 class Conversations:
     """Rendered conversations (ids as int32, mask as int8) of one split, with the counts of what
-    was dropped or cut and a fingerprint that a resume checks."""
+    was dropped or cut (and where the first of each reason is) and a fingerprint that a resume checks."""
 
     def __init__(self, rendered: list[tuple[np.ndarray, np.ndarray]], counts: Counter, label: str,
-                 borrowed: bool = False) -> None:
-        self.items, self.counts, self.label = rendered, counts, label
+                 borrowed: bool = False, first: dict[str, str] | None = None) -> None:
+        self.items, self.counts, self.label, self.first = rendered, counts, label, first or {}
         self.borrowed = borrowed  # validation on a training conversation: too few to hold one out
 
     def __len__(self) -> int:
@@ -97,23 +97,29 @@ def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fract
     """(train, val). `raw` gives the conversations directly (the embedded set) instead of files. `say`
     hears how far the reading is every PROGRESS_S seconds: a large set (SmolTalk has 460K) takes a while."""
     counts: Counter = Counter()
+    first: dict[str, str] = {}  # reason -> where it first happened, for the user to look
+
+    def drop(why: str, where: str) -> None:
+        counts[why] += 1
+        first.setdefault(why, where)
+
     train, val, shares = [], [], {}
     fingerprint = hashlib.sha256()
     last_said = time.monotonic()
-    for read, (source, name, number, conversation) in enumerate(_each(sources, raw, counts, skip_bad), start=1):
+    for read, (source, name, number, where, conversation) in enumerate(_each(sources, raw, drop, skip_bad), start=1):
         if say and time.monotonic() - last_said > PROGRESS_S:
             say(f"reading conversations: {read:,} so far ({name})")
             last_said = time.monotonic()
         try:
             rendered = render(tokenizer, normalize(as_conversation(conversation)), max_tokens)
         except BadConversation as error:
-            counts[reason(str(error))] += 1
+            drop(reason(str(error)), where)
             continue
         if not any(rendered.mask[1:]):  # nothing left to learn once cut
-            counts["no assistant tokens within the context"] += 1
+            drop("no assistant tokens within the context", where)
             continue
         if rendered.truncated:  # kept, cut: one dropped is counted as dropped alone
-            counts["cut at the context"] += 1
+            drop("cut at the context", where)
         item = (np.asarray(rendered.ids, dtype=np.int32), np.asarray(rendered.mask, dtype=np.int8))
         fingerprint.update(item[0].tobytes())
         # by file name and line: the same split whatever the weight, wherever the file is kept
@@ -125,13 +131,13 @@ def load(sources: list[Source], tokenizer: Tokenizer, max_tokens: int, val_fract
     for source, items in shares.items():
         train += _share(items, source.weight - int(source.weight))
     if not train:
-        raise UsageError(f"no conversation to train on in {label or _names(sources)} ({_report(counts)})")
+        raise UsageError(f"no conversation to train on in {label or _names(sources)} ({_report(counts, first)})")
     borrowed = val_fraction > 0 and not val
     if borrowed:
         val = train[-1:]  # a tiny set: validate on one of the training conversations rather than none
     name = label or _names(sources)
     described = f"{name}, fingerprint {fingerprint.hexdigest()[:8]}, validation fraction {val_fraction:g}"
-    return Conversations(train, counts, described), Conversations(val, counts, described, borrowed)
+    return Conversations(train, counts, described, first=first), Conversations(val, counts, described, borrowed, first)
 
 
 def _share(items: list[tuple[float, tuple]], part: float) -> list:
@@ -147,20 +153,21 @@ def _names(sources: list[Source]) -> str:
     return ", ".join(f"{s.path}" + (f":{s.weight:g}" if s.weight != 1 else "") for s in sources)
 
 
-def _each(sources: list[Source], raw: list | None, counts: Counter, skip_bad: bool):
-    """(source, name, number, raw conversation): `name` and `number` (the file's name, or its path in a
-    folder source, and the line or row) fix which split a conversation falls in."""
+def _each(sources: list[Source], raw: list | None, drop: Callable[[str, str], None], skip_bad: bool):
+    """(source, name, number, where, raw conversation): `name` and `number` (the file's name, or its path
+    in a folder source, and the line or row) fix which split a conversation falls in; `where` is what a
+    count of drops names ("chats.jsonl, line 3")."""
     if raw is not None:
         for number, conversation in enumerate(raw):
-            yield Source(Path("embedded")), "embedded", number, conversation
+            yield Source(Path("embedded")), "embedded", number, f"embedded conversation {number}", conversation
         return
     for source in sources:
         for path, name in _files(source.path):
-            for number, conversation in read_file(path):
+            for number, where, conversation in read_file(path):
                 if not isinstance(conversation, BadConversation):
-                    yield source, name, number, conversation
+                    yield source, name, number, where, conversation
                 elif skip_bad:  # counted, and the file goes on
-                    counts["not JSON"] += 1
+                    drop("not JSON", where)
                 else:
                     raise UsageError(f"{conversation} (or give --skip-bad to count such lines and go on)")
 
@@ -212,15 +219,16 @@ def _walk(folder: Path) -> list[Path]:
     return files
 
 
-def _report(counts: Counter) -> str:
-    return ", ".join(f"{n:,} {reason}" for reason, n in sorted(counts.items())) or "none dropped"
+def _report(counts: Counter, first: dict[str, str]) -> str:
+    return ", ".join(f"{n:,} {reason} (first: {first[reason]})" for reason, n in sorted(counts.items())) \
+        or "none dropped"
 
 
 def report(train: Conversations, val: Conversations) -> str:
     """One line: how many conversations of each split, and what was dropped or cut and why."""
     borrowed = " (a training one: too few to hold one out)" if val.borrowed else ""
     return (f"{len(train):,} training and {len(val):,} validation conversations{borrowed}; "
-            f"{_report(train.counts)}")
+            f"{_report(train.counts, train.first)}")
 
 
 def packed_rows(data: Conversations, width: int) -> int:

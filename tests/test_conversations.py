@@ -119,5 +119,5 @@ def test_a_json_file_is_one_document_or_json_lines(tmp_path):
     read = {}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-        read[name] = [conversation for _, conversation in read_file(tmp_path / name)]
+        read[name] = [conversation for _, _, conversation in read_file(tmp_path / name)]
     assert read == {"list.json": [first, second], "one.json": [second], "lines.json": [first, second]}

@@ -313,3 +313,18 @@ def test_a_conversation_without_an_assistant_turn_is_not_said_to_be_cut(base, tm
                                                             answered]))
     train, _ = load([Source(path)], load_weights(base)[1], 33, val_fraction=0.0)
     assert dict(train.counts) == {"no assistant turn": 2}  # it said "no assistant tokens within the context"
+
+
+def test_each_reason_for_a_drop_names_where_it_first_happened(base, tmp_path, capsys):
+    good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in [good] * 3 + [good[::-1]] * 30 + [good[:1]]) + "{not\n")
+    args = ["sft", "--from", str(base), "--data", str(path), "--run-dir", str(tmp_path / "r"), *SFT, "--dry-run"]
+    assert main([*args, "--skip-bad"]) == 0
+    said = capsys.readouterr().out  # it said "30 roles out of order" and left the user to search 35 lines
+    assert f"30 roles out of order (first: {path}, line 4)" in said and f"1 no assistant turn (first: {path}, " \
+        f"line 34)" in said and f"1 not JSON (first: {path}, line 35)" in said
+    path.write_text("".join(json.dumps({"conversations": good}) + "\n" for _ in range(3)))  # ShareGPT's key
+    assert main(args) == 2
+    assert f"(3 no messages (expected {{\"messages\": [...]}} or a list of messages) (first: {path}, line 1))" \
+        in capsys.readouterr().err
