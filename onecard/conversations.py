@@ -190,10 +190,14 @@ def _parse(text: str | bytes, where: str) -> object:
 
 def _json_document(path: Path) -> list | None:
     """The conversations of a .json file that is one JSON document: a list of conversations, or
-    one conversation. None when it is not one document (JSON lines under a .json name)."""
+    one conversation. None when it is not one document (JSON lines under a .json name). A file
+    whose first line is not JSON either is a broken document: its own error says where it breaks."""
+    text = path.read_bytes()
     try:
-        data = json.loads(path.read_bytes())
-    except (ValueError, RecursionError):
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        if text.strip() and isinstance(_parse(text.lstrip().split(b"\n", 1)[0], ""), BadConversation):
+            raise UsageError(f"{path}: not JSON ({error})") from None
         return None
     one = not isinstance(data, list) or (data and isinstance(data[0], dict) and "role" in data[0])
     return [data] if one else data

@@ -121,3 +121,20 @@ def test_a_json_file_is_one_document_or_json_lines(tmp_path):
         (tmp_path / name).write_text(text)
         read[name] = [conversation for _, _, conversation in read_file(tmp_path / name)]
     assert read == {"list.json": [first, second], "one.json": [second], "lines.json": [first, second]}
+
+
+def test_a_broken_json_document_is_named_by_where_the_document_breaks(tmp_path):
+    import json
+
+    from onecard.conversations import read_file
+    from onecard.errors import UsageError
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    text = json.dumps([good] * 3, indent=2).replace("]\n  },", "]\n  }", 1)  # a comma left out on line 13
+    (tmp_path / "chats.json").write_text(text)
+    with pytest.raises(json.JSONDecodeError) as error:
+        json.loads(text)
+    assert error.value.lineno == 14
+    # it read the file as JSON lines and said "chats.json, line 1: not JSON (Expecting value: line 2 column 1 ...)"
+    with pytest.raises(UsageError) as said:
+        list(read_file(tmp_path / "chats.json"))
+    assert str(said.value) == f"{tmp_path / 'chats.json'}: not JSON ({error.value})"
