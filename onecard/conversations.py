@@ -160,13 +160,14 @@ def read_file(path: Path) -> Iterator[tuple[int, str, object]]:
     (lists of structs, or JSON text).
     Malformed JSON comes as a BadConversation naming the line, in place of the conversation: a
     reader that skips it goes on with the next."""
-    if path.suffix == ".parquet":
+    suffix = path.suffix.lower()  # CHATS.JSONL too
+    if suffix == ".parquet":
         yield from _read_parquet(path)
         return
-    if path.suffix not in CONVERSATION_SUFFIXES:
+    if suffix not in CONVERSATION_SUFFIXES:
         raise UsageError(f"{path}: conversations come as .jsonl, .json or .parquet files")
     try:
-        document = _json_document(path) if path.suffix == ".json" else None
+        document = _json_document(path) if suffix == ".json" else None
         if document is not None:
             for number, conversation in enumerate(document, start=1):
                 yield number, f"{path}, conversation {number}", conversation

@@ -192,7 +192,7 @@ def _files(path: Path) -> list[tuple[Path, str]]:
                          "`onecard data download`) or remove it")
 
     def conversation_files(candidates):
-        return sorted(p for p in candidates if p.is_file() and p.suffix in CONVERSATION_SUFFIXES
+        return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in CONVERSATION_SUFFIXES
                       and not download_leftover(p))
 
     chosen = conversation_files(found) or [

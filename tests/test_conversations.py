@@ -138,3 +138,17 @@ def test_a_broken_json_document_is_named_by_where_the_document_breaks(tmp_path):
     with pytest.raises(UsageError) as said:
         list(read_file(tmp_path / "chats.json"))
     assert str(said.value) == f"{tmp_path / 'chats.json'}: not JSON ({error.value})"
+
+
+def test_a_file_name_in_capitals_reads_as_its_kind(tmp_path, tok):
+    import json
+
+    from onecard.conversations import read_file
+    from onecard.sft_data import Source, load
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    (tmp_path / "CHATS.JSONL").write_text(json.dumps(chat) + "\n")
+    (tmp_path / "MORE.JSON").write_text(json.dumps([chat, chat], indent=2))
+    # it said "CHATS.JSONL: conversations come as .jsonl, .json or .parquet files"
+    assert [c for _, _, c in read_file(tmp_path / "CHATS.JSONL")] == [chat]
+    assert [c for _, _, c in read_file(tmp_path / "MORE.JSON")] == [chat, chat]
+    assert len(load([Source(tmp_path)], tok, 512, val_fraction=0.0)[0]) == 3  # a folder reads them too
