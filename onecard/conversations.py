@@ -63,6 +63,17 @@ def _check_content(content: object, role: str, index: int, training: bool) -> No
         raise BadConversation(f"empty assistant turn: message {index}")
 
 
+def joined_text(content: object) -> str | None:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts joined;
+    None for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
 def show_tool_calls(text: str) -> str:
     """Decoded model text with its calculator tokens written as people read them (TOOL_SHOWN)."""
     for token, shown in TOOL_SHOWN.items():
@@ -90,14 +101,18 @@ def reply_content(text: str) -> str | list[dict]:
 
 def normalize(raw: object, training: bool = True) -> list[dict]:
     """{"messages": [...]} or a bare list of messages -> the messages, checked, system merged into
-    the first user turn. Raises BadConversation. An empty or missing assistant turn teaches nothing,
-    so training refuses it; a chat's history keeps what the model replied, blank or not."""
+    the first user turn, OpenAI's text parts of a system or user message joined. Raises
+    BadConversation. An empty or missing assistant turn teaches nothing, so training refuses it; a
+    chat's history keeps what the model replied, blank or not."""
     messages = raw.get("messages") if isinstance(raw, dict) else raw
     if not isinstance(messages, list) or not messages:
         raise BadConversation("no messages (expected {\"messages\": [...]} or a list of messages)")
     if not all(isinstance(m, dict) for m in messages):
         raise BadConversation("a message is not an object with role and content")
     messages = [dict(m) for m in messages]
+    for message in messages:  # OpenAI's text parts (an assistant's parts are onecard's own, checked below)
+        if message.get("role") in ("system", "user") and joined_text(message.get("content")) is not None:
+            message["content"] = joined_text(message["content"])
     if messages[0].get("role") == "system":
         if len(messages) < 2 or messages[1].get("role") != "user":
             raise BadConversation("a system message must be followed by a user message")

@@ -15,7 +15,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field, fields
 
-from onecard.conversations import BadConversation, normalize
+from onecard.conversations import BadConversation, joined_text, normalize
 from onecard.engine import Sampling
 from onecard.units import NumberError, parse_number
 
@@ -182,11 +182,9 @@ def _common(body: object, limits: Limits) -> Request:
 
 def _text(content: object, index: int) -> str:
     """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+    text = joined_text(content)
+    if text is not None:
+        return text
     raise ApiError(400, f"messages[{index}].content: expected text or a list of text parts",
                    param=f"messages[{index}].content", code="invalid_type")
 

@@ -152,3 +152,14 @@ def test_a_file_name_in_capitals_reads_as_its_kind(tmp_path, tok):
     assert [c for _, _, c in read_file(tmp_path / "CHATS.JSONL")] == [chat]
     assert [c for _, _, c in read_file(tmp_path / "MORE.JSON")] == [chat, chat]
     assert len(load([Source(tmp_path)], tok, 512, val_fraction=0.0)[0]) == 3  # a folder reads them too
+
+
+def test_openai_text_parts_in_a_user_or_system_message_are_its_text():
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be terse."}]},
+                {"role": "user", "content": parts, "name": "ann"}, {"role": "assistant", "content": "4"}]
+    # it refused them: "system and user messages hold text", "content that is not text: message 0 (user)"
+    assert [m["content"] for m in normalize(messages)] == ["Be terse.\n\nWhat is 2+2?", "4"]
+    assert normalize(messages[1:])[0]["content"] == "What is 2+2?"
+    with pytest.raises(BadConversation, match="content that is not text"):
+        normalize([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, messages[2]])
