@@ -27,6 +27,7 @@ from onecard.download import arriving, download_leftover
 from onecard.errors import UsageError
 from onecard.task_chats import as_conversation
 from onecard.tokenizer import Tokenizer
+from onecard.units import quantity
 
 DEFAULT_VAL_FRACTION = 0.02
 PROGRESS_S = 10.0
@@ -227,7 +228,7 @@ def _report(counts: Counter, first: dict[str, str]) -> str:
 def report(train: Conversations, val: Conversations) -> str:
     """One line: how many conversations of each split, and what was dropped or cut and why."""
     borrowed = " (a training one: too few to hold one out)" if val.borrowed else ""
-    return (f"{len(train):,} training and {len(val):,} validation conversations{borrowed}; "
+    return (f"{len(train):,} training and {quantity(len(val), 'validation conversation')}{borrowed}; "
             f"{_report(train.counts, train.first)}")
 
 
