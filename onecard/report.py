@@ -4,7 +4,8 @@ Each chart shows one measurement against steps (left) and against hours of run t
 training loss, validation bits per byte, tokens/s, memory, power and cumulative energy. Where
 the run was given the planner's prediction (config.json / summary.json "prediction"), the
 predicted peak memory and throughput are drawn as dashed lines beside the measurement. A
-measurement the run could not take (VRAM and power on the CPU, say) gets a chart that says so.
+measurement the run could not take (VRAM and power on the CPU, say) gets a chart that says so. A long
+run's line is the mean of each run of consecutive steps, over a band from their lowest to highest value.
 
 Where `onecard eval` has measured the model (RUN_DIR/eval.json), the page and the command's output
 carry a report card: one row for the base run and one for its SFT run (found through the SFT run's
@@ -22,13 +23,16 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from onecard.args import text_arg
 from onecard.errors import UsageError
 from onecard.report_card import card_html, card_text, not_on_card, report_card
 from onecard.run import compare_rows, read_json
-from onecard.units import format_duration, plausible_number
+from onecard.units import format_duration, plausible_number, quantity
 
 GiB = 2**30
+BINS = 400  # about a panel's width in pixels: more points than that would draw a solid band
 
 
 class Log(NamedTuple):
@@ -104,31 +108,54 @@ def series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list[floa
     return steps, hours, values
 
 
+def binned(xs: list[float], values: list[float], size: int) -> tuple[np.ndarray, ...]:
+    """Mean x, and mean, lowest and highest value, of each `size` consecutive points (the last run may be
+    shorter): every raw value lies inside its run's lowest to highest."""
+    x, y = np.asarray(xs, dtype=float), np.asarray(values, dtype=float)
+    starts = np.arange(0, len(y), size)
+    count = np.diff(np.append(starts, len(y)))
+    return (np.add.reduceat(x, starts) / count, np.add.reduceat(y, starts) / count,
+            np.minimum.reduceat(y, starts), np.maximum.reduceat(y, starts))
+
+
 def draw(path: Path, title: str, ylabel: str, lines: list[tuple[str, tuple]], predicted: float | None,
-         missing: str) -> None:
-    """One figure, two panels (against steps, against hours), PNG."""
+         missing: str, per: str = "step") -> str:
+    """One figure, two panels (against steps, against hours), PNG. A line of more than BINS points is drawn
+    as the mean of each run of consecutive points with a band from their lowest to their highest value;
+    returns what was averaged ('' where nothing was), which the legend says too."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    averaged = ""
     for ax, xlabel, which in ((axes[0], "step", 0), (axes[1], "hours of run time", 1)):
         drawn = False
         for label, (steps, hours, values) in lines:
-            if values:
-                ax.plot(steps if which == 0 else hours, values, label=label, linewidth=1.2,
-                        marker="o" if len(values) < 30 else None, markersize=3)
-                drawn = True
+            if not values:
+                continue
+            xs, size = steps if which == 0 else hours, math.ceil(len(values) / BINS)
+            if size == 1:
+                ax.plot(xs, values, label=label, linewidth=1.2, marker="o" if len(values) < 30 else None,
+                        markersize=3)
+            else:
+                averaged = f"line: mean of each {quantity(size, per)}; band: their lowest to highest value"
+                x, mean, low, high = binned(xs, values, size)
+                (line,) = ax.plot(x, mean, label=f"{label}: mean of each {quantity(size, per)}", linewidth=1.2)
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.3, linewidth=0,
+                                label=f"{label}: lowest to highest of each {quantity(size, per)}")
+            drawn = True
         if predicted is not None:
             ax.axhline(predicted, color="gray", linestyle="--", linewidth=1, label="planner's prediction")
         if not drawn:
             ax.text(0.5, 0.5, missing, ha="center", va="center", transform=ax.transAxes, wrap=True)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        if drawn and (len(lines) > 1 or predicted is not None):
+        if drawn and (len(lines) > 1 or predicted is not None or averaged):
             ax.legend(fontsize=8)
     axes[0].set_ylabel(ylabel)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return averaged
 
 
 def predicted_peak(prediction: dict) -> float | None:
@@ -157,9 +184,10 @@ def write_report(run_dir: Path, out: Path | None = None, log: Log | None = None)
     make_folder(out)
     try:
         images = []
-        for title, name, ylabel, lines, predicted, missing in charts(log, config, summary, prediction):
-            draw(out / name, title, ylabel, lines, predicted, missing)
-            images.append((title, out / name))
+        for title, name, ylabel, lines, predicted, missing, per in charts(log, config, summary, prediction):
+            averaged = draw(out / name, title, ylabel, lines, predicted, missing, per)
+            alt = f"{title} ({ylabel}) against step and hours of run time" + (f"; {averaged}" if averaged else "")
+            images.append((alt, out / name))
         page = out / "report.html"
         steps = [r for r in log.records if "loss" in r]
         page.write_text(render_html(run_dir, config, summary, log, images,
@@ -171,7 +199,8 @@ def write_report(run_dir: Path, out: Path | None = None, log: Log | None = None)
 
 
 def charts(log: Log, config: dict, summary: dict, prediction: dict) -> list[tuple]:
-    """(title, file name, y label, lines, predicted y or None, what to say when there is nothing)."""
+    """(title, file name, y label, lines, predicted y or None, what to say when there is nothing, what one
+    point is)."""
     steps = [r for r in log.records if "loss" in r]
     train = as_dict(config.get("train"))
     on_cpu = summary.get("device", train.get("device")) == "cpu"
@@ -189,15 +218,16 @@ def charts(log: Log, config: dict, summary: dict, prediction: dict) -> list[tupl
     no_power = "no power reading: no NVML and no --power"
     return [
         ("training loss", "loss.png", "loss (nats)", [("loss", series(steps, "loss"))], None,
-         "no training steps yet"),
+         "no training steps yet", "step"),
         ("validation bits per byte", "val_bpb.png", "bits per byte", [("val", series(log.records, "val_bpb"))],
-         None, "no evaluation yet"),
+         None, "no evaluation yet", "evaluation"),
         ("throughput", "tokens_per_s.png", "tokens/s", [("tokens/s", series(steps, "tokens_per_s"))],
-         predicted_tps, "no training steps yet"),
-        ("memory", "memory.png", "GiB", memory_lines, None if peak is None else peak / GiB, "not measured"),
-        ("GPU power" + estimated, "power.png", "watts", [("power", series(steps, "power_w"))], None, no_power),
+         predicted_tps, "no training steps yet", "step"),
+        ("memory", "memory.png", "GiB", memory_lines, None if peak is None else peak / GiB, "not measured", "step"),
+        ("GPU power" + estimated, "power.png", "watts", [("power", series(steps, "power_w"))], None, no_power,
+         "step"),
         ("cumulative energy" + estimated, "energy.png", "kWh", [("energy", series(steps, "energy_kwh"))], None,
-         no_power),
+         no_power, "step"),
     ]
 
 
@@ -269,7 +299,7 @@ def fixed(value: float | None, spec: str) -> str:
 
 def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: list[tuple[str, Path]],
                 predicted_rows: list[tuple[str, str, str]], card: str = "") -> str:
-    """One page with everything inside it: the PNGs are embedded as base64."""
+    """One page with everything inside it: the PNGs (each with its alt text) are embedded as base64."""
     summary = caught_up(summary, log)
 
     def fmt(value, unit: str = "", digits: int = 4) -> str:
@@ -316,8 +346,8 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
                      f"<th>measured</th></tr>\n{body}</table>")
     sessions = sum(1 for e in log.events if e["event"] in ("start", "resume"))
     figures = "\n".join(
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,'
-        f'{base64.b64encode(path.read_bytes()).decode()}"></figure>' for title, path in images)
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode()}"></figure>' for alt, path in images)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>onecard run {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}} th{{text-align:left;padding-right:1em}}

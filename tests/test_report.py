@@ -102,3 +102,30 @@ def test_the_page_writes_numbers_as_the_terminal_does(tmp_path):
     facts = dict(re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", write_report(run).read_text()))
     assert facts["validation bits per byte"] == "3.6099 → 2.5908"  # as training's last line and the card
     assert facts["tokens/s (mean over run time)"] == "5,006"
+
+
+def test_a_long_log_is_drawn_as_means_with_the_lowest_and_highest(tmp_path, monkeypatch):
+    """70,000 steps drawn point by point were a solid band: past BINS points a chart draws the mean of
+    each run of steps over a band from their lowest to highest value, and says so; a lone spike stays."""
+    from matplotlib.figure import Figure
+
+    from onecard import report
+
+    monkeypatch.setattr(report, "BINS", 400, raising=False)
+    run, n = tmp_path / "run", 1998  # 399 runs of 5 steps and one of 3
+    run.mkdir()
+    steps = [{"step": s, "loss": 3.0 + (s % 2) + (50.0 if s == 777 else 0.0), "tokens_per_s": 1000.0,
+              "wall_s": 10.0 * s} for s in range(1, n + 1)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    drawn, save = {}, Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: save(drawn.setdefault(path.name, fig), path, **kw))
+    text = write_report(run).read_text()
+    for ax in drawn["loss.png"].axes:
+        (line,) = ax.get_lines()
+        assert len(line.get_xdata()) == 400
+        assert line.get_ydata()[0] == pytest.approx(3.6)  # the mean of steps 1 to 5: 4, 3, 4, 3, 4
+        band = ax.collections[0].get_paths()[0].vertices[:, 1]
+        assert band.min() == 3.0 and band.max() == 54.0  # the lowest step and the spike
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "loss: mean of each 5 steps", "loss: lowest to highest of each 5 steps"]
+    assert 'alt="training loss (loss (nats)) against step and hours of run time; line: mean of each 5 steps' in text
