@@ -349,9 +349,12 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
         f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,'
         f'{base64.b64encode(path.read_bytes()).decode()}"></figure>' for alt, path in images)
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>onecard run {html.escape(run_dir.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}} th{{text-align:left;padding-right:1em}}
-td{{padding-right:1em}} img{{max-width:100%}}</style></head>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>onecard run {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto;padding:0 1em}}
+th{{text-align:left;padding-right:1em}} td{{padding-right:1em}} h1,td{{overflow-wrap:break-word}}
+table,figure{{overflow-x:auto}} table{{display:block}} figure{{margin:1em 0}}
+img{{max-width:100%;min-width:720px}}</style></head>
 <body><h1>onecard run {html.escape(str(run_dir))}</h1>
 <table>
 {rows}

@@ -129,3 +129,26 @@ def test_a_long_log_is_drawn_as_means_with_the_lowest_and_highest(tmp_path, monk
         assert [t.get_text() for t in ax.get_legend().get_texts()] == [
             "loss: mean of each 5 steps", "loss: lowest to highest of each 5 steps"]
     assert 'alt="training loss (loss (nats)) against step and hours of run time; line: mean of each 5 steps' in text
+
+
+def test_the_page_reads_on_a_phone(tmp_path):
+    """Without a viewport tag a phone laid the page out 980 pixels wide and shrank it to 40 % (text of
+    5 pixels); now the page is as wide as the phone, and the charts (720 pixels, their labels legible)
+    and the card's twelve columns scroll sideways in their own boxes."""
+    from tests.browser import start_chromium
+
+    write_run(tmp_path / "run", cuda=False)
+    (tmp_path / "run" / "eval.json").write_text(json.dumps({"format": 1, "tasks": {
+        "bpb": {"metric": "bits per byte", "value": 1.25, "examples": 4096, "max_per_task": None}}}))
+    page = write_report(tmp_path / "run")
+    assert "<h2>Evaluation</h2>\n<table>" in page.read_text()  # the card is there
+    chrome = start_chromium(phone_width=390)
+    try:
+        chrome.get(page.as_uri())
+        inner, wide, charts = chrome.execute_script(
+            "return [innerWidth, document.documentElement.scrollWidth,"
+            " [...document.images].map(i => i.getBoundingClientRect().width)]")
+    finally:
+        chrome.quit()
+    assert inner == wide == 390
+    assert len(charts) == len(CHARTS) and min(charts) == 720

@@ -7,8 +7,6 @@ check that a reply holding <script> and <img onerror=...> is shown as text and n
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import pytest
@@ -17,14 +15,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("selenium")
 
-from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 from onecard.data import Corpus, iter_texts  # noqa: E402
 from onecard.server import Running, create_app  # noqa: E402
 from onecard.tokenizer import Tokenizer  # noqa: E402
+from tests.browser import start_chromium  # noqa: E402
 from tests.serve_helpers import CutStreams, Record, scripted_backend  # noqa: E402
 
 XSS = 'Look: <script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> and <b>bold</b>. Done.'
@@ -32,21 +29,7 @@ XSS = 'Look: <script>window.pwned = 1</script><img src=x onerror="window.pwned =
 
 @pytest.fixture(scope="module")
 def browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver)")
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download a browser
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1100,800"):
-        options.add_argument(flag)
-    try:
-        chrome = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
-    except WebDriverException as error:
-        pytest.skip(f"Chromium did not start: {(str(error).strip().splitlines() or ['?'])[0]}")
-    chrome.set_script_timeout(10)
+    chrome = start_chromium()
     yield chrome
     chrome.quit()
 
