@@ -212,8 +212,9 @@ def charts(log: Log, config: dict, summary: dict, prediction: dict) -> list[tupl
     peak = predicted_peak(prediction)
     memory_lines = [("VRAM allocated", series(steps, "vram_bytes", GiB)),
                     ("VRAM peak", series(steps, "vram_peak_bytes", GiB))]
-    if on_cpu:
-        memory_lines = [("host peak (resident)", series(steps, "host_peak_bytes", GiB))]
+    memory = "memory"
+    if on_cpu:  # one line has no legend: the title says what it is
+        memory, memory_lines = "memory: host peak (resident)", [("host", series(steps, "host_peak_bytes", GiB))]
     estimated = " (estimated from --power)" if summary.get("stated_power_w") else ""
     no_power = "no power reading: no NVML and no --power"
     return [
@@ -223,9 +224,9 @@ def charts(log: Log, config: dict, summary: dict, prediction: dict) -> list[tupl
          None, "no evaluation yet", "evaluation"),
         ("throughput", "tokens_per_s.png", "tokens/s", [("tokens/s", series(steps, "tokens_per_s"))],
          predicted_tps, "no training steps yet", "step"),
-        ("memory", "memory.png", "GiB", memory_lines, None if peak is None else peak / GiB, "not measured", "step"),
-        ("GPU power" + estimated, "power.png", "watts", [("power", series(steps, "power_w"))], None, no_power,
-         "step"),
+        (memory, "memory.png", "GiB", memory_lines, None if peak is None else peak / GiB, "not measured", "step"),
+        (("power" if on_cpu else "GPU power") + estimated, "power.png", "watts",
+         [("power", series(steps, "power_w"))], None, no_power, "step"),
         ("cumulative energy" + estimated, "energy.png", "kWh", [("energy", series(steps, "energy_kwh"))], None,
          no_power, "step"),
     ]

@@ -152,3 +152,14 @@ def test_the_page_reads_on_a_phone(tmp_path):
         chrome.quit()
     assert inner == wide == 390
     assert len(charts) == len(CHARTS) and min(charts) == 720
+
+
+def test_a_cpu_run_says_which_memory_and_power_it_draws(tmp_path):
+    """A lone line has no legend: the CPU's memory chart was titled "memory" with nothing saying it is the
+    host's peak resident memory, and its power chart "GPU power" on a run without a GPU."""
+    write_run(tmp_path / "run", cuda=False)
+    alts = re.findall(r'<img alt="([^"]*)"', write_report(tmp_path / "run").read_text())
+    assert alts[3].startswith("memory: host peak (resident) (GiB)") and alts[4].startswith("power (watts)")
+    write_run(tmp_path / "gpu", cuda=True)
+    alts = re.findall(r'<img alt="([^"]*)"', write_report(tmp_path / "gpu").read_text())
+    assert alts[3].startswith("memory (GiB)") and alts[4].startswith("GPU power (watts)")
