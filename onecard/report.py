@@ -1,6 +1,7 @@
 """`onecard report RUN_DIR`: a run's log drawn as PNG files and one self-contained HTML page.
 
-Each chart shows one measurement against steps (left) and against hours of run time (right):
+Each chart shows one measurement against steps (left) and against run time (right, in seconds, minutes,
+hours or days, whichever the run spans at least two of):
 training loss, validation bits per byte, tokens/s, memory, power and cumulative energy. Where
 the run was given the planner's prediction (config.json / summary.json "prediction"), the
 predicted peak memory and throughput are drawn as dashed lines beside the measurement. A
@@ -95,17 +96,24 @@ def as_dict(value: object) -> dict:
 
 # Each chart: file name, title, y label, and how to get (y, x) points and predicted y from the data.
 def series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list[float], list[float], list[float]]:
-    """Steps, hours and values of the records where step and `key` are numbers."""
-    steps, hours, values = [], [], []
+    """Steps, seconds of run time and values of the records where step and `key` are numbers."""
+    steps, seconds, values = [], [], []
     for record in records:
         step, value = plausible_number(record.get("step")), plausible_number(record.get(key))
         if step is None or value is None:
             continue
         wall = plausible_number(record.get("wall_s", 0.0))
         steps.append(step)
-        hours.append(math.nan if wall is None else wall / 3600)
+        seconds.append(math.nan if wall is None else wall)
         values.append(value / scale)
-    return steps, hours, values
+    return steps, seconds, values
+
+
+def time_unit(seconds: float) -> tuple[float, str]:
+    """(seconds in the unit, its name): the largest unit of which `seconds` holds at least two, so that a
+    minute's run is not drawn over 0.0003 hours nor a month's over 700."""
+    return next(((size, name) for size, name in ((86400, "days"), (3600, "hours"), (60, "minutes"))
+                 if seconds >= 2 * size), (1, "seconds"))
 
 
 def binned(xs: list[float], values: list[float], size: int) -> tuple[np.ndarray, ...]:
@@ -120,18 +128,20 @@ def binned(xs: list[float], values: list[float], size: int) -> tuple[np.ndarray,
 
 def draw(path: Path, title: str, ylabel: str, lines: list[tuple[str, tuple]], predicted: float | None,
          missing: str, per: str = "step") -> str:
-    """One figure, two panels (against steps, against hours), PNG. A line of more than BINS points is drawn
+    """One figure, two panels (against steps, against run time), PNG. A line of more than BINS points is drawn
     as the mean of each run of consecutive points with a band from their lowest to their highest value;
     returns what was averaged ('' where nothing was), which the legend says too."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
     averaged = ""
-    for ax, xlabel, which in ((axes[0], "step", 0), (axes[1], "hours of run time", 1)):
+    in_unit, unit = time_unit(max((s for _, (_, seconds, _) in lines for s in seconds if s == s), default=0.0))
+    for ax, xlabel, which in ((axes[0], "step", 0), (axes[1], f"{unit} of run time", 1)):
         drawn = False
-        for label, (steps, hours, values) in lines:
+        for label, (steps, seconds, values) in lines:
             if not values:
                 continue
-            xs, size = steps if which == 0 else hours, math.ceil(len(values) / BINS)
+            xs = steps if which == 0 else [s / in_unit for s in seconds]
+            size = math.ceil(len(values) / BINS)
             if size == 1:
                 ax.plot(xs, values, label=label, linewidth=1.2, marker="o" if len(values) < 30 else None,
                         markersize=3)
@@ -186,7 +196,7 @@ def write_report(run_dir: Path, out: Path | None = None, log: Log | None = None)
         images = []
         for title, name, ylabel, lines, predicted, missing, per in charts(log, config, summary, prediction):
             averaged = draw(out / name, title, ylabel, lines, predicted, missing, per)
-            alt = f"{title} ({ylabel}) against step and hours of run time" + (f"; {averaged}" if averaged else "")
+            alt = f"{title} ({ylabel}) against step and run time" + (f"; {averaged}" if averaged else "")
             images.append((alt, out / name))
         page = out / "report.html"
         steps = [r for r in log.records if "loss" in r]

@@ -104,11 +104,18 @@ def test_the_page_writes_numbers_as_the_terminal_does(tmp_path):
     assert facts["tokens/s (mean over run time)"] == "5,006"
 
 
+def figures_drawn(monkeypatch) -> dict:
+    """The figures write_report saves, by file name, as they are when saved."""
+    from matplotlib.figure import Figure
+
+    drawn, save = {}, Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: save(drawn.setdefault(path.name, fig), path, **kw))
+    return drawn
+
+
 def test_a_long_log_is_drawn_as_means_with_the_lowest_and_highest(tmp_path, monkeypatch):
     """70,000 steps drawn point by point were a solid band: past BINS points a chart draws the mean of
     each run of steps over a band from their lowest to highest value, and says so; a lone spike stays."""
-    from matplotlib.figure import Figure
-
     from onecard import report
 
     monkeypatch.setattr(report, "BINS", 400, raising=False)
@@ -117,8 +124,7 @@ def test_a_long_log_is_drawn_as_means_with_the_lowest_and_highest(tmp_path, monk
     steps = [{"step": s, "loss": 3.0 + (s % 2) + (50.0 if s == 777 else 0.0), "tokens_per_s": 1000.0,
               "wall_s": 10.0 * s} for s in range(1, n + 1)]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
-    drawn, save = {}, Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: save(drawn.setdefault(path.name, fig), path, **kw))
+    drawn = figures_drawn(monkeypatch)
     text = write_report(run).read_text()
     for ax in drawn["loss.png"].axes:
         (line,) = ax.get_lines()
@@ -128,7 +134,7 @@ def test_a_long_log_is_drawn_as_means_with_the_lowest_and_highest(tmp_path, monk
         assert band.min() == 3.0 and band.max() == 54.0  # the lowest step and the spike
         assert [t.get_text() for t in ax.get_legend().get_texts()] == [
             "loss: mean of each 5 steps", "loss: lowest to highest of each 5 steps"]
-    assert 'alt="training loss (loss (nats)) against step and hours of run time; line: mean of each 5 steps' in text
+    assert 'alt="training loss (loss (nats)) against step and run time; line: mean of each 5 steps' in text
 
 
 def test_the_page_reads_on_a_phone(tmp_path):
@@ -163,3 +169,19 @@ def test_a_cpu_run_says_which_memory_and_power_it_draws(tmp_path):
     write_run(tmp_path / "gpu", cuda=True)
     alts = re.findall(r'<img alt="([^"]*)"', write_report(tmp_path / "gpu").read_text())
     assert alts[3].startswith("memory (GiB)") and alts[4].startswith("GPU power (watts)")
+
+
+@pytest.mark.parametrize("stretch, unit", [(1, "seconds"), (10, "minutes"), (360, "hours"), (10_000, "days")])
+def test_run_time_is_drawn_in_a_unit_the_run_spans(tmp_path, monkeypatch, stretch, unit):
+    """The right-hand panels were always in hours: a 40-second run's axis read 0.002 to 0.011 hours."""
+    run = tmp_path / "run"
+    write_run(run, cuda=False)  # 20 steps, 2 s apart
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()[:-1]]
+    (run / "log.jsonl").write_text("".join(json.dumps({**r, "wall_s": r["wall_s"] * stretch} if "wall_s" in r else r)
+                                           + "\n" for r in lines))
+    drawn = figures_drawn(monkeypatch)
+    write_report(run)
+    panel = drawn["loss.png"].axes[1]
+    seconds = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400}[unit]
+    assert panel.get_xlabel() == f"{unit} of run time"
+    assert panel.get_lines()[0].get_xdata()[-1] == pytest.approx(40 * stretch / seconds)
