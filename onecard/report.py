@@ -66,22 +66,24 @@ def read_log(run_dir: Path) -> Log:
         newest = max(runs, key=lambda p: p.stat().st_mtime) if runs else None
         inside = f"; {run_dir} holds {len(runs)} of them, the newest {newest}" if runs else ""
         raise UsageError(f"{path} {what}: give an onecard run directory (one with a log.jsonl){inside}")
+    records, events, skipped, names = [], [], 0, {}
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:  # line by line: a months-long run's log is large
+            for line in (part for chunk in f for part in chunk.splitlines()):
+                if not line.strip():
+                    continue
+                try:  # undecodable bytes become U+FFFD, so such a line fails here as bad JSON
+                    record = json.loads(line.decode("utf-8", errors="replace"))
+                except (ValueError, RecursionError):
+                    record = None
+                if not isinstance(record, dict):
+                    skipped += 1
+                    continue
+                # json.loads makes each line's field names anew: one copy of each more than halves a long log's memory
+                record = {names.setdefault(k, k): v for k, v in record.items()}
+                (events if "event" in record else records).append(record)
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-    records, events, skipped = [], [], 0
-    for line in raw.splitlines():
-        if not line.strip():
-            continue
-        try:  # undecodable bytes become U+FFFD, so such a line fails here as bad JSON
-            record = json.loads(line.decode("utf-8", errors="replace"))
-        except (ValueError, RecursionError):
-            record = None
-        if not isinstance(record, dict):
-            skipped += 1
-            continue
-        (events if "event" in record else records).append(record)
     return Log(records, events, skipped)
 
 
