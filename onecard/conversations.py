@@ -225,10 +225,10 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, str, object]]:
     try:
         table = pq.ParquetFile(path)
         names = table.schema_arrow.names
-        if "messages" not in names:  # a task dataset's rows (ARC, MMLU, GSM8K), made conversations later
-            if not any(set(columns) <= set(names) for columns in TASK_COLUMNS):
-                raise UsageError(f"{path} has neither a 'messages' column nor a task's columns (it has "
-                                 f"{', '.join(names)})")
+        if "messages" not in names:  # a task dataset's or ShareGPT's rows, made conversations later
+            if not any(set(columns) <= set(names) for columns in (*TASK_COLUMNS, ("conversations",))):
+                raise UsageError(f"{path} has neither a 'messages' nor a 'conversations' column, nor a task's "
+                                 f"columns (it has {', '.join(names)})")
             for number, row in enumerate(_rows(table), start=1):
                 yield number, f"{path}, row {number}", row
             return

@@ -9,7 +9,9 @@ midtraining mixtures turn them into chats (karpathy/nanochat tasks/arc.py and ta
     <<expression=result>> in it becoming a calculator call (the expression, which the model learns
     to write) and its output (the result, which at chat time the calculator computes).
 
-A row already holding "messages" (SmolTalk, the user's own files) passes unchanged.
+A row already holding "messages" (SmolTalk, the user's own files) passes unchanged; a ShareGPT
+row ({"conversations": [{"from": "human" | "gpt" | "system", "value": ...}]}, the layout many
+public chat sets come in) becomes those messages.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from onecard.conversations import BadConversation
 from onecard.errors import UsageError
 
 CALCULATION = re.compile(r"<<([^>]+)>>")  # GSM8K's annotation of a calculation in a solution
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def as_conversation(row: object) -> object:
     """A task row as {"messages": [...]}; anything else as it came (normalize judges it)."""
     if not isinstance(row, dict) or "messages" in row:
         return row
+    if isinstance(row.get("conversations"), list):
+        return {"messages": [_sharegpt_message(m) for m in row["conversations"]]}
     if isinstance(row.get("train"), dict) and "question" not in row:  # MMLU's auxiliary_train (any other columns)
         row = row["train"]
     if "choices" in row:
@@ -39,6 +44,15 @@ def as_conversation(row: object) -> object:
         return {"messages": [{"role": "user", "content": problem.question},
                              {"role": "assistant", "content": solution_parts(problem.answer)}]}
     return row
+
+
+def _sharegpt_message(message: object) -> object:
+    if not isinstance(message, dict) or "from" not in message:
+        return message  # normalize says what is wrong with it
+    role = SHAREGPT_ROLES.get(message["from"])
+    if role is None:  # tool calls and their results ("function_call", "observation") have no onecard form
+        raise BadConversation(f"a ShareGPT message from {message['from']!r}: onecard reads human, gpt and system")
+    return {"role": role, "content": message.get("value")}
 
 
 def solution_parts(solution: str) -> list[dict]:

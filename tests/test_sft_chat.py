@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from onecard.chat import Chat
 from onecard.cli import main
+from onecard.conversations import render
 from onecard.engine import Engine, Sampling
 from onecard.errors import UsageError
 from onecard.sft_data import ConversationBatches, Source, load, packed_rows, report
@@ -315,6 +316,27 @@ def test_a_conversation_without_an_assistant_turn_is_not_said_to_be_cut(base, tm
     assert dict(train.counts) == {"no assistant turn": 2}  # it said "no assistant tokens within the context"
 
 
+def test_sharegpt_rows_are_read_as_their_messages(base, tmp_path):
+    """{"conversations": [{"from": "human", "value": ...}]}, as many public chat sets come, in JSON lines and
+    in parquet: it was refused as "no messages" (and the parquet file for its columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer = load_weights(base)[1]
+    chat = [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]
+    tool = [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]
+    lines = tmp_path / "sharegpt.jsonl"
+    lines.write_text("".join(json.dumps({"conversations": c}) + "\n" for c in [chat, chat[1:], tool]))
+    train, _ = load([Source(lines)], tokenizer, 64, val_fraction=0.0)
+    assert len(train) == 2 and dict(train.counts) == {"a ShareGPT message from 'function_call'": 1}
+    expected = render(tokenizer, [{"role": "user", "content": "Be terse.\n\n2+2?"},
+                                  {"role": "assistant", "content": "4"}])
+    assert train.items[0][0].tolist() == expected.ids
+    table = tmp_path / "sharegpt.parquet"
+    pq.write_table(pa.table({"conversations": [chat[1:]], "id": ["a"]}), table)
+    assert len(load([Source(table)], tokenizer, 64, val_fraction=0.0)[0]) == 1
+
+
 def test_each_reason_for_a_drop_names_where_it_first_happened(base, tmp_path, capsys):
     good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     path = tmp_path / "chats.jsonl"
@@ -324,7 +346,7 @@ def test_each_reason_for_a_drop_names_where_it_first_happened(base, tmp_path, ca
     said = capsys.readouterr().out  # it said "30 roles out of order" and left the user to search 35 lines
     assert f"30 roles out of order (first: {path}, line 4)" in said and f"1 no assistant turn (first: {path}, " \
         f"line 34)" in said and f"1 not JSON (first: {path}, line 35)" in said
-    path.write_text("".join(json.dumps({"conversations": good}) + "\n" for _ in range(3)))  # ShareGPT's key
+    path.write_text("".join(json.dumps({"dialog": good}) + "\n" for _ in range(3)))  # a key onecard does not read
     assert main(args) == 2
     assert f"(3 no messages (expected {{\"messages\": [...]}} or a list of messages) (first: {path}, line 1))" \
         in capsys.readouterr().err
