@@ -13,6 +13,7 @@ import argparse
 import sys
 from dataclasses import replace
 
+from onecard import defaults
 from onecard.args import ONE_DECODE_STEP, add_threads_argument, fraction, positive_int, seed, temperature, text_arg
 from onecard.errors import UsageError
 
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt:
         chat.reply(args.prompt)
         return 0
-    print(f"chatting with {info['path']} ({info['layout']}, d{model.config.n_layer}, trained on "
+    print(f"chatting with {info['path']} ({info['layout']}, {defaults.model_name(model.config)}, trained on "
           f"{model.config.sequence_len:,} tokens of context); {HELP}",
           file=sys.stdout if sys.stdin.isatty() else sys.stderr)  # piped in: stdout holds the replies alone
     return talk(chat, sys.stdin)

@@ -20,3 +20,8 @@ DEMO = dict(n_layer=4, n_embd=128, n_head=2, seq_len=128, vocab_size=2048, micro
 def is_demo_shape(config) -> bool:
     """A model of the demo's shape (a resumed demo is still the demo, not a d4 of width 256)."""
     return (config.n_layer, config.n_embd, config.n_head) == (DEMO["n_layer"], DEMO["n_embd"], DEMO["n_head"])
+
+
+def model_name(config) -> str:
+    """What a model is called in what onecard says: "d20", or "demo model" for the demo's shape."""
+    return "demo model" if is_demo_shape(config) else f"d{config.n_layer}"

@@ -220,7 +220,7 @@ def train_command(args: argparse.Namespace, run_dir: Path, device: str, world) -
                            why_not=lambda recipe: unrunnable_reason(recipe, device))
     recipe = choice.recipe
     grad_accum_steps(total_batch, recipe.micro_batch, recipe.seq_len, world.size, saved is not None)  # dry runs too
-    what = ("demo model" if demo else f"d{config.n_layer}") + (f" ({config.arch})" if config.arch != "classic" else "")
+    what = defaults.model_name(config) + (f" ({config.arch})" if config.arch != "classic" else "")
     say(f"{what}: {params:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, "
         f"vocab {config.vocab_size:,}, context {config.sequence_len}) on {device}"
         + (f" x {world.size} ranks" if world.size > 1 else "") + f", recipe {recipe.name}")

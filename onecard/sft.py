@@ -181,8 +181,8 @@ def _sft(args: argparse.Namespace, run_dir: Path, device: str, world) -> int:
     if args.batch % (recipe.micro_batch * world.size):
         raise UsageError(f"--batch {args.batch} is not a multiple of micro-batch × ranks = "
                          f"{recipe.micro_batch} × {world.size}")
-    say(f"SFT of {info['layout']} weights in {source} (d{config.n_layer}, context {config.sequence_len}) on {device}, "
-        f"recipe {recipe.name}")
+    say(f"SFT of {info['layout']} weights in {source} ({defaults.model_name(config)}, context "
+        f"{config.sequence_len}) on {device}, recipe {recipe.name}")
     say(f"data: {sft_data.report(train_set, val_set)}")
     what = f"rows of {seq_len:,} tokens ({units:,} an epoch)" if args.pack else "conversations"
     say(f"{quantity(steps, 'step')} × {args.batch} {what} (micro-batch {recipe.micro_batch}); run directory {run_dir}")

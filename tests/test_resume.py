@@ -430,6 +430,8 @@ def test_a_resumed_demo_is_still_called_the_demo_and_plans_no_shards(tmp_path, c
     out = capsys.readouterr().out
     assert out.startswith("demo model: "), out
     assert "data:" not in out and "shard" not in out
+    assert main(["sft", "--from", str(run), "--run-dir", str(tmp_path / "sft"), "--device", "cpu", "--dry-run"]) == 0
+    assert "(demo model, context 32)" in capsys.readouterr().out  # and SFT's heading: not "d4"
 
 
 def test_a_run_without_a_checkpoint_is_not_told_to_resume_with_its_run_dir_alone(tmp_path, capsys, monkeypatch):
