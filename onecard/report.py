@@ -322,7 +322,7 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
             return f"{value:.{digits}g}{unit}"
         return f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
 
-    currency = summary.get("currency", "")
+    currency, cost = summary.get("currency", ""), plausible_number(summary.get("cost"))
     energy = plausible_number(summary.get("energy_kwh"))
     sources = summary.get("energy_sources")
     energy_note = ""
@@ -345,7 +345,7 @@ def render_html(run_dir: Path, config: dict, summary: dict, log: Log, images: li
         ("validation bits per byte", " → ".join(fixed(v, ".4f") for v in bpb_span(summary, log))),
         ("skipped steps (non-finite)", fmt(summary.get("skipped_steps"))),
         ("energy", (fmt(energy, " kWh") if energy is not None else "not measured") + energy_note),
-        ("cost", fmt(summary.get("cost"), f" {currency}")),
+        ("cost", "—" if cost is None else f"{cost:,.2f} {currency}".strip()),  # as the card and the progress line
         ("last checkpoint", summary.get("last_checkpoint")),
     ]
     if log.skipped:

@@ -97,11 +97,13 @@ def test_the_page_writes_numbers_as_the_terminal_does(tmp_path):
     run = tmp_path / "run"
     write_run(run, cuda=False)
     summary = json.loads((run / "summary.json").read_text())
-    summary |= {"val_bpb_start": 3.609933, "val_bpb_end": 2.5907985, "tokens_per_s_mean": 5005.57}
+    summary |= {"val_bpb_start": 3.609933, "val_bpb_end": 2.5907985, "tokens_per_s_mean": 5005.57,
+                "cost": 1234.5678, "currency": "EUR"}
     (run / "summary.json").write_text(json.dumps(summary))
     facts = dict(re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", write_report(run).read_text()))
     assert facts["validation bits per byte"] == "3.6099 → 2.5908"  # as training's last line and the card
     assert facts["tokens/s (mean over run time)"] == "5,006"
+    assert facts["cost"] == "1,234.57 EUR"  # as the card and the progress line (it was 1235 EUR, or 4.371e-05)
 
 
 def figures_drawn(monkeypatch) -> dict:
