@@ -1,6 +1,6 @@
 """`onecard serve RUN_DIR`: the model behind an OpenAI-compatible API and a web chat page.
 
-FastAPI and uvicorn are an optional extra (`pip install 'onecard[serve]'`). The server binds to
+FastAPI and uvicorn are an optional extra (`pip install -e '.[serve]'`). The server binds to
 127.0.0.1 unless told otherwise, answers at once (503 while the weights load in the background),
 and decodes up to --max-concurrent requests at a time; more wait in a queue (429 when it is full).
 The app itself is onecard/server.py; this module turns flags into its settings.
@@ -105,7 +105,7 @@ def announce(host: str, bound_port: int, api_key: str | None, path: Path) -> Non
 
 def run(args: argparse.Namespace) -> int:
     if find_spec("fastapi") is None or find_spec("uvicorn") is None:
-        raise UsageError("onecard serve needs FastAPI and uvicorn: pip install 'onecard[serve]'")
+        raise UsageError("onecard serve needs FastAPI and uvicorn: pip install -e '.[serve]'")
     from onecard.openai_api import Limits
     from onecard.server import Backend, bind, create_app, uvicorn_server
 

@@ -282,3 +282,13 @@ def test_info_describes_the_2026_family_by_its_own_defaults(capsys):
     assert f"parameters: {sum(param_counts(config).values()):,}" in out
     assert f"training tokens (12 per matrix and lm_head parameter, {scaling_params(config):,} of them): " \
            f"{12 * scaling_params(config):,}" in out
+
+
+def test_a_missing_extra_names_the_install_the_readme_gives(monkeypatch, capsys):
+    """onecard is installed from its checkout (`pip install -e .`): `pip install 'onecard[serve]'` asked the
+    package index for a package of that name, which is not this one."""
+    import onecard.serve
+
+    monkeypatch.setattr(onecard.serve, "find_spec", lambda name: None)
+    assert main(["serve", "runs/none"]) == 2
+    assert "pip install -e '.[serve]'" in capsys.readouterr().err
