@@ -52,6 +52,10 @@ def load_weights(path: str | Path, device: str = "cpu", tokenizer_path: str | Pa
     if inside:  # what `onecard export --to nanochat` wrote: NANOCHAT_BASE_DIR, its checkpoints below
         raise UsageError(f"{path} is a nanochat base directory: give one of its checkpoint folders, "
                          f"{inside[-1].parent}")
+    depths = sorted({p.parent for p in path.glob("*/model_*.pt")})
+    if depths:  # one phase's folder (chatsft_checkpoints): nanochat keeps a folder per model depth in it
+        raise UsageError(f"{path} holds nanochat checkpoint folders: give one of them, "
+                         f"{', '.join(str(d) for d in depths)}")
     steps = step_dirs(path)
     if steps:  # a run stopped before its final weights
         raise UsageError(f"{path} has no final weights yet (the run has not finished): give one of its checkpoints, "

@@ -73,6 +73,16 @@ def test_a_run_without_final_weights_points_at_its_checkpoints(capsys, tmp_path)
     assert "has no final weights yet" in err and "step_000040, or finish" in err
 
 
+def test_a_nanochat_phase_folder_points_at_its_depth_folders(capsys, tmp_path):
+    """nanochat keeps chatsft_checkpoints/d20/model_*.pt: the phase folder was called "not a model"."""
+    for depth in ("d12", "d20"):
+        (tmp_path / "chatsft_checkpoints" / depth).mkdir(parents=True)
+        (tmp_path / "chatsft_checkpoints" / depth / "model_000650.pt").write_bytes(b"")
+    code, _, err = run_cli(capsys, "chat", str(tmp_path / "chatsft_checkpoints"), "-p", "hi")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds nanochat checkpoint folders: give one of them" in err and "chatsft_checkpoints/d20" in err
+
+
 def test_a_checkpoint_of_an_unfinished_run_loads_with_the_runs_tokenizer(capsys, tmp_path):
     """What the message above advises works as given: `sft --from RUN/checkpoints/step_N` (no --tokenizer,
     which sft does not take) finds the run's own tokenizer."""
