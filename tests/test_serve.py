@@ -480,15 +480,6 @@ def test_limits_from_the_command_line():
             Limits().with_overrides([bad])
 
 
-def test_missing_extra_says_how_to_install(monkeypatch, tmp_path):
-    import onecard.serve
-
-    monkeypatch.setattr(onecard.serve, "find_spec", lambda name: None)
-    from onecard.cli import build_parser
-    with pytest.raises(UsageError, match=r"pip install 'onecard\[serve\]'"):
-        onecard.serve.run(build_parser().parse_args(["serve", str(tmp_path)]))
-
-
 @pytest.mark.parametrize("key", ["sécret", "two words", "tab\there"])
 def test_an_api_key_no_http_header_can_carry_is_refused(tmp_path, key):
     import onecard.serve
