@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -35,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -43,6 +41,7 @@ from safetensors.torch import load_file
 from onecard import durable
 from onecard.errors import one_line
 from onecard.hashing import sha256
+from onecard.rng import rng_state
 from onecard.units import quantity
 
 CHECKPOINTS = "checkpoints"
@@ -79,33 +78,6 @@ class Found:
     step: int
     state: dict  # state.json
     config: dict  # config.json
-
-
-# ---------------------------------------------------------------- random number generators
-
-def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    """(JSON-able Python and NumPy states, torch generator states as tensors)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    plain = {"python": [version, list(internal), gauss],
-             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # this process's card alone: each rank draws on its own, and the ranks' draws are the same
-        # (one seed, the same work), so rank 0's state, written, is every rank's to restore
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    return plain, tensors
-
-
-def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, internal, gauss = plain["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = plain["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = tensors.get("cuda", tensors.get("cuda_0"))  # cuda_0: how earlier versions kept rank 0's card
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)  # onto this process's card, whichever it is
 
 
 # ---------------------------------------------------------------- writing
@@ -448,5 +420,5 @@ def _load_optimizer(file: Path) -> object:
 
 
 def read_rng(found: Found) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The RNG states for set_rng_state."""
+    """The RNG states for rng.set_rng_state."""
     return found.state["rng"], load_file(str(found.path / "rng.safetensors"))

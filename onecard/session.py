@@ -26,6 +26,7 @@ from onecard.plan.choose import Prediction
 from onecard.plan.memory import predict_memory
 from onecard.plan.search import breakdown
 from onecard.recipe import Recipe
+from onecard.rng import set_rng_state
 from onecard.run import (
     RunConfig,
     TrainSettings,
@@ -315,7 +316,7 @@ def _run_files(loop: Loop, found, main: bool, run_dir: Path) -> None:
             if found:
                 loop.log_file = log_file
                 loop.event("resume", path=str(found.path.relative_to(run_dir)))
-                checkpoint.set_rng_state(*checkpoint.read_rng(found))
+                set_rng_state(*checkpoint.read_rng(found))
             loop.run(stop, progress, log_file, resumed=found is not None)
             loop.stop_reason = stop.reason
     except KeyboardInterrupt:

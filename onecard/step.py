@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from onecard import checkpoint, distributed
+from onecard import distributed, rng
 from onecard.device import autocast_for
 from onecard.distributed import SINGLE, World
 from onecard.errors import one_line
@@ -54,12 +54,12 @@ class Snapshot:
 
     def __init__(self, batches: BatchSource) -> None:
         self.batches = batches
-        self.rng = checkpoint.rng_state()
+        self.rng = rng.rng_state()
         self.position = batches.state_dict()
 
     def rewind(self, opt: Optimizers) -> None:
         opt.zero_grad()
-        checkpoint.set_rng_state(*self.rng)
+        rng.set_rng_state(*self.rng)
         self.batches.load_state_dict(self.position)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from onecard import checkpoint
+from onecard import checkpoint, rng
 from onecard.checkpoint import CheckpointError
 
 Usage = namedtuple("Usage", "total used free")
@@ -56,10 +56,10 @@ def test_rng_states_round_trip():
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    state = checkpoint.rng_state()
+    state = rng.rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(3))
     random.random(), np.random.rand(), torch.rand(5)  # move every generator on
-    checkpoint.set_rng_state(*state)
+    rng.set_rng_state(*state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert again[0] == expected[0] and again[1] == expected[1] and torch.equal(again[2], expected[2])
 
@@ -76,14 +76,14 @@ def test_each_rank_restores_the_written_card_state_onto_its_own_card(monkeypatch
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: cards[current[0]].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: cards.__setitem__(current[0], state.clone()))
     cards[0] = torch.tensor([42], dtype=torch.uint8)  # rank 0 drew
-    plain, tensors = checkpoint.rng_state()
+    plain, tensors = rng.rng_state()
     assert set(tensors) == {"torch_cpu", "cuda"}
     current[0] = 3  # rank 3, on card 3, resumes
-    checkpoint.set_rng_state(plain, tensors)
+    rng.set_rng_state(plain, tensors)
     assert cards[3].tolist() == [42]
     old = {"torch_cpu": tensors["torch_cpu"], "cuda_0": torch.tensor([7], dtype=torch.uint8),
            "cuda_3": torch.tensor([9], dtype=torch.uint8)}  # as earlier versions wrote them
-    checkpoint.set_rng_state(plain, old)
+    rng.set_rng_state(plain, old)
     assert cards[3].tolist() == [7]
 
 
