@@ -146,8 +146,8 @@ def _make_room(run_dir: Path, step: int, needed: int, keep: int, warn: Callable[
         for _, old in existing[:max(0, min(len(existing) - 1, len(existing) - keep + 1))]:
             shutil.rmtree(old, ignore_errors=True)
         free = shutil.disk_usage(root).free
-    damaged = sorted(root.glob("step_*.damaged"))
-    if free < needed and damaged:  # kept for inspection, of no use to the run: the run's next save comes first
+    damaged = sorted(root.glob("step_*.damaged")) if free < needed else []
+    if damaged:  # kept for inspection, of no use to the run: the run's next save comes first
         for path in damaged:
             shutil.rmtree(path, ignore_errors=True)
         warn(f"warning: removed {quantity(len(damaged), 'damaged checkpoint')} ({', '.join(p.name for p in damaged)}) "

@@ -111,8 +111,9 @@ def normalize(raw: object, training: bool = True) -> list[dict]:
         raise BadConversation("a message is not an object with role and content")
     messages = [dict(m) for m in messages]
     for message in messages:  # OpenAI's text parts (an assistant's parts are onecard's own, checked below)
-        if message.get("role") in ("system", "user") and joined_text(message.get("content")) is not None:
-            message["content"] = joined_text(message["content"])
+        text = joined_text(message.get("content")) if message.get("role") in ("system", "user") else None
+        if text is not None:
+            message["content"] = text
     if messages[0].get("role") == "system":
         if len(messages) < 2 or messages[1].get("role") != "user":
             raise BadConversation("a system message must be followed by a user message")
