@@ -139,7 +139,8 @@ def test_sft_reads_a_folders_train_files_only(tmp_path, tokenizer):
 
 def test_a_parquet_file_of_neither_shape_is_refused_with_its_columns(tmp_path, tokenizer):
     path = write_parquet(tmp_path / "x.parquet", [{"text": "hello"}])
-    with pytest.raises(Exception, match="neither a 'messages' nor a 'conversations' column, nor a task's .* has text"):
+    with pytest.raises(Exception, match="neither a 'messages' nor a 'conversations' column, "
+                                        "nor a task's columns .it has text"):
         load([Source(path)], tokenizer, 64)
 
 
